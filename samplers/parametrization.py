@@ -26,7 +26,7 @@ __all__ = ["expand_like", "to_x0_eps", "velocity_from_x0_eps", "x0_eps_to_model_
 def expand_like(value: Scalar, x: torch.Tensor) -> torch.Tensor:
     """Reshape a scalar or ``[B]`` tensor to broadcast against ``x`` ``[B, ...]`` (float32, x's device)."""
     v = torch.as_tensor(value, dtype=torch.float32, device=x.device)
-    if v.ndim == 0:
+    if v.ndim == 0 or (v.ndim == x.ndim and v.shape[0] == x.shape[0] and v[0].numel() == 1):
         return v
     if v.ndim != 1 or v.shape[0] != x.shape[0]:
         raise ValueError(f"expected a scalar or a [B={x.shape[0]}] tensor, got shape {tuple(v.shape)}")

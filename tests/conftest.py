@@ -5,4 +5,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["DIFFALIGN_NETGUARD"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from diffalign.testing import netguard  # noqa: E402
+
+netguard.install()
