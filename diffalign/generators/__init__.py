@@ -1,0 +1,92 @@
+"""Generator adapters: one interface over diffusers text-to-image pipelines.
+
+>>> gen = load_generator("path/or/hub-id")                      # picks SD3Adapter / FluxAdapter / UNetAdapter
+>>> cond = gen.encode_prompts(["a red circle"], guidance_scale=4.5)
+>>> schedule = gen.make_schedule(10, 512, 512)
+>>> x_T = gen.prepare_latents(1, 512, 512, torch.Generator().manual_seed(0))
+>>> traj = samplers.rollout(gen.model_fn(cond, 4.5), schedule, x_T, step="flow_sde")
+>>> images = gen.decode(traj.final)                              # [B, 3, H, W] in [0, 1]
+
+Nothing is downloaded at import time; ``load_generator`` resolves paths and hub ids exactly as
+``DiffusionPipeline.from_pretrained`` does (set ``HF_HUB_OFFLINE=1`` to forbid network access).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Type, Union
+
+import torch
+
+from diffalign.generators.base import BF16_LOG_PROB_ATOL, Conditioning, GeneratorAdapter
+from diffalign.generators.flux import FluxAdapter
+from diffalign.generators.sd3 import SD3Adapter
+from diffalign.generators.unet import UNetAdapter
+from samplers.parametrization import to_x0_eps, velocity_from_x0_eps, x0_eps_to_model_output
+
+__all__ = [
+    "BF16_LOG_PROB_ATOL",
+    "Conditioning",
+    "GeneratorAdapter",
+    "SD3Adapter",
+    "FluxAdapter",
+    "UNetAdapter",
+    "ADAPTERS",
+    "adapter_for_pipeline",
+    "load_generator",
+    "to_x0_eps",
+    "velocity_from_x0_eps",
+    "x0_eps_to_model_output",
+]
+
+#: Pipeline class name -> adapter class. Subclasses of these pipelines resolve through their bases.
+ADAPTERS: Dict[str, Type[GeneratorAdapter]] = {
+    "StableDiffusion3Pipeline": SD3Adapter,
+    "FluxPipeline": FluxAdapter,
+    "StableDiffusionPipeline": UNetAdapter,
+    "StableDiffusionXLPipeline": UNetAdapter,
+}
+
+
+def adapter_for_pipeline(pipeline: Any) -> GeneratorAdapter:
+    """Wrap an in-memory diffusers pipeline in the adapter for its class."""
+    for cls in type(pipeline).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__](pipeline)
+    raise ValueError(f"no generator adapter for pipeline class {type(pipeline).__name__!r}; "
+                     f"supported: {sorted(ADAPTERS)}")
+
+
+def _absent_components(path_or_id: str, load_kwargs: Dict[str, Any]) -> Dict[str, None]:
+    """Components saved as ``[null, null]`` in model_index.json (e.g. SD3 without T5): diffusers needs them
+    passed as ``None`` again on reload."""
+    from diffusers import DiffusionPipeline
+
+    keys = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+    index = DiffusionPipeline.load_config(path_or_id, **{k: load_kwargs[k] for k in keys if k in load_kwargs})
+    absent = {}
+    for name, value in index.items():
+        if name.startswith("_") or name in load_kwargs:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None:
+            absent[name] = None
+    return absent
+
+
+def load_generator(
+    path_or_id: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    **pipeline_kwargs: Any,
+) -> GeneratorAdapter:
+    """``DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **pipeline_kwargs)`` wrapped in its
+    adapter, moved to ``device`` and set to eval mode."""
+    from diffusers import DiffusionPipeline
+
+    kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs), **pipeline_kwargs}
+    pipeline = DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **kwargs)
+    pipeline.to(device)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return adapter_for_pipeline(pipeline)

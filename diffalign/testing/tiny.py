@@ -134,7 +134,7 @@ def tiny_vae(latent_channels: int = 4, shift_factor: Optional[float] = 0.0609, s
 def _finish(pipe):
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
-            component.to(torch.float32).eval()
+            component.eval()  # fresh modules are in train mode (T5 dropout); all are float32 already
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

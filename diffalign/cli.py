@@ -1,0 +1,198 @@
+"""Command line: ``diffalign train|sample|eval|export|serve-reward|config``.
+
+Works as the ``diffalign`` console script, as ``python -m diffalign`` and under
+``accelerate launch -m diffalign ...`` (every process runs :func:`main`).
+
+Commands are looked up lazily in :data:`COMMANDS` (``"module:function"``), so a later module plugs in by
+existing, without touching the parser, and ``--help`` / ``config`` never import torch or diffusers. Two
+calling conventions:
+
+* ``"config"`` commands (train, sample, eval) take ``CONFIG [key=value ...]``; the CLI loads and validates
+  a :class:`~diffalign.config.RunConfig` and calls ``fn(cfg)``.
+* ``"argv"`` commands (export, serve-reward) get the remaining arguments, ``fn(argv)``, and parse them.
+
+The function's return value (``None`` = 0) is the exit status. Config errors print one line
+``error: <key>: ...`` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
+
+from diffalign import __version__
+from diffalign.config import (
+    TRAINER_CONFIGS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    describe,
+    dump_yaml,
+    load_config,
+    load_yaml,
+    save_config,
+    trainer_config_class,
+)
+
+__all__ = ["COMMANDS", "Command", "main", "build_parser", "resolve_command", "NotImplementedCommand"]
+
+
+class Command(NamedTuple):
+    target: str  # "module:function"
+    style: str  # "config": fn(cfg: RunConfig); "argv": fn(argv: list[str])
+    help: str
+
+
+COMMANDS: Dict[str, Command] = {
+    "train": Command("trainers.run:train_main", "config", "train a generator with the config's trainer"),
+    "sample": Command("trainers.run:sample_main", "config", "generate images with the config's model"),
+    "eval": Command("trainers.run:eval_main", "config", "score generated images with the config's rewards"),
+    "export": Command("diffalign.checkpoint:export_main", "argv", "export a checkpoint to diffusers / peft"),
+    "serve-reward": Command("rewards.remote:serve_main", "argv", "serve a reward model over HTTP"),
+}
+
+EXIT_USAGE = 2
+
+
+class NotImplementedCommand(Exception):
+    """The module or function behind a command does not exist (yet)."""
+
+
+def resolve_command(name: str) -> Callable[..., Optional[int]]:
+    """Import the function behind command ``name``; NotImplementedCommand if its module/function is absent."""
+    target = COMMANDS[name].target
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only the target module (or a parent package) being absent means "not implemented"; a missing
+        # dependency inside an existing module is a real error and propagates.
+        parents = {".".join(module_name.split(".")[: i + 1]) for i in range(module_name.count(".") + 1)}
+        if exc.name in parents:
+            raise NotImplementedCommand(name) from None
+        raise
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise NotImplementedCommand(name)
+    return fn
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_optional: bool = False) -> None:
+    parser.add_argument(
+        "config",
+        metavar="CONFIG",
+        nargs="?" if config_optional else None,
+        help="YAML config file (see configs/)",
+    )
+    parser.add_argument(
+        "overrides",
+        metavar="key=value",
+        nargs="*",
+        help="overrides with dotted keys, e.g. sample.num_steps=20 train.lr=1e-4 rewards.0.weight=0.5",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffalign",
+        description="Reward fine-tuning and reward-guided sampling for text-to-image generators.",
+        epilog="Run 'diffalign config --help-keys' for every config key, its type, default and meaning.",
+    )
+    parser.add_argument("--version", action="version", version=f"diffalign {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, command in COMMANDS.items():
+        if command.style == "config":
+            p = sub.add_parser(name, help=command.help, description=command.help)
+            _add_config_args(p)
+        else:
+            # listed for --help only: main() hands these commands their arguments before parsing
+            sub.add_parser(name, help=command.help, description=command.help, add_help=False)
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config (YAML + overrides, defaults filled in) or its errors",
+        description="Load CONFIG, apply overrides, validate, and print the resolved YAML.",
+    )
+    _add_config_args(p, config_optional=True)
+    p.add_argument("--out", metavar="PATH", help="also write the resolved config to PATH")
+    p.add_argument(
+        "--help-keys",
+        action="store_true",
+        help="list every key with type, default and help (add trainer=NAME for the train section)",
+    )
+    return parser
+
+
+def _split_config_arg(args: argparse.Namespace) -> None:
+    """``diffalign config a.b=1``: an optional CONFIG that looks like an override is one."""
+    if args.config is not None and "=" in args.config and not os.path.exists(args.config):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    return load_config(RunConfig, args.config, args.overrides)
+
+
+def _help_keys(args: argparse.Namespace) -> str:
+    text = describe(RunConfig)
+    data = load_yaml(args.config) if args.config else {}
+    trainer = apply_overrides(data, args.overrides, RunConfig).get("trainer")
+    if trainer:
+        cls = trainer_config_class(trainer)
+        text += f"\n\ntrain section of trainer {trainer!r} ({cls.__name__}):\n" + describe(
+            cls, prefix="train"
+        )
+    else:
+        names = ", ".join(sorted(TRAINER_CONFIGS)) or "see trainers/"
+        text += f"\n\ntrain.*: add trainer=NAME to list a trainer's keys (trainers: {names})"
+    return text
+
+
+def _run_config_command(args: argparse.Namespace) -> int:
+    _split_config_arg(args)
+    if args.help_keys:
+        print(_help_keys(args))
+        return 0
+    cfg = _load(args)
+    if args.out:
+        save_config(cfg, args.out)
+    sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+def _dispatch(name: str, make_arg: Callable[[], object]) -> int:
+    fn = resolve_command(name)
+    result = fn(make_arg())
+    return 0 if result is None else int(result)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``diffalign`` and ``python -m diffalign``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].style == "argv":
+            # Everything after the name belongs to the command, `--help` included (argparse's REMAINDER
+            # would not take a leading option).
+            return _dispatch(argv[0], lambda: argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.command == "config":
+            return _run_config_command(args)
+        # The command is resolved before the config is read: "not implemented yet" wins over config errors.
+        return _dispatch(args.command, lambda: _load(args))
+    except NotImplementedCommand as exc:
+        print(f"not implemented yet: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `diffalign config x.yaml | head`: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m diffalign.cli
+    sys.exit(main())

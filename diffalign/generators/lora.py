@@ -1,0 +1,124 @@
+"""LoRA adapters on a diffusers denoiser through peft, saved in the format diffusers loads.
+
+The adapter lives inside the denoiser (``denoiser.add_adapter``), so the same module is the policy with
+the adapter enabled and the frozen reference model with it disabled. Files written by :func:`save_lora`
+load with ``pipeline.load_lora_weights(directory)`` on the matching pipeline class, as the LoRAs of the
+diffusers training scripts do (transformer weights in peft naming, UNet weights converted to diffusers
+naming, plus the peft config as adapter metadata so ``lora_alpha`` survives the round trip).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["is_lora_parameter", "add_lora", "lora_state_dict", "load_lora_state_dict", "save_lora", "load_lora"]
+
+
+def is_lora_parameter(name: str, adapter_name: Optional[str] = None) -> bool:
+    """Whether a parameter name (``...to_q.lora_A.default.weight``) belongs to a (given) peft LoRA adapter."""
+    parts = name.split(".")
+    if not any(p.startswith("lora_") for p in parts):
+        return False
+    return adapter_name is None or adapter_name in parts
+
+
+def _train_only(denoiser: torch.nn.Module, adapter_name: str) -> None:
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_(is_lora_parameter(name, adapter_name))
+
+
+def add_lora(
+    denoiser: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: Optional[float],
+    target_modules: Sequence[str],
+    init: Union[str, bool] = "gaussian",
+    adapter_name: str = "default",
+    dropout: float = 0.0,
+) -> None:
+    """Attach a LoRA of ``rank`` (scale ``alpha / rank``) to ``target_modules``; freeze everything else."""
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
+        raise ValueError(f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another "
+                         "adapter_name or load its weights with load_lora_state_dict")
+    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=init,
+                        target_modules=list(target_modules), lora_dropout=dropout)
+    denoiser.add_adapter(config, adapter_name=adapter_name)
+    _train_only(denoiser, adapter_name)
+
+
+def lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
+    """The adapter's tensors with peft keys (adapter name stripped), e.g. ``...to_q.lora_A.weight``."""
+    from peft.utils import get_peft_model_state_dict
+
+    _check_adapter(denoiser, adapter_name)
+    return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+
+
+def load_lora_state_dict(denoiser: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
+                         adapter_name: str = "default") -> None:
+    """Load :func:`lora_state_dict` output into an attached adapter; unexpected LoRA keys are an error."""
+    from peft.utils import set_peft_model_state_dict
+
+    _check_adapter(denoiser, adapter_name)
+    result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"LoRA state dict has keys the adapter {adapter_name!r} does not: {unexpected[:5]}")
+
+
+def save_lora(pipeline, denoiser_name: str, directory: str, adapter_name: str = "default",
+              diffusers_keys: bool = False) -> None:
+    """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    denoiser = getattr(pipeline, denoiser_name)
+    state = lora_state_dict(denoiser, adapter_name)
+    if diffusers_keys:
+        state = convert_state_dict_to_diffusers(state)
+    metadata = denoiser.peft_config[adapter_name].to_dict()
+    os.makedirs(directory, exist_ok=True)
+    type(pipeline).save_lora_weights(
+        directory,
+        **{f"{denoiser_name}_lora_layers": state, f"{denoiser_name}_lora_adapter_metadata": metadata},
+    )
+
+
+def load_lora(pipeline, denoiser: torch.nn.Module, directory: str, adapter_name: str = "default",
+              trainable: bool = True) -> None:
+    """``pipeline.load_lora_weights(directory)`` as ``adapter_name``.
+
+    ``trainable=True`` makes that adapter the only trainable weights (resume LoRA training);
+    ``False`` freezes it and leaves the other parameters' flags unchanged.
+    """
+    if not os.path.isdir(directory):
+        raise ValueError(f"LoRA directory {directory!r} does not exist; pass a folder written by save_lora "
+                         "or pipeline.save_lora_weights")
+    if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
+        raise ValueError(f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another name")
+    flags = {_base_name(name): param.requires_grad for name, param in denoiser.named_parameters()}
+    pipeline.load_lora_weights(directory, adapter_name=adapter_name)
+    if trainable:
+        _train_only(denoiser, adapter_name)
+        return
+    # diffusers' loader freezes the whole denoiser; put the other parameters' flags back.
+    for name, param in denoiser.named_parameters():
+        param.requires_grad_(False if is_lora_parameter(name, adapter_name) else flags.get(_base_name(name), False))
+
+
+def _base_name(name: str) -> str:
+    # peft moves a wrapped layer's own weights under ``base_layer``.
+    return name.replace(".base_layer.", ".")
+
+
+def _check_adapter(denoiser: torch.nn.Module, adapter_name: str) -> None:
+    names = list(getattr(denoiser, "peft_config", None) or {})
+    if adapter_name not in names:
+        raise ValueError(f"no LoRA adapter named {adapter_name!r} on the denoiser; attached: {names or 'none'}")

@@ -1,0 +1,117 @@
+"""The two small text-to-image models of the shapes world, as genuine diffusers pipeline folders.
+
+* ``shapes-flow``: a rectified-flow model (velocity prediction) in a ``StableDiffusion3Pipeline``: two
+  tiny CLIP text encoders sharing one tokenizer, no T5, an ``SD3Transformer2DModel`` over 16x16x4
+  latents, a small ``AutoencoderKL`` (2x down-sampling), ``FlowMatchEulerDiscreteScheduler``.
+  Trained without T5 tokens, so call it with ``max_sequence_length=0`` (diffalign does this for you;
+  with plain diffusers pass it to the pipeline call, otherwise 256 zero tokens are appended).
+* ``shapes-ddpm``: an epsilon-prediction diffusion model in a ``StableDiffusionPipeline``: one tiny
+  CLIP text encoder, a ``UNet2DConditionModel``, the same kind of VAE, ``DDIMScheduler``.
+
+Both load with plain ``DiffusionPipeline.from_pretrained(path)`` and through diffalign's adapters.
+The weights live in the repository (``diffalign/shapes/models/<name>``); ``scripts/pretrain_shapes.py``
+reproduces them from a seed. ``resolve_model_path("builtin:shapes-flow")`` gives the folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["BUILTIN_MODELS", "MODELS_DIR", "resolve_model_path", "build_vae", "build_flow_pipeline",
+           "build_ddpm_pipeline", "TOKENIZER_MAX_LENGTH"]
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+BUILTIN_MODELS = {"shapes-flow": MODELS_DIR / "shapes-flow", "shapes-ddpm": MODELS_DIR / "shapes-ddpm"}
+TOKENIZER_MAX_LENGTH = 24
+#: A 2,000-token slice of CLIP's BPE keeps every shapes prompt under 20 tokens.
+VOCAB_SIZE = 2000
+#: Extra keyword arguments the shipped flow pipeline must be called with (see module docstring).
+FLOW_CALL_KWARGS = {"max_sequence_length": 0}
+
+
+def resolve_model_path(path: str) -> str:
+    """Map ``builtin:<name>`` to the shipped folder; other strings pass through unchanged."""
+    if isinstance(path, str) and path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"unknown builtin model {name!r}; valid: {sorted(BUILTIN_MODELS)}")
+        folder = BUILTIN_MODELS[name]
+        if not (folder / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"builtin model {name!r} is missing at {folder}; rebuild it with "
+                f"`python scripts/pretrain_shapes.py --model {name.split('-')[1]}`"
+            )
+        return str(folder)
+    return os.fspath(path)
+
+
+def _clip_config(tokenizer, hidden: int = 48, layers: int = 3):
+    from transformers import CLIPTextConfig
+
+    n = len(tokenizer)
+    return CLIPTextConfig(
+        vocab_size=n, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1, hidden_size=hidden,
+        intermediate_size=2 * hidden, num_attention_heads=4, num_hidden_layers=layers, projection_dim=hidden,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH, hidden_act="gelu", attention_dropout=0.0, dropout=0.0,
+    )
+
+
+def build_vae():
+    """A 2x-downsampling ``AutoencoderKL``: 32x32x3 images <-> 16x16x4 latents (scaling set after training)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(24, 48), layers_per_block=1, latent_channels=4,
+        norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=32, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.0, shift_factor=0.0,
+    )
+
+
+def build_flow_pipeline(vae=None, seed: int = 0):
+    """Untrained ``StableDiffusion3Pipeline`` of the shapes-flow architecture (float32, eval mode)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from diffalign.testing.tiny import make_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_clip_tokenizer(vocab_size=VOCAB_SIZE, max_length=TOKENIZER_MAX_LENGTH)
+    te1 = CLIPTextModelWithProjection(_clip_config(tok))
+    te2 = CLIPTextModelWithProjection(_clip_config(tok))
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=3, joint_attention_dim=96, caption_projection_dim=96, pooled_projection_dim=96,
+        pos_embed_max_size=32,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae or build_vae(),
+        text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
+    )
+    return pipe
+
+
+def build_ddpm_pipeline(vae=None, seed: int = 0):
+    """Untrained ``StableDiffusionPipeline`` (epsilon prediction) of the shapes-ddpm architecture."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from diffalign.testing.tiny import make_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tok = make_clip_tokenizer(vocab_size=VOCAB_SIZE, max_length=TOKENIZER_MAX_LENGTH)
+    te = CLIPTextModel(_clip_config(tok))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48, attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(
+        vae=vae or build_vae(), text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+        feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )

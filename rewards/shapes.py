@@ -1,0 +1,78 @@
+"""Shapes reward: the built-in world's deterministic verifier (a GenEval-like prompt-image check).
+
+Scores come from ``diffalign.shapes.verifier.score_images(images, prompts) -> (scores [B], details)``:
+the fraction of the caption's criteria (count, colour, shape, relative position) the image satisfies,
+1.0 for a clean render of the caption. ``details`` holds the verifier's per-criterion results. The module is
+imported inside the factory so that ``import rewards`` never depends on it. Not differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from diffalign.types import RewardOutput
+from rewards.base import check_inputs, score_in_batches
+from rewards.registry import register_reward
+
+__all__ = ["ShapesReward"]
+
+
+class ShapesReward:
+    """Wraps the shapes verifier as a reward. Range [0, 1]."""
+
+    differentiable = False
+    trainable = False
+    allows_nan = False
+    range = (0.0, 1.0)
+
+    def __init__(
+        self,
+        score_images: Any,
+        *,
+        batch_size: Optional[int] = None,
+        device: Union[None, str, torch.device] = None,
+        name: str = "shapes",
+        **verifier_kwargs: Any,
+    ) -> None:
+        self._score_images = score_images
+        self.verifier_kwargs = verifier_kwargs
+        self.name = name
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+
+    def _score(
+        self, images: torch.Tensor, prompts: List[str], metadata: List[Dict[str, Any]]
+    ) -> RewardOutput:
+        scores, details = self._score_images(
+            images.detach().float().clamp(0, 1), list(prompts), **self.verifier_kwargs
+        )
+        return RewardOutput(scores=torch.as_tensor(scores, dtype=torch.float32), details=list(details))
+
+    def __call__(
+        self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[Dict[str, Any]]] = None
+    ) -> RewardOutput:
+        metadata = check_inputs(self.name, images, prompts, metadata)
+        return score_in_batches(
+            self._score,
+            images,
+            list(prompts),
+            metadata,
+            batch_size=self.batch_size,
+            name=self.name,
+            device=self.device,
+        )
+
+
+@register_reward("shapes")
+def shapes(**kwargs: Any) -> ShapesReward:
+    """The shapes-world verifier (``diffalign.shapes.verifier.score_images``). Range [0, 1]."""
+    try:
+        from diffalign.shapes.verifier import score_images
+    except ImportError as exc:
+        raise ImportError(
+            "the 'shapes' reward needs diffalign.shapes.verifier.score_images, "
+            f"which could not be imported: {exc}"
+        ) from exc
+    return ShapesReward(score_images, **kwargs)

@@ -1,0 +1,56 @@
+"""Shared helpers of the generator-adapter tests: tiny pipeline builders and a network guard."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+
+from diffalign.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd15_pipeline
+
+# Short T5 sequences keep the tiny transformers fast; pipeline calls compared against get the same value.
+SEQ_LEN = 16
+
+BUILDERS = {
+    "sd3": lambda: tiny_sd3_pipeline(),
+    "sd3_t5": lambda: tiny_sd3_pipeline(with_t5=True),
+    "flux": lambda: tiny_flux_pipeline(),
+    "flux_schnell": lambda: tiny_flux_pipeline(guidance_embeds=False),
+    "sd15": lambda: tiny_sd15_pipeline(),
+    "sd15_v": lambda: tiny_sd15_pipeline(prediction_type="v_prediction"),
+}
+
+PROMPTS = ["a red circle left of a blue square", "two green triangles"]
+
+
+def text_kwargs(name: str) -> dict:
+    """Keyword arguments shared by ``encode_prompts`` and the pipeline call for this model."""
+    return {"max_sequence_length": SEQ_LEN} if name.startswith(("sd3", "flux")) else {}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Run the tiny models on one thread: on a shared 2-core machine, intra-op threads of 100k-parameter
+    models spin against other processes (measured 8x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any attempt to open a network connection (acceptance: nothing reaches the network)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield

@@ -1,0 +1,69 @@
+"""Rewards defined outside the ``rewards`` package, used by tests/test_rewards*.py through dotted paths."""
+
+import time
+
+import torch
+
+from diffalign.types import RewardOutput
+from rewards import reward_factory
+
+
+def brightness(images, prompts, metadata, scale=1.0):
+    """Plain-function reward: mean pixel value times ``scale``."""
+    return scale * images.float().mean(dim=(1, 2, 3))
+
+
+brightness.range = (0.0, 1.0)
+
+
+@reward_factory
+def make_brightness(scale=1.0, batch_size=None, device=None):
+    """Factory returning a reward object."""
+
+    class Brightness:
+        name = "brightness_factory"
+        differentiable = True
+        trainable = False
+        range = (0.0, float(scale))
+        allows_nan = False
+
+        def __init__(self):
+            self.batch_size = batch_size
+            self.calls = 0
+
+        def __call__(self, images, prompts, metadata):
+            self.calls += 1
+            return RewardOutput(
+                scores=scale * images.float().mean(dim=(1, 2, 3)), details=[{"prompt": p} for p in prompts]
+            )
+
+    return Brightness()
+
+
+def raising(images, prompts, metadata):
+    raise ValueError("boom")
+
+
+def wrong_shape(images, prompts, metadata):
+    return torch.zeros(images.shape[0], 2)
+
+
+def nan_second(images, prompts, metadata):
+    out = torch.ones(images.shape[0])
+    out[1] = float("nan")
+    return out
+
+
+def inf_first(images, prompts, metadata):
+    out = torch.ones(images.shape[0])
+    out[0] = float("inf")
+    return out
+
+
+def not_a_tensor(images, prompts, metadata):
+    return [1.0] * images.shape[0]
+
+
+def slow(images, prompts, metadata, delay=3.0):
+    time.sleep(delay)
+    return torch.zeros(images.shape[0])

@@ -1,0 +1,223 @@
+"""diffalign.cli: subcommands, lazy dispatch, config printing, one-line errors, no heavy imports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffalign import cli
+from diffalign import config as C
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def run_yaml(tmp_path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 3\nsample:\n  num_steps: 8\nrewards:\n- name: shapes\n  weight: 1.0\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# subprocess: python -m diffalign
+# --------------------------------------------------------------------------------------------------
+
+
+def test_module_config_prints_resolved_value(run_yaml, tmp_path):
+    result = _python("-m", "diffalign", "config", str(run_yaml), "sample.num_steps=5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["sample"]["num_steps"] == 5
+    assert resolved["seed"] == 3 and resolved["rewards"][0]["name"] == "shapes"
+    assert resolved["model"]["lora"]["rank"] == 32  # defaults filled in
+    assert "  num_steps: 5\n" in result.stdout
+
+
+def test_module_help_lists_subcommands(tmp_path):
+    result = _python("-m", "diffalign", "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "sample", "eval", "export", "serve-reward", "config"):
+        assert command in result.stdout
+
+
+def test_module_config_error_is_one_line_exit_2(run_yaml, tmp_path):
+    result = _python("-m", "diffalign", "config", str(run_yaml), "sample.num_stepz=5", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: sample.num_stepz: unknown key") and "num_steps" in lines[0]
+    assert result.stdout == ""
+
+
+def test_help_and_config_do_not_import_heavy_modules(run_yaml, tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from diffalign.cli import main
+        try:
+            main(["--help"])
+        except SystemExit:
+            pass
+        assert main(["config", {str(run_yaml)!r}, "sample.num_steps=5"]) == 0
+        assert main(["config", "--help-keys"]) == 0
+        heavy = sorted(m for m in ("torch", "diffusers", "transformers", "accelerate") if m in sys.modules)
+        print("HEAVY", heavy)
+        """
+    )
+    result = _python("-c", code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# in process: config command
+# --------------------------------------------------------------------------------------------------
+
+
+def test_config_command_in_process(run_yaml, tmp_path, capsys):
+    out = tmp_path / "resolved" / "config.yaml"
+    assert cli.main(["config", str(run_yaml), "sample.window=[0,2]", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "window: [0, 2]" in printed
+    assert out.read_text() == printed
+    assert C.load_config(C.RunConfig, out).sample.window == (0, 2)
+
+
+def test_config_without_file_takes_overrides(capsys):
+    assert cli.main(["config", "seed=11", "model.dtype=bfloat16"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["seed"] == 11 and resolved["model"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["seed=abc"], "error: seed: expected int, got 'abc' (str)"),
+        (["model.dtype=fp8"], "error: model.dtype: invalid choice 'fp8'"),
+        (["rewards.0.name=r", "rewards.0.wieght=1"], "error: rewards.0.wieght: unknown key"),
+        (["/no/such/file.yaml"], "error: config file not found"),
+        (["seed=1", "seed"], "error: override 'seed' is not key=value"),
+    ],
+)
+def test_config_errors_exit_2(args, expected, capsys):
+    assert cli.main(["config", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and err.count("\n") == 1
+
+
+@dataclass
+class CliToyConfig:
+    beta: float = C.param(0.5, help="toy beta")
+
+
+def test_config_help_keys(monkeypatch, capsys):
+    assert cli.main(["config", "--help-keys"]) == 0
+    text = capsys.readouterr().out
+    assert "sample.num_steps" in text and "model.lora.rank" in text and "train.*" in text
+    monkeypatch.setitem(C.TRAINER_CONFIGS, "clitoy", CliToyConfig)
+    assert cli.main(["config", "--help-keys", "trainer=clitoy"]) == 0
+    text = capsys.readouterr().out
+    assert "train section of trainer 'clitoy'" in text and "train.beta" in text and "toy beta" in text
+
+
+# --------------------------------------------------------------------------------------------------
+# in process: lazy dispatch
+# --------------------------------------------------------------------------------------------------
+
+PLUGIN = """
+CALLS = []
+
+def train_main(cfg):
+    CALLS.append(cfg)
+    return 3
+
+def export_main(argv):
+    CALLS.append(argv)
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "da_test_plugin.py").write_text(PLUGIN)
+    (tmp_path / "da_test_broken.py").write_text("import da_no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("da_test_plugin", None)
+    yield
+    sys.modules.pop("da_test_plugin", None)
+
+
+def test_config_style_command_gets_validated_run_config(plugin, run_yaml, monkeypatch):
+    monkeypatch.setitem(
+        cli.COMMANDS, "train", cli.COMMANDS["train"]._replace(target="da_test_plugin:train_main")
+    )
+    assert cli.main(["train", str(run_yaml), "sample.num_steps=4"]) == 3
+    import da_test_plugin
+
+    (cfg,) = da_test_plugin.CALLS
+    assert isinstance(cfg, C.RunConfig) and cfg.sample.num_steps == 4 and cfg.seed == 3
+
+
+def test_config_style_command_with_bad_config_exits_2(plugin, run_yaml, monkeypatch, capsys):
+    monkeypatch.setitem(
+        cli.COMMANDS, "sample", cli.COMMANDS["sample"]._replace(target="da_test_plugin:train_main")
+    )
+    assert cli.main(["sample", str(run_yaml), "sample.step=euler"]) == 2
+    assert capsys.readouterr().err.startswith("error: sample.step: invalid choice 'euler'")
+
+
+def test_argv_style_command_gets_remaining_args(plugin, monkeypatch):
+    monkeypatch.setitem(
+        cli.COMMANDS, "export", cli.COMMANDS["export"]._replace(target="da_test_plugin:export_main")
+    )
+    assert cli.main(["export", "ckpt/", "--format", "peft", "--help"]) == 0
+    assert cli.main(["export", "--help"]) == 0  # a leading option belongs to the command too
+    assert cli.main(["export"]) == 0
+    import da_test_plugin
+
+    assert da_test_plugin.CALLS == [["ckpt/", "--format", "peft", "--help"], ["--help"], []]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["da_missing_module_xyz:train_main", "diffalign.config:no_such_function", "diffalign.no_such_module:fn"],
+)
+def test_missing_target_is_not_implemented(target, monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "eval", cli.COMMANDS["eval"]._replace(target=target))
+    assert cli.main(["eval", "whatever.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == "not implemented yet: eval"
+
+
+def test_missing_dependency_inside_target_is_not_hidden(plugin, monkeypatch):
+    monkeypatch.setitem(
+        cli.COMMANDS,
+        "serve-reward",
+        cli.COMMANDS["serve-reward"]._replace(target="da_test_broken:serve_main"),
+    )
+    with pytest.raises(ModuleNotFoundError, match="da_no_such_dependency_xyz"):
+        cli.main(["serve-reward"])
+
+
+def test_serve_reward_points_at_remote_module():
+    assert cli.COMMANDS["serve-reward"].target == "rewards.remote:serve_main"
+    assert {name for name, c in cli.COMMANDS.items() if c.style == "config"} == {"train", "sample", "eval"}
+
+
+def test_missing_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([])
+    assert info.value.code == 2

@@ -1,0 +1,158 @@
+"""Remote reward: HTTP server and client on localhost (threads and one subprocess)."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from rewards import MultiReward, RewardError, RewardServer, build_reward, serve_reward  # noqa: E402
+from rewards.remote import RemoteReward, decode_request, encode_request  # noqa: E402
+
+P = "plugins.reward_plugins"
+PROMPTS = [f"p{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+
+
+def test_wire_format_round_trip_without_pickle(images):
+    md = [{"i": i, "t": torch.tensor([1.0, 2.0])} for i in range(5)]
+    x, p, m = decode_request(encode_request(images, PROMPTS, md, "float32"))
+    assert torch.equal(x, images) and p == PROMPTS and m[1] == {"i": 1, "t": [1.0, 2.0]}
+    x8, _, _ = decode_request(encode_request(images, PROMPTS, md, "uint8"))
+    assert (x8 - images).abs().max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        encode_request(images, PROMPTS, [{"x": object()}] * 5)
+
+
+def test_remote_scores_equal_in_process(images):
+    local = build_reward("jpeg_incompressibility")
+    with serve_reward("jpeg_incompressibility", port=0, block=False) as server:
+        remote = build_reward(
+            {
+                "name": "remote",
+                "batch_size": 2,
+                "kwargs": {"url": server.url, "encoding": "float32", "name": "jpeg_remote"},
+            }
+        )
+        out = remote(images, PROMPTS, None)
+        assert torch.equal(out.scores, local(images, PROMPTS, None).scores)
+        assert out.details[3]["jpeg_kb"] == pytest.approx(out.scores[3].item())
+        info = remote.info()
+        assert info["name"] == "jpeg_incompressibility" and info["range"] == [0.0, "inf"]
+        # uint8 transport is exact for images that already sit on the 8-bit grid.
+        q = images.mul(255).round().div(255)
+        u8 = RemoteReward(url=server.url, encoding="uint8")(q, PROMPTS, None).scores
+        assert torch.equal(u8, local(q, PROMPTS, None).scores)
+        # Inside a MultiReward next to a local reward.
+        m = MultiReward(
+            [
+                {"name": "remote", "kwargs": {"url": server.url, "encoding": "float32"}, "label": "r"},
+                "jpeg_incompressibility",
+            ]
+        )(images, PROMPTS, None)
+        assert torch.equal(m.rewards[:, 0], m.rewards[:, 1])
+
+
+def test_remote_reward_error_is_not_retried_and_names_the_reward(images):
+    with serve_reward(f"{P}:raising", port=0, block=False) as server:
+        client = RemoteReward(url=server.url, retries=5, backoff=10.0)
+        start = time.monotonic()
+        with pytest.raises(RewardError, match=r"HTTP 422: reward 'raising' raised ValueError: boom"):
+            client(images, PROMPTS, None)
+        assert time.monotonic() - start < 5.0
+    with serve_reward(f"{P}:nan_second", port=0, block=False) as server:
+        with pytest.raises(RewardError, match="'nan_second' returned NaN/inf at indices \\[1\\]"):
+            RemoteReward(url=server.url)(images, PROMPTS, None)
+
+
+def test_remote_survives_server_restart_through_retries(images):
+    server = serve_reward("jpeg_incompressibility", port=0, block=False)
+    port = server.port
+    client = RemoteReward(url=server.url, retries=30, backoff=0.1, max_backoff=0.2, encoding="float32")
+    first = client(images, PROMPTS, None).scores
+    server.stop()
+    restarted = {}
+
+    def restart():
+        time.sleep(1.0)
+        restarted["server"] = RewardServer(build_reward("jpeg_incompressibility"), port=port).start()
+
+    t = threading.Thread(target=restart)
+    t.start()
+    try:
+        start = time.monotonic()
+        second = client(images, PROMPTS, None).scores  # server is down: the client retries until it is back
+        waited = time.monotonic() - start
+        t.join()
+        assert torch.equal(first, second) and waited >= 0.8
+    finally:
+        t.join()
+        if "server" in restarted:
+            restarted["server"].stop()
+
+
+def test_remote_gives_up_with_clear_error_when_server_is_down():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = RemoteReward(url=f"http://127.0.0.1:{port}", retries=2, backoff=0.01)
+    with pytest.raises(RewardError, match=rf"at http://127.0.0.1:{port}/score failed after 3 attempt\(s\)"):
+        client(torch.rand(1, 3, 8, 8), ["x"], None)
+
+
+def test_remote_hang_past_timeout_names_the_url(images):
+    with serve_reward({"name": f"{P}:slow", "kwargs": {"delay": 3.0}}, port=0, block=False) as server:
+        client = build_reward({"name": "remote", "kwargs": {"url": server.url, "timeout": 0.5, "retries": 3}})
+        start = time.monotonic()
+        with pytest.raises(RewardError, match=rf"{server.url}/score did not answer within timeout=0.5s"):
+            client(images, PROMPTS, None)
+        assert time.monotonic() - start < 2.5
+
+
+def test_serve_main_in_a_subprocess(images):
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(__file__), os.getcwd(), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
+    code = "import sys; from rewards.remote import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, f"{P}:brightness", "--port", "0", "--kwargs", '{"scale": 2.0}'],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "serving reward 'brightness' at http://127.0.0.1:" in line, line
+        url = line.split(" at ")[1].split()[0]
+        out = RemoteReward(url=url, encoding="float32")(images, PROMPTS, None).scores
+        assert torch.allclose(out, 2.0 * images.mean(dim=(1, 2, 3)))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_add_serve_reward_parser():
+    import argparse
+
+    from rewards import add_serve_reward_parser
+
+    parser = argparse.ArgumentParser(prog="diffalign")
+    add_serve_reward_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["serve-reward", "ocr", "--port", "1234", "--kwargs", '{"backend": "tesseract"}']
+    )
+    assert args.name == "ocr" and args.port == 1234 and callable(args.func)

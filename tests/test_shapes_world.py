@@ -1,0 +1,311 @@
+"""Tests of the built-in shapes world: prompt grammar, renderer, verifier (issue 3, items 1-3)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from diffalign.shapes.prompts import (
+    CATEGORIES,
+    COLORED_CATEGORIES,
+    COLORS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    ObjectSpec,
+    PromptSampler,
+    PromptSpec,
+    is_held_out,
+    parse_prompt,
+    perturb_spec,
+    prompt_set,
+    sample_spec,
+)
+from diffalign.shapes.render import PALETTE, PlacedObject, draw, layout, render, render_batch
+from diffalign.shapes.verifier import _hue_degrees, score_images, verify
+
+
+def _pairs(n, seed=0, split="held_in"):
+    return PromptSampler(seed, split).sample_batch(n)
+
+
+def _perturb(images, sigma_px, noise, seed=0):
+    x = images.numpy()
+    if sigma_px:
+        x = ndimage.gaussian_filter(x, sigma=(0, 0, sigma_px, sigma_px))
+    if noise:
+        x = x + np.random.default_rng(seed).normal(0.0, noise, x.shape)
+    return torch.from_numpy(np.clip(x, 0, 1)).float()
+
+
+# ---------------------------------------------------------------- known answers
+
+
+def test_palette_hues_are_sixty_degrees_apart():
+    hues = _hue_degrees(np.asarray([PALETTE[c] for c in COLORS], np.float32) / 255)
+    np.testing.assert_allclose(hues, [0, 60, 120, 180, 240, 300], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "spec, text",
+    [
+        (PromptSpec(((1, None, "circle"),), None, "single_object"), "a circle"),
+        (PromptSpec(((1, None, "circle"), (1, None, "square"))), "a circle and a square"),
+        (PromptSpec(((3, "green", "triangle"),)), "three green triangles"),
+        (PromptSpec(((1, "green", "triangle"),), None, "counting"), "one green triangle"),
+        (PromptSpec(((1, "yellow", "square"),), None, "colors"), "a yellow square"),
+        (PromptSpec(((2, "red", "circle"), (1, "blue", "square")), (0, "left of", 1)),
+         "two red circles left of a blue square"),
+        (PromptSpec(((1, "red", "circle"), (1, "blue", "square"))), "a red circle and a blue square"),
+    ],
+)
+def test_canonical_text_and_parse(spec, text):
+    assert spec.to_text() == text
+    assert parse_prompt(text) == spec
+
+
+def test_parse_is_lenient_about_case_prefix_and_period():
+    assert parse_prompt("  A photo of a Red circle.") == parse_prompt("a red circle")
+    assert parse_prompt("an red circle") == parse_prompt("a red circle")
+
+
+@pytest.mark.parametrize("text", ["a pink circle", "a circle or a square", "five circles", "a circle and a circle",
+                                  "two circles and a square", ""])
+def test_parse_rejects_text_outside_the_grammar(text):
+    with pytest.raises(ValueError, match="prompt"):
+        parse_prompt(text)
+
+
+def test_spec_validation_names_the_valid_categories():
+    with pytest.raises(ValueError, match="valid categories"):
+        PromptSpec(((2, "red", "circle"),), None, "colors")
+    with pytest.raises(ValueError, match="choose one of"):
+        PromptSpec(((1, "pink", "circle"),), None, "colors")
+
+
+def test_verifier_criteria_on_hand_built_image():
+    # Red square left of a blue circle, plus an unrequested green triangle.
+    placed = [PlacedObject(0, "square", "red", 8, 12, 9), PlacedObject(1, "circle", "blue", 24, 12, 9),
+              PlacedObject(2, "triangle", "green", 16, 26, 8)]
+    image = draw(placed, 32)
+    score, det = verify(image, "a red square left of a blue circle")
+    assert det["criteria"] == {"object_0": True, "color_0": True, "count_0": True, "object_1": True,
+                               "color_1": True, "count_1": True, "relation": True, "no_extra": False}
+    assert score == pytest.approx(7 / 8) and not det["strict"]
+    score, det = verify(image, "a red square right of a blue circle")
+    assert det["position"] is False and score == pytest.approx(6 / 8)
+    # colour bound to the wrong shape: shapes present, colours and counts wrong
+    score, det = verify(draw(placed[:2], 32), "a blue square and a red circle")
+    assert det["objects"] and det["colors"] is False and det["counts"] is False
+    assert score == pytest.approx(2 / 7)
+    score, det = verify(draw(placed[:1], 32), "a square")
+    assert score == 1.0 and det["strict"] and det["colors"] is None
+    assert verify(draw(placed[:1], 32), "a yellow square")[0] == pytest.approx(1 / 4)
+
+
+# ---------------------------------------------------------------- prompt grammar and sampler
+
+
+@pytest.mark.parametrize("split", ["held_in", "held_out"])
+def test_round_trip_all_categories(split):
+    rng = np.random.default_rng(0)
+    cats = CATEGORIES if split == "held_in" else COLORED_CATEGORIES
+    for cat in cats:
+        for _ in range(200):
+            spec = sample_spec(cat, rng, split)
+            assert spec.category == cat
+            assert parse_prompt(spec.to_text()) == spec
+
+
+def test_held_out_split_is_disjoint_from_held_in():
+    held_in = set(_pairs(4000, 1, "held_in"))
+    held_out = set(_pairs(4000, 1, "held_out"))
+    assert held_in.isdisjoint(held_out)
+    assert not any(is_held_out(parse_prompt(p)) for p in held_in)
+    assert all(is_held_out(parse_prompt(p)) for p in held_out)
+    # Every colour and shape is still seen in held-in; each held-out pair does appear in held-out.
+    specs = [parse_prompt(p) for p in held_in]
+    assert {o.color for s in specs for o in s.objects} == set(COLORS) | {None}
+    assert {o.shape for s in specs for o in s.objects} == set(SHAPES)
+    seen_out = {(o.color, o.shape) for p in held_out for o in parse_prompt(p).objects}
+    assert HELD_OUT_PAIRS <= seen_out
+    assert {parse_prompt(p).category for p in held_out} == set(COLORED_CATEGORIES)
+
+
+def test_held_out_rejects_colourless_categories():
+    with pytest.raises(ValueError, match="held-out"):
+        PromptSampler(0, "held_out", categories=["single_object"])
+
+
+def test_sampler_is_deterministic_and_seed_dependent():
+    assert _pairs(50, 7) == _pairs(50, 7)
+    assert _pairs(50, 7) != _pairs(50, 8)
+    weighted = PromptSampler(0, categories=["counting", "position"], weights=[3, 1]).sample_batch(400)
+    cats = [parse_prompt(p).category for p in weighted]
+    assert set(cats) == {"counting", "position"} and 0.65 < cats.count("counting") / 400 < 0.85
+
+
+def test_sampler_state_dict_resume_is_exact():
+    a = PromptSampler(3, categories=["counting", "position", "colors"], weights=[1, 2, 1])
+    a.sample_batch(17)
+    state = json.loads(json.dumps(a.state_dict()))  # plain, serializable
+    expected = a.sample_batch(25)
+    b = PromptSampler(3, categories=["counting", "position", "colors"], weights=[1, 2, 1])
+    b.load_state_dict(state)
+    assert b.sample_batch(25) == expected
+    with pytest.raises(ValueError, match="seed"):
+        PromptSampler(4).load_state_dict(state)
+
+
+def test_prompt_set_is_fixed_and_balanced():
+    ps = prompt_set("held_in", 60, seed=0)
+    assert ps == prompt_set("held_in", 60, seed=0) and len(ps) == 60
+    cats = [parse_prompt(p).category for p in ps]
+    assert all(cats.count(c) == 10 for c in CATEGORIES)
+    assert cats[:6] == list(CATEGORIES)  # interleaved: every prefix is balanced
+    assert len({p for p in ps if parse_prompt(p).category == "counting"}) == 10  # distinct
+    out = prompt_set("held_out", 40, seed=0)
+    assert all(is_held_out(parse_prompt(p)) for p in out)
+
+
+# ---------------------------------------------------------------- renderer
+
+
+def test_render_shapes_determinism_and_backgrounds():
+    img = render("two red circles left of a blue square", seed=0)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert np.array_equal(img, render("two red circles left of a blue square", seed=0))
+    assert render("a circle", size=64, seed=1).shape == (64, 64, 3)
+    white = render("a red circle", seed=0, background="white")
+    assert tuple(white[0, 0]) == (255, 255, 255)
+    batch = render_batch(["a circle", "three green triangles"], size=48, seed=2)
+    assert batch.shape == (2, 3, 48, 48) and batch.dtype == torch.float32
+    assert 0.0 <= batch.min() and batch.max() <= 1.0
+    assert torch.equal(batch, render_batch(["a circle", "three green triangles"], size=48, seed=2))
+
+
+def test_layout_is_non_overlapping_and_respects_relations():
+    sampler = PromptSampler(5, categories=["position", "counting"])
+    for i in range(300):
+        spec = sampler.sample_spec()
+        placed = layout(spec, 32, np.random.default_rng(i))
+        assert len(placed) == spec.num_objects
+        for a in range(len(placed)):
+            p = placed[a]
+            assert p.size / 2 <= p.cx <= 32 - p.size / 2 and p.size / 2 <= p.cy <= 32 - p.size / 2
+            for q in placed[a + 1:]:
+                sep = max(abs(p.cx - q.cx), abs(p.cy - q.cy)) - (p.size + q.size) / 2
+                assert sep >= 2.0
+        if spec.relation:
+            axis, sign = {"left of": (0, 1), "right of": (0, -1), "above": (1, 1), "below": (1, -1)}[spec.relation[1]]
+            for p in (p for p in placed if p.group == 0):
+                for q in (q for q in placed if q.group == 1):
+                    d = np.subtract(q.centroid, p.centroid) * sign
+                    assert d[axis] > abs(d[1 - axis]) + 3
+
+
+def test_colourless_groups_avoid_held_out_pairs():
+    for i in range(300):
+        for p in layout("a triangle and a circle", 32, np.random.default_rng(i)):
+            assert (p.color, p.shape) not in HELD_OUT_PAIRS
+
+
+# ---------------------------------------------------------------- verifier acceptance
+
+
+def test_clean_renders_score_one():
+    prompts = _pairs(2000, seed=11)
+    scores, details = score_images(render_batch(prompts, seed=11), prompts)
+    assert scores.dtype == torch.float32 and scores.shape == (2000,)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert (scores == 1).float().mean() >= 0.99
+    assert all(d["strict"] == (s == 1) for s, d in zip(scores.tolist(), details))
+    for cat in CATEGORIES:
+        cat_scores = scores[[i for i, d in enumerate(details) if d["category"] == cat]]
+        assert len(cat_scores) > 200 and (cat_scores == 1).float().mean() >= 0.97, cat
+
+
+def test_one_attribute_changes_score_below_one():
+    rng = np.random.default_rng(12)
+    prompts = _pairs(2000, seed=12)
+    images = render_batch(prompts, seed=12)
+    wrong, attrs = [], []
+    for p in prompts:
+        attr = ["color", "shape", "count", "relation"][rng.integers(4)]
+        neg = perturb_spec(parse_prompt(p), rng, attr) or perturb_spec(parse_prompt(p), rng)
+        wrong.append(neg.to_text())
+        attrs.append(attr)
+    assert all(w != p for w, p in zip(wrong, prompts))
+    scores, _ = score_images(images, wrong)
+    assert (scores < 1).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("size, min_pass", [(64, 0.99), (48, 0.99), (16, 0.97)])
+def test_other_resolutions(size, min_pass):
+    # 16 px is the floor: four objects of ~5 px are sometimes misread.
+    prompts = _pairs(400, seed=13)
+    scores, _ = score_images(render_batch(prompts, size=size, seed=13), prompts)
+    assert (scores == 1).float().mean() >= min_pass
+
+
+@pytest.mark.parametrize("size, sigma, noise", [(32, 0.7, 0.0), (32, 0.0, 0.04), (32, 0.7, 0.04), (64, 1.4, 0.04)])
+def test_blur_and_noise_robustness(size, sigma, noise):
+    prompts = _pairs(500, seed=14)
+    images = _perturb(render_batch(prompts, size=size, seed=14), sigma, noise)
+    scores, _ = score_images(images, prompts)
+    assert (scores == 1).float().mean() >= 0.95
+
+
+def test_white_background_and_colour_shift():
+    prompts = _pairs(400, seed=15)
+    images = render_batch(prompts, seed=15, background="white")
+    assert (score_images(images, prompts)[0] == 1).float().mean() >= 0.99
+    # generator-like colour error: channels scaled and a desaturating grey added
+    shifted = (render_batch(prompts, seed=15) * torch.tensor([0.9, 1.05, 0.95])[:, None, None] + 0.08).clamp(0, 1)
+    assert (score_images(shifted, prompts)[0] == 1).float().mean() >= 0.97
+
+
+def test_score_images_contract_and_errors():
+    prompts = ["a circle", "two blue squares"]
+    scores, details = score_images(render_batch(prompts, size=16, seed=0), prompts)
+    assert scores.shape == (2,) and len(details) == 2 and details[1]["prompt"] == "two blue squares"
+    assert set(details[0]) >= {"score", "strict", "criteria", "objects", "colors", "counts", "position", "no_extra"}
+    blank = torch.zeros(1, 3, 32, 32)
+    assert score_images(blank, ["a circle"])[0].item() == pytest.approx(1 / 3)  # only "no extra" holds
+    with pytest.raises(ValueError, match="one prompt per image"):
+        score_images(blank, ["a circle", "a square"])
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        score_images(torch.zeros(3, 32, 32), ["a circle"])
+    with pytest.raises(ValueError, match="valid"):
+        score_images(blank, ["a circle"], chroma_treshold=0.2)
+    with pytest.raises(ValueError, match="16x16"):
+        score_images(torch.zeros(1, 3, 8, 8), ["a circle"])
+
+
+def test_arbitrary_images_give_valid_scores():
+    rng = np.random.default_rng(0)
+    images = torch.cat([torch.rand(6, 3, 32, 32), torch.ones(1, 3, 32, 32),
+                        torch.tensor([1.0, 0.2, 0.2])[None, :, None, None].expand(1, 3, 32, 32),
+                        (torch.rand(2, 3, 32, 32) > 0.7).float()])
+    prompts = [PromptSampler(0).sample() for _ in range(len(images))]
+    scores, details = score_images(images, prompts)
+    assert torch.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()
+    assert not any(d["strict"] for d in details[6:])  # blank white / full red / binary noise
+    big = torch.from_numpy(rng.random((2, 3, 64, 80))).float()
+    assert score_images(big, prompts[:2])[0].shape == (2,)
+
+
+def test_scoring_speed():
+    prompts = _pairs(256, seed=16)
+    images = render_batch(prompts, seed=16)
+    score_images(images[:4], prompts[:4])
+    start = time.perf_counter()
+    score_images(images, prompts)
+    # ~0.1 s on one idle core; generous bound for shared CI machines.
+    assert time.perf_counter() - start < 2.0
+
+
+def test_object_spec_is_a_plain_tuple():
+    assert ObjectSpec(2, "red", "circle") == (2, "red", "circle")
