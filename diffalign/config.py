@@ -960,6 +960,14 @@ class SampleConfig:
     width: Optional[int] = param(None, help="image width in pixels; null = the model's native size", min=1)
     batch_size: int = param(8, help="images per forward pass on each process", min=1)
     group_size: int = param(8, help="images per prompt (K); group-relative trainers need >= 2", min=1)
+    num_batches_per_epoch: int = param(
+        1, help="sampling batches per process per epoch; samples/epoch = processes * batch_size * this", min=1
+    )
+    random_window: Optional[Tuple[int, int]] = param(
+        None,
+        help="Flow-GRPO-Fast: [lo, hi) range in which a window of `window` length is drawn anew each epoch; "
+        "null = use `window` as given",
+    )
 
     def __post_init__(self) -> None:
         if self.window is not None:
@@ -1052,6 +1060,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class PromptsConfig:
+    """Where training and evaluation prompts come from."""
+
+    source: Literal["shapes", "file"] = param(
+        "shapes", help="shapes: the built-in world's seeded prompt sampler; file: one prompt per line"
+    )
+    path: Optional[str] = param(None, help="prompt file (source=file); eval_path defaults to it")
+    eval_path: Optional[str] = param(None, help="evaluation prompt file (source=file)")
+    split: Literal["held_in", "held_out"] = param("held_in", help="shapes split used for training prompts")
+    categories: Optional[List[str]] = param(None, help="shapes categories to train on; null = all of the split")
+    eval_size: int = param(64, help="number of evaluation prompts", min=1)
+    eval_split: Literal["held_in", "held_out"] = param("held_in", help="shapes split used for evaluation")
+
+    def __post_init__(self) -> None:
+        if self.source == "file":
+            check(self.path is not None, "path", "source=file needs prompts.path (one prompt per line)")
+
+
+@dataclass
 class RunConfig:
     """A whole run: shared sections plus the chosen trainer's raw ``train`` section."""
 
@@ -1064,6 +1091,7 @@ class RunConfig:
     )
     model: ModelConfig = param(default_factory=ModelConfig, help="generator")
     sample: SampleConfig = param(default_factory=SampleConfig, help="sampling")
+    prompts: PromptsConfig = param(default_factory=PromptsConfig, help="prompt source")
     rewards: List[RewardSpec] = param([], help="reward columns, in order")
     train: Dict[str, Any] = param(
         {},

@@ -90,6 +90,7 @@ def rollout(
     latents = [x]
     log_probs = torch.zeros(B, T, dtype=torch.float32, device=device)
     stds = torch.zeros(T, dtype=torch.float32)
+    drew = torch.zeros(T, dtype=torch.bool)
     x0_preds = [] if store_x0 else None
     gs = torch.zeros(T, dtype=torch.float32)
     ctx = contextlib.nullcontext() if requires_grad else torch.no_grad()
@@ -101,6 +102,7 @@ def rollout(
             kind = step if level > 0 else DETERMINISTIC_STEP[schedule.kind]
             res = scheduled_step(kind, out, x, sched, i, noise_level=level, generator=generator)
             if res.log_prob is not None:
+                drew[i] = True
                 log_probs[:, i] = res.log_prob.detach()
                 stds[i] = res.std.detach().reshape(-1)[0].cpu()
             if "g" in res.extras:
@@ -116,7 +118,8 @@ def rollout(
         log_probs=log_probs,
         step_indices=torch.arange(T),
         timesteps=schedule.timesteps.clone(),
-        stochastic=mask & (noise_level > 0),
+        # a step whose std is 0 (CPS / DDIM-on-flow at sigma_next = 0) drew no noise: not stochastic
+        stochastic=mask & drew,
         stds=stds,
         noise_level=float(noise_level),
         step_kind=step,

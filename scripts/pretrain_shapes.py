@@ -179,6 +179,8 @@ def train_denoiser(args, out: Path, kind: str) -> None:
             "vae_steps": args.vae_steps, "seconds": round(time.time() - t0),
             "call_kwargs": FLOW_CALL_KWARGS if kind == "flow" else {}}
     (tmp / "diffalign_pretrain.json").write_text(json.dumps(meta, indent=2))
+    # Read by diffalign's adapters: keyword arguments every call of this pipeline needs.
+    (tmp / "diffalign.json").write_text(json.dumps({"call_kwargs": meta["call_kwargs"]}, indent=2))
     if target.exists():
         import shutil
 

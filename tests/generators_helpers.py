@@ -7,7 +7,13 @@ import socket
 import pytest
 import torch
 
-from diffalign.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd15_pipeline
+from diffalign.testing import netguard
+from diffalign.testing.tiny import (
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+)
 
 # Short T5 sequences keep the tiny transformers fast; pipeline calls compared against get the same value.
 SEQ_LEN = 16
@@ -19,6 +25,7 @@ BUILDERS = {
     "flux_schnell": lambda: tiny_flux_pipeline(guidance_embeds=False),
     "sd15": lambda: tiny_sd15_pipeline(),
     "sd15_v": lambda: tiny_sd15_pipeline(prediction_type="v_prediction"),
+    "sdxl": lambda: tiny_sdxl_pipeline(),
 }
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles"]
@@ -44,13 +51,13 @@ def single_thread():
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Fail any attempt to open a network connection (acceptance: nothing reaches the network)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[1:] if len(args) > 1 else args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+def no_network():
+    """Acceptance "nothing reaches the network": conftest installs ``diffalign.testing.netguard``, which makes
+    connections fail; this also catches attempts a library swallowed (e.g. a hub client falling back to
+    its cache) by checking that the guard recorded none."""
+    assert socket.socket.connect is netguard._connect, (
+        "the network guard is not installed (tests/conftest.py)"
+    )
+    before = len(netguard.attempts)
     yield
+    assert netguard.attempts[before:] == [], f"network access attempted: {netguard.attempts[before:]}"

@@ -52,8 +52,9 @@ def adapter_for_pipeline(pipeline: Any) -> GeneratorAdapter:
     for cls in type(pipeline).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__](pipeline)
-    raise ValueError(f"no generator adapter for pipeline class {type(pipeline).__name__!r}; "
-                     f"supported: {sorted(ADAPTERS)}")
+    raise ValueError(
+        f"no generator adapter for pipeline class {type(pipeline).__name__!r}; supported: {sorted(ADAPTERS)}"
+    )
 
 
 def _absent_components(path_or_id: str, load_kwargs: Dict[str, Any]) -> Dict[str, None]:
@@ -72,6 +73,13 @@ def _absent_components(path_or_id: str, load_kwargs: Dict[str, Any]) -> Dict[str
     return absent
 
 
+def _dtype_keyword() -> str:
+    # diffusers renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns since 0.36-ish).
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
 def load_generator(
     path_or_id: str,
     *,
@@ -79,14 +87,34 @@ def load_generator(
     device: Union[str, torch.device] = "cpu",
     **pipeline_kwargs: Any,
 ) -> GeneratorAdapter:
-    """``DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **pipeline_kwargs)`` wrapped in its
-    adapter, moved to ``device`` and set to eval mode."""
+    """``DiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, **pipeline_kwargs)`` wrapped in its
+    adapter, moved to ``device`` and set to eval mode.
+
+    Components saved as absent (SD3 without T5: ``text_encoder_3=None, tokenizer_3=None``) are passed as
+    ``None`` again automatically; explicit ``pipeline_kwargs`` win.
+    """
     from diffusers import DiffusionPipeline
 
     kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs), **pipeline_kwargs}
-    pipeline = DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype, **kwargs)
+    kwargs[_dtype_keyword()] = dtype
+    pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)
     pipeline.to(device)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
-    return adapter_for_pipeline(pipeline)
+    adapter = adapter_for_pipeline(pipeline)
+    adapter.call_kwargs = _folder_call_kwargs(path_or_id)
+    return adapter
+
+
+def _folder_call_kwargs(path_or_id: str) -> Dict[str, Any]:
+    """Keyword arguments a model folder says every call needs (``diffalign.json``'s ``call_kwargs``), e.g.
+    the shipped shapes-flow model was trained without T5 tokens: ``{"max_sequence_length": 0}``."""
+    import json
+    import os
+
+    path = os.path.join(str(path_or_id), "diffalign.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return dict(json.load(f).get("call_kwargs", {}))

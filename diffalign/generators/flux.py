@@ -31,8 +31,16 @@ class FluxAdapter(GeneratorAdapter):
     kind = "flow"
     denoiser_name = "transformer"
     # Double-stream blocks have both streams' projections; single-stream blocks have to_q/k/v.
-    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                            "to_add_out")
+    default_lora_targets = (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    )
 
     def __init__(self, pipeline: Any):
         super().__init__(pipeline)
@@ -46,16 +54,31 @@ class FluxAdapter(GeneratorAdapter):
     def uses_cfg(self, guidance_scale: float) -> bool:
         return not self.guidance_embeds and guidance_scale > 1.0
 
-    def _encode(self, prompts: List[str], negatives: Optional[List[str]], *, max_sequence_length: Optional[int]
-                = None, **_: Any) -> Conditioning:
+    def _encode(
+        self,
+        prompts: List[str],
+        negatives: Optional[List[str]],
+        *,
+        max_sequence_length: Optional[int] = None,
+        **_: Any,
+    ) -> Conditioning:
         msl = max_sequence_length or 512
         pe, pooled, text_ids = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1, max_sequence_length=msl)
+            prompt=prompts,
+            prompt_2=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            max_sequence_length=msl,
+        )
         cond = Conditioning(prompt_embeds=pe, pooled_prompt_embeds=pooled, text_ids=text_ids)
         if negatives is not None:
             npe, npooled, _ = self.pipeline.encode_prompt(
-                prompt=negatives, prompt_2=None, device=self.device, num_images_per_prompt=1,
-                max_sequence_length=msl)
+                prompt=negatives,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=msl,
+            )
             cond.negative_prompt_embeds, cond.negative_pooled_prompt_embeds = npe, npooled
         return cond
 
@@ -66,7 +89,9 @@ class FluxAdapter(GeneratorAdapter):
         self._grid = grid
         return grid
 
-    def _grid_for(self, seq_len: int, height: Optional[int] = None, width: Optional[int] = None) -> Tuple[int, int]:
+    def _grid_for(
+        self, seq_len: int, height: Optional[int] = None, width: Optional[int] = None
+    ) -> Tuple[int, int]:
         if height is not None and width is not None:
             grid = self._latent_grid(height, width)
         elif self._grid is not None and (self._grid[0] // 2) * (self._grid[1] // 2) == seq_len:
@@ -74,33 +99,47 @@ class FluxAdapter(GeneratorAdapter):
         else:
             side = math.isqrt(seq_len)
             if side * side != seq_len:
-                raise ValueError(f"cannot infer the image size of packed FLUX latents with {seq_len} tokens; "
-                                 "pass height= and width= (pixels)")
+                raise ValueError(
+                    f"cannot infer the image size of packed FLUX latents with {seq_len} tokens; "
+                    "pass height= and width= (pixels)"
+                )
             grid = (2 * side, 2 * side)
         if (grid[0] // 2) * (grid[1] // 2) != seq_len:
-            raise ValueError(f"packed latents have {seq_len} tokens but {grid} latents pack to "
-                             f"{(grid[0] // 2) * (grid[1] // 2)}; check height/width")
+            raise ValueError(
+                f"packed latents have {seq_len} tokens but {grid} latents pack to "
+                f"{(grid[0] // 2) * (grid[1] // 2)}; check height/width"
+            )
         return grid
 
     def latent_shape(self, height: int, width: int) -> Tuple[int, ...]:
         h, w = self._latent_grid(height, width)
         return ((h // 2) * (w // 2), int(self.denoiser.config.in_channels))
 
-    def make_schedule(self, num_steps: int, height: int, width: int, *, mu: Optional[float] = None,
-                      sigmas: Optional[List[float]] = None) -> Schedule:
+    def make_schedule(
+        self,
+        num_steps: int,
+        height: int,
+        width: int,
+        *,
+        mu: Optional[float] = None,
+        sigmas: Optional[List[float]] = None,
+    ) -> Schedule:
         config = self.pipeline.scheduler.config
         if sigmas is None and not config.get("use_flow_sigmas", False):
             sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
         seq_len = self.latent_shape(height, width)[0]
-        return flow_schedule_from_scheduler_config(config, num_steps, image_seq_len=seq_len, mu=mu, sigmas=sigmas)
+        return flow_schedule_from_scheduler_config(
+            config, num_steps, image_seq_len=seq_len, mu=mu, sigmas=sigmas
+        )
 
     def prepare_latents(self, batch_size: int, height: int, width: int, generator=None) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
 
         h, w = self._latent_grid(height, width)
         channels = int(self.denoiser.config.in_channels) // 4
-        noise = randn_tensor((batch_size, channels, h, w), generator=generator, device=self.device,
-                             dtype=torch.float32)
+        noise = randn_tensor(
+            (batch_size, channels, h, w), generator=generator, device=self.device, dtype=torch.float32
+        )
         return self._pack(noise)
 
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -113,8 +152,9 @@ class FluxAdapter(GeneratorAdapter):
         f = self.vae_scale_factor
         return self.pipeline._unpack_latents(latents, h * f, w * f, f)
 
-    def _forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
-                 guidance_scale: float) -> torch.Tensor:
+    def _forward(
+        self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, guidance_scale: float
+    ) -> torch.Tensor:
         dtype = self.dtype
         batch, seq_len = x_t.shape[0], x_t.shape[1]
         h, w = self._grid_for(seq_len)
@@ -124,8 +164,12 @@ class FluxAdapter(GeneratorAdapter):
             guidance = torch.full((batch,), float(guidance_scale), device=x_t.device, dtype=torch.float32)
         # The pipeline casts the timestep to the latent dtype and rescales it to [0, 1].
         return self.denoiser(
-            hidden_states=x_t.to(dtype), timestep=timestep.to(dtype) / 1000, guidance=guidance,
+            hidden_states=x_t.to(dtype),
+            timestep=timestep.to(dtype) / 1000,
+            guidance=guidance,
             pooled_projections=cond.pooled_prompt_embeds.to(dtype),
-            encoder_hidden_states=cond.prompt_embeds.to(dtype), txt_ids=cond.text_ids.to(dtype),
-            img_ids=img_ids, return_dict=False,
+            encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            txt_ids=cond.text_ids.to(dtype),
+            img_ids=img_ids,
+            return_dict=False,
         )[0]

@@ -14,7 +14,14 @@ from typing import Dict, Optional, Sequence, Union
 
 import torch
 
-__all__ = ["is_lora_parameter", "add_lora", "lora_state_dict", "load_lora_state_dict", "save_lora", "load_lora"]
+__all__ = [
+    "is_lora_parameter",
+    "add_lora",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "save_lora",
+    "load_lora",
+]
 
 
 def is_lora_parameter(name: str, adapter_name: Optional[str] = None) -> bool:
@@ -46,10 +53,17 @@ def add_lora(
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
-        raise ValueError(f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another "
-                         "adapter_name or load its weights with load_lora_state_dict")
-    config = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, init_lora_weights=init,
-                        target_modules=list(target_modules), lora_dropout=dropout)
+        raise ValueError(
+            f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another "
+            "adapter_name or load its weights with load_lora_state_dict"
+        )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        init_lora_weights=init,
+        target_modules=list(target_modules),
+        lora_dropout=dropout,
+    )
     denoiser.add_adapter(config, adapter_name=adapter_name)
     _train_only(denoiser, adapter_name)
 
@@ -62,8 +76,9 @@ def lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") ->
     return get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
 
 
-def load_lora_state_dict(denoiser: torch.nn.Module, state_dict: Dict[str, torch.Tensor],
-                         adapter_name: str = "default") -> None:
+def load_lora_state_dict(
+    denoiser: torch.nn.Module, state_dict: Dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
     """Load :func:`lora_state_dict` output into an attached adapter; unexpected LoRA keys are an error."""
     from peft.utils import set_peft_model_state_dict
 
@@ -74,8 +89,9 @@ def load_lora_state_dict(denoiser: torch.nn.Module, state_dict: Dict[str, torch.
         raise ValueError(f"LoRA state dict has keys the adapter {adapter_name!r} does not: {unexpected[:5]}")
 
 
-def save_lora(pipeline, denoiser_name: str, directory: str, adapter_name: str = "default",
-              diffusers_keys: bool = False) -> None:
+def save_lora(
+    pipeline, denoiser_name: str, directory: str, adapter_name: str = "default", diffusers_keys: bool = False
+) -> None:
     """Write ``pytorch_lora_weights.safetensors`` with the pipeline class's ``save_lora_weights``."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -91,16 +107,19 @@ def save_lora(pipeline, denoiser_name: str, directory: str, adapter_name: str = 
     )
 
 
-def load_lora(pipeline, denoiser: torch.nn.Module, directory: str, adapter_name: str = "default",
-              trainable: bool = True) -> None:
+def load_lora(
+    pipeline, denoiser: torch.nn.Module, directory: str, adapter_name: str = "default", trainable: bool = True
+) -> None:
     """``pipeline.load_lora_weights(directory)`` as ``adapter_name``.
 
     ``trainable=True`` makes that adapter the only trainable weights (resume LoRA training);
     ``False`` freezes it and leaves the other parameters' flags unchanged.
     """
     if not os.path.isdir(directory):
-        raise ValueError(f"LoRA directory {directory!r} does not exist; pass a folder written by save_lora "
-                         "or pipeline.save_lora_weights")
+        raise ValueError(
+            f"LoRA directory {directory!r} does not exist; pass a folder written by save_lora "
+            "or pipeline.save_lora_weights"
+        )
     if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
         raise ValueError(f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another name")
     flags = {_base_name(name): param.requires_grad for name, param in denoiser.named_parameters()}
@@ -110,7 +129,9 @@ def load_lora(pipeline, denoiser: torch.nn.Module, directory: str, adapter_name:
         return
     # diffusers' loader freezes the whole denoiser; put the other parameters' flags back.
     for name, param in denoiser.named_parameters():
-        param.requires_grad_(False if is_lora_parameter(name, adapter_name) else flags.get(_base_name(name), False))
+        param.requires_grad_(
+            False if is_lora_parameter(name, adapter_name) else flags.get(_base_name(name), False)
+        )
 
 
 def _base_name(name: str) -> str:
@@ -121,4 +142,6 @@ def _base_name(name: str) -> str:
 def _check_adapter(denoiser: torch.nn.Module, adapter_name: str) -> None:
     names = list(getattr(denoiser, "peft_config", None) or {})
     if adapter_name not in names:
-        raise ValueError(f"no LoRA adapter named {adapter_name!r} on the denoiser; attached: {names or 'none'}")
+        raise ValueError(
+            f"no LoRA adapter named {adapter_name!r} on the denoiser; attached: {names or 'none'}"
+        )

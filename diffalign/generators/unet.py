@@ -31,8 +31,10 @@ class UNetAdapter(GeneratorAdapter):
         self.ddim_scheduler = self._ddim_scheduler()
         self.prediction_type = self.ddim_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} in the scheduler config; "
-                             "expected 'epsilon', 'v_prediction' or 'sample'")
+            raise ValueError(
+                f"unsupported prediction_type {self.prediction_type!r} in the scheduler config; "
+                "expected 'epsilon', 'v_prediction' or 'sample'"
+            )
 
     def _ddim_scheduler(self):
         from diffusers import DDIMScheduler
@@ -51,25 +53,43 @@ class UNetAdapter(GeneratorAdapter):
         size = size if isinstance(size, (tuple, list)) else (size, size)
         return int(size[0]) * self.vae_scale_factor, int(size[1]) * self.vae_scale_factor
 
-    def _encode(self, prompts: List[str], negatives: Optional[List[str]], *, height: Optional[int] = None,
-                width: Optional[int] = None, **_: Any) -> Conditioning:
+    def _encode(
+        self,
+        prompts: List[str],
+        negatives: Optional[List[str]],
+        *,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        **_: Any,
+    ) -> Conditioning:
         cfg = negatives is not None
         if not self.is_sdxl:
             pe, npe = self.pipeline.encode_prompt(prompts, self.device, 1, cfg, negative_prompt=negatives)
             return Conditioning(prompt_embeds=pe, negative_prompt_embeds=npe if cfg else None)
+        # As the pipeline's default (negative_prompt=None): empty negatives become zeros when the config
+        # sets force_zeros_for_empty_prompt (SDXL base).
+        empty = cfg and all(n == "" for n in negatives)
         pe, npe, pooled, npooled = self.pipeline.encode_prompt(
-            prompt=prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=negatives)
+            prompt=prompts,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=None if empty else negatives,
+        )
         default_h, default_w = self._default_size()
         size = (height or default_h, width or default_w)
         enc2 = getattr(self.pipeline, "text_encoder_2", None)
         proj_dim = int(pooled.shape[-1]) if enc2 is None else enc2.config.projection_dim
-        time_ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype,
-                                                   text_encoder_projection_dim=proj_dim)
+        time_ids = self.pipeline._get_add_time_ids(
+            size, (0, 0), size, dtype=pe.dtype, text_encoder_projection_dim=proj_dim
+        )
         time_ids = time_ids.to(self.device).repeat(len(prompts), 1)
         return Conditioning(
-            prompt_embeds=pe, pooled_prompt_embeds=pooled, add_time_ids=time_ids,
-            negative_prompt_embeds=npe if cfg else None, negative_pooled_prompt_embeds=npooled if cfg else None,
+            prompt_embeds=pe,
+            pooled_prompt_embeds=pooled,
+            add_time_ids=time_ids,
+            negative_prompt_embeds=npe if cfg else None,
+            negative_pooled_prompt_embeds=npooled if cfg else None,
             negative_add_time_ids=time_ids.clone() if cfg else None,
         )
 
@@ -77,8 +97,9 @@ class UNetAdapter(GeneratorAdapter):
         f = self.vae_scale_factor
         return (int(self.denoiser.config.in_channels), int(height) // f, int(width) // f)
 
-    def make_schedule(self, num_steps: int, height: Optional[int] = None, width: Optional[int] = None,
-                      **overrides: Any) -> Schedule:
+    def make_schedule(
+        self, num_steps: int, height: Optional[int] = None, width: Optional[int] = None, **overrides: Any
+    ) -> Schedule:
         """DDIM schedule; ``overrides`` may set ``prediction_type``, ``timestep_spacing``, ``steps_offset``
         or ``set_alpha_to_one`` (height/width do not matter for VP models)."""
         config = self.ddim_scheduler.config
@@ -97,11 +118,20 @@ class UNetAdapter(GeneratorAdapter):
         # DDIM's init_noise_sigma (1.0): the DDIM sampler starts from unit-variance noise.
         return noise * float(self.ddim_scheduler.init_noise_sigma)
 
-    def _forward(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
-                 guidance_scale: float) -> torch.Tensor:
+    def _forward(
+        self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, guidance_scale: float
+    ) -> torch.Tensor:
         dtype = self.dtype
         added = None
         if self.is_sdxl:
-            added = {"text_embeds": cond.pooled_prompt_embeds.to(dtype), "time_ids": cond.add_time_ids.to(dtype)}
-        return self.denoiser(x_t.to(dtype), timestep, encoder_hidden_states=cond.prompt_embeds.to(dtype),
-                             added_cond_kwargs=added, return_dict=False)[0]
+            added = {
+                "text_embeds": cond.pooled_prompt_embeds.to(dtype),
+                "time_ids": cond.add_time_ids.to(dtype),
+            }
+        return self.denoiser(
+            x_t.to(dtype),
+            timestep,
+            encoder_hidden_states=cond.prompt_embeds.to(dtype),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]

@@ -6,4 +6,5 @@ from diffalign.testing.tiny import (  # noqa: F401
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
     tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
 )

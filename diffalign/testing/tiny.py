@@ -1,9 +1,10 @@
 """Tiny random-weight diffusers pipelines and tokenizers, built fully offline.
 
-Used by tests, examples and scripts that need a real ``StableDiffusion3Pipeline``, ``FluxPipeline`` or
-``StableDiffusionPipeline`` without downloading anything (research/environment.md §2). Every builder is
-deterministic given ``seed``, returns float32 modules in ``eval()`` mode (a fresh T5 has dropout 0.1 and
-would make two calls with the same seed differ) and targets 32x32 images:
+Used by tests, examples and scripts that need a real ``StableDiffusion3Pipeline``, ``FluxPipeline``,
+``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` without downloading anything
+(research/environment.md §2). Every builder is deterministic given ``seed``, returns float32 modules in
+``eval()`` mode (a fresh T5 has dropout 0.1 and would make two calls with the same seed differ) and
+targets 32x32 images:
 
 * the VAE downsamples by 2 (``vae_scale_factor == 2``), so a 32 px image has a 16x16 latent;
 * SD3: 4 latent channels, patch size 2 (64 image tokens); FLUX: packed latents ``[B, 64, 16]``;
@@ -32,6 +33,7 @@ __all__ = [
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
     "tiny_sd15_pipeline",
+    "tiny_sdxl_pipeline",
 ]
 
 #: Words the tiny T5 tokenizer is trained on (the shapes world's vocabulary plus common prompt words);
@@ -88,7 +90,7 @@ def make_t5_tokenizer(words: Optional[List[str]] = None, vocab_size: int = 500, 
     from transformers import T5Tokenizer
 
     words = list(CORPUS_WORDS if words is None else words)
-    corpus = [" ".join(words[i:i + 8]) for i in range(0, len(words), 4)] + words
+    corpus = [" ".join(words[i : i + 8]) for i in range(0, len(words), 4)] + words
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(
@@ -104,29 +106,53 @@ def _clip_text_config(tokenizer, hidden_size: int = 32):
 
     n = len(tokenizer)
     return CLIPTextConfig(
-        vocab_size=n, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1, hidden_size=hidden_size,
-        intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=hidden_size,
-        max_position_embeddings=tokenizer.model_max_length, hidden_act="gelu",
+        vocab_size=n,
+        bos_token_id=n - 2,
+        eos_token_id=n - 1,
+        pad_token_id=n - 1,
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=hidden_size,
+        max_position_embeddings=tokenizer.model_max_length,
+        hidden_act="gelu",
     )
 
 
 def _tiny_t5(tokenizer, d_model: int):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        dropout_rate=0.0,
-    ))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=d_model,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+        )
+    )
 
 
-def tiny_vae(latent_channels: int = 4, shift_factor: Optional[float] = 0.0609, scaling_factor: float = 1.5035):
+def tiny_vae(
+    latent_channels: int = 4, shift_factor: Optional[float] = 0.0609, scaling_factor: float = 1.5035
+):
     """A 2x-downsampling ``AutoencoderKL`` (``vae_scale_factor == 2``)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        block_out_channels=(8, 16), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
         scaling_factor=scaling_factor,
     )
 
@@ -139,8 +165,9 @@ def _finish(pipe):
     return pipe
 
 
-def tiny_sd3_pipeline(with_t5: bool = False, seed: int = 0, shift: float = 3.0,
-                      use_dynamic_shifting: bool = False):
+def tiny_sd3_pipeline(
+    with_t5: bool = False, seed: int = 0, shift: float = 3.0, use_dynamic_shifting: bool = False
+):
     """A random ``StableDiffusion3Pipeline`` (0.22 M params; 0.26 M with T5), scheduler shift 3 as SD3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
@@ -153,15 +180,29 @@ def tiny_sd3_pipeline(with_t5: bool = False, seed: int = 0, shift: float = 3.0,
     t5_tok = make_t5_tokenizer() if with_t5 else None
     t5 = _tiny_t5(t5_tok, 64) if with_t5 else None
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
         pos_embed_max_size=32,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=use_dynamic_shifting)
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=scheduler, vae=tiny_vae(),
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
-        text_encoder_3=t5, tokenizer_3=t5_tok,
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tok,
     )
     return _finish(pipe)
 
@@ -180,17 +221,33 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     t5_tok = make_t5_tokenizer()
     t5 = _tiny_t5(t5_tok, 32)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
         guidance_embeds=guidance_embeds,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
         max_image_seq_len=4096,
     )
     pipe = FluxPipeline(
-        transformer=transformer, scheduler=scheduler, vae=tiny_vae(),
-        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok,
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tok,
     )
     return _finish(pipe)
 
@@ -208,18 +265,83 @@ def tiny_sd15_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     tokenizer = make_clip_tokenizer()
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
     unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=4,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=4,
         attention_head_dim=8,
     )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
     )
     pipe = StableDiffusionPipeline(
-        vae=tiny_vae(shift_factor=None, scaling_factor=0.18215), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
+        vae=tiny_vae(shift_factor=None, scaling_factor=0.18215),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
         requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def tiny_sdxl_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
+    """A random ``StableDiffusionXLPipeline``: two CLIP encoders (the second with projection, giving the
+    pooled embedding), a UNet with SDXL's ``text_time`` size conditioning, and the same DDIM scheduler as
+    :func:`tiny_sd15_pipeline` (real SDXL ships Euler; adapters sample with DDIM either way)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = make_clip_tokenizer()
+    cfg = _clip_text_config(tokenizer)
+    text_encoder, text_encoder_2 = CLIPTextModel(cfg), CLIPTextModelWithProjection(cfg)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        norm_num_groups=4,
+        attention_head_dim=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled width + 6 size/crop ids x embed dim
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(shift_factor=None, scaling_factor=0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
     )
     return _finish(pipe)

@@ -1,0 +1,187 @@
+"""Group-relative advantages (pure functions and small stateful trackers).
+
+GRPO estimates the baseline of a sample's reward from the other samples drawn for the same prompt
+(Flow-GRPO, arXiv 2505.05470, eq. (4); DeepSeekMath GRPO): ``A_i = (r_i - mean_group) / (std + eps)``.
+Where the std comes from is a choice: the group itself, the whole gathered batch (Flow-GRPO's
+``global_std=True``, its default), or a running estimate across epochs.
+
+NaN rewards mean "not applicable" (DESIGN.md): they are excluded from every statistic and get
+advantage 0, so they neither push nor pull the policy.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "STD_MODES",
+    "GroupAdvantages",
+    "group_ids_from_keys",
+    "group_advantages",
+    "RunningMoments",
+    "PerPromptStatTracker",
+]
+
+STD_MODES = ("group", "batch", "global")
+
+
+@dataclass
+class GroupAdvantages:
+    """Result of :func:`group_advantages`.
+
+    Attributes:
+        advantages: ``[N]`` float32, clipped to ``[-clip, clip]``; 0 for NaN rewards and (optionally)
+            for samples of zero-std groups.
+        keep: ``[N]`` bool, False for samples a trainer should drop (zero-std groups when requested).
+        zero_std_fraction: fraction of groups whose rewards are all equal.
+        group_std_mean: mean within-group std (a diagnostic of reward resolution).
+    """
+
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    zero_std_fraction: float
+    group_std_mean: float
+
+
+def group_ids_from_keys(keys: Sequence) -> torch.Tensor:
+    """``[N]`` long ids, equal for equal keys (prompts), numbered in order of first appearance."""
+    table: Dict = {}
+    return torch.tensor([table.setdefault(k, len(table)) for k in keys], dtype=torch.long)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    std_mode: str = "batch",
+    eps: float = 1e-4,
+    clip: Optional[float] = 5.0,
+    drop_zero_std: bool = False,
+    global_std: Optional[float] = None,
+) -> GroupAdvantages:
+    """Per-group normalised advantages of scalar rewards ``[N]`` (Flow-GRPO §1.3, research/grpo_family.md).
+
+    Args:
+        rewards: ``[N]`` float rewards; NaN entries are ignored and get advantage 0.
+        group_ids: ``[N]`` long group index (samples of one prompt share an id).
+        std_mode: ``"group"`` (std within each group), ``"batch"`` (std of all valid rewards in the batch,
+            Flow-GRPO's default) or ``"global"`` (``global_std`` supplied by a :class:`RunningMoments`).
+        eps: added to the std (Flow-GRPO uses 1e-4).
+        clip: advantages are clipped to ``[-clip, clip]`` (5 in Flow-GRPO / DDPO); None disables.
+        drop_zero_std: mark samples of groups whose rewards are all equal as not kept.
+    """
+    if std_mode not in STD_MODES:
+        raise ValueError(f"std_mode must be one of {STD_MODES}, got {std_mode!r}")
+    r = rewards.detach().double().cpu()
+    g = group_ids.cpu()
+    if r.ndim != 1 or g.shape != r.shape:
+        raise ValueError(f"rewards and group_ids must both be [N]; got {tuple(r.shape)} and {tuple(g.shape)}")
+    valid = ~torch.isnan(r)
+    adv = torch.zeros_like(r)
+    keep = valid.clone()
+    if std_mode == "batch":
+        denom_all = (r[valid].std(unbiased=False) if valid.sum() > 1 else torch.tensor(0.0)).item()
+    elif std_mode == "global":
+        if global_std is None:
+            raise ValueError("std_mode='global' needs global_std (from a RunningMoments tracker)")
+        denom_all = float(global_std)
+    n_groups, n_zero, stds = 0, 0, []
+    for gid in torch.unique(g):
+        members = (g == gid) & valid
+        if members.sum() == 0:
+            continue
+        vals = r[members]
+        n_groups += 1
+        std = vals.std(unbiased=False).item() if vals.numel() > 1 else 0.0
+        stds.append(std)
+        zero = std == 0.0
+        n_zero += int(zero)
+        denom = std if std_mode == "group" else denom_all
+        adv[members] = (vals - vals.mean()) / (denom + eps)
+        if zero and drop_zero_std:
+            keep[members] = False
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    adv[~keep] = 0.0
+    return GroupAdvantages(
+        advantages=adv.float(),
+        keep=keep,
+        zero_std_fraction=n_zero / max(n_groups, 1),
+        group_std_mean=float(np.mean(stds)) if stds else 0.0,
+    )
+
+
+class RunningMoments:
+    """Running mean/std of all rewards seen so far (Chan et al. parallel variance); checkpointable."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        v = values.detach().double().cpu()
+        v = v[~torch.isnan(v)]
+        if v.numel() == 0:
+            return
+        n, mean, m2 = v.numel(), v.mean().item(), ((v - v.mean()) ** 2).sum().item()
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5 if self.count > 1 else 0.0
+
+    def state_dict(self) -> Dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+class PerPromptStatTracker:
+    """DDPO's per-prompt statistics (ddpo-pytorch ``stat_tracking.py``; research/grpo_family.md §3.2).
+
+    Each prompt keeps a buffer of its last ``buffer_size`` rewards that persists across epochs; while a
+    prompt has fewer than ``min_count`` rewards the batch mean/std is used instead.
+    ``A = (r - mean) / (std + eps)``.
+    """
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16, eps: float = 1e-6) -> None:
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"buffer_size and min_count must be >= 1, got {buffer_size}, {min_count}")
+        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
+        self.buffers: Dict[str, deque] = {}
+
+    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Add this batch's rewards and return ``[N]`` float32 advantages (0 for NaN rewards)."""
+        r = rewards.detach().double().cpu()
+        valid = ~torch.isnan(r)
+        batch_mean = r[valid].mean().item() if valid.any() else 0.0
+        batch_std = r[valid].std(unbiased=False).item() if valid.sum() > 1 else 0.0
+        adv = torch.zeros_like(r)
+        for prompt in dict.fromkeys(prompts):
+            idx = [i for i, p in enumerate(prompts) if p == prompt and bool(valid[i])]
+            if not idx:
+                continue
+            buf = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buf.extend(r[idx].tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                arr = np.asarray(buf)
+                mean, std = arr.mean(), arr.std()
+            adv[idx] = (r[idx] - mean) / (std + self.eps)
+        return adv.float()
+
+    def state_dict(self) -> Dict:
+        return {"buffers": {k: list(v) for k, v in self.buffers.items()}}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}

@@ -1,0 +1,65 @@
+"""Prompt sources for training and evaluation: the shapes world's sampler or a prompt file.
+
+A source is a pure function of ``(seed, epoch)``, which is what makes resume exact: the prompts of
+epoch ``e`` do not depend on what happened before it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from diffalign.distributed import seed_for
+
+__all__ = ["PromptSource", "build_prompt_source"]
+
+
+class PromptSource:
+    """``epoch_prompts(epoch, n)`` gives the n distinct-draw prompts of an epoch; ``eval_prompts()`` a fixed set."""
+
+    def __init__(self, kind: str, seed: int, *, split: str = "held_in", categories: Optional[List[str]] = None,
+                 lines: Optional[List[str]] = None, eval_lines: Optional[List[str]] = None,
+                 eval_size: int = 64, eval_split: str = "held_in") -> None:
+        self.kind, self.seed = kind, seed
+        self.split, self.categories = split, categories
+        self.lines, self.eval_lines = lines, eval_lines
+        self.eval_size, self.eval_split = eval_size, eval_split
+
+    def epoch_prompts(self, epoch: int, n: int) -> List[str]:
+        if self.kind == "shapes":
+            from diffalign.shapes.prompts import PromptSampler
+
+            sampler = PromptSampler(seed=self.seed, split=self.split, categories=self.categories)
+            sampler.load_state_dict({**sampler.state_dict(), "position": epoch * n})
+            return sampler.sample_batch(n)
+        rng = np.random.default_rng(seed_for(self.seed, epoch, 3))
+        return [self.lines[i] for i in rng.choice(len(self.lines), size=n, replace=n > len(self.lines))]
+
+    def eval_prompts(self) -> List[str]:
+        if self.kind == "shapes":
+            from diffalign.shapes.prompts import prompt_set
+
+            return prompt_set(self.eval_split, self.eval_size, seed=12345)
+        return list(self.eval_lines[: self.eval_size])
+
+
+def _read_lines(path: str) -> List[str]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"prompt file {path!r} does not exist (prompts.path / prompts.eval_path)")
+    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"prompt file {path!r} has no prompts")
+    return lines
+
+
+def build_prompt_source(cfg, seed: int) -> PromptSource:
+    """From a :class:`diffalign.config.PromptsConfig`."""
+    if cfg.source == "shapes":
+        return PromptSource("shapes", seed, split=cfg.split, categories=cfg.categories, eval_size=cfg.eval_size,
+                            eval_split=cfg.eval_split)
+    lines = _read_lines(cfg.path)
+    eval_lines = _read_lines(cfg.eval_path) if cfg.eval_path else lines
+    return PromptSource("file", seed, lines=lines, eval_lines=eval_lines, eval_size=cfg.eval_size)

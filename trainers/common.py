@@ -1,0 +1,142 @@
+"""Machinery shared by trainers: functions to call, not a base class to inherit (STYLE.md habit 10)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from diffalign.types import Trajectory
+
+__all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str, accelerator=None) -> torch.device:
+    if name == "auto":
+        return accelerator.device if accelerator is not None else torch.device("cpu")
+    return torch.device(name)
+
+
+def build_adapter(model_cfg, device: torch.device):
+    """Load the generator of a :class:`diffalign.config.ModelConfig`, freeze it, and make the trainable part.
+
+    With ``lora.enabled`` only the LoRA parameters train (the base is the frozen reference, reached with
+    ``adapter.disable_adapter()``); otherwise the whole denoiser trains. Trainable parameters are kept in
+    float32 whatever the model dtype (mixed precision runs the forward under autocast).
+    """
+    from diffalign.generators import load_generator
+    from diffalign.shapes.models import resolve_model_path
+
+    adapter = load_generator(resolve_model_path(model_cfg.path), dtype=DTYPES[model_cfg.dtype], device=device)
+    for module in adapter.pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    if model_cfg.lora.enabled:
+        lora = model_cfg.lora
+        adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules, init=lora.init)
+    else:
+        adapter.denoiser.requires_grad_(True)
+    for p in adapter.trainable_parameters():
+        p.data = p.data.float()
+    if model_cfg.gradient_checkpointing:
+        adapter.enable_gradient_checkpointing()
+    adapter.set_attention_backend(model_cfg.attention)
+    return adapter
+
+
+def image_size(adapter, sample_cfg) -> tuple:
+    """``(height, width)`` in pixels: the config's, or the model's native size."""
+    native = adapter.default_image_size() if hasattr(adapter, "default_image_size") else None
+    h = sample_cfg.height or (native[0] if native else 512)
+    w = sample_cfg.width or (native[1] if native else 512)
+    return int(h), int(w)
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast for the model forward; step math stays float32 inside the samplers."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class EMA:
+    """Exponential moving average of trainable parameters (Flow-GRPO's ``EMAModuleWrapper`` idea).
+
+    ``decay_t = min(decay, (1 + t) / (10 + t))`` warms up from 0.1; updated every ``every`` calls.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], decay: float = 0.9, every: int = 1) -> None:
+        self.params = list(params)
+        self.decay, self.every = decay, every
+        self.shadow = [p.detach().clone().float() for p in self.params]
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.num_updates += 1
+        if self.num_updates % self.every:
+            return
+        t = self.num_updates // self.every
+        d = min(self.decay, (1 + t) / (10 + t))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1 - d)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily load the EMA weights into the live parameters (evaluation, export)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, self.params):
+                    p.copy_(b)
+
+    def state_dict(self) -> Dict:
+        return {"num_updates": self.num_updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.num_updates = int(state["num_updates"])
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)
+
+
+def sample_batch(
+    adapter,
+    prompts: List[str],
+    sample_ids: Iterable[int],
+    *,
+    seed: int,
+    num_steps: int,
+    guidance_scale: float,
+    negative_prompt: str,
+    height: int,
+    width: int,
+    step: str,
+    noise_level: float,
+    window=None,
+    store_x0: bool = False,
+    dtype: torch.dtype = torch.float32,
+):
+    """Roll out one batch: encode, per-sample noise, rollout, decode. Returns ``(trajectory, cond, images,
+    schedule)``; ``images`` ``[B, 3, H, W]`` float in ``[0, 1]``."""
+    from samplers import make_generators, rollout
+
+    device = adapter.device
+    cond = adapter.encode_prompts(prompts, negative_prompt, guidance_scale)
+    gens = make_generators(seed, list(sample_ids), device="cpu")
+    noise = adapter.prepare_latents(len(prompts), height, width, generator=gens).to(device)
+    schedule = adapter.make_schedule(num_steps, height, width)
+    with autocast_ctx(device, dtype):
+        traj: Trajectory = rollout(adapter.model_fn(cond, guidance_scale), schedule, noise, step=step,
+                                   noise_level=noise_level, window=window, generator=gens, store_x0=store_x0)
+    with torch.no_grad():
+        images = adapter.decode(traj.final, height=height, width=width).float()
+    return traj, cond, images, schedule

@@ -1,0 +1,569 @@
+"""GRPO for flow and diffusion models: Flow-GRPO (SDE rollouts) and DDPO-style (DDIM with eta).
+
+* Flow-GRPO: Liu et al., "Flow-GRPO: Training Flow Matching Models via Online RL", arXiv 2505.05470.
+  Policy loss eq. (6) (PPO clip on per-step Gaussian log-prob ratios, group-normalised advantages),
+  KL to the reference in closed form on the step means, Flow-GRPO-Fast's random SDE window.
+* DDPO: Black et al., "Training Diffusion Models with Reinforcement Learning", arXiv 2305.13301,
+  §4.3 (DDPO_IS): the same clipped surrogate on DDIM-eta transitions, per-prompt stat tracking,
+  random timestep subsets per sample.
+
+Layout (torchtune-style recipe): :class:`GRPOConfig` (the ``train`` section), :func:`grpo_loss` (pure),
+:func:`select_train_steps` (pure), :class:`GRPOTrainer` (orchestration: setup / train / save / cleanup).
+All details and defaults: research/grpo_family.md §1.3, §1.7, §3.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Tuple
+
+import numpy as np
+import torch
+
+from diffalign.config import check, param, register_trainer_config
+from diffalign.types import LossStats
+
+__all__ = ["GRPOConfig", "grpo_loss", "kl_to_reference", "select_train_steps", "GRPOTrainer"]
+
+
+@register_trainer_config("grpo")
+@dataclass
+class GRPOConfig:
+    """The ``train`` section of a GRPO run (defaults: Flow-GRPO's SD3.5 recipe, grpo_family.md §1.7)."""
+
+    num_epochs: int = param(100, help="epochs (one epoch = sample, score, train)", min=1)
+    learning_rate: float = param(3e-4, help="AdamW learning rate", min=0.0)
+    adam_beta1: float = param(0.9, help="AdamW beta1")
+    adam_beta2: float = param(0.999, help="AdamW beta2")
+    weight_decay: float = param(1e-4, help="AdamW weight decay")
+    adam_eps: float = param(1e-8, help="AdamW epsilon")
+    warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
+    batch_size: int = param(8, help="training minibatch per process (keep = sample.batch_size for ratio 1)", min=1)
+    gradient_accumulation_steps: int = param(
+        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1
+    )
+    num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
+    shuffle: bool = param(True, help="shuffle samples between minibatches (off: rollout batches = minibatches)")
+    max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)
+    clip_range: float = param(1e-4, help="PPO clip epsilon on the importance ratio (per-dim-mean log-probs)")
+    adv_clip_max: float = param(5.0, help="advantages are clipped to [-adv_clip_max, adv_clip_max]", min=0.0)
+    beta: float = param(0.0, help="KL-to-reference weight (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore)", min=0.0)
+    kl_form: Literal["auto", "flow_grpo", "gaussian", "velocity"] = param(
+        "auto",
+        help="flow_grpo: |mu - mu_ref|^2 / (2 g^2) (Flow-GRPO code); gaussian: exact transition KL "
+        "|mu - mu_ref|^2 / (2 std^2); velocity: |v - v_ref|^2 (no-CFG recipe); auto: flow_grpo for "
+        "flow_sde, gaussian otherwise",
+    )
+    timestep_fraction: float = param(
+        0.99, help="fraction of the stochastic steps trained (int(T * f)); 0.99 of 10 = 9, never the last step",
+        min=0.0, max=1.0,
+    )
+    timestep_selection: Literal["first", "random"] = param(
+        "first", help="first: the first steps in order (Flow-GRPO); random: a per-sample random subset (DDPO)"
+    )
+    advantage: Literal["group", "per_prompt_tracker"] = param(
+        "group", help="group: statistics of each prompt's group in this epoch; per_prompt_tracker: DDPO's buffers"
+    )
+    std_mode: Literal["group", "batch", "global"] = param(
+        "batch", help="std of the advantage: within the group, of the gathered batch (Flow-GRPO), or running"
+    )
+    adv_eps: float = param(1e-4, help="added to the std", min=0.0)
+    drop_zero_std_groups: bool = param(False, help="do not train on groups whose rewards are all equal")
+    tracker_buffer_size: int = param(16, help="per_prompt_tracker: rewards kept per prompt", min=1)
+    tracker_min_count: int = param(16, help="per_prompt_tracker: below this use batch statistics", min=1)
+    ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
+    ema_decay: float = param(0.9, help="EMA decay", min=0.0, max=1.0)
+    ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
+    eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
+    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
+    eval_guidance_scale: Optional[float] = param(None, help="CFG for eval; null = sample.guidance_scale")
+    stop_after_epochs: Optional[int] = param(
+        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)"
+    )
+    max_minutes: Optional[float] = param(None, help="stop after this many minutes of training (then checkpoint)")
+
+    def validate_run(self, run) -> None:
+        s = run.sample
+        check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
+        check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
+              f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")
+        total = s.batch_size * s.num_batches_per_epoch
+        check(total % self.batch_size == 0, "train.batch_size",
+              f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------- pure math
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float,
+    adv_clip_max: float,
+    kl: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+) -> Tuple[torch.Tensor, LossStats]:
+    """Clipped surrogate of one trained timestep (Flow-GRPO eq. (6); DDPO §4.3), averaged over the batch.
+
+    ``ratio = exp(logp - logp_old)``; ``L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta KL``.
+    Log-probs are the per-dim-mean convention of :mod:`diffalign.types`, which is why ``eps`` is ~1e-4.
+    """
+    adv = advantages.clamp(-adv_clip_max, adv_clip_max)
+    log_ratio = log_prob - old_log_prob
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy = torch.maximum(unclipped, clipped).mean()
+    kl_loss = kl.mean() if kl is not None else torch.zeros((), device=log_prob.device)
+    loss = policy + beta * kl_loss
+    with torch.no_grad():
+        stats = LossStats(
+            loss=loss.detach(),
+            policy_loss=policy.detach(),
+            kl_loss=kl_loss.detach(),
+            approx_kl=0.5 * (log_ratio.detach() ** 2).mean(),
+            clip_frac=((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+            ratio_mean=ratio.detach().mean(),
+        )
+    return loss, stats
+
+
+def kl_to_reference(
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    form: str,
+    g: Optional[torch.Tensor] = None,
+    velocity: Optional[torch.Tensor] = None,
+    ref_velocity: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``[B]`` KL of one step to the reference policy (same std, so only the means differ).
+
+    * ``gaussian``: ``mean_dims (mu - mu_ref)^2 / (2 std^2)``, the exact per-dim KL of the two transitions.
+    * ``flow_grpo``: ``mean_dims (mu - mu_ref)^2 / (2 g^2)`` as Flow-GRPO's code (no ``|dt|``; its beta is
+      tuned for this, issue flow_grpo#78).
+    * ``velocity``: ``mean_dims (v - v_ref)^2`` (the no-CFG recipe, flow_grpo#198).
+    """
+    dims = tuple(range(1, mean.ndim))
+    if form == "velocity":
+        return ((velocity.float() - ref_velocity.float()) ** 2).mean(dim=dims)
+    diff2 = ((mean.float() - ref_mean.float()) ** 2).mean(dim=dims)
+    scale = g if form == "flow_grpo" else std
+    if scale is None:
+        raise ValueError(f"kl_form={form!r} needs the step's {'g' if form == 'flow_grpo' else 'std'}")
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=mean.device).reshape(-1)
+    return diff2 / (2 * scale**2)
+
+
+def select_train_steps(
+    stochastic: torch.Tensor,
+    num_samples: int,
+    *,
+    fraction: float,
+    mode: str,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """``[N, K]`` long: the trained step indices of each sample (research/grpo_family.md §1.3, §3.2).
+
+    Candidates are the stochastic steps; ``K = int(len(candidates) * fraction)`` (at least 1), which with
+    0.99 drops the last (lowest-noise) step. ``first`` takes the first K in order for every sample
+    (Flow-GRPO); ``random`` a fresh random permutation per sample (DDPO).
+    """
+    cand = torch.nonzero(stochastic, as_tuple=False).flatten()
+    if cand.numel() == 0:
+        raise ValueError("no stochastic steps to train; check sample.window / sample.noise_level")
+    k = max(1, int(cand.numel() * fraction))
+    if mode == "first":
+        return cand[:k].expand(num_samples, k).clone()
+    if mode == "random":
+        perms = torch.stack([torch.randperm(cand.numel(), generator=generator) for _ in range(num_samples)])
+        return cand[perms[:, :k]]
+    raise ValueError(f"timestep_selection must be 'first' or 'random', got {mode!r}")
+
+
+def resolve_kl_form(form: str, step: str) -> str:
+    if form == "auto":
+        return "flow_grpo" if step == "flow_sde" else "gaussian"
+    if form == "flow_grpo" and step != "flow_sde":
+        raise ValueError(f"train.kl_form='flow_grpo' needs sample.step='flow_sde' (got {step!r}); use 'gaussian'")
+    return form
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+
+class GRPOTrainer:
+    """Online GRPO recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``."""
+
+    def __init__(self, run_cfg, accelerator=None) -> None:
+        from diffalign.config import resolve_train_section
+
+        self.run = run_cfg
+        self.cfg: GRPOConfig = resolve_train_section(run_cfg)
+        self.accelerator = accelerator
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from diffalign.advantages import PerPromptStatTracker, RunningMoments
+        from diffalign.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+        from diffalign.config import to_dict
+        from diffalign.distributed import DistContext
+        from diffalign.logging import MetricsLogger
+        from diffalign.prompts import build_prompt_source
+        from rewards import MultiReward
+        from trainers.common import DTYPES, EMA, build_adapter, image_size, resolve_device
+
+        run, cfg = self.run, self.cfg
+        self.dist = DistContext.from_accelerator(self.accelerator)
+        self.device = resolve_device(run.model.device, self.accelerator)
+        self.dtype = DTYPES[run.model.dtype]
+        torch.manual_seed(run.seed)
+        self.adapter = build_adapter(run.model, self.device)
+        self.height, self.width = image_size(self.adapter, run.sample)
+        self.params = self.adapter.trainable_parameters()
+        if not self.params:
+            raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        warm = cfg.warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
+        if not run.rewards:
+            raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
+        self.prompts = build_prompt_source(run.prompts, run.seed)
+        self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
+        self.moments = RunningMoments()
+        self.kl_form = resolve_kl_form(cfg.kl_form, run.sample.step)
+        self.ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=self.dist.rank,
+                                      world_size=self.dist.world_size, barrier=self.dist.barrier)
+        self.epoch, self.global_step = 0, 0
+        resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
+        if resume is not None:
+            self._restore(load_checkpoint(resume, rank=self.dist.rank))
+        self.logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
+                                    wandb_project=run.logging.wandb_project, is_main=self.dist.is_main,
+                                    resume_step=self.epoch if resume is not None else None)
+        self.config_dict = to_dict(run)
+        if self.dist.is_main:
+            from diffalign.config import save_config
+            save_config(run, f"{run.output_dir}/config.yaml")
+
+    def _restore(self, state) -> None:
+        from diffalign.checkpoint import restore_rng
+
+        self._load_trainable(state.trainable_state)
+        if self.ema is not None and state.ema_state:
+            self.ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
+                                      "shadow": [state.ema_state[str(i)] for i in range(len(self.params))]})
+        self.optimizer.load_state_dict(state.optimizer)
+        if state.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.epoch = int(state.counters["epoch"])
+        self.global_step = int(state.counters["step"])
+        extra = state.sampler_state or {}
+        if "tracker" in extra:
+            self.tracker.load_state_dict(extra["tracker"])
+        if "moments" in extra:
+            self.moments.load_state_dict(extra["moments"])
+        restore_rng(state)
+
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        if self.adapter.has_lora():
+            return {k: v.detach().float().contiguous() for k, v in self.adapter.lora_state_dict().items()}
+        return {k: v.detach().float().contiguous() for k, v in self.adapter.denoiser.state_dict().items()}
+
+    def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
+        if self.adapter.has_lora():
+            self.adapter.load_lora_state_dict(sd)
+        else:
+            self.adapter.denoiser.load_state_dict(sd)
+        for p in self.params:
+            p.data = p.data.float()
+
+    def save_checkpoint(self) -> None:
+        ema_state = None
+        if self.ema is not None:
+            ema_state = {str(i): s.contiguous() for i, s in enumerate(self.ema.shadow)}
+        self.ckpt.save(
+            self.epoch,
+            trainable_state=self._trainable_state(),
+            ema_state=ema_state,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            counters={"epoch": self.epoch, "step": self.global_step,
+                      "ema_updates": self.ema.num_updates if self.ema else 0},
+            sampler_state={"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(),
+                           "prompt_epoch": self.epoch},
+            config=self.config_dict,
+        )
+
+    # ------------------------------------------------------------------ one epoch
+    def _window(self, epoch: int) -> Optional[Tuple[int, int]]:
+        s = self.run.sample
+        if s.random_window is None:
+            return tuple(s.window) if s.window is not None else None
+        from diffalign.distributed import seed_for
+
+        k = (s.window[1] - s.window[0]) if s.window is not None else 1
+        lo, hi = s.random_window
+        start = int(np.random.default_rng(seed_for(self.run.seed, epoch, 5)).integers(lo, max(lo, hi - k) + 1))
+        return (start, start + k)
+
+    def _sample(self, epoch: int, assignment) -> Dict:
+        from diffalign.types import Trajectory
+        from trainers.common import sample_batch
+
+        s = self.run.sample
+        trajs, conds, rewards, images = [], [], [], []
+        prompts_all, ids_all = assignment.prompts, assignment.sample_ids
+        window = self._window(epoch)
+        t_reward = 0.0
+        for b in range(s.num_batches_per_epoch):
+            sl = slice(b * s.batch_size, (b + 1) * s.batch_size)
+            traj, cond, imgs, schedule = sample_batch(
+                self.adapter, prompts_all[sl], ids_all[sl], seed=self.run.seed, num_steps=s.num_steps,
+                guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, height=self.height,
+                width=self.width, step=s.step, noise_level=s.noise_level, window=window, dtype=self.dtype)
+            t0 = time.perf_counter()
+            meta = [{"prompt": p, "sample_id": i} for p, i in zip(prompts_all[sl], ids_all[sl])]
+            out = self.rewards(imgs, prompts_all[sl], meta)
+            t_reward += time.perf_counter() - t0
+            trajs.append(traj)
+            conds.append(cond)
+            rewards.append(out.rewards)
+            images.append(imgs)
+        from diffalign.generators.base import Conditioning
+
+        return {"traj": Trajectory.cat(trajs), "cond": Conditioning.cat(conds), "rewards": torch.cat(rewards),
+                "images": torch.cat(images), "schedule": schedule, "reward_seconds": t_reward}
+
+    def _advantages(self, local_rewards: torch.Tensor, assignment) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
+        """Gather ``[n, R]`` rewards, combine columns, compute advantages on the global batch, slice back."""
+        from diffalign.advantages import group_advantages
+        from rewards import weighted_sum
+
+        all_rewards = self.dist.gather(local_rewards.to(self.device)).cpu()
+        combined = weighted_sum(all_rewards, self.rewards.weights)
+        cfg = self.cfg
+        stats = {}
+        if cfg.advantage == "per_prompt_tracker":
+            adv = self.tracker.update(assignment.global_prompts, combined)
+            keep = ~torch.isnan(combined)
+            stats["zero_std_fraction"] = float("nan")
+        else:
+            if cfg.std_mode == "global":
+                self.moments.update(combined)
+            res = group_advantages(combined, assignment.global_groups, std_mode=cfg.std_mode, eps=cfg.adv_eps,
+                                   clip=cfg.adv_clip_max, drop_zero_std=cfg.drop_zero_std_groups,
+                                   global_std=self.moments.std)
+            adv, keep = res.advantages, res.keep
+            stats["zero_std_fraction"] = res.zero_std_fraction
+            stats["group_std_mean"] = res.group_std_mean
+        sl = slice(assignment.start, assignment.end)
+        for i, name in enumerate(self.rewards.names):
+            col = all_rewards[:, i]
+            stats[f"reward/{name}"] = float(col[~torch.isnan(col)].mean()) if (~torch.isnan(col)).any() else float("nan")
+        stats["reward/combined"] = float(combined[~torch.isnan(combined)].mean())
+        stats["advantage/abs_mean"] = float(adv.abs().mean())
+        stats["advantage/std"] = float(adv.std())
+        return adv[sl], keep[sl], stats
+
+    def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, keep: torch.Tensor) -> Dict:
+        from diffalign.distributed import all_reduce_gradients, seed_for
+        from samplers import score_steps
+        from trainers.common import autocast_ctx
+
+        cfg, s = self.cfg, self.run.sample
+        traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
+        n = traj.batch_size
+        gen = torch.Generator().manual_seed(seed_for(self.run.seed, epoch, self.dist.rank, 11))
+        accum = cfg.gradient_accumulation_steps
+        stats_acc: Dict[str, List[float]] = {}
+        grad_norms: List[float] = []
+        micro, updates = 0, 0
+        for inner in range(cfg.num_inner_epochs):
+            order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+            steps = select_train_steps(traj.stochastic, n, fraction=cfg.timestep_fraction,
+                                       mode=cfg.timestep_selection, generator=gen)
+            minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            per_update = accum * steps.shape[1]
+            for mb_i, mb in enumerate(minibatches):
+                sub = traj.index_select(mb)
+                mb_cond = cond.index_select(mb)
+                model_fn = self.adapter.model_fn(mb_cond, s.guidance_scale)
+                adv = advantages[mb].to(self.device)
+                kept = keep[mb].to(self.device).float()
+                for j in range(steps.shape[1]):
+                    idx = steps[mb, j]
+                    index = int(idx[0]) if bool((idx == idx[0]).all()) else idx
+                    old = sub.log_probs[torch.arange(len(mb)), idx].to(self.device)
+                    with autocast_ctx(self.device, self.dtype):
+                        out = score_steps(model_fn, schedule, sub, index)
+                    kl = None
+                    if cfg.beta > 0:
+                        kl = self._reference_kl(model_fn, schedule, sub, index, out)
+                    loss, st = grpo_loss(out.log_prob, old, adv * kept, clip_range=cfg.clip_range,
+                                         adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta)
+                    (loss / per_update).backward()
+                    micro += 1
+                    for k, v in st.as_dict().items():
+                        stats_acc.setdefault(k, []).append(v)
+                    if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
+                        all_reduce_gradients(self.params, self.dist.world_size)
+                        if cfg.max_grad_norm > 0:
+                            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                            grad_norms.append(float(gn))
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                        if self.ema is not None:
+                            self.ema.update()
+                        self.global_step += 1
+                        updates += 1
+                        micro = 0
+        out = {f"train/{k}": float(np.mean(v)) for k, v in stats_acc.items()}
+        out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        out["train/updates"] = updates
+        out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        return out
+
+    def _reference_kl(self, model_fn, schedule, sub, index, out) -> torch.Tensor:
+        from samplers import score_steps
+        from trainers.common import autocast_ctx
+
+        with torch.no_grad(), self.adapter.disable_adapter(), autocast_ctx(self.device, self.dtype):
+            ref = score_steps(model_fn, schedule, sub, index)
+        if self.kl_form == "velocity":
+            # flow models: v = (x_t - x0_hat) / sigma, so v - v_ref = (x0_ref - x0) / sigma
+            from samplers.parametrization import expand_like
+
+            sigma = expand_like(schedule.sigmas.to(out.mean.device)[index], out.mean)
+            return kl_to_reference(out.mean, ref.mean, out.std, form="velocity", velocity=-out.x0_pred / sigma,
+                                   ref_velocity=-ref.x0_pred / sigma)
+        return kl_to_reference(out.mean, ref.mean, out.std, form=self.kl_form, g=out.extras.get("g"))
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean reward per column on the fixed eval prompts, deterministic sampler (noise level 0)."""
+        from diffalign.distributed import seed_for
+        from trainers.common import sample_batch
+
+        s, cfg = self.run.sample, self.cfg
+        prompts = self.prompts.eval_prompts()
+        w = self.dist.world_size
+        per = math.ceil(len(prompts) / w)
+        mine = list(range(self.dist.rank * per, min(len(prompts), (self.dist.rank + 1) * per)))
+        rows, imgs_keep = [], None
+        gs = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else s.guidance_scale
+        steps = cfg.eval_num_steps or s.eval_num_steps
+        det = "flow_euler" if self.adapter.kind == "flow" else "ddim"
+        ctx = self.ema.swapped_in() if self.ema is not None else _null()
+        with ctx:
+            for i in range(0, len(mine), s.batch_size):
+                ids = mine[i:i + s.batch_size]
+                batch_prompts = [prompts[k] for k in ids]
+                _, _, imgs, _ = sample_batch(
+                    self.adapter, batch_prompts, ids, seed=seed_for(self.run.seed, 99), num_steps=steps,
+                    guidance_scale=gs, negative_prompt=s.negative_prompt, height=self.height, width=self.width,
+                    step=det, noise_level=0.0, dtype=self.dtype)
+                rows.append(self.rewards(imgs, batch_prompts, [{"prompt": p} for p in batch_prompts]).rewards)
+                if imgs_keep is None:
+                    imgs_keep = (imgs, batch_prompts)
+        local = torch.cat(rows) if rows else torch.zeros(0, len(self.rewards.names))
+        pad = per - local.shape[0]
+        if pad:
+            local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
+        allr = self.dist.gather(local.to(self.device)).cpu()
+        out = {}
+        for j, name in enumerate(self.rewards.names):
+            col = allr[:, j]
+            out[f"eval/reward/{name}"] = float(col[~torch.isnan(col)].mean())
+        self._eval_images = imgs_keep
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Dict[str, float]:
+        from diffalign.distributed import repeat_assignment
+        from diffalign.logging import progress
+
+        run, cfg, s = self.run, self.cfg, self.run.sample
+        total = self.dist.world_size * s.batch_size * s.num_batches_per_epoch
+        if total % s.group_size:
+            raise ValueError(
+                f"processes x sample.batch_size x sample.num_batches_per_epoch = {total} is not a multiple of "
+                f"sample.group_size={s.group_size}")
+        n_prompts = total // s.group_size
+        started = time.time()
+        ran = 0
+        last_eval: Dict[str, float] = {}
+        if self.epoch == 0 and cfg.eval_every:
+            last_eval = self.evaluate()
+            self.logger.log(0, last_eval)
+        bar = progress(range(self.epoch, cfg.num_epochs), desc="grpo", disable=not self.dist.is_main,
+                       initial=self.epoch, total=cfg.num_epochs)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            assignment = repeat_assignment(self.prompts.epoch_prompts(epoch, n_prompts), s.group_size, epoch=epoch,
+                                           seed=run.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+            data = self._sample(epoch, assignment)
+            t1 = time.perf_counter()
+            adv, keep, adv_stats = self._advantages(data["rewards"], assignment)
+            train_stats = self._train_epoch(epoch, data, adv, keep)
+            t2 = time.perf_counter()
+            self.epoch = epoch + 1
+            metrics = {**adv_stats, **train_stats, "time/sample": t1 - t0 - data["reward_seconds"],
+                       "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": self.epoch}
+            if cfg.eval_every and self.epoch % cfg.eval_every == 0 or self.epoch == cfg.num_epochs:
+                last_eval = self.evaluate()
+                metrics.update(last_eval)
+            if self.dist.is_main:
+                bar.set_postfix(reward=f"{adv_stats['reward/combined']:.3f}")
+                if run.logging.image_every and self.epoch % run.logging.image_every == 0:
+                    self.logger.log_images(self.epoch, data["images"][:16], assignment.prompts[:16])
+            self.logger.log(self.epoch, metrics)
+            ran += 1
+            stop = (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs) or (
+                cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes)
+            if (run.checkpoint.every and self.epoch % run.checkpoint.every == 0) or stop \
+                    or self.epoch == cfg.num_epochs:
+                self.save_checkpoint()
+            if stop:
+                break
+        return last_eval
+
+    def cleanup(self) -> None:
+        from diffalign.logging import plot_curves
+
+        if self.dist.is_main:
+            keys = [f"reward/{n}" for n in self.rewards.names] + [f"eval/reward/{n}" for n in self.rewards.names]
+            try:
+                plot_curves(f"{self.run.output_dir}/metrics.jsonl", f"{self.run.output_dir}/reward_curve.png", keys,
+                            title="GRPO rewards")
+            except Exception as exc:  # a plot must never fail a finished run
+                print(f"warning: could not plot reward curves: {exc}")
+        self.logger.close()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _reward_spec_dict(spec) -> Dict:
+    from diffalign.config import to_dict
+
+    d = to_dict(spec)
+    if hasattr(spec, "registry_kwargs"):
+        return spec.registry_kwargs()
+    return d

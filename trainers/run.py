@@ -1,0 +1,137 @@
+"""Entry points behind ``diffalign train | sample | eval`` (also under ``accelerate launch``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+__all__ = ["TRAINERS", "make_accelerator", "train_main", "sample_main", "eval_main"]
+
+#: trainer name -> "module:Class" (resolved lazily so `diffalign --help` stays fast)
+TRAINERS: Dict[str, str] = {"grpo": "trainers.grpo:GRPOTrainer"}
+
+
+def make_accelerator(device: str = "auto"):
+    """An ``accelerate.Accelerator`` on the right device, with a world-size sanity check.
+
+    On a machine without CUDA (or with ``model.device=cpu``) the accelerator is built with ``cpu=True``;
+    without it, ``accelerate launch --multi_gpu`` on CPUs silently runs independent single-process jobs.
+    """
+    from accelerate import Accelerator
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision="no")
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != expected:
+        raise RuntimeError(
+            f"launched with WORLD_SIZE={expected} but accelerate formed a group of {acc.num_processes}; on CPUs "
+            "use `accelerate launch --multi_gpu --num_processes N` (not --cpu) or torchrun"
+        )
+    return acc
+
+
+def _trainer_class(name: str):
+    import importlib
+
+    if name not in TRAINERS:
+        raise ValueError(f"unknown trainer {name!r}; valid trainers: {sorted(TRAINERS)}")
+    module, cls = TRAINERS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def train_main(cfg) -> int:
+    """``diffalign train CONFIG [key=value ...]``: build the trainer named by ``cfg.trainer`` and run it."""
+    if cfg.trainer is None:
+        raise ValueError("trainer: the config names no trainer; add `trainer: grpo`")
+    accelerator = make_accelerator(cfg.model.device)
+    trainer = _trainer_class(cfg.trainer)(cfg, accelerator)
+    trainer.setup()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    if accelerator.is_main_process and result:
+        print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
+    return 0
+
+
+def _load_eval_adapter(cfg, checkpoint: str | None):
+    from trainers.common import build_adapter, resolve_device
+
+    adapter = build_adapter(cfg.model, resolve_device(cfg.model.device))
+    if checkpoint:
+        from diffalign.checkpoint import load_checkpoint, resolve_resume
+
+        path = resolve_resume(cfg.output_dir, checkpoint)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint found for {checkpoint!r} in {cfg.output_dir}")
+        state = load_checkpoint(path)
+        sd = state.trainable_state
+        if adapter.has_lora():
+            adapter.load_lora_state_dict(sd)
+        else:
+            adapter.denoiser.load_state_dict(sd)
+        if state.ema_state:
+            for p, (_, v) in zip(adapter.trainable_parameters(), sorted(state.ema_state.items(), key=lambda kv: int(kv[0]))):
+                p.data.copy_(v)
+    return adapter
+
+
+def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int):
+    from rewards import MultiReward
+    from trainers.common import image_size, sample_batch
+    from trainers.grpo import _reward_spec_dict
+
+    rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
+    h, w = image_size(adapter, cfg.sample)
+    det = "flow_euler" if adapter.kind == "flow" else "ddim"
+    rows, images = [], []
+    for i in range(0, len(prompts), cfg.sample.batch_size):
+        batch = prompts[i:i + cfg.sample.batch_size]
+        _, _, imgs, _ = sample_batch(adapter, batch, range(i, i + len(batch)), seed=seed, num_steps=num_steps,
+                                     guidance_scale=guidance, negative_prompt=cfg.sample.negative_prompt, height=h,
+                                     width=w, step=det, noise_level=0.0)
+        rows.append(rewards(imgs, batch, [{"prompt": p} for p in batch]).rewards)
+        images.append(imgs)
+    return rewards.names, torch.cat(rows), torch.cat(images)
+
+
+def eval_main(cfg) -> int:
+    """``diffalign eval CONFIG [checkpoint.resume_from=latest|PATH] [key=value ...]``: mean reward per column over the
+    evaluation prompts for the base model (no checkpoint) or a trained checkpoint; writes ``eval.json``."""
+    import json
+
+    from diffalign.prompts import build_prompt_source
+
+    train = dict(cfg.train or {})
+    checkpoint = cfg.checkpoint.resume_from
+    adapter = _load_eval_adapter(cfg, checkpoint)
+    prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
+    steps = train.get("eval_num_steps") or cfg.sample.eval_num_steps
+    guidance = train.get("eval_guidance_scale") or cfg.sample.guidance_scale
+    names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=cfg.seed)
+    result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), **result}, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def sample_main(cfg) -> int:
+    """``diffalign sample CONFIG [key=value ...]``: images for the evaluation prompts, saved as a grid."""
+    from diffalign.logging import save_image_grid
+    from diffalign.prompts import build_prompt_source
+
+    checkpoint = cfg.checkpoint.resume_from
+    adapter = _load_eval_adapter(cfg, checkpoint)
+    prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
+    names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
+                                     seed=cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    caps = [f"{p} ({rows[i, 0]:.2f})" for i, p in enumerate(prompts)]
+    path = save_image_grid(images, caps, os.path.join(cfg.output_dir, "samples.png"))
+    print(f"wrote {path}")
+    return 0
