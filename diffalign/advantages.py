@@ -102,7 +102,8 @@ def group_advantages(
         zero = std == 0.0
         n_zero += int(zero)
         denom = std if std_mode == "group" else denom_all
-        adv[members] = (vals - vals.mean()) / (denom + eps)
+        centred = vals - vals.mean()
+        adv[members] = centred / (denom + eps) if denom + eps > 0 else torch.zeros_like(centred)
         if zero and drop_zero_std:
             keep[members] = False
     if clip is not None:

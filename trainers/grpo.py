@@ -256,15 +256,13 @@ class GRPOTrainer:
             save_config(run, f"{run.output_dir}/config.yaml")
 
     def _restore(self, state) -> None:
-        from diffalign.checkpoint import restore_rng
+        from diffalign.checkpoint import restore_rng, restore_training_state
 
         self._load_trainable(state.trainable_state)
         if self.ema is not None and state.ema_state:
             self.ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
                                       "shadow": [state.ema_state[str(i)] for i in range(len(self.params))]})
-        self.optimizer.load_state_dict(state.optimizer)
-        if state.lr_scheduler is not None:
-            self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        restore_training_state(state, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         self.epoch = int(state.counters["epoch"])
         self.global_step = int(state.counters["step"])
         extra = state.sampler_state or {}
@@ -275,12 +273,12 @@ class GRPOTrainer:
         restore_rng(state)
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        if self.adapter.has_lora():
+        if self.adapter.has_lora:
             return {k: v.detach().float().contiguous() for k, v in self.adapter.lora_state_dict().items()}
         return {k: v.detach().float().contiguous() for k, v in self.adapter.denoiser.state_dict().items()}
 
     def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
-        if self.adapter.has_lora():
+        if self.adapter.has_lora:
             self.adapter.load_lora_state_dict(sd)
         else:
             self.adapter.denoiser.load_state_dict(sd)
@@ -543,7 +541,10 @@ class GRPOTrainer:
         from diffalign.logging import plot_curves
 
         if self.dist.is_main:
-            keys = [f"reward/{n}" for n in self.rewards.names] + [f"eval/reward/{n}" for n in self.rewards.names]
+            from diffalign.logging import read_metrics
+
+            present = {k for row in read_metrics(f"{self.run.output_dir}/metrics.jsonl") for k in row}
+            keys = [k for n in self.rewards.names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
             try:
                 plot_curves(f"{self.run.output_dir}/metrics.jsonl", f"{self.run.output_dir}/reward_curve.png", keys,
                             title="GRPO rewards")

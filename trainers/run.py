@@ -69,7 +69,7 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
             raise FileNotFoundError(f"no checkpoint found for {checkpoint!r} in {cfg.output_dir}")
         state = load_checkpoint(path)
         sd = state.trainable_state
-        if adapter.has_lora():
+        if adapter.has_lora:
             adapter.load_lora_state_dict(sd)
         else:
             adapter.denoiser.load_state_dict(sd)

@@ -1,0 +1,836 @@
+"""Atomic checkpoints of a whole training run, resume, and export to diffusers / peft formats.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step-00000100/
+        trainable.safetensors   the trained weights: ``adapter.lora_state_dict()`` (LoRA, peft keys) or the
+                                denoiser's ``state_dict()`` (full fine-tuning)
+        ema.safetensors         EMA of the same tensors (only when EMA is on)
+        optimizer.pt            ``optimizer.state_dict()``
+        scheduler.pt            ``lr_scheduler.state_dict()`` (optional)
+        scaler.pt               ``grad_scaler.state_dict()`` (optional)
+        rng-rank{r}.pt          every rank's RNG: torch CPU (+ CUDA), numpy, python ``random``, named generators
+        state.json              counters, sampler_state, extra, world_size, time, and the list of files above
+        config.yaml             the resolved run config
+    latest                      text file: the name of the newest complete checkpoint
+
+Guarantees (the gaps users hit in Flow-GRPO / DDPO / TRL, see research/grpo_family.md section 4):
+
+* **Atomic.** Files go into a hidden sibling folder, are fsynced, and the folder is renamed into place with
+  ``os.replace``; ``latest`` is rewritten the same way afterwards. An exception while writing leaves the
+  previous checkpoint and ``latest`` untouched and removes the temporary folder. ``state.json`` is written
+  last and lists every file, so a folder is complete exactly when ``state.json`` and its files exist.
+* **No rank-0-only collectives.** Every rank calls :meth:`CheckpointManager.save`; all ranks pass the same
+  three barriers whatever fails, so an error never leaves the others waiting. Rank r writes only its
+  ``rng-rank{r}.pt``; rank 0 writes the rest (the run dir must be on a filesystem all ranks share).
+  Gathering sharded (FSDP / ZeRO-3) weights and optimizer state is the caller's job, before ``save``.
+* **Safe loading.** Only safetensors and ``torch.load(weights_only=True)``: nothing is unpickled.
+* **Reload gives the trained model.** Export checks that the checkpoint's LoRA keys are exactly the ones
+  of the re-created adapter instead of silently leaving part of it at its initial (zero) value.
+
+Typical use in a trainer::
+
+    ckpt = CheckpointManager(cfg.output_dir, keep_last=cfg.checkpoint.keep_last, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, barrier=accelerator.wait_for_everyone)
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume_from)
+    if resume is not None:
+        state = ckpt.load(resume)
+        adapter.load_lora_state_dict(state.trainable_state)
+        restore_training_state(state, optimizer, lr_scheduler)
+        restore_rng(state, generators={"sampler": sampler_gen})
+    ...
+    ckpt.save(step, trainable_state=adapter.lora_state_dict(), ema_state=ema.state_dict(), optimizer=optimizer,
+              lr_scheduler=lr_scheduler, counters={"step": step, "epoch": epoch},
+              sampler_state=prompt_sampler.state_dict(), config=to_dict(cfg))
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "LATEST_FILE",
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointState",
+    "checkpoint_name",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "missing_files",
+    "resolve_resume",
+    "load_checkpoint",
+    "restore_rng",
+    "restore_training_state",
+    "capture_rng_state",
+    "export_checkpoint",
+    "export_main",
+]
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+FORMAT_VERSION = 1
+TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+_NAME_RE = re.compile(r"step-(\d{8,})")
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, or does not fit what it is loaded into."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Folder name of the checkpoint at ``step``: ``step-00000100``."""
+    return f"step-{int(step):08d}"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{int(rank)}.pt"
+
+
+# ----------------------------------------------------------------------------------------------------
+# low-level writers (module functions so tests can make one of them fail)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the renames inside ``path`` durable; not supported on every platform (Windows), hence best effort.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_torch(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_plain_tensors(tensors), str(path), metadata=metadata)
+    _fsync_path(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        _write_text(tmp, text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _plain_tensors(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """CPU, contiguous, no shared storage (safetensors refuses tied tensors): clone only where needed."""
+    out: Dict[str, torch.Tensor] = {}
+    seen = set()
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"state entry {key!r} is a {type(value).__name__}, not a tensor; weight dicts "
+                                  "hold tensors only (put other values in counters / extra)")
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and (ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+            t = t.clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _json_text(data: Any, what: str) -> str:
+    try:
+        return json.dumps(data, indent=2, sort_keys=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{what} must be JSON-serialisable (numbers, strings, lists, dicts): {exc}; "
+                              "convert tensors with .tolist() / .item()") from None
+
+
+def _load_torch(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG
+# ----------------------------------------------------------------------------------------------------
+
+
+def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None) -> Dict[str, Any]:
+    """This process's RNG states as tensors / ints / floats / strings only (``weights_only`` loadable):
+    torch CPU, every CUDA device (if CUDA is initialised), numpy's global ``RandomState``, python ``random``,
+    and the given named ``torch.Generator`` objects."""
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(np_state[0]),
+            # uint32 words fit in int64; torch has no uint32 tensors that weights_only reads everywhere
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": int(py_version),
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss_next": None if py_gauss is None else float(py_gauss),
+        },
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: Mapping[str, Any], generators: Optional[Mapping[str, torch.Generator]]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        cuda_states = list(rng["cuda"])
+        if len(cuda_states) != torch.cuda.device_count():
+            warnings.warn(f"checkpoint holds CUDA RNG states of {len(cuda_states)} devices, this process sees "
+                          f"{torch.cuda.device_count()}; restoring the first ones only", stacklevel=3)
+        for device, s in enumerate(cuda_states[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+    n = rng["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), int(n["pos"]),
+                         int(n["has_gauss"]), float(n["cached_gaussian"])))
+    p = rng["python"]
+    random.setstate((int(p["version"]), tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+    saved = rng.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved:
+            warnings.warn(f"checkpoint has no state for generator {name!r} (saved: {sorted(saved) or 'none'}); "
+                          "it keeps its current state", stacklevel=3)
+            continue
+        gen.set_state(saved[name])
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointState:
+    """Everything :meth:`CheckpointManager.save` wrote, as loaded for one rank.
+
+    ``trainable_state`` / ``ema_state``: name -> tensor (CPU). ``*_state`` of optimizer, scheduler and scaler:
+    their ``state_dict()`` (CPU tensors; ``load_state_dict`` moves them to the parameters' device).
+    ``rng_state``: this rank's RNG states, ``None`` when the checkpoint has none for this rank.
+    """
+
+    path: Path
+    step: int
+    trainable_state: Dict[str, torch.Tensor]
+    ema_state: Optional[Dict[str, torch.Tensor]]
+    optimizer_state: Optional[Dict[str, Any]]
+    scheduler_state: Optional[Dict[str, Any]]
+    scaler_state: Optional[Dict[str, Any]]
+    rng_state: Optional[Dict[str, Any]]
+    counters: Dict[str, Any]
+    sampler_state: Dict[str, Any]
+    extra: Dict[str, Any]
+    config: Dict[str, Any]
+    world_size: int
+    time: float
+    rank: int = 0
+    files: List[str] = field(default_factory=list)
+
+
+def _read_state_json(path: Path) -> Dict[str, Any]:
+    try:
+        with open(path / STATE_FILE, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path / STATE_FILE}: {exc}") from None
+    if not isinstance(data, dict) or "files" not in data:
+        raise CheckpointError(f"{path / STATE_FILE} is not a diffalign checkpoint state (no 'files' list)")
+    return data
+
+
+def missing_files(path: PathLike) -> List[str]:
+    """Files a complete checkpoint at ``path`` lacks ([] = complete); ``state.json`` lists them."""
+    path = Path(path)
+    if not path.is_dir():
+        return ["(the folder itself)"]
+    if not (path / STATE_FILE).is_file():
+        return [STATE_FILE]
+    try:
+        listed = _read_state_json(path)["files"]
+    except CheckpointError:
+        return [f"{STATE_FILE} (unreadable)"]
+    return [name for name in listed if not (path / name).is_file()]
+
+
+def _step_of(path: Path) -> Optional[int]:
+    m = _NAME_RE.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(run_dir: PathLike, complete_only: bool = True) -> List[Path]:
+    """Checkpoint folders of ``run_dir``, oldest step first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    if complete_only:
+        found = [p for p in found if not missing_files(p)]
+    return sorted(found, key=lambda p: _step_of(p))
+
+
+def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
+    """The complete checkpoint ``latest`` names; if that file is absent or names an incomplete folder (a crash
+    between the two renames of a save), the newest complete checkpoint; ``None`` if there is none."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    pointer = root / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        target = root / name
+        if name and not missing_files(target):
+            return target
+        warnings.warn(f"{pointer} names {name!r}, which is not a complete checkpoint; using the newest complete "
+                      "one instead", stacklevel=2)
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(run_dir: PathLike, resume_from: Optional[PathLike]) -> Optional[Path]:
+    """Which checkpoint to resume from.
+
+    ``None`` / ``""``: start fresh (``None``). ``"latest"``: the newest complete checkpoint of ``run_dir``, or
+    ``None`` when there is none yet (so one config both starts and resumes a run). A path (or a checkpoint
+    name inside ``run_dir/checkpoints``): that folder, which must be a complete checkpoint.
+    """
+    if resume_from is None or str(resume_from).strip() == "":
+        return None
+    text = os.fspath(resume_from).strip()
+    if text == "latest":
+        return latest_checkpoint(run_dir)
+    path = Path(text).expanduser()
+    if not path.exists() and (Path(run_dir) / CHECKPOINTS_DIR / text).exists():
+        path = Path(run_dir) / CHECKPOINTS_DIR / text
+    if not path.exists():
+        raise CheckpointError(f"resume_from={text!r}: no such folder; give 'latest', a checkpoint folder such as "
+                              f"{Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(100)}, or null to start fresh")
+    if (path / CHECKPOINTS_DIR).is_dir() and not (path / STATE_FILE).exists():
+        raise CheckpointError(f"resume_from={text!r} is a run folder, not a checkpoint; give one of its "
+                              f"checkpoints ({path / CHECKPOINTS_DIR}/step-*) or set output_dir={text} "
+                              "resume_from=latest")
+    missing = missing_files(path)
+    if missing:
+        raise CheckpointError(f"resume_from={text!r} is not a complete checkpoint: missing {missing}; it may be "
+                              "from an interrupted save: pick an older checkpoint or 'latest'")
+    return path
+
+
+def load_checkpoint(path: PathLike, rank: int = 0, world_size: Optional[int] = None) -> CheckpointState:
+    """Read a checkpoint for process ``rank`` (safetensors and ``torch.load(weights_only=True)`` only).
+
+    Warns when ``world_size`` (the current number of processes) differs from the saved one: ranks the
+    checkpoint has no RNG file for start from their current RNG state, so sampling will not replay exactly.
+    """
+    path = Path(path)
+    missing = missing_files(path)
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint: missing {missing}")
+    from safetensors.torch import load_file
+
+    meta = _read_state_json(path)
+    files = list(meta["files"])
+    saved_ws = int(meta.get("world_size", 1))
+    if world_size is not None and int(world_size) != saved_ws:
+        warnings.warn(f"checkpoint {path.name} was saved by {saved_ws} process(es), resuming with {world_size}: "
+                      "weights, optimizer and counters are restored, but RNG streams of ranks without a saved "
+                      "state keep their fresh seeds and the sampler may not replay the same prompts",
+                      stacklevel=2)
+    rng = None
+    if rng_file(rank) in files:
+        rng = _load_torch(path / rng_file(rank))
+    else:
+        warnings.warn(f"checkpoint {path.name} has no RNG state for rank {rank} (saved ranks 0..{saved_ws - 1}); "
+                      "this rank keeps its current RNG state", stacklevel=2)
+
+    def optional(name: str, loader: Callable[[Path], Any]) -> Any:
+        return loader(path / name) if name in files else None
+
+    return CheckpointState(
+        path=path,
+        step=int(meta["step"]),
+        trainable_state=load_file(str(path / TRAINABLE_FILE), device="cpu"),
+        ema_state=optional(EMA_FILE, lambda p: load_file(str(p), device="cpu")),
+        optimizer_state=optional(OPTIMIZER_FILE, _load_torch),
+        scheduler_state=optional(SCHEDULER_FILE, _load_torch),
+        scaler_state=optional(SCALER_FILE, _load_torch),
+        rng_state=rng,
+        counters=dict(meta.get("counters") or {}),
+        sampler_state=dict(meta.get("sampler_state") or {}),
+        extra=dict(meta.get("extra") or {}),
+        config=_read_config(path),
+        world_size=saved_ws,
+        time=float(meta.get("time", 0.0)),
+        rank=int(rank),
+        files=files,
+    )
+
+
+def _read_config(path: Path) -> Dict[str, Any]:
+    import yaml
+
+    with open(path / CONFIG_FILE, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    return data or {}
+
+
+def restore_rng(state: CheckpointState, generators: Optional[Mapping[str, torch.Generator]] = None) -> bool:
+    """Put this rank's RNG states back (torch, CUDA, numpy, python ``random``, and the named generators
+    that were saved with ``save(..., generators=...)``). Returns ``False`` (with a warning) when the
+    checkpoint has no RNG state for this rank."""
+    if state.rng_state is None:
+        warnings.warn(f"no RNG state for rank {state.rank} in {state.path}; RNG not restored", stacklevel=2)
+        return False
+    _set_rng_state(state.rng_state, generators)
+    return True
+
+
+def restore_training_state(state: CheckpointState, optimizer: Any = None, lr_scheduler: Any = None,
+                           grad_scaler: Any = None) -> None:
+    """``load_state_dict`` of each object given from the checkpoint. An object whose state the checkpoint
+    lacks is left as is, with a warning (e.g. a scaler added when switching to fp16)."""
+    for obj, saved, what in ((optimizer, state.optimizer_state, "optimizer"),
+                             (lr_scheduler, state.scheduler_state, "lr scheduler"),
+                             (grad_scaler, state.scaler_state, "grad scaler")):
+        if obj is None:
+            continue
+        if saved is None:
+            warnings.warn(f"checkpoint {state.path.name} has no {what} state; the {what} starts fresh", stacklevel=2)
+            continue
+        obj.load_state_dict(saved)
+
+
+# ----------------------------------------------------------------------------------------------------
+# saving
+# ----------------------------------------------------------------------------------------------------
+
+
+def _dump_config(config: Any) -> str:
+    from diffalign.config import dump_yaml
+
+    return dump_yaml({} if config is None else config)
+
+
+class CheckpointManager:
+    """Saves, lists, prunes and loads the checkpoints of ``run_dir`` for process ``rank`` of ``world_size``.
+
+    ``barrier``: a callable every process calls together (``accelerator.wait_for_everyone``); required when
+    ``world_size > 1``. ``keep_last``: how many checkpoints to keep (``None`` = all); the one ``latest``
+    names is never deleted.
+    """
+
+    def __init__(self, run_dir: PathLike, keep_last: Optional[int] = 3, rank: int = 0, world_size: int = 1,
+                 barrier: Optional[Callable[[], Any]] = None):
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None (keep all), got {keep_last}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must satisfy 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if world_size > 1 and barrier is None:
+            raise ValueError(f"world_size={world_size} needs a barrier (e.g. accelerator.wait_for_everyone) so that "
+                             "every rank can write its RNG state before rank 0 publishes the checkpoint")
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self._barrier_fn = barrier
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / CHECKPOINTS_DIR
+
+    def _barrier(self) -> None:
+        if self._barrier_fn is not None:
+            self._barrier_fn()
+
+    # ------------------------------------------------------------------ queries
+    def checkpoints(self) -> List[Path]:
+        """Complete checkpoints, oldest first."""
+        return list_checkpoints(self.run_dir)
+
+    def latest(self) -> Optional[Path]:
+        return latest_checkpoint(self.run_dir)
+
+    def resolve_resume(self, resume_from: Optional[PathLike]) -> Optional[Path]:
+        return resolve_resume(self.run_dir, resume_from)
+
+    def load(self, path: PathLike) -> CheckpointState:
+        return load_checkpoint(path, rank=self.rank, world_size=self.world_size)
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        step: int,
+        *,
+        trainable_state: Mapping[str, torch.Tensor],
+        ema_state: Optional[Mapping[str, torch.Tensor]] = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        grad_scaler: Any = None,
+        counters: Optional[Mapping[str, Any]] = None,
+        sampler_state: Optional[Mapping[str, Any]] = None,
+        config: Any = None,
+        extra: Optional[Mapping[str, Any]] = None,
+        generators: Optional[Mapping[str, torch.Generator]] = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically and return its folder. Call on EVERY rank.
+
+        Weights, optimizer, scheduler, scaler, config and ``state.json`` are taken from rank 0's arguments
+        (other ranks may pass empty dicts); each rank saves its own RNG state and ``generators``.
+        ``counters`` / ``sampler_state`` / ``extra`` must be JSON-serialisable; ``config`` is a dict or a
+        config dataclass. On error nothing is published, the temporary folder is removed, and the error is
+        raised on the rank where it happened (the other ranks raise a CheckpointError).
+        """
+        step = int(step)
+        name = checkpoint_name(step)
+        final = self.checkpoints_dir / name
+        tmp = self.checkpoints_dir / f"{_TMP_PREFIX}{name}"
+        error: Optional[BaseException] = None
+        files: List[str] = []
+        published = False
+        try:
+            if self.rank == 0:
+                try:
+                    self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+                    self._remove_stale()
+                    tmp.mkdir()
+                except Exception as exc:  # noqa: BLE001 - re-raised after the barriers
+                    error = exc
+            self._barrier()
+            # 1. every rank: its RNG file (rank 0 also writes everything else)
+            if error is None and tmp.is_dir():
+                try:
+                    _save_torch(capture_rng_state(generators), tmp / rng_file(self.rank))
+                    if self.rank == 0:
+                        files = self._write_payload(tmp, step, trainable_state, ema_state, optimizer,
+                                                    lr_scheduler, grad_scaler, config)
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            self._barrier()
+            # 2. rank 0: state.json last, then publish
+            if self.rank == 0 and error is None:
+                try:
+                    files += [rng_file(r) for r in range(self.world_size)]
+                    absent = [f for f in files if not (tmp / f).is_file()]
+                    if absent:
+                        raise CheckpointError(f"checkpoint {name}: files {absent} were not written (did every rank "
+                                              "call save()? is the run dir on a filesystem all ranks share?)")
+                    state = {
+                        "format_version": FORMAT_VERSION,
+                        "step": step,
+                        "counters": dict(counters or {"step": step}),
+                        "sampler_state": dict(sampler_state or {}),
+                        "extra": dict(extra or {}),
+                        "world_size": self.world_size,
+                        "time": time.time(),
+                        "files": files,
+                    }
+                    _write_text(tmp / STATE_FILE, _json_text(state, "counters / sampler_state / extra"))
+                    _fsync_dir(tmp)
+                    self._publish(tmp, final)
+                    published = True
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+            if published:
+                self._prune(keep=final)
+        finally:
+            if self.rank == 0 and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._barrier()
+        if error is not None:
+            raise error
+        if self.rank != 0:
+            pointer = self.checkpoints_dir / LATEST_FILE
+            if not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != name or missing_files(final):
+                raise CheckpointError(f"checkpoint {name} was not published by rank 0 (see its error)")
+        return final
+
+    def _write_payload(self, tmp: Path, step: int, trainable_state, ema_state, optimizer, lr_scheduler,
+                       grad_scaler, config) -> List[str]:
+        if trainable_state is None or len(trainable_state) == 0:
+            raise CheckpointError("trainable_state is empty; pass adapter.lora_state_dict() (LoRA) or the "
+                                  "denoiser's state_dict() (full fine-tuning)")
+        # Serialise the text parts first: a bad value fails before any large file is written.
+        config_text = _dump_config(config)
+        meta = {"format": "pt", "step": str(step)}
+        files = [TRAINABLE_FILE, CONFIG_FILE]
+        _save_safetensors(trainable_state, tmp / TRAINABLE_FILE, {**meta, "kind": "trainable"})
+        if ema_state is not None:
+            _save_safetensors(ema_state, tmp / EMA_FILE, {**meta, "kind": "ema"})
+            files.append(EMA_FILE)
+        for obj, filename in ((optimizer, OPTIMIZER_FILE), (lr_scheduler, SCHEDULER_FILE),
+                              (grad_scaler, SCALER_FILE)):
+            if obj is not None:
+                _save_torch(obj.state_dict(), tmp / filename)
+                files.append(filename)
+        _write_text(tmp / CONFIG_FILE, config_text)
+        return files
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        old = None
+        if final.exists():  # re-saving a step (e.g. right after resuming): move the old copy aside first
+            old = final.with_name(_OLD_PREFIX + final.name)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        moved = False
+        try:
+            os.replace(tmp, final)
+            moved = True
+            _fsync_dir(self.checkpoints_dir)
+            _write_text_atomic(self.checkpoints_dir / LATEST_FILE, final.name + "\n")
+            _fsync_dir(self.checkpoints_dir)
+        except BaseException:
+            # Roll back to exactly the state before this save: `latest` still names the previous checkpoint.
+            if moved:
+                os.replace(final, tmp)
+            if old is not None:
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _remove_stale(self) -> None:
+        """Temporary folders of saves that crashed (only one run writes to a run dir at a time)."""
+        for p in self.checkpoints_dir.iterdir():
+            if not p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                continue
+            original = self.checkpoints_dir / p.name[len(_OLD_PREFIX):]
+            if p.name.startswith(_OLD_PREFIX) and p.is_dir() and not original.exists() and not missing_files(p):
+                # killed between moving a same-step checkpoint aside and renaming its successor in: put it back
+                os.replace(p, original)
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last is None:
+            return
+        found = list_checkpoints(self.run_dir, complete_only=False)
+        for old in found[: max(0, len(found) - self.keep_last)]:
+            if old.name == keep.name:
+                continue
+            try:
+                shutil.rmtree(old)
+            except OSError as exc:  # the new checkpoint is safe; a failed cleanup must not fail the save
+                warnings.warn(f"could not delete old checkpoint {old}: {exc}", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"[export] {message}", flush=True)
+
+
+def _normalize_lora_keys(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> Dict[str, torch.Tensor]:
+    """Accept ``named_parameters``-style keys (``...lora_A.default.weight``) as well as peft's
+    ``get_peft_model_state_dict`` keys (``...lora_A.weight``)."""
+    return {k.replace(f".{adapter_name}.", "."): v for k, v in state.items()}
+
+
+def _load_weights_into(adapter: Any, weights: Mapping[str, torch.Tensor], is_lora: bool) -> None:
+    if is_lora:
+        weights = _normalize_lora_keys(weights)
+        expected = set(adapter.lora_state_dict())
+        got = set(weights)
+        if expected != got:
+            raise CheckpointError(
+                "the checkpoint's LoRA tensors do not match the adapter built from its config.yaml "
+                f"(model.lora.rank / target_modules): missing {sorted(expected - got)[:5]}, "
+                f"unexpected {sorted(got - expected)[:5]}"
+            )
+        adapter.load_lora_state_dict(dict(weights))
+        return
+    result = adapter.denoiser.load_state_dict(dict(weights), strict=False)
+    params = {n for n, _ in adapter.denoiser.named_parameters()}
+    missing = [k for k in result.missing_keys if k in params]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(f"the checkpoint's weights do not fit the {type(adapter.denoiser).__name__} of "
+                              f"model.path: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def _fuse_lora(denoiser: torch.nn.Module) -> None:
+    """Merge every LoRA layer into its base weight and remove the peft wrappers (diffusers' fuse + unload)."""
+    denoiser.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    denoiser.unload_lora()
+
+
+def _absent_components_hint(folder: Path) -> str:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return ""
+    absent = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None]
+    if not absent:
+        return ""
+    kwargs = ", ".join(f"{k}=None" for k in absent)
+    return f" (this pipeline has no {', '.join(absent)}: load it with from_pretrained(path, {kwargs}))"
+
+
+def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optional[str] = None,
+                      merged: bool = False, dtype: Optional[str] = None, device: str = "cpu") -> Dict[str, Path]:
+    """Export a checkpoint: the LoRA in diffusers format (``out_dir/lora``, loadable by
+    ``pipeline.load_lora_weights``) and, with ``merged`` or for a full fine-tune, a complete pipeline folder
+    (``out_dir/merged``) that ``DiffusionPipeline.from_pretrained`` loads.
+
+    ``weights``: ``"ema"`` | ``"trained"`` | ``None`` (EMA when the checkpoint has it). ``dtype``: dtype of the
+    merged pipeline (default: the config's ``model.dtype``); merging itself runs in float32.
+    Returns ``{"lora": path, "merged": path}`` (the ones written).
+    """
+    from diffalign.config import ModelConfig, from_dict
+    from diffalign.generators import load_generator
+    from diffalign.shapes.models import resolve_model_path
+
+    if weights not in (None, "ema", "trained"):
+        raise CheckpointError(f"weights={weights!r}; valid choices: 'ema', 'trained' (or None: EMA when present)")
+    state = load_checkpoint(checkpoint)
+    if "model" not in state.config:
+        raise CheckpointError(f"{state.path / CONFIG_FILE} has no 'model' section; export needs model.path and "
+                              "model.lora to rebuild the generator")
+    model_cfg = from_dict(ModelConfig, state.config["model"], prefix="model")
+    if weights is None:
+        weights = "ema" if state.ema_state is not None else "trained"
+    if weights == "ema" and state.ema_state is None:
+        raise CheckpointError(f"checkpoint {state.path.name} has no EMA weights (EMA was off); use --weights trained")
+    tensors = state.ema_state if weights == "ema" else state.trainable_state
+    is_lora = any(".lora_" in k for k in tensors)
+    if is_lora != model_cfg.lora.enabled:
+        raise CheckpointError(
+            f"checkpoint {state.path.name} holds {'LoRA' if is_lora else 'full denoiser'} weights but its config "
+            f"says model.lora.enabled={model_cfg.lora.enabled}; the config.yaml does not belong to these weights"
+        )
+    out_dtype = getattr(torch, dtype or model_cfg.dtype)
+    model_path = resolve_model_path(model_cfg.path)
+    out_dir = Path(out_dir)
+    written: Dict[str, Path] = {}
+
+    _say(f"checkpoint {state.path} (step {state.step}, {weights} weights, "
+         f"{'LoRA' if is_lora else 'full fine-tune'})")
+    _say(f"loading base model {model_path}")
+    adapter = load_generator(model_path, dtype=out_dtype, device=device)
+    # Merge in float32: bf16 rounding of W + BA would differ from the model that was trained.
+    adapter.denoiser.to(torch.float32)
+    if is_lora:
+        lora = model_cfg.lora
+        adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+    _load_weights_into(adapter, tensors, is_lora)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_lora:
+        _say(f"writing LoRA (diffusers format) to {out_dir / 'lora'}")
+        adapter.save_lora(str(out_dir / "lora"))
+        written["lora"] = out_dir / "lora"
+    if merged or not is_lora:
+        if is_lora:
+            _fuse_lora(adapter.denoiser)
+        adapter.denoiser.to(out_dtype)
+        _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
+        adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
+        written["merged"] = out_dir / "merged"
+    info = {"checkpoint": str(state.path.resolve()), "step": state.step, "weights": weights,
+            "model_path": model_cfg.path, "lora": ({"rank": model_cfg.lora.rank, "alpha": model_cfg.lora.alpha,
+                                                    "target_modules": model_cfg.lora.target_modules}
+                                                   if is_lora else None),
+            "outputs": {k: str(v) for k, v in written.items()}}
+    _write_text_atomic(out_dir / "export.json", _json_text(info, "export info"))
+    hint = _absent_components_hint(written["merged"]) if "merged" in written else ""
+    _say("done: " + ", ".join(f"{k} -> {v}" for k, v in written.items()) + hint)
+    return written
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diffalign export",
+        description="Export a checkpoint of RUN_DIR: the LoRA in diffusers format (pipeline.load_lora_weights) "
+                    "and, with --merged, a full pipeline folder (DiffusionPipeline.from_pretrained).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir (holds checkpoints/)")
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (default), a checkpoint name (step-00000100) or a checkpoint folder")
+    p.add_argument("--weights", choices=["ema", "trained"], default=None,
+                   help="which weights to export (default: EMA when the checkpoint has it, else trained)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/<checkpoint name>)")
+    p.add_argument("--merged", action="store_true", help="also write the LoRA merged into the base weights")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the merged pipeline (default: the config's model.dtype)")
+    p.add_argument("--device", default="cpu", help="device used for loading and merging (default: cpu)")
+    return p
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``diffalign export RUN_DIR [--checkpoint latest|PATH] [--weights ema|trained] [--out DIR] [--merged]``."""
+    from diffalign.config import ConfigError
+
+    args = _export_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    run_dir = Path(args.run_dir)
+    try:
+        if not run_dir.is_dir():
+            raise CheckpointError(f"run dir {str(run_dir)!r} does not exist; give the output_dir of a training run")
+        checkpoint = resolve_resume(run_dir, args.checkpoint)
+        if checkpoint is None:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint yet ({run_dir / CHECKPOINTS_DIR} is empty "
+                                  "or missing); train with checkpoint.every > 0 or pass --checkpoint PATH")
+        out = Path(args.out) if args.out else run_dir / "export" / checkpoint.name
+        export_checkpoint(checkpoint, out, weights=args.weights, merged=args.merged, dtype=args.dtype,
+                          device=args.device)
+    except (CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

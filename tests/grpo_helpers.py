@@ -1,0 +1,40 @@
+"""Shared setup for GRPO trainer tests: a tiny random SD3 / SD1.5 pipeline saved to disk and a run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffalign.config import RunConfig, from_dict
+
+
+def save_tiny(tmp: Path, kind: str = "sd3") -> str:
+    from diffalign.testing.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
+
+    folder = tmp / f"tiny-{kind}"
+    if not folder.exists():
+        pipe = tiny_sd3_pipeline(seed=0) if kind == "sd3" else tiny_sd15_pipeline(seed=0)
+        pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def run_config(model_path: str, out: Path, **overrides) -> RunConfig:
+    sample = {"num_steps": 4, "eval_num_steps": 4, "guidance_scale": 1.0, "step": "flow_sde", "noise_level": 0.7,
+              "height": 32, "width": 32, "batch_size": 4, "group_size": 4, "num_batches_per_epoch": 2}
+    train = {"num_epochs": 2, "learning_rate": 1e-2, "batch_size": 4, "gradient_accumulation_steps": 2,
+             "eval_every": 0, "shuffle": False, "timestep_fraction": 0.99}
+    sample.update(overrides.pop("sample", {}))
+    train.update(overrides.pop("train", {}))
+    data = {
+        "seed": 3,
+        "output_dir": str(out),
+        "trainer": "grpo",
+        "model": {"path": model_path, "lora": {"enabled": True, "rank": 4, "alpha": 8.0}},
+        "prompts": {"source": "shapes", "eval_size": 4},
+        "sample": sample,
+        "rewards": [{"name": "jpeg_compressibility"}],
+        "train": train,
+        "logging": {"image_every": 0},
+        "checkpoint": {"every": 1, "keep_last": 3, "resume_from": "latest"},
+    }
+    data.update(overrides)
+    return from_dict(RunConfig, data)

@@ -1,0 +1,93 @@
+"""Known answers for group advantages, the per-prompt tracker, and the repeat assignment."""
+
+import math
+
+import pytest
+import torch
+
+from diffalign.advantages import PerPromptStatTracker, RunningMoments, group_advantages, group_ids_from_keys
+from diffalign.distributed import repeat_assignment
+
+
+def test_group_std_hand_computed():
+    r = torch.tensor([1.0, 3.0, 0.0, 0.0, 2.0, 6.0])
+    g = torch.tensor([0, 0, 1, 1, 2, 2])
+    res = group_advantages(r, g, std_mode="group", eps=0.0, clip=None)
+    torch.testing.assert_close(res.advantages[:2], torch.tensor([-1.0, 1.0]))
+    assert res.advantages[2:4].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(res.advantages[4:], torch.tensor([-1.0, 1.0]))
+    assert res.zero_std_fraction == pytest.approx(1 / 3)
+
+
+def test_batch_std_is_flow_grpo_global_std():
+    r = torch.tensor([1.0, 3.0, 5.0, 9.0])
+    g = torch.tensor([0, 0, 1, 1])
+    res = group_advantages(r, g, std_mode="batch", eps=1e-4, clip=None)
+    std = r.std(unbiased=False).item()
+    expected = [(1 - 2) / (std + 1e-4), (3 - 2) / (std + 1e-4), (5 - 7) / (std + 1e-4), (9 - 7) / (std + 1e-4)]
+    torch.testing.assert_close(res.advantages, torch.tensor(expected))
+
+
+def test_nan_rewards_are_excluded_and_get_zero_advantage():
+    r = torch.tensor([1.0, float("nan"), 3.0, 2.0])
+    g = torch.tensor([0, 0, 0, 1])
+    res = group_advantages(r, g, std_mode="group", eps=0.0, clip=None)
+    assert res.advantages[1] == 0 and not res.keep[1]
+    torch.testing.assert_close(res.advantages[[0, 2]], torch.tensor([-1.0, 1.0]))
+
+
+def test_clip_and_drop_zero_std():
+    r = torch.tensor([0.0, 100.0, 1.0, 1.0])
+    g = torch.tensor([0, 0, 1, 1])
+    res = group_advantages(r, g, std_mode="batch", eps=0.0, clip=0.5, drop_zero_std=True)
+    assert res.advantages.abs().max() == 0.5
+    assert res.keep.tolist() == [True, True, False, False]
+
+
+def test_running_moments_match_concatenation():
+    m = RunningMoments()
+    a, b = torch.randn(7), torch.randn(11) * 3 + 1
+    m.update(a)
+    m.update(b)
+    allv = torch.cat([a, b]).double()
+    assert m.mean == pytest.approx(allv.mean().item())
+    assert m.std == pytest.approx(allv.std(unbiased=False).item())
+    m2 = RunningMoments()
+    m2.load_state_dict(m.state_dict())
+    assert m2.std == m.std
+
+
+def test_per_prompt_tracker_uses_batch_stats_until_min_count():
+    t = PerPromptStatTracker(buffer_size=4, min_count=3, eps=0.0)
+    adv = t.update(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    batch = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    torch.testing.assert_close(adv, (batch - batch.mean()) / batch.std(unbiased=False))
+    adv = t.update(["a", "a"], torch.tensor([5.0, 7.0]))  # buffer a = [1, 3, 5, 7] >= min_count
+    buf = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    torch.testing.assert_close(adv, (torch.tensor([5.0, 7.0]) - buf.mean()) / buf.std(unbiased=False))
+    assert len(t.state_dict()["buffers"]["a"]) == 4
+
+
+def test_group_ids_from_keys():
+    assert group_ids_from_keys(["x", "y", "x", "z"]).tolist() == [0, 1, 0, 2]
+
+
+def test_repeat_assignment_spreads_groups_and_is_rank_consistent():
+    prompts = ["p0", "p1", "p2", "p3"]
+    a0 = repeat_assignment(prompts, 4, epoch=3, seed=1, rank=0, world_size=2)
+    a1 = repeat_assignment(prompts, 4, epoch=3, seed=1, rank=1, world_size=2)
+    single = repeat_assignment(prompts, 4, epoch=3, seed=1, rank=0, world_size=1)
+    assert a0.global_prompts == a1.global_prompts == single.global_prompts
+    assert a0.prompts + a1.prompts == single.prompts
+    assert a0.sample_ids + a1.sample_ids == single.sample_ids
+    assert len(set(single.sample_ids)) == 16 and min(single.sample_ids) == 3 * 16
+    for p in prompts:
+        assert single.global_prompts.count(p) == 4
+    with pytest.raises(ValueError, match="cannot be split evenly"):
+        repeat_assignment(prompts[:3], 3, epoch=0, seed=0, rank=0, world_size=2)
+
+
+def test_std_mode_error_lists_choices():
+    with pytest.raises(ValueError, match="std_mode must be one of"):
+        group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), std_mode="prompt")
+    assert math.isfinite(group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long)).advantages.sum().item())

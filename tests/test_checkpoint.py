@@ -1,0 +1,370 @@
+"""Checkpoints: every component round-trips (resume equality of RNG draws and of the next optimizer step),
+a save that fails midway leaves the last good checkpoint and ``latest`` untouched, ranks never hang,
+retention, resume resolution, and export of a LoRA / full fine-tune to formats diffusers loads."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import diffalign.checkpoint as ckpt_mod
+from diffalign.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    export_main,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    restore_training_state,
+)
+
+PROMPTS = ["a red circle left of a blue square", "two green triangles"]
+SEQ_LEN = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a tiny training state
+# ----------------------------------------------------------------------------------------------------
+
+
+def _make(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return model, opt, sched, scaler
+
+
+_X = torch.linspace(-1, 1, 24).reshape(6, 4)
+_Y = torch.linspace(0, 1, 12).reshape(6, 2)
+
+
+def _train_step(model, opt, sched):
+    opt.zero_grad()
+    (model(_X) - _Y).square().mean().backward()
+    opt.step()
+    sched.step()
+
+
+def _draws(gen):
+    return (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], torch.rand(3, generator=gen))
+
+
+def _save(manager, step, model, opt, sched, scaler=None, gen=None, **kw):
+    return manager.save(
+        step, trainable_state=model.state_dict(), ema_state={k: 0.5 * v for k, v in model.state_dict().items()},
+        optimizer=opt, lr_scheduler=sched, grad_scaler=scaler, counters={"step": step, "epoch": step // 2},
+        sampler_state={"position": 17, "order": [3, 1, 2]}, config={"seed": 0, "model": {"path": "x"}},
+        extra={"note": "hi"}, generators={"sampler": gen} if gen is not None else None, **kw,
+    )
+
+
+def test_round_trip_every_component(tmp_path):
+    model, opt, sched, scaler = _make()
+    for _ in range(2):
+        _train_step(model, opt, sched)
+    gen = torch.Generator().manual_seed(7)
+    torch.rand(5, generator=gen)
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    path = _save(manager, 2, model, opt, sched, scaler, gen)
+
+    expected = _draws(gen)
+    _train_step(model, opt, sched)  # the uninterrupted run continues
+    expected_params = [p.detach().clone() for p in model.parameters()]
+
+    assert path == tmp_path / "checkpoints" / "step-00000002"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        ["trainable.safetensors", "ema.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng-rank0.pt",
+         "state.json", "config.yaml"])
+    meta = json.loads((path / "state.json").read_text())
+    assert meta["world_size"] == 1 and meta["counters"] == {"step": 2, "epoch": 1}
+
+    # A fresh process: other seeds, other RNG positions, untrained objects.
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    model2, opt2, sched2, scaler2 = _make(seed=99)
+    gen2 = torch.Generator().manual_seed(0)
+    state = load_checkpoint(path)
+    assert state.step == 2 and state.counters == {"step": 2, "epoch": 1}
+    assert state.sampler_state == {"position": 17, "order": [3, 1, 2]}
+    assert state.extra == {"note": "hi"} and state.config == {"seed": 0, "model": {"path": "x"}}
+    assert all(torch.equal(state.ema_state[k], 0.5 * v) for k, v in state.trainable_state.items())
+    model2.load_state_dict(state.trainable_state)
+    restore_training_state(state, opt2, sched2, scaler2)
+    assert restore_rng(state, generators={"sampler": gen2})
+    assert sched2.last_epoch == 2 and opt2.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.81)
+    assert scaler2.get_scale() == scaler.get_scale() == 1024.0
+
+    got = _draws(gen2)
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and torch.equal(got[3], expected[3])
+    _train_step(model2, opt2, sched2)
+    for a, b in zip(model2.parameters(), expected_params):
+        assert torch.equal(a, b)  # resume equality: the step after resume is the uninterrupted one
+
+
+def test_rng_files_load_with_weights_only(tmp_path):
+    model, opt, sched, _ = _make()
+    path = _save(CheckpointManager(tmp_path), 1, model, opt, sched)
+    for name in ("rng-rank0.pt", "optimizer.pt", "scheduler.pt"):
+        torch.load(path / name, weights_only=True)  # raises if anything needs unpickling
+
+
+@pytest.mark.parametrize("failing", ["trainable.safetensors", "scheduler.pt", "rng-rank0.pt", "config.yaml",
+                                     "state.json", "latest"])
+def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, failing):
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    good = _save(manager, 1, model, opt, sched)
+    good_bytes = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def fail_on(original):
+        def wrapper(*args):
+            target = [a for a in args if isinstance(a, ckpt_mod.Path)][0]
+            if target.name == failing or target.name.startswith(f".tmp-{failing}"):
+                raise OSError(f"disk full while writing {target.name}")
+            return original(*args)
+        return wrapper
+
+    for fn in ("_save_torch", "_save_safetensors", "_write_text"):
+        monkeypatch.setattr(ckpt_mod, fn, fail_on(getattr(ckpt_mod, fn)))
+    _train_step(model, opt, sched)
+    for step in (2, 1):  # a new step, and re-saving the existing one
+        with pytest.raises(OSError, match="disk full"):
+            _save(manager, step, model, opt, sched)
+        ckpts = tmp_path / "checkpoints"
+        assert not [p.name for p in ckpts.iterdir() if p.name.startswith(".")]
+        assert (ckpts / "latest").read_text().strip() == "step-00000001"
+        assert {p.name: p.read_bytes() for p in good.iterdir()} == good_bytes
+        assert resolve_resume(tmp_path, "latest") == good
+        assert load_checkpoint(good).step == 1
+    assert not (tmp_path / "checkpoints" / "step-00000002").exists()
+
+
+def test_retention_never_deletes_latest(tmp_path):
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        _save(manager, step, model, opt, sched)
+    assert [p.name for p in manager.checkpoints()] == ["step-00000003", "step-00000004"]
+
+    # Resumed from an older checkpoint while a newer one of the abandoned run exists.
+    manager1 = CheckpointManager(tmp_path, keep_last=1)
+    path = _save(manager1, 3, model, opt, sched)
+    assert manager1.latest() == path
+    assert [p.name for p in manager1.checkpoints()] == ["step-00000003", "step-00000004"]
+    keep_all = CheckpointManager(tmp_path, keep_last=None)
+    for step in (5, 6, 7, 8):
+        _save(keep_all, step, model, opt, sched)
+    assert len(keep_all.checkpoints()) == 6
+
+
+def test_resolve_resume(tmp_path):
+    assert resolve_resume(tmp_path, None) is None
+    assert resolve_resume(tmp_path, "") is None
+    assert resolve_resume(tmp_path, "latest") is None  # fresh start
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path)
+    first = _save(manager, 10, model, opt, sched)
+    second = _save(manager, 20, model, opt, sched)
+    assert resolve_resume(tmp_path, "latest") == second
+    assert resolve_resume(tmp_path, str(first)) == first
+    assert resolve_resume(tmp_path, "step-00000010") == first
+    with pytest.raises(CheckpointError, match="no such folder"):
+        resolve_resume(tmp_path, str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="run folder"):
+        resolve_resume(tmp_path, str(tmp_path))
+    (first / "optimizer.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint: missing \['optimizer.pt'\]"):
+        resolve_resume(tmp_path, str(first))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(first)
+    # `latest` naming a vanished folder: fall back to the newest complete one, with a warning.
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000030\n")
+    with pytest.warns(UserWarning, match="not a complete checkpoint"):
+        assert resolve_resume(tmp_path, "latest") == second
+
+
+def test_world_size_change_warns(tmp_path):
+    model, opt, sched, _ = _make()
+    path = _save(CheckpointManager(tmp_path), 1, model, opt, sched)
+    with pytest.warns(UserWarning) as record:
+        state = load_checkpoint(path, rank=1, world_size=2)
+    text = " ".join(str(w.message) for w in record)
+    assert "saved by 1 process(es), resuming with 2" in text and "no RNG state for rank 1" in text
+    assert state.rng_state is None
+    with pytest.warns(UserWarning, match="RNG not restored"):
+        assert restore_rng(state) is False
+
+
+def _run_ranks(tmp_path, world_size, step, model, opt, sched):
+    barrier = threading.Barrier(world_size, timeout=30)  # a hang fails the test instead of blocking it
+    results = {}
+
+    def worker(rank):
+        manager = CheckpointManager(tmp_path, rank=rank, world_size=world_size, barrier=barrier.wait)
+        try:
+            results[rank] = _save(manager, step, model, opt, sched)
+        except Exception as exc:  # noqa: BLE001
+            results[rank] = exc
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def test_every_rank_saves_and_no_rank_hangs_on_failure(tmp_path, monkeypatch):
+    model, opt, sched, _ = _make()
+    results = _run_ranks(tmp_path, 3, 5, model, opt, sched)
+    path = tmp_path / "checkpoints" / "step-00000005"
+    assert all(results[r] == path for r in range(3))
+    assert {f"rng-rank{r}.pt" for r in range(3)} <= {p.name for p in path.iterdir()}
+    assert load_checkpoint(path, rank=2, world_size=3).rng_state is not None
+    with pytest.raises(ValueError, match="needs a barrier"):
+        CheckpointManager(tmp_path, rank=0, world_size=2)
+
+    original = ckpt_mod._save_torch
+
+    def fail_rank2(obj, target):
+        if target.name == "rng-rank2.pt":
+            raise OSError("rank 2 lost its disk")
+        return original(obj, target)
+
+    monkeypatch.setattr(ckpt_mod, "_save_torch", fail_rank2)
+    results = _run_ranks(tmp_path, 3, 6, model, opt, sched)
+    assert isinstance(results[2], OSError)
+    assert isinstance(results[0], CheckpointError) and "rng-rank2.pt" in str(results[0])
+    assert isinstance(results[1], CheckpointError)
+    assert not (tmp_path / "checkpoints" / "step-00000006").exists()
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000005"
+
+
+# ----------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A tiny SD3 pipeline (with T5, so plain ``DiffusionPipeline.from_pretrained`` loads it) on disk."""
+    from diffalign.testing.tiny import tiny_sd3_pipeline
+
+    folder = tmp_path_factory.mktemp("base")
+    tiny_sd3_pipeline(with_t5=True).save_pretrained(folder)
+    return folder
+
+
+def _inputs(gen):
+    cond = gen.encode_prompts(PROMPTS, max_sequence_length=SEQ_LEN)
+    x = gen.prepare_latents(2, 32, 32, torch.Generator().manual_seed(0))
+    t = gen.make_schedule(4, 32, 32).timesteps[1].expand(2)
+    return cond, x, t
+
+
+def _perturbed(state, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def _run_with_checkpoint(tmp_path, base_model, lora: bool):
+    from diffalign.generators import load_generator
+
+    gen = load_generator(str(base_model))
+    config = {"model": {"path": str(base_model), "dtype": "float32",
+                        "lora": {"enabled": lora, "rank": 4, "alpha": 8.0, "target_modules": None}}}
+    if lora:
+        gen.add_lora(rank=4, alpha=8.0)
+        state = gen.lora_state_dict()
+    else:
+        state = {k: v.clone() for k, v in gen.denoiser.state_dict().items()}
+    trained, ema = _perturbed(state, 1), _perturbed(state, 2)
+    opt = torch.optim.AdamW(gen.trainable_parameters(), lr=1e-4)
+    CheckpointManager(tmp_path / "run").save(3, trainable_state=trained, ema_state=ema, optimizer=opt,
+                                             counters={"step": 3}, sampler_state={}, config=config)
+    return gen, trained, ema
+
+
+def _predict(gen, cond, x, t):
+    with torch.no_grad():
+        return gen.predict(x, t, cond)
+
+
+def test_export_lora_to_diffusers_lora_and_merged_pipeline(tmp_path, base_model, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffalign.generators import adapter_for_pipeline
+
+    gen, trained, ema = _run_with_checkpoint(tmp_path, base_model, lora=True)
+    cond, x, t = _inputs(gen)
+    base = _predict(gen, cond, x, t)
+    gen.load_lora_state_dict(ema)  # the default export is the EMA weights
+    expected = _predict(gen, cond, x, t)
+    assert (expected - base).abs().max() > 1e-3  # the LoRA matters
+
+    out = tmp_path / "export"
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--merged"]) == 0
+    assert "[export]" in capsys.readouterr().out
+    assert json.loads((out / "export.json").read_text())["weights"] == "ema"
+
+    pipe = DiffusionPipeline.from_pretrained(str(base_model))
+    pipe.load_lora_weights(str(out / "lora"))
+    assert torch.allclose(_predict(adapter_for_pipeline(pipe), cond, x, t), expected, atol=1e-5)
+
+    merged = adapter_for_pipeline(DiffusionPipeline.from_pretrained(str(out / "merged")))
+    assert not merged.has_lora and not any("lora" in n for n, _ in merged.denoiser.named_parameters())
+    assert torch.allclose(_predict(merged, cond, x, t), expected, atol=1e-5)
+
+    # --weights trained, default output folder
+    assert export_main([str(tmp_path / "run"), "--weights", "trained"]) == 0
+    pipe = DiffusionPipeline.from_pretrained(str(base_model))
+    pipe.load_lora_weights(str(tmp_path / "run" / "export" / "step-00000003" / "lora"))
+    gen.load_lora_state_dict(trained)
+    assert torch.allclose(_predict(adapter_for_pipeline(pipe), cond, x, t), _predict(gen, cond, x, t), atol=1e-5)
+    assert not (tmp_path / "run" / "export" / "step-00000003" / "merged").exists()
+
+
+def test_export_full_finetune_writes_merged(tmp_path, base_model):
+    from diffusers import DiffusionPipeline
+
+    from diffalign.generators import adapter_for_pipeline
+
+    gen, trained, _ = _run_with_checkpoint(tmp_path, base_model, lora=False)
+    gen.denoiser.load_state_dict(trained)
+    cond, x, t = _inputs(gen)
+    out = tmp_path / "export"
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--weights", "trained"]) == 0
+    assert not (out / "lora").exists()
+    merged = adapter_for_pipeline(DiffusionPipeline.from_pretrained(str(out / "merged")))
+    assert torch.allclose(_predict(merged, cond, x, t), _predict(gen, cond, x, t), atol=1e-5)
+
+
+def test_export_errors(tmp_path, capsys):
+    assert export_main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert export_main([str(tmp_path)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    model, opt, sched, _ = _make()
+    CheckpointManager(tmp_path).save(1, trainable_state=model.state_dict(), optimizer=opt,
+                                     config={"model": {"path": "x"}})
+    assert export_main([str(tmp_path), "--weights", "ema"]) == 2
+    assert "no EMA weights" in capsys.readouterr().err
+    assert export_main([str(tmp_path), "--checkpoint", str(tmp_path / "checkpoints" / "step-00000009")]) == 2
+    assert "no such folder" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""Hand-derived values of the GRPO loss pieces (Flow-GRPO eq. (6), DDPO §4.3)."""
+
+import math
+
+import pytest
+import torch
+
+from trainers.grpo import grpo_loss, kl_to_reference, resolve_kl_form, select_train_steps
+
+
+def test_on_policy_ratio_is_one_and_loss_is_minus_mean_advantage():
+    lp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    loss, st = grpo_loss(lp, lp.detach().clone(), adv, clip_range=1e-4, adv_clip_max=5.0)
+    assert loss.item() == pytest.approx(-adv.mean().item())
+    assert st.ratio_mean.item() == 1.0 and st.approx_kl.item() == 0.0 and st.clip_frac.item() == 0.0
+    loss.backward()
+    # d/dlogp of -A * exp(logp - old) at ratio 1 is -A / B
+    torch.testing.assert_close(lp.grad, -adv / 3)
+
+
+def test_clipping_hand_computed():
+    old = torch.zeros(2)
+    lp = torch.tensor([0.2, -0.2], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0])
+    eps = 0.1
+    loss, st = grpo_loss(lp, old, adv, clip_range=eps, adv_clip_max=5.0)
+    # sample 0: ratio e^0.2 > 1 + eps with A > 0 -> clipped branch -A (1 + eps) is the max, no gradient
+    # sample 1: ratio e^-0.2 < 1 - eps with A > 0 -> max(-A r, -A (1 - eps)) = -A r (unclipped), gradient flows
+    expected = (-(1 + eps) + -math.exp(-0.2)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert st.clip_frac.item() == 1.0
+    loss.backward()
+    assert lp.grad[0].item() == 0.0 and lp.grad[1].item() == pytest.approx(-math.exp(-0.2) / 2, rel=1e-6)
+
+
+def test_advantage_clip_and_kl_weight():
+    lp = torch.zeros(2)
+    loss, st = grpo_loss(lp, lp, torch.tensor([10.0, -10.0]), clip_range=1e-4, adv_clip_max=5.0,
+                         kl=torch.tensor([0.5, 1.5]), beta=0.1)
+    assert loss.item() == pytest.approx(0.0 + 0.1 * 1.0)
+    assert st.kl_loss.item() == pytest.approx(1.0)
+
+
+def test_kl_forms():
+    mean = torch.ones(2, 3)
+    ref = torch.zeros(2, 3)
+    std = torch.tensor([0.5, 0.5])
+    g = torch.tensor([2.0, 2.0])
+    torch.testing.assert_close(kl_to_reference(mean, ref, std, form="gaussian"), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(kl_to_reference(mean, ref, std, form="flow_grpo", g=g), torch.tensor([0.125, 0.125]))
+    v = torch.full((2, 3), 3.0)
+    torch.testing.assert_close(kl_to_reference(mean, ref, std, form="velocity", velocity=v, ref_velocity=v * 0),
+                               torch.tensor([9.0, 9.0]))
+    assert resolve_kl_form("auto", "flow_sde") == "flow_grpo" and resolve_kl_form("auto", "ddim") == "gaussian"
+    with pytest.raises(ValueError, match="flow_sde"):
+        resolve_kl_form("flow_grpo", "ddim")
+
+
+def test_select_train_steps_never_last_and_random_subsets():
+    stoch = torch.ones(10, dtype=torch.bool)
+    first = select_train_steps(stoch, 3, fraction=0.99, mode="first")
+    assert first.shape == (3, 9) and first[0].tolist() == list(range(9))
+    rnd = select_train_steps(stoch, 4, fraction=0.5, mode="random", generator=torch.Generator().manual_seed(0))
+    assert rnd.shape == (4, 5)
+    assert all(len(set(row.tolist())) == 5 for row in rnd)
+    assert not all(torch.equal(rnd[0], rnd[i]) for i in range(1, 4))
+    window = torch.zeros(10, dtype=torch.bool)
+    window[2:5] = True
+    assert select_train_steps(window, 1, fraction=1.0, mode="first")[0].tolist() == [2, 3, 4]
+    with pytest.raises(ValueError, match="no stochastic steps"):
+        select_train_steps(torch.zeros(4, dtype=torch.bool), 1, fraction=1.0, mode="first")

@@ -1,0 +1,117 @@
+"""GRPO trainer behaviour on tiny random pipelines: on-policy ratio, resume equality, export, DDPO path."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from diffalign.checkpoint import load_checkpoint, resolve_resume
+from diffalign.logging import read_metrics
+from grpo_helpers import run_config, save_tiny
+from trainers.grpo import GRPOTrainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(cfg):
+    trainer = GRPOTrainer(cfg)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+def test_single_update_first_ratio_is_exactly_one_and_kl_zero(tmp_path):
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 1})
+    trainer = _train(cfg)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["train/updates"] == 1
+    assert rows[-1]["train/ratio_mean"] == 1.0
+    assert rows[-1]["train/approx_kl"] == 0.0
+    assert rows[-1]["train/clip_frac"] == 0.0
+    # and the update did change the LoRA weights
+    assert any(p.abs().sum() > 0 for n, p in trainer.adapter.lora_state_dict().items() if "lora_B" in n)
+
+
+def test_second_update_in_an_epoch_is_off_policy(tmp_path):
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run",
+                     train={"num_epochs": 1, "gradient_accumulation_steps": 1, "clip_range": 1e-6})
+    _train(cfg)
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert row["train/updates"] == 2
+    assert row["train/approx_kl"] > 0 and row["train/clip_frac"] > 0
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    model = save_tiny(tmp_path)
+    full = _train(run_config(model, tmp_path / "full", train={"num_epochs": 4}))
+    half_cfg = run_config(model, tmp_path / "split", train={"num_epochs": 4, "stop_after_epochs": 2})
+    _train(half_cfg)
+    assert resolve_resume(tmp_path / "split", "latest").name.endswith("00000002")
+    resumed = _train(run_config(model, tmp_path / "split", train={"num_epochs": 4}))
+    a, b = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    ra = [r["reward/jpeg_compressibility"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "epoch" in r]
+    rb = [r["reward/jpeg_compressibility"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl") if "epoch" in r]
+    assert ra == rb and len(ra) == 4
+    state = load_checkpoint(resolve_resume(tmp_path / "split", "latest"))
+    assert state.counters["epoch"] == 4
+
+
+def test_ddpo_path_random_timesteps_and_kl(tmp_path):
+    cfg = run_config(save_tiny(tmp_path, "sd15"), tmp_path / "run",
+                     sample={"step": "ddim", "noise_level": 1.0},
+                     train={"num_epochs": 1, "timestep_selection": "random", "timestep_fraction": 0.5,
+                            "beta": 0.1, "advantage": "per_prompt_tracker", "tracker_min_count": 2})
+    _train(cfg)
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert row["train/ratio_mean"] == 1.0 and row["train/updates"] == 1
+    # LoRA starts as the identity (B = 0), so the first KL to the reference is exactly 0 on every step
+    assert row["train/kl_loss"] == 0.0
+
+
+def test_flow_grpo_kl_with_window(tmp_path):
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run",
+                     sample={"window": [0, 2], "random_window": [0, 3]},
+                     train={"num_epochs": 2, "beta": 0.04, "timestep_fraction": 1.0,
+                            "gradient_accumulation_steps": 1})
+    _train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
+    assert rows[-1]["train/kl_loss"] > 0  # the policy moved away from the reference
+
+
+def test_export_reproduces_trained_samples(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from diffalign.checkpoint import export_checkpoint
+    from diffalign.generators import adapter_for_pipeline
+    from samplers import make_generators, rollout
+
+    model = save_tiny(tmp_path)
+    trainer = _train(run_config(model, tmp_path / "run", train={"num_epochs": 1}))
+    ckpt = resolve_resume(tmp_path / "run", "latest")
+    export_checkpoint(ckpt, tmp_path / "export", merged=True)
+
+    def final_latents(adapter):
+        cond = adapter.encode_prompts(["a red circle"] * 2, "", 1.0)
+        gens = make_generators(0, [0, 1])
+        x = adapter.prepare_latents(2, 32, 32, generator=gens)
+        sched = adapter.make_schedule(4, 32, 32)
+        return rollout(adapter.model_fn(cond, 1.0), sched, x, step="flow_euler", noise_level=0.0).final
+
+    want = final_latents(trainer.adapter)
+    pipe = DiffusionPipeline.from_pretrained(model, text_encoder_3=None, tokenizer_3=None)
+    pipe.load_lora_weights(str(tmp_path / "export" / "lora"))
+    torch.testing.assert_close(final_latents(adapter_for_pipeline(pipe)), want, rtol=1e-5, atol=1e-5)
+    merged = DiffusionPipeline.from_pretrained(str(tmp_path / "export" / "merged"), text_encoder_3=None,
+                                               tokenizer_3=None)
+    torch.testing.assert_close(final_latents(adapter_for_pipeline(merged)), want, rtol=1e-4, atol=1e-4)
