@@ -544,6 +544,8 @@ class CheckpointManager:
         try:
             if self.rank == 0:
                 try:
+                    # JSON problems surface before anything is written
+                    _json_text([counters, sampler_state, extra], "counters / sampler_state / extra")
                     self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
                     self._remove_stale()
                     tmp.mkdir()
@@ -603,7 +605,7 @@ class CheckpointManager:
         if trainable_state is None or len(trainable_state) == 0:
             raise CheckpointError("trainable_state is empty; pass adapter.lora_state_dict() (LoRA) or the "
                                   "denoiser's state_dict() (full fine-tuning)")
-        # Serialise the text parts first: a bad value fails before any large file is written.
+        # Serialise the config first: a bad value fails before any large file is written.
         config_text = _dump_config(config)
         meta = {"format": "pt", "step": str(step)}
         files = [TRAINABLE_FILE, CONFIG_FILE]

@@ -242,6 +242,7 @@ class MetricsLogger:
 
 _PAD = 2
 _CAPTION_LINES = 3
+_MAX_TILE = 512
 
 
 def _auto_scale(size: int) -> int:
@@ -286,9 +287,10 @@ def save_image_grid(images: Any, captions: Optional[Sequence[str]], path: PathLi
                     scale: Optional[int] = 4) -> Path:
     """Write ``images [B, 3, H, W]`` (values in [0, 1]) as a PNG grid and return ``path``.
 
-    Tiles are upscaled by the integer ``scale`` (nearest neighbour; ``None`` = enough to reach ~128 px),
-    laid out ``min(ncol, B)`` per row with a 2 px white gutter; each caption goes under its tile in PIL's
-    default font, wrapped to the tile width, at most 3 lines (then cut with '...').
+    Small images are upscaled by the integer ``scale`` (nearest neighbour), but tiles never grow past 512 px,
+    so large images stay 1:1 (``scale=None``: just enough to reach ~128 px). Tiles are laid out
+    ``min(ncol, B)`` per row with a 2 px white gutter; each caption goes under its tile in PIL's default
+    font, wrapped to the tile width, at most 3 lines (then cut with '...').
     Grid size: ``W_grid = n_col * (W * scale + 2) + 2``, ``H_grid = n_row * (H * scale + caption_h + 2) + 2``.
     """
     from PIL import Image, ImageDraw, ImageFont
@@ -303,9 +305,10 @@ def save_image_grid(images: Any, captions: Optional[Sequence[str]], path: PathLi
         raise ValueError(f"got {len(captions)} captions for {b} images; give one per image or None")
     if ncol < 1:
         raise ValueError(f"ncol must be >= 1, got {ncol}")
-    scale = _auto_scale(max(h, w)) if scale is None else int(scale)
-    if scale < 1:
+    if scale is not None and int(scale) < 1:
         raise ValueError(f"scale must be a positive integer (or None for automatic), got {scale}")
+    # Only small images are enlarged: never beyond _MAX_TILE px, so real models' 1024 px images stay 1:1.
+    scale = _auto_scale(max(h, w)) if scale is None else max(1, min(int(scale), _MAX_TILE // max(h, w)))
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
     pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     tile_w, tile_h = w * scale, h * scale

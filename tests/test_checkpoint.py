@@ -134,7 +134,7 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch, failing):
 
     def fail_on(original):
         def wrapper(*args):
-            target = [a for a in args if isinstance(a, ckpt_mod.Path)][0]
+            target = next(a for a in args if isinstance(a, ckpt_mod.Path))
             if target.name == failing or target.name.startswith(f".tmp-{failing}"):
                 raise OSError(f"disk full while writing {target.name}")
             return original(*args)
@@ -361,10 +361,36 @@ def test_export_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert export_main([str(tmp_path)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
-    model, opt, sched, _ = _make()
+    model, opt, _, _ = _make()
     CheckpointManager(tmp_path).save(1, trainable_state=model.state_dict(), optimizer=opt,
                                      config={"model": {"path": "x"}})
     assert export_main([str(tmp_path), "--weights", "ema"]) == 2
     assert "no EMA weights" in capsys.readouterr().err
     assert export_main([str(tmp_path), "--checkpoint", str(tmp_path / "checkpoints" / "step-00000009")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_leftovers_of_a_killed_save_are_cleaned_or_restored(tmp_path):
+    import shutil
+
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    first = _save(manager, 1, model, opt, sched)
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / ".tmp-step-00000002").mkdir()  # killed while writing step 2
+    (ckpts / ".tmp-step-00000002" / "trainable.safetensors").write_bytes(b"partial")
+    (ckpts / ".tmp-latest.123").write_text("step-0000")
+    shutil.move(str(first), str(ckpts / ".old-step-00000001"))  # killed while re-saving step 1
+    _save(manager, 3, model, opt, sched)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000001", "step-00000003"]
+    assert load_checkpoint(first).step == 1
+
+
+def test_bad_values_are_clear_errors(tmp_path):
+    model, opt, _, _ = _make()
+    manager = CheckpointManager(tmp_path)
+    with pytest.raises(CheckpointError, match="JSON-serialisable"):
+        manager.save(1, trainable_state=model.state_dict(), optimizer=opt, counters={"step": torch.tensor(1)})
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        manager.save(1, trainable_state={"w": [1.0]}, optimizer=opt)
+    assert manager.latest() is None and not [p for p in (tmp_path / "checkpoints").iterdir()]

@@ -115,3 +115,20 @@ def test_export_reproduces_trained_samples(tmp_path):
     merged = DiffusionPipeline.from_pretrained(str(tmp_path / "export" / "merged"), text_encoder_3=None,
                                                tokenizer_3=None)
     torch.testing.assert_close(final_latents(adapter_for_pipeline(merged)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_ema_is_checkpointed_under_parameter_names_and_restored(tmp_path):
+    model = save_tiny(tmp_path)
+    cfg = run_config(model, tmp_path / "run", train={"num_epochs": 2, "ema": True, "ema_decay": 0.5,
+                                                     "stop_after_epochs": 1})
+    first = _train(cfg)
+    state = load_checkpoint(resolve_resume(tmp_path / "run", "latest"))
+    assert set(state.ema_state) == set(state.trainable_state)
+    assert any(not torch.equal(state.ema_state[k], state.trainable_state[k]) for k in state.ema_state)
+    resumed = GRPOTrainer(run_config(model, tmp_path / "run", train={"num_epochs": 2, "ema": True,
+                                                                       "ema_decay": 0.5}))
+    resumed.setup()
+    for a, b in zip(first.ema.shadow, resumed.ema.shadow):
+        assert torch.equal(a, b)
+    for a, b in zip(first.params, resumed.params):
+        assert torch.equal(a, b)

@@ -101,6 +101,8 @@ def test_image_grid_size_and_pixels(tmp_path):
     caption_area = with_text[2 + 8:2 + cell_h - 2, 2:2 + 12]
     assert caption_area.min() < 128  # text was drawn under tile 0
     assert np.array_equal(_cell_pixels(with_text, 2 + 14, 2 + cell_h, 4, 6, 2), expected)
+    big = save_image_grid(torch.rand(2, 3, 300, 200), ["a", "b"], tmp_path / "big.png", ncol=2, scale=4)
+    assert Image.open(big).size[0] == 2 * (200 + 2) + 2  # large images are not enlarged
     with pytest.raises(ValueError, match="captions for 5 images"):
         save_image_grid(images, ["one"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):

@@ -210,7 +210,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from diffalign.advantages import PerPromptStatTracker, RunningMoments
-        from diffalign.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+        from diffalign.checkpoint import CheckpointManager, resolve_resume
         from diffalign.config import to_dict
         from diffalign.distributed import DistContext
         from diffalign.logging import MetricsLogger
@@ -246,7 +246,7 @@ class GRPOTrainer:
         self.epoch, self.global_step = 0, 0
         resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
         if resume is not None:
-            self._restore(load_checkpoint(resume, rank=self.dist.rank))
+            self._restore(self.ckpt.load(resume))
         self.logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                                     wandb_project=run.logging.wandb_project, is_main=self.dist.is_main,
                                     resume_step=self.epoch if resume is not None else None)
@@ -258,10 +258,12 @@ class GRPOTrainer:
     def _restore(self, state) -> None:
         from diffalign.checkpoint import restore_rng, restore_training_state
 
-        self._load_trainable(state.trainable_state)
         if self.ema is not None and state.ema_state:
+            # EMA weights are stored under the trainable state's names: load them, copy, then the live ones
+            self._load_trainable(state.ema_state)
             self.ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
-                                      "shadow": [state.ema_state[str(i)] for i in range(len(self.params))]})
+                                      "shadow": [p.detach().clone() for p in self.params]})
+        self._load_trainable(state.trainable_state)
         restore_training_state(state, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
         self.epoch = int(state.counters["epoch"])
         self.global_step = int(state.counters["step"])
@@ -274,8 +276,8 @@ class GRPOTrainer:
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
         if self.adapter.has_lora:
-            return {k: v.detach().float().contiguous() for k, v in self.adapter.lora_state_dict().items()}
-        return {k: v.detach().float().contiguous() for k, v in self.adapter.denoiser.state_dict().items()}
+            return {k: v.detach().float().clone() for k, v in self.adapter.lora_state_dict().items()}
+        return {k: v.detach().float().clone() for k, v in self.adapter.denoiser.state_dict().items()}
 
     def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
         if self.adapter.has_lora:
@@ -288,7 +290,8 @@ class GRPOTrainer:
     def save_checkpoint(self) -> None:
         ema_state = None
         if self.ema is not None:
-            ema_state = {str(i): s.contiguous() for i, s in enumerate(self.ema.shadow)}
+            with self.ema.swapped_in():
+                ema_state = self._trainable_state()
         self.ckpt.save(
             self.epoch,
             trainable_state=self._trainable_state(),

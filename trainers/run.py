@@ -68,14 +68,11 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
         if path is None:
             raise FileNotFoundError(f"no checkpoint found for {checkpoint!r} in {cfg.output_dir}")
         state = load_checkpoint(path)
-        sd = state.trainable_state
+        sd = state.ema_state or state.trainable_state  # evaluate the EMA weights when the run kept them
         if adapter.has_lora:
             adapter.load_lora_state_dict(sd)
         else:
             adapter.denoiser.load_state_dict(sd)
-        if state.ema_state:
-            for p, (_, v) in zip(adapter.trainable_parameters(), sorted(state.ema_state.items(), key=lambda kv: int(kv[0]))):
-                p.data.copy_(v)
     return adapter
 
 

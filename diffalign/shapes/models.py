@@ -3,12 +3,15 @@
 * ``shapes-flow``: a rectified-flow model (velocity prediction) in a ``StableDiffusion3Pipeline``: two
   tiny CLIP text encoders sharing one tokenizer, no T5, an ``SD3Transformer2DModel`` over 16x16x4
   latents, a small ``AutoencoderKL`` (2x down-sampling), ``FlowMatchEulerDiscreteScheduler``.
-  Trained without T5 tokens, so call it with ``max_sequence_length=0`` (diffalign does this for you;
-  with plain diffusers pass it to the pipeline call, otherwise 256 zero tokens are appended).
+  Trained without T5 tokens, so call it with ``max_sequence_length=0`` (diffalign does this for you,
+  from the folder's ``diffalign.json``; with plain diffusers pass it to the pipeline call, otherwise 256
+  zero tokens are appended). Plain diffusers 0.42 also needs the absent T5 named on load:
+  ``DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)``.
 * ``shapes-ddpm``: an epsilon-prediction diffusion model in a ``StableDiffusionPipeline``: one tiny
   CLIP text encoder, a ``UNet2DConditionModel``, the same kind of VAE, ``DDIMScheduler``.
 
-Both load with plain ``DiffusionPipeline.from_pretrained(path)`` and through diffalign's adapters.
+Both load with plain ``DiffusionPipeline.from_pretrained`` (see the T5 note above) and through
+diffalign's adapters (``load_generator``).
 The weights live in the repository (``diffalign/shapes/models/<name>``); ``scripts/pretrain_shapes.py``
 reproduces them from a seed. ``resolve_model_path("builtin:shapes-flow")`` gives the folder.
 """
