@@ -25,6 +25,11 @@ __all__ = [
     "group_advantages",
     "RunningMoments",
     "PerPromptStatTracker",
+    "AGGREGATIONS",
+    "per_reward_advantages",
+    "gdpo_advantages",
+    "MultiRewardAdvantages",
+    "multi_reward_advantages",
 ]
 
 STD_MODES = ("group", "batch", "global")
@@ -186,3 +191,109 @@ class PerPromptStatTracker:
 
     def load_state_dict(self, state: Dict) -> None:
         self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
+
+
+# ----------------------------------------------------------------------------------------- several rewards
+
+#: how the columns of a ``[N, R]`` reward matrix become advantages (``train.aggregation``)
+AGGREGATIONS = ("weighted_sum", "gdpo", "marble")
+
+
+def per_reward_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    std_mode: str = "group",
+    eps: float = 1e-4,
+    clip: Optional[float] = 5.0,
+) -> torch.Tensor:
+    """``[N, R]`` group-normalised advantages of each reward column on its own (GDPO step 1; MARBLE's
+    independent per-reward advantage ``A_k``, seed_algorithms.md §6.2). NaN entries get 0 in their column."""
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be [N, R], got shape {tuple(rewards.shape)}")
+    cols = [group_advantages(rewards[:, k], group_ids, std_mode=std_mode, eps=eps, clip=clip).advantages
+            for k in range(rewards.shape[1])]
+    return torch.stack(cols, dim=1)
+
+
+def gdpo_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    eps: float = 1e-4,
+    clip: Optional[float] = 5.0,
+) -> torch.Tensor:
+    """``[N]`` GDPO advantages (NVIDIA, arXiv 2601.05242; seed_algorithms.md §7.1).
+
+    Each reward is normalised within its group (``(r - mean_g) / (std_g + eps)``, group std), the columns are
+    summed with ``weights``, and the sum is whitened over the batch (``(s - mean) / (std + eps)``; the paper
+    reports training failures without this step). Clipping comes last.
+    """
+    per = per_reward_advantages(rewards, group_ids, std_mode="group", eps=eps, clip=None).double()
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if w.shape != (rewards.shape[1],):
+        raise ValueError(f"need {rewards.shape[1]} weights for {rewards.shape[1]} reward columns, got {tuple(w.shape)}")
+    summed = per @ w
+    std = summed.std(unbiased=False) if summed.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    adv = (summed - summed.mean()) / (std + eps)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv.float()
+
+
+@dataclass
+class MultiRewardAdvantages:
+    """Result of :func:`multi_reward_advantages`.
+
+    Attributes:
+        advantages: ``[N]`` (weighted_sum, gdpo) or ``[N, R]`` (marble: one column per reward).
+        keep: ``[N]`` bool, samples to train on.
+        combined: ``[N]`` the weighted-sum reward (logged in every mode).
+        stats: scalar diagnostics (``zero_std_fraction``, ``group_std_mean`` where defined).
+    """
+
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    combined: torch.Tensor
+    stats: Dict[str, float]
+
+
+def multi_reward_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    aggregation: str = "weighted_sum",
+    std_mode: str = "batch",
+    eps: float = 1e-4,
+    clip: Optional[float] = 5.0,
+    drop_zero_std: bool = False,
+    global_std: Optional[float] = None,
+) -> MultiRewardAdvantages:
+    """Advantages of a ``[N, R]`` reward matrix under one of :data:`AGGREGATIONS`.
+
+    * ``weighted_sum`` (Flow-GRPO / DiffusionNFT): weighted sum of the columns (NaN renormalised, see
+      :func:`rewards.weighted_sum`), then :func:`group_advantages` with ``std_mode``.
+    * ``gdpo``: :func:`gdpo_advantages`.
+    * ``marble``: :func:`per_reward_advantages` with ``std_mode`` (``global`` falls back to ``batch``); the
+      trainer harmonises the per-reward gradients. Reward weights are not used (MARBLE learns them).
+    """
+    from rewards import weighted_sum
+
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    combined = weighted_sum(rewards, torch.as_tensor(list(weights), dtype=torch.float32))
+    if aggregation == "weighted_sum":
+        res = group_advantages(combined, group_ids, std_mode=std_mode, eps=eps, clip=clip,
+                               drop_zero_std=drop_zero_std, global_std=global_std)
+        return MultiRewardAdvantages(res.advantages, res.keep, combined,
+                                     {"zero_std_fraction": res.zero_std_fraction,
+                                      "group_std_mean": res.group_std_mean})
+    keep = ~torch.isnan(combined)
+    if aggregation == "gdpo":
+        adv = gdpo_advantages(rewards, group_ids, weights, eps=eps, clip=clip)
+        return MultiRewardAdvantages(adv * keep, keep, combined, {})
+    mode = "batch" if std_mode == "global" else std_mode
+    adv = per_reward_advantages(rewards, group_ids, std_mode=mode, eps=eps, clip=clip)
+    return MultiRewardAdvantages(adv * keep[:, None], keep, combined, {})

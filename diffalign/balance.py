@@ -229,7 +229,9 @@ def min_norm_cvxpy(gram: torch.Tensor, solver: str = "CLARABEL") -> torch.Tensor
         lmat = np.sqrt(np.clip(vals, 0, None))[:, None] * vecs.T
         w = cp.Variable(k)
         prob = cp.Problem(cp.Minimize(cp.sum_squares(lmat @ w)), [w >= 0, cp.sum(w) == 1])
-        prob.solve(solver=solver)
+        opts = dict(tol_gap_abs=1e-14, tol_gap_rel=1e-14, tol_feas=1e-14, tol_ktratio=1e-12,
+                    max_iter=500) if solver == "CLARABEL" else {}
+        prob.solve(solver=solver, **opts)
         out.append(np.clip(np.asarray(w.value, dtype=np.float64), 0, None))
     res = torch.tensor(np.stack(out), dtype=torch.float64).reshape(*g.shape[:-1])
     return res / res.sum(-1, keepdim=True)
@@ -398,9 +400,10 @@ class RewardGradients:
         self.buffer.zero_()
 
     def accumulate(self, losses: Sequence[torch.Tensor], *, retain_graph: bool = False) -> None:
-        """Add ``d loss_k / d params`` to row k for each loss (``retain_graph`` for the graph's later use)."""
-        if len(losses) != self.buffer.shape[0]:
-            raise ValueError(f"expected {self.buffer.shape[0]} losses, got {len(losses)}")
+        """Add ``d loss_k / d params`` to row k for each loss (the first ``len(losses)`` rows);
+        ``retain_graph`` keeps the graph after the last one."""
+        if len(losses) > self.buffer.shape[0]:
+            raise ValueError(f"at most {self.buffer.shape[0]} losses, got {len(losses)}")
         for k, loss in enumerate(losses):
             keep = retain_graph or k < len(losses) - 1
             grads = torch.autograd.grad(loss, self.params, retain_graph=keep, allow_unused=True)
@@ -415,6 +418,15 @@ class RewardGradients:
 
         dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM)
         self.buffer /= world_size
+
+    def harmonize_into_grad(self, harmonizer: "Harmonizer", world_size: int) -> Harmonized:
+        """The MARBLE step on the accumulated per-reward gradients (rows ``0..K-1``): all-reduce, solve, add the
+        combined direction to ``.grad``, reset the buffers. Returns the :class:`Harmonized` record."""
+        self.all_reduce(world_size)
+        res = harmonizer.step(self.buffer[:harmonizer.num_rewards])
+        self.add_to_grad(res.direction)
+        self.reset()
+        return res
 
     def add_to_grad(self, direction: torch.Tensor) -> None:
         """``p.grad += direction`` (``[D]``, split and shaped like ``params``)."""

@@ -90,6 +90,7 @@ __all__ = [
     "RewardSpec",
     "LoggingConfig",
     "CheckpointConfig",
+    "GuidanceConfig",
     "RunConfig",
 ]
 
@@ -1078,6 +1079,69 @@ class PromptsConfig:
             check(self.path is not None, "path", "source=file needs prompts.path (one prompt per line)")
 
 
+_GUIDANCE_METHODS = ("none", "doob", "fk", "svdd", "best_of_n")
+
+
+@dataclass
+class GuidanceConfig:
+    """Training-free reward-guided sampling for ``diffalign sample`` (samplers.guided); rewards: ``rewards``."""
+
+    method: Literal["none", "doob", "fk", "svdd", "best_of_n"] = param(
+        "none",
+        help="none (the plain sample grid), doob (DOIT Doob h-transform), fk (Feynman-Kac steering), svdd "
+        "(per-step candidate selection), best_of_n",
+    )
+    compare: List[str] = param(
+        [], help="more methods to run on the same prompts and noise for the comparison table, e.g. [none, best_of_n]"
+    )
+    num_particles: int = param(
+        1, help="particles (samples) per prompt: N of best_of_n, FK's particles, DOIT/SVDD chains (best kept)", min=1
+    )
+    num_steps: Optional[int] = param(None, help="sampler steps; null = sample.eval_num_steps", min=1)
+    step: Optional[Literal["flow_sde", "flow_cps", "ddim"]] = param(
+        None, help="stochastic kernel of the guided sampler; null = sample.step (ddim for diffusion models)"
+    )
+    noise_level: Optional[float] = param(None, help="kernel noise (a or eta); null = sample.noise_level", min=0.0)
+    window: Optional[Tuple[int, int]] = param(
+        None, help="[start, end): steps that are guided (DOIT), resampled (FK) or selected (SVDD); null = all"
+    )
+    gamma: float = param(1.0, help="DOIT strength; 0 reproduces the unguided sampler exactly", min=0.0)
+    num_candidates: int = param(8, help="DOIT / SVDD candidates M per step and sample", min=1)
+    temperature: float = param(1.0, help="DOIT softmax temperature tau (on standardised rewards by default)")
+    standardize: bool = param(True, help="DOIT: z-score each reward column over the M candidates")
+    antithetic: bool = param(True, help="DOIT: antithetic candidate noise (M must be even)")
+    lookahead: Literal["reuse_eps", "denoise"] = param(
+        "reuse_eps", help="DOIT candidate clean estimate: reuse_eps (free) or denoise (M forwards per step)"
+    )
+    fk_lambda: float = param(2.0, help="FK lambda: target p0 exp(lambda r)")
+    fk_potential: Literal["diff", "max", "add", "rt"] = param("max", help="FK potential")
+    fk_every: int = param(1, help="FK: resample every N steps inside window", min=1)
+    fk_ess_threshold: float = param(
+        0.5, help="FK: resample when ESS < this * particles (1 = always, 0 = never)", min=0.0
+    )
+    svdd_alpha: float = param(0.0, help="SVDD selection temperature; 0 = argmax", min=0.0)
+    svdd_lookahead: Literal["reuse_eps", "denoise"] = param(
+        "denoise", help="SVDD candidate value: denoise (SVDD-PM, M forwards per step) or reuse_eps"
+    )
+    select: Literal["best", "all"] = param("best", help="keep the best particle per prompt, or all particles")
+
+    def __post_init__(self) -> None:
+        check(self.temperature > 0, "temperature", f"got {self.temperature!r}; must be > 0")
+        for i, m in enumerate(self.compare):
+            check(
+                m in _GUIDANCE_METHODS,
+                f"compare.{i}",
+                f"invalid choice {m!r}; {_suggest(m, list(_GUIDANCE_METHODS))}valid choices: "
+                f"{_choices_text(_GUIDANCE_METHODS)}",
+            )
+        check(
+            not (self.method == "doob" and self.antithetic and self.num_candidates % 2),
+            "num_candidates",
+            f"got {self.num_candidates}; antithetic DOIT needs an even number, use {self.num_candidates + 1} "
+            "or antithetic=false",
+        )
+
+
 @dataclass
 class RunConfig:
     """A whole run: shared sections plus the chosen trainer's raw ``train`` section."""
@@ -1100,6 +1164,9 @@ class RunConfig:
     )
     logging: LoggingConfig = param(default_factory=LoggingConfig, help="logging")
     checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig, help="checkpoints")
+    guidance: GuidanceConfig = param(
+        default_factory=GuidanceConfig, help="reward-guided sampling (diffalign sample)"
+    )
 
     def validate(self) -> None:
         """Parse the train section with the trainer's dataclass and keep it resolved (defaults filled in),

@@ -19,3 +19,11 @@ from samplers.steps import (  # noqa: F401
     gaussian_log_prob,
     scheduled_step,
 )
+from samplers.guided import (  # noqa: F401,E402
+    GUIDANCE_METHODS,
+    best_of_n,
+    doob_model_fn,
+    fk_steering,
+    guided_sample,
+    svdd_sample,
+)

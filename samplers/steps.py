@@ -12,7 +12,7 @@ overflow in the mean, Flow-GRPO's note); log-probs are reduced by the MEAN over 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 

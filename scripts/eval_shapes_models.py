@@ -81,8 +81,9 @@ def main(argv=None):
             images = generate(adapter, prompts, steps=args.steps, guidance=args.guidance, seed=args.seed)
             scores, details = score_images(images, prompts)
             cat, strict = per_category(prompts, scores, details)
-            result[split] = {"mean": float(scores.mean()), "strict": float(sum(d["strict"] for d in details) / len(details)),
-                             "per_category": cat, "per_category_strict": strict}
+            strict_all = float(sum(d["strict"] for d in details) / len(details))
+            result[split] = {"mean": float(scores.mean()), "strict": strict_all, "per_category": cat,
+                             "per_category_strict": strict}
             if split == "held_in":
                 caps = [f"{p} [{s:.2f}]" for p, s in zip(prompts[:32], scores[:32].tolist())]
                 save_image_grid(images[:32], caps, args.grid_dir / f"{name}-grid.png", ncol=8, scale=4)

@@ -37,7 +37,8 @@ def config(model: str, out: str, *, batch_size: int, num_batches: int, num_epoch
     return run_config(
         model, out,
         sample={"batch_size": batch_size, "num_batches_per_epoch": num_batches, "group_size": 4},
-        train={"num_epochs": num_epochs, "batch_size": batch_size, "gradient_accumulation_steps": num_batches},
+        train={"num_epochs": num_epochs, "batch_size": batch_size,
+               "gradient_accumulation_steps": num_batches},
         checkpoint={"every": 0, "keep_last": 1, "resume_from": None},
     )
 

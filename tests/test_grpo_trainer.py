@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
+from grpo_helpers import run_config, save_tiny
 
 from diffalign.checkpoint import load_checkpoint, resolve_resume
 from diffalign.logging import read_metrics
-from grpo_helpers import run_config, save_tiny
 from trainers.grpo import GRPOTrainer
 
 

@@ -17,8 +17,8 @@ from samplers import (
     flow_sigmas,
     make_generators,
     rollout,
-    score_steps,
     scheduled_step,
+    score_steps,
     vp_schedule,
 )
 from samplers.schedules import alphas_cumprod_from_betas
@@ -226,7 +226,10 @@ class TinyModel(torch.nn.Module):
 @pytest.mark.parametrize("step,level,vp", [("flow_sde", 0.7, False), ("flow_cps", 0.8, False), ("ddim", 1.0, True)])
 def test_rescoring_reproduces_stored_log_probs_exactly(step, level, vp):
     model = TinyModel()
-    sched = vp_schedule(alphas_cumprod_from_betas(), 10, steps_offset=1) if vp else flow_schedule(flow_sigmas(10, shift=3.0))
+    if vp:
+        sched = vp_schedule(alphas_cumprod_from_betas(), 10, steps_offset=1)
+    else:
+        sched = flow_schedule(flow_sigmas(10, shift=3.0))
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     traj = rollout(model, sched, x, step=step, noise_level=level, generator=torch.Generator().manual_seed(1))
     last = 9 if step == "flow_sde" or vp else 8  # CPS is deterministic on its last step (sigma_next = 0)

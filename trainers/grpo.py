@@ -70,6 +70,10 @@ class GRPOConfig:
         "batch", help="std of the advantage: within the group, of the gathered batch (Flow-GRPO), or running"
     )
     adv_eps: float = param(1e-4, help="added to the std", min=0.0)
+    aggregation: Literal["weighted_sum", "gdpo", "marble"] = param(
+        "weighted_sum", help="multi-reward aggregation: weighted_sum (sum, then normalise), gdpo (normalise each "
+        "reward per group, weighted-sum, whiten), marble (per-reward gradients combined by the min-norm QP every "
+        "step, diffalign.balance)")
     drop_zero_std_groups: bool = param(False, help="do not train on groups whose rewards are all equal")
     tracker_buffer_size: int = param(16, help="per_prompt_tracker: rewards kept per prompt", min=1)
     tracker_min_count: int = param(16, help="per_prompt_tracker: below this use batch statistics", min=1)
@@ -92,6 +96,8 @@ class GRPOConfig:
         total = s.batch_size * s.num_batches_per_epoch
         check(total % self.batch_size == 0, "train.batch_size",
               f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
+        check(self.aggregation == "weighted_sum" or self.advantage == "group", "train.aggregation",
+              f"{self.aggregation!r} needs train.advantage='group' (got {self.advantage!r})")
 
 
 # ----------------------------------------------------------------------------------------- pure math
@@ -241,6 +247,11 @@ class GRPOTrainer:
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
         self.moments = RunningMoments()
         self.kl_form = resolve_kl_form(cfg.kl_form, run.sample.step)
+        self.marble = None
+        if cfg.aggregation == "marble":
+            from diffalign.balance import Harmonizer, RewardGradients
+
+            self.marble = (Harmonizer(len(self.rewards.names)), RewardGradients(self.params, len(self.rewards.names)))
         self.ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=self.dist.rank,
                                       world_size=self.dist.world_size, barrier=self.dist.barrier)
         self.epoch, self.global_step = 0, 0
@@ -358,6 +369,13 @@ class GRPOTrainer:
             adv = self.tracker.update(assignment.global_prompts, combined)
             keep = ~torch.isnan(combined)
             stats["zero_std_fraction"] = float("nan")
+        elif cfg.aggregation != "weighted_sum":
+            from diffalign.advantages import multi_reward_advantages
+
+            res = multi_reward_advantages(all_rewards, assignment.global_groups, self.rewards.weights,
+                                          aggregation=cfg.aggregation, std_mode=cfg.std_mode, eps=cfg.adv_eps,
+                                          clip=cfg.adv_clip_max)
+            adv, keep = res.advantages, res.keep  # [N, R] for marble
         else:
             if cfg.std_mode == "global":
                 self.moments.update(combined)
@@ -370,8 +388,8 @@ class GRPOTrainer:
         sl = slice(assignment.start, assignment.end)
         for i, name in enumerate(self.rewards.names):
             col = all_rewards[:, i]
-            stats[f"reward/{name}"] = float(col[~torch.isnan(col)].mean()) if (~torch.isnan(col)).any() else float("nan")
-        stats["reward/combined"] = float(combined[~torch.isnan(combined)].mean())
+            stats[f"reward/{name}"] = float(torch.nanmean(col))
+        stats["reward/combined"] = float(torch.nanmean(combined))
         stats["advantage/abs_mean"] = float(adv.abs().mean())
         stats["advantage/std"] = float(adv.std())
         return adv[sl], keep[sl], stats
@@ -410,14 +428,24 @@ class GRPOTrainer:
                     kl = None
                     if cfg.beta > 0:
                         kl = self._reference_kl(model_fn, schedule, sub, index, out)
-                    loss, st = grpo_loss(out.log_prob, old, adv * kept, clip_range=cfg.clip_range,
+                    applied = adv if self.marble is None else adv @ self.marble[0].alpha_bar.to(adv)  # stats only
+                    loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
                                          adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta)
-                    (loss / per_update).backward()
+                    if self.marble is None:
+                        (loss / per_update).backward()
+                    else:
+                        self._marble_backward(out.log_prob, old, adv * kept[:, None], kl, per_update)
                     micro += 1
                     for k, v in st.as_dict().items():
                         stats_acc.setdefault(k, []).append(v)
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
                         all_reduce_gradients(self.params, self.dist.world_size)
+                        if self.marble is not None:
+                            from diffalign.balance import log_harmonized
+
+                            res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size)
+                            for k, v in log_harmonized(res, self.rewards.names).items():
+                                stats_acc.setdefault(k, []).append(v)
                         if cfg.max_grad_norm > 0:
                             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                             grad_norms.append(float(gn))
@@ -434,6 +462,16 @@ class GRPOTrainer:
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
+
+    def _marble_backward(self, log_prob, old, advantages, kl, per_update) -> None:
+        """MARBLE full mode (seed_algorithms.md §6.2): one gradient per reward column into the per-reward buffers,
+        the KL gradient straight into ``.grad`` (outside the QP)."""
+        cfg = self.cfg
+        if kl is not None:
+            (cfg.beta * kl.mean() / per_update).backward(retain_graph=True)
+        losses = [grpo_loss(log_prob, old, advantages[:, r], clip_range=cfg.clip_range,
+                            adv_clip_max=cfg.adv_clip_max)[0] / per_update for r in range(advantages.shape[1])]
+        self.marble[1].accumulate(losses)
 
     def _reference_kl(self, model_fn, schedule, sub, index, out) -> torch.Tensor:
         from samplers import score_steps
@@ -485,8 +523,7 @@ class GRPOTrainer:
         allr = self.dist.gather(local.to(self.device)).cpu()
         out = {}
         for j, name in enumerate(self.rewards.names):
-            col = allr[:, j]
-            out[f"eval/reward/{name}"] = float(col[~torch.isnan(col)].mean())
+            out[f"eval/reward/{name}"] = float(torch.nanmean(allr[:, j]))
         self._eval_images = imgs_keep
         return out
 

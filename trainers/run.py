@@ -10,7 +10,7 @@ import torch
 __all__ = ["TRAINERS", "make_accelerator", "train_main", "sample_main", "eval_main"]
 
 #: trainer name -> "module:Class" (resolved lazily so `diffalign --help` stays fast)
-TRAINERS: Dict[str, str] = {"grpo": "trainers.grpo:GRPOTrainer"}
+TRAINERS: Dict[str, str] = {"grpo": "trainers.grpo:GRPOTrainer", "nft": "trainers.nft:NFTTrainer"}
 
 
 def make_accelerator(device: str = "auto"):
@@ -118,13 +118,64 @@ def eval_main(cfg) -> int:
 
 
 def sample_main(cfg) -> int:
-    """``diffalign sample CONFIG [key=value ...]``: images for the evaluation prompts, saved as a grid."""
+    """``diffalign sample CONFIG [key=value ...]``: images for the evaluation prompts, saved as a grid.
+
+    With ``guidance.method=doob|fk|svdd|best_of_n`` (or ``guidance.compare=[...]``) the prompts are sampled
+    with reward guidance (``samplers.guided``) using the config's ``rewards``: every method of
+    ``compare + [method]`` runs on the same prompts and noise, and ``output_dir`` gets one grid per method
+    (``samples_<method>.png``), ``guidance_rewards.json`` (per-image rewards, evaluation counts, wall time)
+    and the comparison table ``guidance_table.md`` (also printed).
+    """
     from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
 
     checkpoint = cfg.checkpoint.resume_from
     adapter = _load_eval_adapter(cfg, checkpoint)
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
+    guidance = cfg.guidance
+    if guidance.method != "none" or guidance.compare:
+        import json
+
+        from rewards import MultiReward
+        from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
+        from trainers.common import image_size
+        from trainers.grpo import _reward_spec_dict
+
+        if not cfg.rewards:
+            raise ValueError("rewards: guided sampling needs a reward; add e.g. rewards: [{name: shapes}]")
+        reward = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
+        h, w = image_size(adapter, cfg.sample)
+        step, level = resolve_kernel(adapter.kind, guidance.step, guidance.noise_level, cfg.sample.step,
+                                     cfg.sample.noise_level)
+        methods = list(dict.fromkeys([*guidance.compare, guidance.method]))
+        results = compare_methods(
+            adapter, prompts, reward, methods, {m: method_options(m, guidance) for m in methods},
+            batch_size=cfg.sample.batch_size,
+            group_size={m: 1 if m == "none" else guidance.num_particles for m in methods},
+            seed=cfg.seed, num_steps=guidance.num_steps or cfg.sample.eval_num_steps,
+            guidance_scale=cfg.sample.guidance_scale, negative_prompt=cfg.sample.negative_prompt, height=h,
+            width=w, step=step, noise_level=level,
+        )
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        weights = [float(x) for x in reward.weights]
+        record = {"step": step, "noise_level": level, "names": reward.names, "weights": weights,
+                  "methods": {}}
+        for m, res in results.items():
+            score = res.score(weights)
+            per = res.images.shape[0] // len(prompts)
+            caps = [f"{prompts[i // per]} ({float(score[i]):.2f})" for i in range(res.images.shape[0])]
+            path = save_image_grid(res.images, caps, os.path.join(cfg.output_dir, f"samples_{m}.png"))
+            print(f"wrote {path}")
+            record["methods"][m] = {**res.counter.as_dict(), "wall_s": res.wall_s,
+                                    "mean_score": float(torch.nanmean(score)),
+                                    "rewards": res.rewards.tolist()}
+        with open(os.path.join(cfg.output_dir, "guidance_rewards.json"), "w") as f:
+            json.dump(record, f, indent=2)
+        table = format_table(results, weights, reward.names)
+        with open(os.path.join(cfg.output_dir, "guidance_table.md"), "w") as f:
+            f.write(table + "\n")
+        print(table)
+        return 0
     names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
                                      seed=cfg.seed)
     os.makedirs(cfg.output_dir, exist_ok=True)

@@ -95,6 +95,9 @@ def load_generator(
     """
     from diffusers import DiffusionPipeline
 
+    from diffalign.shapes.models import resolve_model_path
+
+    path_or_id = resolve_model_path(path_or_id)  # "builtin:shapes-flow" -> the shipped folder
     kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs), **pipeline_kwargs}
     kwargs[_dtype_keyword()] = dtype
     pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)

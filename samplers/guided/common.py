@@ -54,7 +54,8 @@ class EvalCounter:
     reward_evals: int = 0
 
     def as_dict(self) -> Dict[str, int]:
-        return {"model_evals": self.model_evals, "vjp_evals": self.vjp_evals, "reward_evals": self.reward_evals}
+        return {"model_evals": self.model_evals, "vjp_evals": self.vjp_evals,
+                "reward_evals": self.reward_evals}
 
 
 @dataclass
@@ -111,7 +112,10 @@ def combine_rewards(values: torch.Tensor, weights: Optional[Sequence[float]] = N
 
 
 def evaluate_reward(
-    reward_fn: LatentReward, x0: torch.Tensor, sample_index: torch.Tensor, counter: Optional[EvalCounter] = None
+    reward_fn: LatentReward,
+    x0: torch.Tensor,
+    sample_index: torch.Tensor,
+    counter: Optional[EvalCounter] = None,
 ) -> torch.Tensor:
     """Score ``x0`` ``[N, *L]`` without gradient. Returns the raw ``[N]`` or ``[N, R]`` float32 result.
 
@@ -122,7 +126,8 @@ def evaluate_reward(
     out = torch.as_tensor(out, dtype=torch.float32, device=x0.device)
     if out.ndim not in (1, 2) or out.shape[0] != x0.shape[0]:
         raise ValueError(
-            f"reward_fn returned shape {tuple(out.shape)} for {x0.shape[0]} inputs; it must return [N] or [N, R]"
+            f"reward_fn returned shape {tuple(out.shape)} for {x0.shape[0]} inputs; "
+            "it must return [N] or [N, R]"
         )
     if counter is not None:
         counter.reward_evals += int(x0.shape[0])
@@ -148,11 +153,13 @@ def candidate_noise(
         if len(generator) != B:
             raise ValueError(f"got {len(generator)} generators for a batch of {B}")
         z = torch.stack(
-            [torch.randn((half, *shape), generator=g, device=g.device, dtype=torch.float32) for g in generator], 1
+            [torch.randn((half, *shape), generator=g, device=g.device, dtype=torch.float32)
+             for g in generator], 1
         ).to(like.device)
     else:
         dev = generator.device if generator is not None else like.device
-        z = torch.randn((half, B, *shape), generator=generator, device=dev, dtype=torch.float32).to(like.device)
+        z = torch.randn((half, B, *shape), generator=generator, device=dev, dtype=torch.float32)
+        z = z.to(like.device)
     return torch.cat([z, -z]) if antithetic else z
 
 

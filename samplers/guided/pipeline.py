@@ -1,0 +1,252 @@
+"""Glue between generator adapters, image rewards and the guided samplers (used by ``diffalign sample``
+and ``scripts/bench_guidance.py``). No I/O: tensors and adapters in, tensors out.
+
+* :func:`adapter_model_fn`: a prediction function that accepts ``k`` stacked copies of the batch
+  (DOIT's and SVDD's candidate batches) by repeating the prompt conditioning.
+* :func:`latent_reward`: a latent reward ``(x0, sample_index) -> [N, R]`` that decodes with the adapter's
+  VAE and scores the images with an image reward (a :class:`rewards.MultiReward` or any
+  ``reward(images, prompts, metadata)``), always without gradient.
+* :func:`guided_sample_prompts`: encode prompts, draw per-sample noise, run :func:`guided_sample`, decode and
+  score the results with the full reward matrix.
+* :func:`method_options`: a :class:`diffalign.config.GuidanceConfig` section as a method's options.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from samplers.guided.common import EvalCounter, LatentReward, ModelFn
+from samplers.guided.sample import GUIDANCE_METHODS, guided_sample, window_tuple
+from samplers.rollout import make_generators
+
+__all__ = ["adapter_model_fn", "latent_reward", "guided_sample_prompts", "GuidedImages", "method_options",
+           "reward_columns", "resolve_kernel", "MethodResult", "compare_methods", "format_table"]
+
+
+def adapter_model_fn(adapter: Any, cond: Any, guidance_scale: float) -> ModelFn:
+    """``adapter.predict`` with ``cond`` bound, for inputs of ``k * B`` rows (row ``m * B + b`` is sample
+    ``b``): the conditioning is concatenated ``k`` times, once per ``k``."""
+    from diffalign.generators.base import Conditioning
+
+    B = cond.batch_size
+    cache = {1: cond}
+
+    def fn(x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        n = x_t.shape[0]
+        if n % B:
+            raise ValueError(f"model input has {n} rows, not a multiple of the {B} encoded prompts")
+        k = n // B
+        if k not in cache:
+            cache[k] = Conditioning.cat([cond] * k)
+        return adapter.predict(x_t, timestep, cache[k], guidance_scale)
+
+    return fn
+
+
+def reward_columns(out: Any) -> torch.Tensor:
+    """``[N]`` or ``[N, R]`` float32 from a reward result (MultiRewardOutput, RewardOutput or a tensor)."""
+    if hasattr(out, "rewards"):
+        return out.rewards.float()
+    if hasattr(out, "scores"):
+        return torch.as_tensor(out.scores).float()
+    return torch.as_tensor(out).float()
+
+
+def latent_reward(
+    adapter: Any,
+    reward: Any,
+    prompts: Sequence[str],
+    *,
+    height: int,
+    width: int,
+    metadata: Optional[Sequence[Dict[str, Any]]] = None,
+    decode_batch_size: int = 64,
+) -> LatentReward:
+    """A latent reward for the guided samplers: ``sample_index`` picks each row's prompt (and metadata).
+
+    Decoding and scoring run under ``torch.no_grad`` on detached latents: the reward is never
+    differentiated, whatever it is.
+    """
+    prompts = list(prompts)
+
+    def fn(x0: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x0 = x0.detach().to(adapter.device)
+            chunks = [x0[i:i + decode_batch_size] for i in range(0, x0.shape[0], decode_batch_size)]
+            images = torch.cat([adapter.decode(c, height=height, width=width).float() for c in chunks])
+            rows = sample_index.tolist()
+            ps = [prompts[j] for j in rows]
+            md = [dict(metadata[j]) if metadata is not None else {"prompt": prompts[j]} for j in rows]
+            return reward_columns(reward(images, ps, md)).to(x0.device)
+
+    return fn
+
+
+@dataclass
+class GuidedImages:
+    """One batch of prompts sampled with a guided method.
+
+    Attributes:
+        images: ``[n, 3, H, W]`` in ``[0, 1]``, one per prompt (every particle with ``select="all"``).
+        rewards: ``[n, R]`` the full reward matrix of ``images`` (an evaluation, not counted in ``counter``).
+        counter: model / VJP / reward evaluations spent by the method (its own reward calls only).
+        wall_s: seconds spent in the method (sampling and its reward calls; not the final scoring).
+    """
+
+    images: torch.Tensor
+    rewards: torch.Tensor
+    counter: EvalCounter
+    wall_s: float
+
+
+def guided_sample_prompts(
+    adapter: Any,
+    prompts: Sequence[str],
+    reward: Any,
+    method: str,
+    *,
+    prompt_ids: Sequence[int],
+    seed: int,
+    num_steps: int,
+    guidance_scale: float,
+    negative_prompt: str,
+    height: int,
+    width: int,
+    step: str,
+    noise_level: float,
+    group_size: int = 1,
+    options: Optional[Dict[str, Any]] = None,
+    reward_weights: Optional[Sequence[float]] = None,
+) -> GuidedImages:
+    """Sample ``prompts`` with ``method`` using ``group_size`` particles each, and score the results.
+
+    Particle ``j`` of prompt ``i`` gets the noise stream of sample id ``prompt_ids[i] * group_size + j``, so a
+    prompt's particles are the same whatever the batching, and every method starts from the same noise.
+    """
+    rows: List[str] = [p for p in prompts for _ in range(group_size)]
+    row_ids = [int(pid) * group_size + j for pid in prompt_ids for j in range(group_size)]
+    if reward_weights is None and hasattr(reward, "weights"):
+        reward_weights = [float(w) for w in reward.weights]
+    with torch.no_grad():
+        cond = adapter.encode_prompts(rows, negative_prompt, guidance_scale)
+        gens = make_generators(seed, row_ids, device="cpu")
+        noise = adapter.prepare_latents(len(rows), height, width, generator=gens).to(adapter.device)
+    schedule = adapter.make_schedule(num_steps, height, width)
+    model_fn = adapter_model_fn(adapter, cond, guidance_scale)
+    reward_fn = latent_reward(adapter, reward, rows, height=height, width=width)
+    start = time.perf_counter()
+    out = guided_sample(method, model_fn, schedule, noise, reward_fn, step=step, noise_level=noise_level,
+                        group_size=group_size, seed=seed, sample_ids=row_ids, reward_weights=reward_weights,
+                        options=options, generator=gens)
+    wall = time.perf_counter() - start
+    n_out = out.samples.shape[0]
+    out_prompts = list(prompts) if n_out == len(prompts) else rows
+    with torch.no_grad():
+        images = adapter.decode(out.samples.to(adapter.device), height=height, width=width).float()
+        scores = reward_columns(reward(images, out_prompts, [{"prompt": p} for p in out_prompts]))
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    return GuidedImages(images, scores, out.counter, wall)
+
+
+def method_options(method: str, cfg: Any) -> Dict[str, Any]:
+    """The options of ``method`` from a :class:`diffalign.config.GuidanceConfig`-like section."""
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"unknown guidance method {method!r}; valid methods: {sorted(GUIDANCE_METHODS)}")
+    window = window_tuple(cfg.window)
+    if method == "doob":
+        return dict(gamma=cfg.gamma, num_candidates=cfg.num_candidates, temperature=cfg.temperature,
+                    window=window, standardize=cfg.standardize, antithetic=cfg.antithetic,
+                    lookahead=cfg.lookahead, select=cfg.select)
+    if method == "fk":
+        return dict(lam=cfg.fk_lambda, potential=cfg.fk_potential, every=cfg.fk_every, window=window,
+                    ess_threshold=cfg.fk_ess_threshold, select=cfg.select)
+    if method == "svdd":
+        return dict(num_candidates=cfg.num_candidates, alpha=cfg.svdd_alpha, window=window,
+                    lookahead=cfg.svdd_lookahead)
+    return {}
+
+
+def resolve_kernel(adapter_kind: str, step: Optional[str], noise_level: Optional[float],
+                   sample_step: str, sample_noise_level: float) -> tuple:
+    """``(step, noise_level)`` of the guided sampler: the guidance section's, else the sample section's;
+    a diffusion (``vp``) model always uses ``ddim``; the deterministic ``flow_euler`` becomes ``flow_sde``."""
+    step = step or sample_step
+    if adapter_kind != "flow":
+        step = "ddim"
+    elif step == "flow_euler":
+        step = "flow_sde"
+    level = sample_noise_level if noise_level is None else noise_level
+    return step, float(level)
+
+
+@dataclass
+class MethodResult:
+    """Totals of one method over all prompts: ``images [n, 3, H, W]``, ``rewards [n, R]``, counts, seconds."""
+
+    method: str
+    images: torch.Tensor
+    rewards: torch.Tensor
+    counter: EvalCounter
+    wall_s: float
+
+    def score(self, weights: Sequence[float]) -> torch.Tensor:
+        """``[n]`` weighted reward of each image (NaN columns excluded, :func:`combine_rewards`)."""
+        from samplers.guided.common import combine_rewards
+
+        return combine_rewards(self.rewards, weights)
+
+
+def compare_methods(
+    adapter: Any,
+    prompts: Sequence[str],
+    reward: Any,
+    methods: Sequence[str],
+    options: Dict[str, Dict[str, Any]],
+    *,
+    batch_size: int,
+    group_size: Dict[str, int],
+    **sample_kwargs: Any,
+) -> Dict[str, MethodResult]:
+    """Run every method on the same prompts (in batches of ``batch_size`` prompts) and the same noise.
+
+    ``options[method]`` and ``group_size[method]`` per method; ``sample_kwargs`` go to
+    :func:`guided_sample_prompts` (seed, num_steps, guidance_scale, negative_prompt, height, width, step,
+    noise_level).
+    """
+    results: Dict[str, MethodResult] = {}
+    for method in methods:
+        images, rows, counter, wall = [], [], EvalCounter(), 0.0
+        for i in range(0, len(prompts), batch_size):
+            batch = list(prompts[i:i + batch_size])
+            out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=range(i, i + len(batch)),
+                                        group_size=group_size.get(method, 1), options=options.get(method, {}),
+                                        **sample_kwargs)
+            images.append(out.images)
+            rows.append(out.rewards)
+            for k, v in out.counter.as_dict().items():
+                setattr(counter, k, getattr(counter, k) + v)
+            wall += out.wall_s
+        results[method] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall)
+    return results
+
+
+def format_table(results: Dict[str, MethodResult], weights: Sequence[float], names: Sequence[str]) -> str:
+    """A markdown table: per method, evaluations per prompt, wall time and mean scores."""
+    head = ["method", "model evals/prompt", "VJPs/prompt", "reward evals/prompt", "wall s", "mean score"]
+    head += [f"mean {n}" for n in names] if len(names) > 1 else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, res in results.items():
+        n = res.rewards.shape[0]
+        c = res.counter
+        score = res.score(weights)
+        cells = [method, f"{c.model_evals / n:.0f}", f"{c.vjp_evals / n:.0f}", f"{c.reward_evals / n:.0f}",
+                 f"{res.wall_s:.1f}", f"{float(torch.nanmean(score)):.4f}"]
+        if len(names) > 1:
+            cells += [f"{float(torch.nanmean(res.rewards[:, j])):.4f}" for j in range(len(names))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

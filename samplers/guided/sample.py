@@ -1,0 +1,131 @@
+"""One entry point over every guided sampler: ``guided_sample(method, ...)``.
+
+Every method runs on the same base sampler (``step`` at ``noise_level``) from the same initial latents
+and kernel noise, so methods differ only by their guidance; counts of model, VJP and reward evaluations
+come back in ``GuidedOutput.counter``. Methods (:data:`GUIDANCE_METHODS`):
+
+=========== ============================================================ ===================================
+method      per prompt (``group_size = P`` particles)                    reward evaluations per prompt
+=========== ============================================================ ===================================
+none        the base sampler, the final sample scored                    P (reporting only)
+best_of_n   P full samples, best kept                                    P
+doob        DOIT-wrapped model (:mod:`samplers.guided.doob`), best kept  P * (M * guided steps + 1)
+fk          FK steering, P particles                                     P * (resampling steps + 1)
+svdd        SVDD-PM, M candidates per step, P chains, best kept          P * M * selection steps
+=========== ============================================================ ===================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from samplers.guided.baselines import best_of_n, fk_steering, svdd_sample
+from samplers.guided.common import (
+    EvalCounter,
+    GuidedOutput,
+    LatentReward,
+    ModelFn,
+    combine_rewards,
+    counting_model,
+    evaluate_reward,
+    select_best,
+)
+from samplers.guided.doob import doob_model_fn
+from samplers.rollout import make_generators, rollout
+from samplers.schedules import Schedule
+
+__all__ = ["GUIDANCE_METHODS", "guided_sample"]
+
+GUIDANCE_METHODS = {
+    "none": "the unguided base sampler",
+    "best_of_n": "best of group_size samples by the final reward",
+    "doob": "DOIT: Doob h-transform correction estimated by simulation (one VJP per guided step)",
+    "fk": "Feynman-Kac steering: particles resampled on intermediate rewards",
+    "svdd": "SVDD-PM: per-step selection among candidates of the stochastic kernel",
+}
+
+_OPTIONS = {
+    "none": (),
+    "best_of_n": (),
+    "doob": ("gamma", "num_candidates", "temperature", "window", "standardize", "antithetic", "lookahead",
+             "select"),
+    "fk": ("lam", "potential", "every", "window", "ess_threshold", "select"),
+    "svdd": ("num_candidates", "alpha", "window", "lookahead"),
+}
+
+
+def guided_sample(
+    method: str,
+    model_fn: ModelFn,
+    schedule: Schedule,
+    initial_latents: torch.Tensor,
+    reward_fn: LatentReward,
+    *,
+    step: str,
+    noise_level: float,
+    group_size: int = 1,
+    seed: int = 0,
+    sample_ids: Optional[Sequence[int]] = None,
+    reward_weights: Optional[Sequence[float]] = None,
+    options: Optional[Dict[str, Any]] = None,
+    generator: Optional[Sequence[torch.Generator]] = None,
+) -> GuidedOutput:
+    """Sample ``initial_latents`` ``[B, *L]`` (contiguous groups of ``group_size`` per prompt) with
+    ``method``.
+
+    Noise: the kernel draws from per-sample generators seeded by ``(seed, sample_ids)``
+    (:func:`samplers.rollout.make_generators`); candidates and resampling draw from separate streams, so
+    ``doob`` with ``gamma = 0`` returns exactly the samples of ``none``. ``generator`` overrides the kernel's
+    generators (pass the ones that drew ``initial_latents`` to continue their streams, as
+    :func:`trainers.common.sample_batch` does). ``options`` are the method's
+    keyword arguments (see ``_OPTIONS`` and each function); unknown ones are rejected.
+    """
+    if method not in GUIDANCE_METHODS:
+        raise ValueError(f"unknown guidance method {method!r}; valid methods: {sorted(GUIDANCE_METHODS)}")
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTIONS[method]))
+    if unknown:
+        raise ValueError(f"method {method!r} takes options {list(_OPTIONS[method])}, got unknown {unknown}")
+    B = initial_latents.shape[0]
+    ids = list(range(B)) if sample_ids is None else list(sample_ids)
+    dev = "cpu"
+    kernel_gens = list(generator) if generator is not None else make_generators(seed, ids, device=dev)
+    candidate_gens = make_generators(seed + 1_000_003, ids, device=dev)
+    resample_gen = torch.Generator(device=dev).manual_seed(int(seed) + 17)
+    counter = EvalCounter()
+    counted = counting_model(model_fn, counter)
+    common = dict(reward_weights=reward_weights, counter=counter)
+
+    if method == "best_of_n":
+        return best_of_n(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
+                         noise_level=noise_level, generator=kernel_gens, **common)
+    if method == "fk":
+        return fk_steering(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
+                           noise_level=noise_level, generator=kernel_gens, resample_generator=resample_gen,
+                           **options, **common)
+    if method == "svdd":
+        return svdd_sample(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
+                           noise_level=noise_level, generator=candidate_gens, select_generator=resample_gen,
+                           **options, **common)
+    select = options.pop("select", "best")
+    if select not in ("best", "all"):
+        raise ValueError(f"select must be 'best' or 'all', got {select!r}")
+    fn = counted
+    if method == "doob":
+        fn = doob_model_fn(counted, schedule, reward_fn, step=step, noise_level=noise_level,
+                           generator=candidate_gens, **options, **common)
+    traj = rollout(fn, schedule, initial_latents, step=step, noise_level=noise_level, generator=kernel_gens)
+    final = traj.final
+    index = torch.arange(B, device=final.device)
+    r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights)
+    if select == "all" or group_size == 1:
+        return GuidedOutput(final, r, counter, final, r)
+    best, best_r, idx = select_best(final, r, group_size)
+    return GuidedOutput(best, best_r, counter, final, r, {"index": idx})
+
+
+def window_tuple(window: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
+    """A config list ``[start, end]`` as a tuple (``None`` stays ``None``)."""
+    return None if window is None else (int(window[0]), int(window[1]))

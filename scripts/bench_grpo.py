@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""GRPO benchmarks (issue 5, acceptance 6): rollout throughput against the plain diffusers pipeline call, the
+per-epoch time split of a GRPO run, and memory after epoch 2 against epoch 20.
+
+    python scripts/bench_grpo.py                         # the shipped flow model (builtin:shapes-flow)
+    python scripts/bench_grpo.py --tiny                  # a tiny random SD3 pipeline, no shipped model needed
+    python scripts/bench_grpo.py --model PATH            # any SD3-layout pipeline folder
+    python scripts/bench_grpo.py --metrics RUN/metrics.jsonl --skip-rollout   # time split of an existing run
+
+1. Rollout throughput (images/s) on the same pipeline object, same prompts, steps, CFG scale, size and
+   batch: ``pipe(prompt, negative_prompt="", num_inference_steps, guidance_scale, output_type="pt")``
+   against diffalign's ``trainers.common.sample_batch`` (encode, per-sample noise, ``samplers.rollout``
+   with the adapter, decode) with the deterministic ODE step and with the Flow-GRPO SDE step (which also
+   stores the trajectory and log-probs). Repetitions are interleaved (the order rotates every repetition)
+   and the ratio is the median of the per-repetition ratios, so load drifting over the run cancels.
+   Goal: at least 0.95x. A correctness line checks that the ODE rollout reproduces the pipeline's latents
+   for the same per-sample generators.
+2. Per-epoch time split (sampling / reward / training) of a GRPO run, from its ``metrics.jsonl`` (the
+   first epoch is reported separately: it includes one-time warm-up).
+3. Memory: the peak during each epoch (Linux: the RSS high-water mark ``VmHWM``, reset at the start of
+   every epoch through ``/proc/self/clear_refs``; elsewhere the process-lifetime ``ru_maxrss``; on CUDA
+   ``torch.cuda.max_memory_allocated``, reset per epoch) and the RSS at the end of each epoch, epoch 2
+   against the last epoch (default 20). Goal: growth under 5%.
+
+The GRPO run uses ``configs/shapes/flow_grpo.yaml`` (batch 16 x 2 per epoch, groups of 8, 10 steps,
+CFG 3.0, LoRA r16) with evaluation, images and periodic checkpoints off, in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GRPO_CONFIG = ROOT / "configs" / "shapes" / "flow_grpo.yaml"
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def _proc_status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class MemoryProbe:
+    """Per-interval peak memory: ``start()`` resets the high-water mark, ``stop()`` reads it (in MiB)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.can_reset = False
+        if not self.cuda:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.can_reset = _proc_status_kb("VmHWM") is not None
+            except OSError:
+                self.can_reset = False
+
+    @property
+    def kind(self) -> str:
+        if self.cuda:
+            return "torch.cuda.max_memory_allocated per epoch"
+        if self.can_reset:
+            return "RSS high-water mark per epoch (VmHWM, reset via /proc/self/clear_refs)"
+        return "RSS high-water mark since start (ru_maxrss; cannot reset here)"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        elif self.can_reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def stop(self) -> Dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20,
+                    "current_mib": torch.cuda.memory_allocated() / 2**20}
+        rss = _proc_status_kb("VmRSS")
+        if self.can_reset:
+            peak = _proc_status_kb("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = peak / 1024 if platform.system() == "Darwin" else peak  # bytes on macOS, KiB on Linux
+        return {"peak_mib": peak / 1024, "current_mib": (rss or 0) / 1024}
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+def tiny_model(folder: Path) -> str:
+    """A tiny random SD3 pipeline saved to ``folder`` (32x32 images, no T5): runs without the shipped model."""
+    from diffalign.testing.tiny import tiny_sd3_pipeline
+
+    if not (folder / "model_index.json").exists():
+        tiny_sd3_pipeline(seed=0).save_pretrained(folder)
+    return str(folder)
+
+
+def _prompts(n: int, seed: int = 0) -> List[str]:
+    from diffalign.shapes.prompts import prompt_set
+
+    return list(prompt_set("held_in", n, seed=seed))
+
+
+# ----------------------------------------------------------------------------------------------- 1. rollout
+
+
+def bench_rollout(model: str, *, batch: int, steps: int, guidance: float, size: int, reps: int,
+                  lora_rank: int, noise_level: float) -> List[Dict]:
+    from diffalign.generators import load_generator
+    from samplers import make_generators
+    from trainers.common import sample_batch
+
+    adapter = load_generator(model, dtype=torch.float32, device="cpu" if not torch.cuda.is_available() else "cuda")
+    if lora_rank > 0:
+        adapter.add_lora(rank=lora_rank, alpha=2.0 * lora_rank)
+    pipe = adapter.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    extra = dict(adapter.call_kwargs)  # e.g. the shipped flow model's max_sequence_length=0
+    prompts = _prompts(batch)
+    ids = list(range(batch))
+    sync = torch.cuda.synchronize if adapter.device.type == "cuda" else (lambda: None)
+
+    def pipeline_call(output_type: str, generator):
+        return pipe(prompt=prompts, negative_prompt="", num_inference_steps=steps, guidance_scale=guidance,
+                    height=size, width=size, generator=generator, output_type=output_type, return_dict=False,
+                    **extra)[0]
+
+    def diffalign_call(step: str, level: float):
+        return sample_batch(adapter, prompts, ids, seed=0, num_steps=steps, guidance_scale=guidance,
+                            negative_prompt="", height=size, width=size, step=step, noise_level=level)
+
+    # correctness: the ODE rollout is the pipeline's sampler (same per-sample generators -> same latents)
+    with torch.no_grad():
+        want = pipeline_call("latent", make_generators(0, ids, device="cpu")).float()
+        traj, _, _, _ = diffalign_call("flow_euler", 0.0)
+    parity = float((traj.final.cpu() - want.cpu()).abs().max())
+
+    seed_counter = iter(range(10**9))
+    methods: Dict[str, Callable[[], object]] = {
+        "diffusers pipe(output_type='pt')": lambda: pipeline_call(
+            "pt", torch.Generator(device="cpu").manual_seed(next(seed_counter))),
+        "diffalign sample_batch, ODE (flow_euler)": lambda: diffalign_call("flow_euler", 0.0),
+        f"diffalign sample_batch, SDE (flow_sde {noise_level})": lambda: diffalign_call("flow_sde", noise_level),
+    }
+    names = list(methods)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for n in names:  # warm-up (allocator, first-call caches)
+        methods[n]()
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            sync()
+            t0 = time.perf_counter()
+            methods[n]()
+            sync()
+            times[n].append(time.perf_counter() - t0)
+    base = names[0]
+    rows = []
+    for n in names:
+        paired = [tb / tm for tb, tm in zip(times[base], times[n])]
+        rows.append({"method": n, "images_per_s": batch / statistics.median(times[n]),
+                     "median_s": statistics.median(times[n]), "min_s": min(times[n]),
+                     "ratio_median_paired": statistics.median(paired),
+                     "ratio_best": min(times[base]) / min(times[n])})
+    rows[0]["parity_max_abs_diff"] = parity
+    del adapter, pipe
+    gc.collect()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- 2./3. GRPO run
+
+
+def grpo_run(model: str, out: Path, *, epochs: int, tiny: bool, overrides: List[str]) -> Dict[int, Dict]:
+    """Train ``epochs`` GRPO epochs in this process; returns ``{epoch: memory}`` measured per epoch."""
+    from diffalign.config import RunConfig, load_config
+    from trainers.grpo import GRPOTrainer
+
+    ov = [f"model.path={model}", f"output_dir={out}", f"train.num_epochs={epochs}", "train.eval_every=0",
+          "train.max_minutes=null", "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0",
+          "logging.tensorboard=false"]
+    if tiny:
+        ov += ["sample.height=32", "sample.width=32"]
+    cfg = load_config(RunConfig, GRPO_CONFIG, ov + list(overrides))
+    trainer = GRPOTrainer(cfg, None)
+    trainer.setup()
+    probe = MemoryProbe(trainer.device)
+    memory: Dict[int, Dict] = {}
+    log = trainer.logger.log
+
+    def logged(step, metrics):  # the trainer logs once at the end of every epoch: measure, then reset
+        result = log(step, metrics)
+        if "epoch" in metrics:
+            gc.collect()
+            memory[int(metrics["epoch"])] = probe.stop()
+            print(f"  epoch {int(metrics['epoch']):3d}: reward {metrics.get('reward/combined', float('nan')):.4f}  "
+                  f"peak {memory[int(metrics['epoch'])]['peak_mib']:.1f} MiB", flush=True)
+            probe.start()
+        return result
+
+    trainer.logger.log = logged
+    probe.start()
+    try:
+        trainer.train()
+    finally:
+        trainer.logger.log = log
+        trainer.cleanup()
+    memory["_kind"] = probe.kind
+    return memory
+
+
+def time_split(metrics_path: Path) -> List[Dict]:
+    rows = []
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "time/sample" in r:
+                rows.append(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _table(header: List[str], rows: List[List[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def report_rollout(rows: List[Dict], settings: str) -> None:
+    print(f"\n## 1. Rollout throughput ({settings})")
+    print(_table(["method", "images/s", "median s/batch", "ratio vs pipe (median paired)", "ratio (best-of)"],
+                 [[r["method"], f"{r['images_per_s']:.1f}", f"{r['median_s']:.4f}", f"{r['ratio_median_paired']:.3f}x",
+                   f"{r['ratio_best']:.3f}x"] for r in rows]))
+    worst = min(r["ratio_median_paired"] for r in rows[1:])
+    print(f"goal >= 0.95x: {'PASS' if worst >= 0.95 else 'FAIL'} (worst diffalign ratio {worst:.3f}x); "
+          f"ODE parity with the pipeline: max |latent diff| = {rows[0]['parity_max_abs_diff']:.2e}")
+
+
+def report_split(rows: List[Dict]) -> None:
+    print(f"\n## 2. GRPO per-epoch time split ({len(rows)} epochs)")
+    keys = [("sampling", "time/sample"), ("reward", "time/reward"), ("training", "time/train")]
+    out = []
+
+    def add(label, sel):
+        if not sel:
+            return
+        means = {k: statistics.mean(r[m] for r in sel) for k, m in keys}
+        total = sum(means.values())
+        out.append([label] + [f"{means[k]:.3f} s ({100 * means[k] / total:.0f}%)" for k, _ in keys] + [f"{total:.3f} s"])
+
+    add("epoch 1 (warm-up)", rows[:1])
+    add(f"epochs 2-{len(rows)} (mean)", rows[1:])
+    print(_table(["epochs", "sampling", "reward", "training", "total"], out))
+
+
+def report_memory(memory: Dict, first: int, last: int) -> None:
+    kind = memory.pop("_kind", "?")
+    print(f"\n## 3. Memory, epoch {first} vs epoch {last} ({kind})")
+    if first not in memory or last not in memory:
+        print(f"not enough epochs measured (have {sorted(memory)})")
+        return
+    a, b = memory[first], memory[last]
+    rows = [[f"epoch {first}", f"{a['peak_mib']:.1f}", f"{a['current_mib']:.1f}"],
+            [f"epoch {last}", f"{b['peak_mib']:.1f}", f"{b['current_mib']:.1f}"],
+            ["ratio", f"{b['peak_mib'] / a['peak_mib']:.4f}x", f"{b['current_mib'] / max(a['current_mib'], 1e-9):.4f}x"]]
+    print(_table(["", "peak MiB", "at epoch end MiB"], rows))
+    growth = 100 * (b["peak_mib"] / a["peak_mib"] - 1)
+    peaks = [memory[e]["peak_mib"] for e in sorted(memory)]
+    print(f"goal growth < 5%: {'PASS' if growth < 5 else 'FAIL'} (peak {growth:+.2f}%); per-epoch peaks MiB: "
+          + " ".join(f"{p:.0f}" for p in peaks))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:shapes-flow", help="SD3-layout pipeline folder or builtin:NAME")
+    ap.add_argument("--tiny", action="store_true", help="build a tiny random SD3 pipeline instead of --model")
+    ap.add_argument("--batch", type=int, default=16, help="rollout batch (the GRPO config's sample.batch_size)")
+    ap.add_argument("--steps", type=int, default=10, help="sampler steps")
+    ap.add_argument("--guidance", type=float, default=3.0, help="CFG scale (> 1 doubles the batch in both)")
+    ap.add_argument("--size", type=int, default=32, help="image height = width in pixels")
+    ap.add_argument("--noise-level", type=float, default=0.7, help="Flow-GRPO SDE noise level")
+    ap.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions per method")
+    ap.add_argument("--lora-rank", type=int, default=0, help="attach a LoRA of this rank first (0 = none)")
+    ap.add_argument("--epochs", type=int, default=20, help="GRPO epochs (memory: epoch 2 vs this one)")
+    ap.add_argument("--mem-first", type=int, default=2, help="the early epoch of the memory comparison")
+    ap.add_argument("--metrics", type=Path, help="only summarise this metrics.jsonl (no GRPO run)")
+    ap.add_argument("--skip-rollout", action="store_true")
+    ap.add_argument("--skip-grpo", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=None, help="GRPO run folder (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, default=None, help="also write all numbers to this file")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO config")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_grpo_")
+    model = tiny_model(Path(tmp.name) / "tiny-sd3") if args.tiny else args.model
+    print(f"# bench_grpo: model={'tiny SD3 (random)' if args.tiny else model}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device={'cuda' if torch.cuda.is_available() else 'cpu'}")
+    results: Dict = {"model": "tiny" if args.tiny else model}
+    t_all = time.perf_counter()
+
+    if not args.skip_rollout:
+        settings = (f"batch {args.batch}, {args.steps} steps, CFG {args.guidance}, {args.size}x{args.size} px, "
+                    f"{args.reps} interleaved reps" + (f", LoRA r{args.lora_rank}" if args.lora_rank else ""))
+        rows = bench_rollout(model, batch=args.batch, steps=args.steps, guidance=args.guidance, size=args.size,
+                             reps=args.reps, lora_rank=args.lora_rank, noise_level=args.noise_level)
+        report_rollout(rows, settings)
+        results["rollout"] = rows
+
+    if args.metrics is not None:
+        split = time_split(args.metrics)
+        report_split(split)
+        results["time_split"] = split
+    elif not args.skip_grpo:
+        out = args.out or Path(tmp.name) / "grpo"
+        print(f"\n(GRPO run: {args.epochs} epochs of {GRPO_CONFIG.relative_to(ROOT)} in {out})", flush=True)
+        memory = grpo_run(model, out, epochs=args.epochs, tiny=args.tiny, overrides=args.overrides)
+        split = time_split(out / "metrics.jsonl")
+        report_split(split)
+        results["time_split"] = split
+        results["memory"] = {str(k): v for k, v in memory.items()}
+        report_memory(memory, args.mem_first, args.epochs)
+
+    print(f"\n(total {time.perf_counter() - t_all:.0f} s)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""MARBLE's QP (diffalign.balance) against cvxpy, on random and ill-conditioned Gram matrices, K = 2..8."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from diffalign.balance import (
+    Harmonizer,
+    RewardGradients,
+    direction_cosines,
+    ema_coefficients,
+    gram_matrix,
+    harmonize,
+    min_norm_coefficients,
+    min_norm_cvxpy,
+    min_norm_frank_wolfe,
+    min_norm_projected_gradient,
+    pairwise_cosines,
+    project_simplex,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    return g / g.norm(dim=-1, keepdim=True)
+
+
+def random_grams(k: int, p: int, seed: int) -> torch.Tensor:
+    """Correlated random unit gradients in 50 dims (what MARBLE's normalised gradients look like)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(p, k, 50, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(p, 1, 50, generator=gen,
+                                                                                        dtype=torch.float64)
+    g = _unit(g)
+    return g @ g.transpose(-1, -2)
+
+
+def ill_conditioned_grams(k: int, p: int, seed: int) -> torch.Tensor:
+    """Nearly collinear gradients (spread over 4 orders of magnitude), one nearly opposite, in fewer dims than K:
+    rank-deficient Grams with a min-norm objective of ~1e-6."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 6
+    base = torch.randn(p, 1, d, generator=gen, dtype=torch.float64)
+    spread = torch.logspace(0, -4, k, dtype=torch.float64)[None, :, None]
+    g = base + 1e-3 * torch.randn(p, k, d, generator=gen, dtype=torch.float64) * spread
+    g[:, 0] = -g[:, 0] + 1e-2 * torch.randn(p, d, generator=gen, dtype=torch.float64)
+    g = _unit(g)
+    return g @ g.transpose(-1, -2)
+
+
+def objective(gram, w):
+    return torch.einsum("...i,...ij,...j->...", w, gram, w)
+
+
+def assert_on_simplex(w):
+    assert (w >= 0).all()
+    torch.testing.assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["random", "ill_conditioned"])
+@pytest.mark.parametrize("k", range(2, 9))
+def test_fast_solver_matches_cvxpy_batched(kind, k):
+    grams = (random_grams if kind == "random" else ill_conditioned_grams)(k, 6, seed=k)
+    fast = min_norm_coefficients(grams)  # batched [P, K, K] -> [P, K]
+    assert fast.shape == (6, k)
+    assert_on_simplex(fast)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cvxpy's "may be inaccurate" on rank-deficient problems
+        ref = min_norm_cvxpy(grams)
+    f_fast, f_ref = objective(grams, fast), objective(grams, ref)
+    rel = (f_fast - f_ref) / f_ref.abs()
+    if kind == "random":
+        assert float(rel.abs().max()) < 1e-6, (rel, f_ref)
+    else:
+        # on rank-deficient Grams CLARABEL itself is off by up to ~1e-5 (always ABOVE the optimum): the fast
+        # solver must never be worse than cvxpy, and it must satisfy the optimality condition below
+        assert float(rel.max()) < 1e-6, (rel, f_ref)
+    # first-order optimality certificate on the simplex: (G w)_j >= w^T G w for every j
+    gw = (grams @ fast[..., None])[..., 0]
+    assert bool((gw.min(-1).values >= f_fast * (1 - 1e-6)).all())
+    # unbatched calls give the same answer as the batched one
+    torch.testing.assert_close(min_norm_coefficients(grams[2]), fast[2], rtol=0, atol=1e-12)
+
+
+def test_k2_closed_form_known_answers():
+    # orthogonal unit vectors: the midpoint; a dominated pair: the shorter vector
+    eye = torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(min_norm_coefficients(eye), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    g = torch.tensor([[1.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(min_norm_coefficients(g @ g.T), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    # identical vectors: any point is optimal; the solver returns a point on the simplex
+    w = min_norm_coefficients(torch.ones(2, 2, dtype=torch.float64))
+    assert_on_simplex(w)
+
+
+@pytest.mark.parametrize("method", ["frank_wolfe", "projected_gradient"])
+def test_iterative_solvers_on_well_conditioned_grams(method):
+    grams = random_grams(5, 4, seed=1)
+    fn = min_norm_frank_wolfe if method == "frank_wolfe" else min_norm_projected_gradient
+    w = fn(grams, max_iter=5000)
+    assert_on_simplex(w)
+    f_exact = objective(grams, min_norm_coefficients(grams))
+    assert float(((objective(grams, w) - f_exact) / f_exact).max()) < 1e-5
+
+
+def test_project_simplex_against_cvxpy_free_cases():
+    v = torch.tensor([[0.2, 0.3, 0.5], [2.0, 0.0, 0.0], [-1.0, 0.5, 0.6]], dtype=torch.float64)
+    p = project_simplex(v)
+    assert_on_simplex(p)
+    torch.testing.assert_close(p[0], v[0])
+    torch.testing.assert_close(p[1], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(p[2], torch.tensor([0.0, 0.45, 0.55], dtype=torch.float64))
+
+
+def test_harmonize_min_norm_properties_and_rescale():
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(4, 300, generator=gen) * torch.tensor([[1.0], [10.0], [0.1], [3.0]])
+    res = harmonize(grads)
+    assert_on_simplex(res.alpha)
+    # the min-norm point d* of the unit gradients has <d*, ghat_k> >= ||d*||^2 for all k (MGDA's guarantee),
+    # with equality on the support; hence no reward gets a negative cosine
+    d_star = res.direction.double() / res.grad_norms.mean()
+    ghat = grads.double() / res.grad_norms[:, None]
+    dots = ghat @ d_star
+    assert (dots >= d_star.norm() ** 2 - 1e-6).all()
+    assert (res.cosines > 0).all()
+    torch.testing.assert_close(res.cosines, direction_cosines(grads, res.direction))
+    torch.testing.assert_close(pairwise_cosines(gram_matrix(grads)), res.gram, rtol=0, atol=1e-9)
+
+
+def test_harmonize_leaves_out_zero_gradients():
+    grads = torch.zeros(3, 10)
+    grads[0, 0], grads[1, 1] = 1.0, 2.0
+    res = harmonize(grads)
+    assert float(res.alpha[2]) == 0.0
+    torch.testing.assert_close(res.alpha[:2], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    # d* = (e0 + e1) / 2, rescaled by the mean norm of the two active gradients (1.5)
+    torch.testing.assert_close(res.direction[:2], torch.tensor([0.75, 0.75]))
+
+
+def test_harmonizer_ema_and_state_dict():
+    h = Harmonizer(2, rho=0.5, normalize=False)  # unit vectors in K = 2 always give (1/2, 1/2)
+    torch.testing.assert_close(h.alpha_bar, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    g = torch.tensor([[1.0, 0.0], [0.5, 0.0]])
+    h.step(g)  # alpha* = (0, 1); the first solve starts the average
+    torch.testing.assert_close(h.alpha_bar, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    h.step(torch.eye(2))  # alpha* = (0.5, 0.5)
+    torch.testing.assert_close(h.alpha_bar, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    h2 = Harmonizer(2, rho=0.5, normalize=False)
+    h2.load_state_dict(h.state_dict())
+    assert h2.state_dict() == h.state_dict()
+    torch.testing.assert_close(ema_coefficients(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.7),
+                               torch.tensor([0.7, 0.3]))
+
+
+def test_reward_gradients_match_backward():
+    lin = torch.nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    out = lin(x)
+    losses = [out[:, 0].pow(2).mean(), out[:, 1].mean()]
+    rg = RewardGradients(list(lin.parameters()), 3)
+    rg.accumulate(losses)
+    for k, loss in enumerate([lin(x)[:, 0].pow(2).mean(), lin(x)[:, 1].mean()]):
+        grads = torch.autograd.grad(loss, list(lin.parameters()))
+        torch.testing.assert_close(rg.buffer[k], torch.cat([g.reshape(-1) for g in grads]))
+    assert float(rg.buffer[2].abs().sum()) == 0.0
+    rg.add_to_grad(rg.buffer[0])
+    torch.testing.assert_close(lin.weight.grad.reshape(-1), rg.buffer[0, :6])

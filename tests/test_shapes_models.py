@@ -1,0 +1,59 @@
+"""The shipped shapes models load offline, through the adapters and through plain diffusers."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign.shapes.models import BUILTIN_MODELS, resolve_model_path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_model_loads_and_samples(name):
+    from diffalign.generators import load_generator
+    from diffalign.testing import netguard
+    from trainers.common import sample_batch
+
+    before = len(netguard.attempts)
+    adapter = load_generator(f"builtin:{name}")
+    assert adapter.kind == ("flow" if name == "shapes-flow" else "vp")
+    det = "flow_euler" if adapter.kind == "flow" else "ddim"
+    traj, _, images, _ = sample_batch(adapter, ["a red circle", "two blue squares"], [0, 1], seed=0, num_steps=4,
+                                      guidance_scale=3.0, negative_prompt="", height=32, width=32, step=det,
+                                      noise_level=0.0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert len(netguard.attempts) == before
+
+
+def test_builtin_models_are_plain_diffusers_folders():
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    flow = DiffusionPipeline.from_pretrained(resolve_model_path("builtin:shapes-flow"), text_encoder_3=None,
+                                             tokenizer_3=None)
+    assert isinstance(flow, StableDiffusion3Pipeline)
+    ddpm = DiffusionPipeline.from_pretrained(resolve_model_path("builtin:shapes-ddpm"))
+    assert isinstance(ddpm, StableDiffusionPipeline)
+    out = flow("a red circle", num_inference_steps=2, max_sequence_length=0, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 3, 32, 32)
+    meta = json.loads((BUILTIN_MODELS["shapes-flow"] / "diffalign.json").read_text())
+    assert meta["call_kwargs"] == {"max_sequence_length": 0}
+
+
+def test_builtin_weights_fit_the_size_budget():
+    total = sum(f.stat().st_size for folder in BUILTIN_MODELS.values() for f in folder.rglob("*") if f.is_file())
+    assert total <= 25 * 1024 * 1024, f"shipped models take {total / 2**20:.1f} MB (budget 25 MB)"
+
+
+def test_unknown_builtin_lists_valid_names():
+    with pytest.raises(ValueError, match="valid"):
+        resolve_model_path("builtin:shapes-gan")

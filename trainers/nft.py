@@ -1,0 +1,661 @@
+"""DiffusionNFT: online RL on the forward process, with multi-reward aggregation (weighted sum, GDPO, MARBLE).
+
+* DiffusionNFT: Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+  arXiv 2509.16117, §3.1 (implicit positive / negative policies ``v+- = v_old +- beta (v_theta - v_old)``,
+  loss ``r ||v+ - v||^2 + (1 - r) ||v- - v||^2`` with the optimality probability ``r = clip(A / 2C + 1/2)``),
+  in its released x0-form with adaptive per-sample weights (research/grpo_family.md §2.4). Samples come from
+  the old policy with the deterministic ODE sampler; only clean latents and rewards are kept.
+* MARBLE: Zhao et al., arXiv 2605.06507 (research/seed_algorithms.md §6): per-reward advantages, one gradient
+  per reward, the min-norm QP on their Gram matrix (:mod:`diffalign.balance`), the KL gradient outside the
+  QP; ``amortized`` solves every N optimizer steps and in between trains on ``A_bar = sum_k alpha_bar_k A_k``
+  with one backward (Prop. 1: the NFT loss is affine in A, so this equals ``sum_k alpha_k grad l_k``).
+* GDPO (arXiv 2601.05242): per-reward group normalisation, weighted sum, batch whitening.
+
+Layout: :class:`NFTConfig` (the ``train`` section), :func:`nft_loss_terms`, :func:`nft_policy_loss`,
+:func:`nft_loss` (pure), :func:`old_policy_decay` (pure), :class:`NFTTrainer` (setup / train / save / cleanup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from diffalign.config import check, param, register_trainer_config
+from diffalign.types import LossStats
+
+__all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "nft_loss", "old_policy_decay", "OldPolicy",
+           "NFTTrainer"]
+
+
+@register_trainer_config("nft")
+@dataclass
+class NFTConfig:
+    """The ``train`` section of a DiffusionNFT run (defaults: DiffusionNFT's SD3.5 recipe, grpo_family.md §2.4)."""
+
+    num_epochs: int = param(100, help="epochs (one epoch = sample with the old policy, score, train)", min=1)
+    learning_rate: float = param(3e-4, help="AdamW learning rate", min=0.0)
+    adam_beta1: float = param(0.9, help="AdamW beta1")
+    adam_beta2: float = param(0.999, help="AdamW beta2")
+    weight_decay: float = param(1e-4, help="AdamW weight decay")
+    adam_eps: float = param(1e-8, help="AdamW epsilon")
+    warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
+    batch_size: int = param(8, help="training minibatch per process", min=1)
+    gradient_accumulation_steps: int = param(
+        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1)
+    num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
+    shuffle: bool = param(True, help="shuffle samples between minibatches")
+    max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)
+    beta: float = param(1.0, help="implicit-policy mixing strength (DiffusionNFT: 1.0; 0.1 for OCR / multi-reward)",
+                        min=0.0)
+    adv_clip_max: float = param(5.0, help="C: advantages are clipped to [-C, C]; r = A / 2C + 1/2", min=0.0)
+    kl_weight: float = param(1e-4, help="weight of mean (v_theta - v_ref)^2, the reference being the base model "
+                             "(adapter disabled); 0 = off", min=0.0)
+    weight_eps: float = param(1e-5, help="lower clip of the adaptive (detached mean-abs x0 error) weight", min=0.0)
+    timestep_fraction: float = param(
+        0.99, help="trained timesteps per sample: int(T * f) of a random permutation of the T sampler sigmas",
+        min=0.0, max=1.0)
+    old_decay_rate: float = param(0.001, help="old policy: theta_old <- d theta_old + (1 - d) theta after each "
+                                  "epoch, d = min(rate * (step - start), max) (0 before start)", min=0.0)
+    old_decay_max: float = param(0.5, help="old policy decay cap (DiffusionNFT type 1: 0.5; type 2: 0.999)",
+                                 min=0.0, max=1.0)
+    old_decay_start: int = param(0, help="optimizer steps with d = 0 (old = current) before the ramp (type 2: 75)",
+                                 min=0)
+    aggregation: Literal["weighted_sum", "gdpo", "marble"] = param(
+        "weighted_sum", help="multi-reward aggregation: weighted_sum (sum rewards, then group-normalise), gdpo "
+        "(normalise each reward per group, weighted-sum, whiten), marble (QP gradient harmonisation)")
+    std_mode: Literal["group", "batch", "global"] = param(
+        "batch", help="std of the (per-reward) advantage: within the group, of the gathered batch, or running")
+    adv_eps: float = param(1e-4, help="added to the std", min=0.0)
+    marble_mode: Literal["full", "amortized"] = param(
+        "amortized", help="full: K backwards and a QP every step; amortized: QP every marble_every steps, one "
+        "backward on sum_k alpha_bar_k A_k in between")
+    marble_every: int = param(10, help="amortized: optimizer steps per QP refresh (MARBLE: 5-10)", min=1)
+    marble_rho: float = param(0.7, help="EMA of the QP coefficients used by amortized steps", min=0.0, max=0.999)
+    marble_normalize: bool = param(True, help="solve on unit per-reward gradients (required, MARBLE Table 3)")
+    marble_solver: Literal["auto", "closed_form", "enumerate", "frank_wolfe", "projected_gradient"] = param(
+        "auto", help="min-norm QP solver (diffalign.balance)")
+    grad_diagnostics_every: int = param(
+        0, help="every N optimizer steps also compute the per-reward gradients (K extra backwards) to log the "
+        "cosine of the applied direction with each; 0 = only where MARBLE computes them anyway", min=0)
+    ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
+    ema_decay: float = param(0.9, help="EMA decay", min=0.0, max=1.0)
+    ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
+    eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
+    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
+    eval_guidance_scale: Optional[float] = param(None, help="CFG for eval; null = sample.guidance_scale")
+    stop_after_epochs: Optional[int] = param(
+        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)")
+    max_minutes: Optional[float] = param(None, help="stop after this many minutes of training (then checkpoint)")
+
+    def validate_run(self, run) -> None:
+        s = run.sample
+        check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; DiffusionNFT needs >= 2 images per prompt")
+        check(s.step == "flow_euler", "sample.step",
+              f"got {s.step!r}; DiffusionNFT samples with the deterministic ODE: set sample.step=flow_euler")
+        total = s.batch_size * s.num_batches_per_epoch
+        check(total % self.batch_size == 0, "train.batch_size",
+              f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
+        check(self.beta > 0, "train.beta", "got 0; the implicit policies need beta > 0 (DiffusionNFT uses 0.1-1)")
+        check(self.adv_clip_max > 0, "train.adv_clip_max", "got 0; r = A / 2C + 1/2 needs C > 0 (default 5)")
+
+
+# ----------------------------------------------------------------------------------------- pure math
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    # loss math in float32 at least (float64 inputs stay float64: the amortisation test needs it)
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def nft_loss_terms(
+    velocity: torch.Tensor,
+    old_velocity: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    *,
+    beta: float,
+    weight_eps: float = 1e-5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[B]`` positive and negative terms of the DiffusionNFT loss (arXiv 2509.16117 eq. (8), x0 form).
+
+    ``v+ = (1 - beta) v_old + beta v``, ``v- = (1 + beta) v_old - beta v``; ``x0+- = x_t - sigma v+-``;
+    ``L+- = mean_dims (x0+- - x0)^2 / stopgrad(max(mean_dims |x0+- - x0|, eps))`` (the released code's adaptive
+    weighting). Neither term depends on the advantage, which is what makes MARBLE's amortisation exact.
+    """
+    v, v_old, x_t, x0 = _up(velocity), _up(old_velocity), _up(x_t), _up(x0)
+    s = _up(sigma).reshape(-1, *([1] * (v.ndim - 1)))
+    dims = tuple(range(1, v.ndim))
+    v_pos = (1 - beta) * v_old + beta * v
+    v_neg = (1 + beta) * v_old - beta * v
+    err_pos = x_t - s * v_pos - x0
+    err_neg = x_t - s * v_neg - x0
+    w_pos = err_pos.detach().abs().mean(dim=dims).clamp_min(weight_eps)
+    w_neg = err_neg.detach().abs().mean(dim=dims).clamp_min(weight_eps)
+    return (err_pos**2).mean(dim=dims) / w_pos, (err_neg**2).mean(dim=dims) / w_neg
+
+
+def nft_policy_loss(
+    loss_pos: torch.Tensor, loss_neg: torch.Tensor, advantages: torch.Tensor, *, beta: float, adv_clip_max: float
+) -> torch.Tensor:
+    """``C mean_B (r L+ + (1 - r) L-) / beta`` with ``r = clip(clip(A, -C, C) / 2C + 1/2, 0, 1)`` (DiffusionNFT
+    eq. (8) with the released code's ``C / beta`` scale). Affine in ``A`` while no clip is active."""
+    c = adv_clip_max
+    r = (_up(advantages).clamp(-c, c) / (2 * c) + 0.5).clamp(0.0, 1.0)
+    return c * (r * loss_pos + (1 - r) * loss_neg).mean() / beta
+
+
+def nft_loss(
+    velocity: torch.Tensor,
+    old_velocity: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    beta: float,
+    adv_clip_max: float,
+    ref_velocity: Optional[torch.Tensor] = None,
+    kl_weight: float = 0.0,
+    weight_eps: float = 1e-5,
+) -> Tuple[torch.Tensor, LossStats]:
+    """DiffusionNFT loss of one trained timestep: policy + ``kl_weight * mean (v - v_ref)^2``.
+
+    Stats: ``approx_kl`` = ``mean (v - v_old)^2`` (DiffusionNFT's ``old_deviate``), ``clip_frac`` = fraction of
+    advantages at the clip, ``ratio_mean`` = mean optimality probability ``r``.
+    """
+    l_pos, l_neg = nft_loss_terms(velocity, old_velocity, x_t, x0, sigma, beta=beta, weight_eps=weight_eps)
+    policy = nft_policy_loss(l_pos, l_neg, advantages, beta=beta, adv_clip_max=adv_clip_max)
+    kl = velocity_kl(velocity, ref_velocity) if ref_velocity is not None else torch.zeros((), device=policy.device)
+    loss = policy + kl_weight * kl
+    return loss, _loss_stats(policy, kl, kl_weight, velocity, old_velocity, l_pos, l_neg, advantages, adv_clip_max)
+
+
+@torch.no_grad()
+def _loss_stats(policy, kl, kl_weight, velocity, old_velocity, l_pos, l_neg, advantages, c) -> LossStats:
+    return LossStats(
+        loss=(policy + kl_weight * kl).detach(), policy_loss=policy.detach(), kl_loss=kl.detach(),
+        approx_kl=((velocity.detach().float() - old_velocity.float()) ** 2).mean(),
+        clip_frac=(advantages.abs() >= c).float().mean(),
+        ratio_mean=(advantages.float().clamp(-c, c) / (2 * c) + 0.5).mean(),
+        extras={"loss_pos": l_pos.detach().mean(), "loss_neg": l_neg.detach().mean()},
+    )
+
+
+def velocity_kl(velocity: torch.Tensor, ref_velocity: torch.Tensor) -> torch.Tensor:
+    """``mean (v - v_ref)^2`` over batch and dims (DiffusionNFT's KL surrogate to the reference)."""
+    return ((velocity.float() - ref_velocity.float()) ** 2).mean()
+
+
+def old_policy_decay(step: int, *, rate: float, cap: float, start: int = 0) -> float:
+    """DiffusionNFT's old-policy decay ``d = min(rate * (step - start), cap)``, 0 before ``start``."""
+    if step < start:
+        return 0.0
+    return float(min(rate * (step - start), cap))
+
+
+class OldPolicy:
+    """A soft copy ``theta_old`` of the trainable parameters, swapped into the model for no-grad forwards.
+
+    Swapping copies the (LoRA) tensors in and back out; it must not happen while an autograd graph that saved
+    those parameters is alive, so trainers run the old-policy forward before the trained one.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, self.params):
+                    p.copy_(b)
+
+
+class _TrainingState:
+    """Optimizer + old policy behind one ``state_dict`` (saved in the checkpoint's optimizer slot)."""
+
+    def __init__(self, optimizer, old: OldPolicy) -> None:
+        self.optimizer, self.old = optimizer, old
+
+    def state_dict(self) -> Dict:
+        return {"optimizer": self.optimizer.state_dict(), "old_policy": [s.cpu() for s in self.old.shadow]}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for s, v in zip(self.old.shadow, state["old_policy"]):
+            s.copy_(v)
+
+
+# ----------------------------------------------------------------------------------------- trainer
+
+
+class NFTTrainer:
+    """Online DiffusionNFT recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``."""
+
+    def __init__(self, run_cfg, accelerator=None) -> None:
+        from diffalign.config import resolve_train_section
+
+        self.run = run_cfg
+        self.cfg: NFTConfig = resolve_train_section(run_cfg)
+        self.accelerator = accelerator
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from diffalign.advantages import RunningMoments
+        from diffalign.balance import Harmonizer, RewardGradients
+        from diffalign.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+        from diffalign.config import to_dict
+        from diffalign.distributed import DistContext
+        from diffalign.logging import MetricsLogger
+        from diffalign.prompts import build_prompt_source
+        from rewards import MultiReward
+        from trainers.common import DTYPES, EMA, build_adapter, image_size, resolve_device
+        from trainers.grpo import _reward_spec_dict
+
+        run, cfg = self.run, self.cfg
+        self.dist = DistContext.from_accelerator(self.accelerator)
+        self.device = resolve_device(run.model.device, self.accelerator)
+        self.dtype = DTYPES[run.model.dtype]
+        torch.manual_seed(run.seed)
+        self.adapter = build_adapter(run.model, self.device)
+        if self.adapter.kind != "flow":
+            raise ValueError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a {self.adapter.kind!r} "
+                             "model; use a flow model (SD3, FLUX, builtin:shapes-flow) or trainer=grpo")
+        if cfg.kl_weight > 0 and not self.adapter.has_lora:
+            raise ValueError("train.kl_weight > 0 needs model.lora.enabled (the reference is the adapter-disabled "
+                             "base model); enable LoRA or set train.kl_weight=0")
+        self.height, self.width = image_size(self.adapter, run.sample)
+        self.params = self.adapter.trainable_parameters()
+        if not self.params:
+            raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        warm = cfg.warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+        self.old = OldPolicy(self.params)
+        self.state = _TrainingState(self.optimizer, self.old)
+        if not run.rewards:
+            raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
+        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
+        self.num_rewards = len(self.rewards.names)
+        self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
+                                     method=cfg.marble_solver)
+        # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
+        self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)
+        self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
+        self.prompts = build_prompt_source(run.prompts, run.seed)
+        self.moments = RunningMoments()
+        self.ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=self.dist.rank,
+                                      world_size=self.dist.world_size, barrier=self.dist.barrier)
+        self.epoch, self.global_step = 0, 0
+        resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
+        if resume is not None:
+            self._restore(load_checkpoint(resume, rank=self.dist.rank))
+        self.logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
+                                    wandb_project=run.logging.wandb_project, is_main=self.dist.is_main,
+                                    resume_step=self.epoch if resume is not None else None)
+        self.config_dict = to_dict(run)
+        if self.dist.is_main:
+            from diffalign.config import save_config
+            save_config(run, f"{run.output_dir}/config.yaml")
+
+    def _restore(self, state) -> None:
+        from diffalign.checkpoint import restore_rng, restore_training_state
+
+        if self.ema is not None and state.ema_state:
+            self._load_trainable(state.ema_state)
+            self.ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
+                                      "shadow": [p.detach().clone() for p in self.params]})
+        self._load_trainable(state.trainable_state)
+        restore_training_state(state, optimizer=self.state, lr_scheduler=self.lr_scheduler)
+        self.epoch = int(state.counters["epoch"])
+        self.global_step = int(state.counters["step"])
+        extra = state.sampler_state or {}
+        if "moments" in extra:
+            self.moments.load_state_dict(extra["moments"])
+        if "harmonizer" in extra:
+            self.harmonizer.load_state_dict(extra["harmonizer"])
+        restore_rng(state)
+
+    def _trainable_state(self) -> Dict[str, torch.Tensor]:
+        if self.adapter.has_lora:
+            return {k: v.detach().float().clone() for k, v in self.adapter.lora_state_dict().items()}
+        return {k: v.detach().float().clone() for k, v in self.adapter.denoiser.state_dict().items()}
+
+    def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
+        if self.adapter.has_lora:
+            self.adapter.load_lora_state_dict(sd)
+        else:
+            self.adapter.denoiser.load_state_dict(sd)
+        for p in self.params:
+            p.data = p.data.float()
+
+    def save_checkpoint(self) -> None:
+        ema_state = None
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ema_state = self._trainable_state()
+        self.ckpt.save(
+            self.epoch,
+            trainable_state=self._trainable_state(),
+            ema_state=ema_state,
+            optimizer=self.state,
+            lr_scheduler=self.lr_scheduler,
+            counters={"epoch": self.epoch, "step": self.global_step,
+                      "ema_updates": self.ema.num_updates if self.ema else 0},
+            sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict(),
+                           "prompt_epoch": self.epoch},
+            config=self.config_dict,
+        )
+
+    # ------------------------------------------------------------------ one epoch
+    def _sample(self, assignment) -> Dict:
+        """Deterministic ODE samples of the old policy: clean latents, conditioning, images, rewards."""
+        from diffalign.generators.base import Conditioning
+        from trainers.common import sample_batch
+
+        s = self.run.sample
+        finals, conds, rewards, images = [], [], [], []
+        t_reward = 0.0
+        with self.old.swapped_in():
+            for b in range(s.num_batches_per_epoch):
+                sl = slice(b * s.batch_size, (b + 1) * s.batch_size)
+                prompts, ids = assignment.prompts[sl], assignment.sample_ids[sl]
+                traj, cond, imgs, schedule = sample_batch(
+                    self.adapter, prompts, ids, seed=self.run.seed, num_steps=s.num_steps,
+                    guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, height=self.height,
+                    width=self.width, step="flow_euler", noise_level=0.0, dtype=self.dtype)
+                t0 = time.perf_counter()
+                out = self.rewards(imgs, prompts, [{"prompt": p, "sample_id": i} for p, i in zip(prompts, ids)])
+                t_reward += time.perf_counter() - t0
+                finals.append(traj.final)
+                conds.append(cond)
+                rewards.append(out.rewards)
+                images.append(imgs)
+        return {"x0": torch.cat(finals), "cond": Conditioning.cat(conds), "rewards": torch.cat(rewards),
+                "images": torch.cat(images), "schedule": schedule, "reward_seconds": t_reward}
+
+    def _advantages(self, local_rewards: torch.Tensor, assignment) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor, Dict]:
+        """Gather ``[n, R]`` rewards; returns this rank's applied advantages (``[n]``, or ``[n, R]`` for MARBLE),
+        per-reward advantages ``[n, R]`` (diagnostics), keep mask, and stats."""
+        from diffalign.advantages import multi_reward_advantages, per_reward_advantages
+
+        cfg = self.cfg
+        all_rewards = self.dist.gather(local_rewards.to(self.device)).cpu()
+        groups = assignment.global_groups
+        if cfg.std_mode == "global":
+            from rewards import weighted_sum
+            self.moments.update(weighted_sum(all_rewards, self.rewards.weights))
+        res = multi_reward_advantages(all_rewards, groups, self.rewards.weights, aggregation=cfg.aggregation,
+                                      std_mode=cfg.std_mode, eps=cfg.adv_eps, clip=cfg.adv_clip_max,
+                                      global_std=self.moments.std)
+        per = res.advantages if cfg.aggregation == "marble" else per_reward_advantages(
+            all_rewards, groups, std_mode="batch" if cfg.std_mode == "global" else cfg.std_mode, eps=cfg.adv_eps,
+            clip=cfg.adv_clip_max)
+        stats = dict(res.stats)
+        for i, name in enumerate(self.rewards.names):
+            col = all_rewards[:, i]
+            stats[f"reward/{name}"] = float(torch.nanmean(col))
+        stats["reward/combined"] = float(torch.nanmean(res.combined))
+        stats["advantage/abs_mean"] = float(res.advantages.abs().mean())
+        sl = slice(assignment.start, assignment.end)
+        return res.advantages[sl], per[sl], res.keep[sl], stats
+
+    def _step_kind(self) -> Tuple[bool, bool]:
+        """``(refresh, diagnose)`` for the coming optimizer step: a MARBLE QP step, or extra per-reward grads."""
+        cfg = self.cfg
+        marble = cfg.aggregation == "marble"
+        refresh = marble and (cfg.marble_mode == "full" or self.global_step % cfg.marble_every == 0)
+        diagnose = (not refresh and self.num_rewards > 1 and cfg.grad_diagnostics_every > 0
+                    and self.global_step % cfg.grad_diagnostics_every == 0)
+        return refresh, diagnose
+
+    def _applied_advantages(self, adv: torch.Tensor) -> torch.Tensor:
+        if adv.ndim == 1:
+            return adv
+        # amortised MARBLE: A_bar = sum_k alpha_bar_k A_k (seed_algorithms.md §6.3)
+        return adv @ self.harmonizer.alpha_bar.to(adv)
+
+    def _velocities(self, model_fn, x_t, timesteps) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        from trainers.common import autocast_ctx
+
+        # old and reference forwards first: swapping the old weights in would break a live graph
+        with torch.no_grad(), self.old.swapped_in(), autocast_ctx(self.device, self.dtype):
+            v_old = model_fn(x_t, timesteps).float()
+        v_ref = None
+        if self.cfg.kl_weight > 0:
+            with torch.no_grad(), self.adapter.disable_adapter(), autocast_ctx(self.device, self.dtype):
+                v_ref = model_fn(x_t, timesteps).float()
+        with autocast_ctx(self.device, self.dtype):
+            v = model_fn(x_t, timesteps).float()
+        return v_old, v_ref, v
+
+    def _optimizer_step(self, refresh: bool, diagnose: bool, metrics: Dict[str, List[float]]) -> None:
+        from diffalign.balance import cosine_summary, direction_cosines, gram_matrix, log_harmonized
+        from diffalign.distributed import all_reduce_gradients
+
+        cfg, k = self.cfg, self.num_rewards
+        # the KL part (or, on plain steps, the whole gradient) is in .grad; averaged over ranks like GRPO's
+        all_reduce_gradients(self.params, self.dist.world_size)
+        if refresh or diagnose:
+            self.reward_grads.all_reduce(self.dist.world_size)
+            grads = self.reward_grads.buffer
+            if refresh:
+                res = self.harmonizer.step(grads[:k])
+                self.alpha_history.append(res.alpha.cpu())
+                direction = res.direction
+                stats = log_harmonized(res, self.rewards.names)
+            else:
+                direction = grads[k]
+                cos = direction_cosines(grads[:k], direction)
+                stats = {f"marble/cos/{n}": float(cos[i]) for i, n in enumerate(self.rewards.names)}
+                stats.update(cosine_summary(cos, gram_matrix(grads[:k])))
+            stats["marble/worst_cos_negative"] = float(stats["marble/worst_cos"] < 0)
+            self.reward_grads.add_to_grad(direction.to(self.params[0].device))
+            self.reward_grads.reset()
+            for key, v in stats.items():
+                metrics.setdefault(key, []).append(v)
+        if cfg.max_grad_norm > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            metrics.setdefault("train/grad_norm", []).append(float(gn))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.global_step += 1
+
+    def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, per_reward: torch.Tensor,
+                     keep: torch.Tensor) -> Dict:
+        from diffalign.distributed import seed_for
+
+        cfg = self.cfg
+        x0_all, cond, schedule = data["x0"], data["cond"], data["schedule"]
+        n, k = x0_all.shape[0], self.num_rewards
+        sigmas = schedule.sigmas.to(self.device)
+        timesteps = schedule.timesteps.to(self.device)
+        num_t = schedule.num_steps
+        num_train_t = max(1, int(num_t * cfg.timestep_fraction))
+        gen = torch.Generator().manual_seed(seed_for(self.run.seed, epoch, self.dist.rank, 11))
+        per_update = cfg.gradient_accumulation_steps * num_train_t
+        metrics: Dict[str, List[float]] = {}
+        step_times: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}
+        micro, updates = 0, 0
+        refresh, diagnose = self._step_kind()
+        t_step = time.perf_counter()
+        for _ in range(cfg.num_inner_epochs):
+            order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+            t_idx = torch.stack([torch.randperm(num_t, generator=gen)[:num_train_t] for _ in range(n)])
+            minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            for mb_i, mb in enumerate(minibatches):
+                model_fn = self.adapter.model_fn(cond.index_select(mb), 1.0)
+                x0 = x0_all[mb].to(self.device)
+                kept = keep[mb].to(self.device).float()
+                adv = advantages[mb].to(self.device)
+                adv = adv * (kept if adv.ndim == 1 else kept[:, None])
+                per = per_reward[mb].to(self.device) * kept[:, None]
+                for j in range(num_train_t):
+                    idx = t_idx[mb, j].to(self.device)
+                    sigma = sigmas[idx]
+                    noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                    s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
+                    x_t = (1 - s) * x0 + s * noise
+                    v_old, v_ref, v = self._velocities(model_fn, x_t, timesteps[idx])
+                    applied = self._applied_advantages(adv)
+                    l_pos, l_neg = nft_loss_terms(v, v_old, x_t, x0, sigma, beta=cfg.beta, weight_eps=cfg.weight_eps)
+                    policy = nft_policy_loss(l_pos, l_neg, applied, beta=cfg.beta, adv_clip_max=cfg.adv_clip_max)
+                    kl = velocity_kl(v, v_ref) if v_ref is not None else torch.zeros((), device=self.device)
+                    if refresh or diagnose:
+                        # one gradient per reward, each from the SAME samples, noise and timesteps (§6.2 step 2)
+                        losses = [nft_policy_loss(l_pos, l_neg, per[:, r], beta=cfg.beta,
+                                                  adv_clip_max=cfg.adv_clip_max) / per_update for r in range(k)]
+                        if diagnose:
+                            losses.append(policy / per_update)
+                        if v_ref is not None:
+                            # the KL gradient stays outside the QP (MARBLE §3.2 step 6): straight into .grad
+                            (cfg.kl_weight * kl / per_update).backward(retain_graph=True)
+                        self.reward_grads.accumulate(losses)
+                    else:
+                        ((policy + cfg.kl_weight * kl) / per_update).backward()
+                    st = _loss_stats(policy, kl, cfg.kl_weight, v, v_old, l_pos, l_neg, applied, cfg.adv_clip_max)
+                    micro += 1
+                    for key, val in st.as_dict().items():
+                        metrics.setdefault(f"train/{key}", []).append(val)
+                    last = mb_i == len(minibatches) - 1 and j == num_train_t - 1
+                    if micro % per_update == 0 or last:
+                        self._optimizer_step(refresh, diagnose, metrics)
+                        kind = "refresh" if refresh else "diagnose" if diagnose else "plain"
+                        step_times[kind].append(time.perf_counter() - t_step)
+                        updates += 1
+                        micro = 0
+                        refresh, diagnose = self._step_kind()
+                        t_step = time.perf_counter()
+        self.old.update(old_policy_decay(self.global_step, rate=cfg.old_decay_rate, cap=cfg.old_decay_max,
+                                         start=cfg.old_decay_start))
+        out = {key: float(np.mean(v)) for key, v in metrics.items()}
+        out["train/updates"] = updates
+        out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        for kind, times in step_times.items():
+            out[f"time/step_{kind}"] = float(np.sum(times))
+            out[f"steps/{kind}"] = len(times)
+        if self.num_rewards > 1:
+            for i, name in enumerate(self.rewards.names):
+                out[f"marble/alpha_bar/{name}"] = float(self.harmonizer.alpha_bar[i])
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean reward per column on the fixed eval prompts, deterministic sampler, current (or EMA) policy."""
+        from diffalign.distributed import seed_for
+        from trainers.common import sample_batch
+
+        s, cfg = self.run.sample, self.cfg
+        prompts = self.prompts.eval_prompts()
+        w = self.dist.world_size
+        per = math.ceil(len(prompts) / w)
+        mine = list(range(self.dist.rank * per, min(len(prompts), (self.dist.rank + 1) * per)))
+        rows = []
+        gs = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else s.guidance_scale
+        steps = cfg.eval_num_steps or s.eval_num_steps
+        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            for i in range(0, len(mine), s.batch_size):
+                ids = mine[i:i + s.batch_size]
+                batch_prompts = [prompts[q] for q in ids]
+                _, _, imgs, _ = sample_batch(
+                    self.adapter, batch_prompts, ids, seed=seed_for(self.run.seed, 99), num_steps=steps,
+                    guidance_scale=gs, negative_prompt=s.negative_prompt, height=self.height, width=self.width,
+                    step="flow_euler", noise_level=0.0, dtype=self.dtype)
+                rows.append(self.rewards(imgs, batch_prompts, [{"prompt": p} for p in batch_prompts]).rewards)
+        local = torch.cat(rows) if rows else torch.zeros(0, self.num_rewards)
+        pad = per - local.shape[0]
+        if pad:
+            local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
+        allr = self.dist.gather(local.to(self.device)).cpu()
+        return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(self.rewards.names)}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Dict[str, float]:
+        from diffalign.distributed import repeat_assignment
+        from diffalign.logging import progress
+
+        run, cfg, s = self.run, self.cfg, self.run.sample
+        total = self.dist.world_size * s.batch_size * s.num_batches_per_epoch
+        if total % s.group_size:
+            raise ValueError(
+                f"processes x sample.batch_size x sample.num_batches_per_epoch = {total} is not a multiple of "
+                f"sample.group_size={s.group_size}")
+        n_prompts = total // s.group_size
+        started = time.time()
+        ran = 0
+        last_eval: Dict[str, float] = {}
+        if self.epoch == 0 and cfg.eval_every:
+            last_eval = self.evaluate()
+            self.logger.log(0, last_eval)
+        bar = progress(range(self.epoch, cfg.num_epochs), desc="nft", disable=not self.dist.is_main,
+                       initial=self.epoch, total=cfg.num_epochs)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            assignment = repeat_assignment(self.prompts.epoch_prompts(epoch, n_prompts), s.group_size, epoch=epoch,
+                                           seed=run.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+            data = self._sample(assignment)
+            t1 = time.perf_counter()
+            adv, per, keep, adv_stats = self._advantages(data["rewards"], assignment)
+            train_stats = self._train_epoch(epoch, data, adv, per, keep)
+            t2 = time.perf_counter()
+            self.epoch = epoch + 1
+            metrics = {**adv_stats, **train_stats, "time/sample": t1 - t0 - data["reward_seconds"],
+                       "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": self.epoch}
+            if (cfg.eval_every and self.epoch % cfg.eval_every == 0) or self.epoch == cfg.num_epochs:
+                last_eval = self.evaluate()
+                metrics.update(last_eval)
+            if self.dist.is_main:
+                bar.set_postfix(reward=f"{adv_stats['reward/combined']:.3f}")
+                if run.logging.image_every and self.epoch % run.logging.image_every == 0:
+                    self.logger.log_images(self.epoch, data["images"][:16], assignment.prompts[:16])
+            self.logger.log(self.epoch, metrics)
+            ran += 1
+            stop = (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs) or (
+                cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes)
+            if (run.checkpoint.every and self.epoch % run.checkpoint.every == 0) or stop \
+                    or self.epoch == cfg.num_epochs:
+                self.save_checkpoint()
+            if stop:
+                break
+        return last_eval
+
+    def cleanup(self) -> None:
+        from diffalign.logging import plot_curves, read_metrics
+
+        if self.dist.is_main:
+            present = {k for row in read_metrics(f"{self.run.output_dir}/metrics.jsonl") for k in row}
+            keys = [k for n in self.rewards.names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
+            try:
+                plot_curves(f"{self.run.output_dir}/metrics.jsonl", f"{self.run.output_dir}/reward_curve.png", keys,
+                            title="DiffusionNFT rewards")
+            except Exception as exc:  # a plot must never fail a finished run
+                print(f"warning: could not plot reward curves: {exc}")
+        self.logger.close()
