@@ -19,11 +19,14 @@ per-epoch time split of a GRPO run, and memory after epoch 2 against epoch 20.
    first epoch is reported separately: it includes one-time warm-up).
 3. Memory: the peak during each epoch (Linux: the RSS high-water mark ``VmHWM``, reset at the start of
    every epoch through ``/proc/self/clear_refs``; elsewhere the process-lifetime ``ru_maxrss``; on CUDA
-   ``torch.cuda.max_memory_allocated``, reset per epoch) and the RSS at the end of each epoch, epoch 2
-   against the last epoch (default 20). Goal: growth under 5%.
+   ``torch.cuda.max_memory_allocated``, reset per epoch), the RSS at the end of each epoch and the live
+   tensors the garbage collector reaches then (count and MiB: a leak detector that ~1 GB of libraries
+   cannot hide), epoch 2 against epoch 20 (``--epochs``; the run trains one epoch more, since the last
+   one also evaluates and checkpoints). Goal: growth under 5%.
 
 The GRPO run uses ``configs/shapes/flow_grpo.yaml`` (batch 16 x 2 per epoch, groups of 8, 10 steps,
-CFG 3.0, LoRA r16) with evaluation, images and periodic checkpoints off, in a temporary folder.
+CFG 3.0, LoRA r16) with evaluation, images and periodic checkpoints off, in a temporary folder (``--tiny``
+shrinks the epoch, see ``TINY_OVERRIDES``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GRPO_CONFIG = ROOT / "configs" / "shapes" / "flow_grpo.yaml"
+#: --tiny shrinks the GRPO epoch (a smoke run of the harness, not the shipped model's workload): 8 samples in
+#: groups of 4, 4 sampler steps, one optimizer step per epoch. Later key=value arguments still win.
+TINY_OVERRIDES = ["sample.num_steps=4", "sample.batch_size=8",
+                  "sample.group_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=8",
+                  "train.gradient_accumulation_steps=1"]
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -62,6 +70,29 @@ def _proc_status_kb(key: str) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def live_tensors() -> Dict[str, float]:
+    """Count and MiB of the distinct tensor storages reachable by the garbage collector (a sharper leak
+    detector than RSS, which the ~1 GB of libraries dominates on a small model)."""
+    import warnings
+
+    seen, total, count = set(), 0, 0
+    with warnings.catch_warnings():  # isinstance() on deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                    continue
+                st = obj.untyped_storage()
+                key = (st.data_ptr(), obj.device.type)
+            except Exception:  # noqa: BLE001 - some tensor subclasses refuse storage access
+                continue
+            count += 1
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+    return {"tensors": float(count), "tensor_mib": total / 2**20}
 
 
 class MemoryProbe:
@@ -112,7 +143,7 @@ class MemoryProbe:
 
 
 def tiny_model(folder: Path) -> str:
-    """A tiny random SD3 pipeline saved to ``folder`` (32x32 images, no T5): runs without the shipped model."""
+    """A tiny random SD3 pipeline saved to ``folder`` (32x32 images, no T5), so the script runs anywhere."""
     from diffalign.testing.tiny import tiny_sd3_pipeline
 
     if not (folder / "model_index.json").exists():
@@ -135,7 +166,8 @@ def bench_rollout(model: str, *, batch: int, steps: int, guidance: float, size: 
     from samplers import make_generators
     from trainers.common import sample_batch
 
-    adapter = load_generator(model, dtype=torch.float32, device="cpu" if not torch.cuda.is_available() else "cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter = load_generator(model, dtype=torch.float32, device=device)
     if lora_rank > 0:
         adapter.add_lora(rank=lora_rank, alpha=2.0 * lora_rank)
     pipe = adapter.pipeline
@@ -165,7 +197,8 @@ def bench_rollout(model: str, *, batch: int, steps: int, guidance: float, size: 
         "diffusers pipe(output_type='pt')": lambda: pipeline_call(
             "pt", torch.Generator(device="cpu").manual_seed(next(seed_counter))),
         "diffalign sample_batch, ODE (flow_euler)": lambda: diffalign_call("flow_euler", 0.0),
-        f"diffalign sample_batch, SDE (flow_sde {noise_level})": lambda: diffalign_call("flow_sde", noise_level),
+        f"diffalign sample_batch, SDE (flow_sde {noise_level})":
+            lambda: diffalign_call("flow_sde", noise_level),
     }
     names = list(methods)
     times: Dict[str, List[float]] = {n: [] for n in names}
@@ -182,30 +215,34 @@ def bench_rollout(model: str, *, batch: int, steps: int, guidance: float, size: 
     base = names[0]
     rows = []
     for n in names:
-        paired = [tb / tm for tb, tm in zip(times[base], times[n])]
+        paired = [tb / tm for tb, tm in zip(times[base], times[n], strict=True)]
         rows.append({"method": n, "images_per_s": batch / statistics.median(times[n]),
                      "median_s": statistics.median(times[n]), "min_s": min(times[n]),
                      "ratio_median_paired": statistics.median(paired),
                      "ratio_best": min(times[base]) / min(times[n])})
     rows[0]["parity_max_abs_diff"] = parity
-    del adapter, pipe
-    gc.collect()
     return rows
 
 
-# ----------------------------------------------------------------------------------------------- 2./3. GRPO run
+# ----------------------------------------------------------------------------------------------- 2, 3. GRPO
 
 
-def grpo_run(model: str, out: Path, *, epochs: int, tiny: bool, overrides: List[str]) -> Dict[int, Dict]:
+def grpo_run(model: str, out: Path, *, epochs: int, size: int, tiny: bool,
+             overrides: List[str]) -> Dict[int, Dict]:
     """Train ``epochs`` GRPO epochs in this process; returns ``{epoch: memory}`` measured per epoch."""
     from diffalign.config import RunConfig, load_config
     from trainers.grpo import GRPOTrainer
 
     ov = [f"model.path={model}", f"output_dir={out}", f"train.num_epochs={epochs}", "train.eval_every=0",
-          "train.max_minutes=null", "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0",
-          "logging.tensorboard=false"]
+          "train.max_minutes=null", "checkpoint.every=0", "checkpoint.resume_from=null",
+          "logging.image_every=0", "logging.tensorboard=false",
+          # explicit size: the config leaves it to the model, and trainers.common.image_size falls back to
+          # 512 px for adapters without default_image_size (SD3: the shapes model's pos-embed stops at 32 px)
+          f"sample.height={size}", f"sample.width={size}"]
+    if torch.cuda.is_available():
+        ov.append("model.device=cuda")  # without an accelerator the trainer's "auto" means CPU
     if tiny:
-        ov += ["sample.height=32", "sample.width=32"]
+        ov += TINY_OVERRIDES
     cfg = load_config(RunConfig, GRPO_CONFIG, ov + list(overrides))
     trainer = GRPOTrainer(cfg, None)
     trainer.setup()
@@ -216,10 +253,11 @@ def grpo_run(model: str, out: Path, *, epochs: int, tiny: bool, overrides: List[
     def logged(step, metrics):  # the trainer logs once at the end of every epoch: measure, then reset
         result = log(step, metrics)
         if "epoch" in metrics:
+            epoch = int(metrics["epoch"])
             gc.collect()
-            memory[int(metrics["epoch"])] = probe.stop()
-            print(f"  epoch {int(metrics['epoch']):3d}: reward {metrics.get('reward/combined', float('nan')):.4f}  "
-                  f"peak {memory[int(metrics['epoch'])]['peak_mib']:.1f} MiB", flush=True)
+            memory[epoch] = {**probe.stop(), **live_tensors()}
+            print(f"  epoch {epoch:3d}: reward {metrics.get('reward/combined', float('nan')):.4f}  "
+                  f"peak {memory[epoch]['peak_mib']:.1f} MiB", flush=True)
             probe.start()
         return result
 
@@ -249,15 +287,19 @@ def time_split(metrics_path: Path) -> List[Dict]:
 
 def _table(header: List[str], rows: List[List[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+    def line(cells: List[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), rule] + [line(r) for r in rows])
 
 
 def report_rollout(rows: List[Dict], settings: str) -> None:
     print(f"\n## 1. Rollout throughput ({settings})")
     print(_table(["method", "images/s", "median s/batch", "ratio vs pipe (median paired)", "ratio (best-of)"],
-                 [[r["method"], f"{r['images_per_s']:.1f}", f"{r['median_s']:.4f}", f"{r['ratio_median_paired']:.3f}x",
-                   f"{r['ratio_best']:.3f}x"] for r in rows]))
+                 [[r["method"], f"{r['images_per_s']:.1f}", f"{r['median_s']:.4f}",
+                   f"{r['ratio_median_paired']:.3f}x", f"{r['ratio_best']:.3f}x"] for r in rows]))
     worst = min(r["ratio_median_paired"] for r in rows[1:])
     print(f"goal >= 0.95x: {'PASS' if worst >= 0.95 else 'FAIL'} (worst diffalign ratio {worst:.3f}x); "
           f"ODE parity with the pipeline: max |latent diff| = {rows[0]['parity_max_abs_diff']:.2e}")
@@ -273,7 +315,8 @@ def report_split(rows: List[Dict]) -> None:
             return
         means = {k: statistics.mean(r[m] for r in sel) for k, m in keys}
         total = sum(means.values())
-        out.append([label] + [f"{means[k]:.3f} s ({100 * means[k] / total:.0f}%)" for k, _ in keys] + [f"{total:.3f} s"])
+        cells = [f"{means[k]:.3f} s ({100 * means[k] / total:.0f}%)" for k, _ in keys]
+        out.append([label, *cells, f"{total:.3f} s"])
 
     add("epoch 1 (warm-up)", rows[:1])
     add(f"epochs 2-{len(rows)} (mean)", rows[1:])
@@ -287,10 +330,11 @@ def report_memory(memory: Dict, first: int, last: int) -> None:
         print(f"not enough epochs measured (have {sorted(memory)})")
         return
     a, b = memory[first], memory[last]
-    rows = [[f"epoch {first}", f"{a['peak_mib']:.1f}", f"{a['current_mib']:.1f}"],
-            [f"epoch {last}", f"{b['peak_mib']:.1f}", f"{b['current_mib']:.1f}"],
-            ["ratio", f"{b['peak_mib'] / a['peak_mib']:.4f}x", f"{b['current_mib'] / max(a['current_mib'], 1e-9):.4f}x"]]
-    print(_table(["", "peak MiB", "at epoch end MiB"], rows))
+    rows = [[f"epoch {e}", f"{m['peak_mib']:.1f}", f"{m['current_mib']:.1f}", f"{m['tensor_mib']:.2f}",
+             f"{m['tensors']:.0f}"] for e, m in ((first, a), (last, b))]
+    keys = ("peak_mib", "current_mib", "tensor_mib", "tensors")
+    rows.append(["ratio"] + [f"{b[k] / max(a[k], 1e-9):.4f}x" for k in keys])
+    print(_table(["", "peak MiB", "at epoch end MiB", "live tensors MiB", "live tensors"], rows))
     growth = 100 * (b["peak_mib"] / a["peak_mib"] - 1)
     peaks = [memory[e]["peak_mib"] for e in sorted(memory)]
     print(f"goal growth < 5%: {'PASS' if growth < 5 else 'FAIL'} (peak {growth:+.2f}%); per-epoch peaks MiB: "
@@ -299,21 +343,22 @@ def report_memory(memory: Dict, first: int, last: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:shapes-flow", help="SD3-layout pipeline folder or builtin:NAME")
+    ap.add_argument("--model", default="builtin:shapes-flow", help="SD3-layout pipeline or builtin:NAME")
     ap.add_argument("--tiny", action="store_true", help="build a tiny random SD3 pipeline instead of --model")
-    ap.add_argument("--batch", type=int, default=16, help="rollout batch (the GRPO config's sample.batch_size)")
+    ap.add_argument("--batch", type=int, default=16, help="rollout batch (the config's sample.batch_size)")
     ap.add_argument("--steps", type=int, default=10, help="sampler steps")
     ap.add_argument("--guidance", type=float, default=3.0, help="CFG scale (> 1 doubles the batch in both)")
     ap.add_argument("--size", type=int, default=32, help="image height = width in pixels")
     ap.add_argument("--noise-level", type=float, default=0.7, help="Flow-GRPO SDE noise level")
-    ap.add_argument("--reps", type=int, default=7, help="interleaved timed repetitions per method")
+    ap.add_argument("--reps", type=int, default=11, help="interleaved timed repetitions per method")
     ap.add_argument("--lora-rank", type=int, default=0, help="attach a LoRA of this rank first (0 = none)")
     ap.add_argument("--epochs", type=int, default=20, help="GRPO epochs (memory: epoch 2 vs this one)")
     ap.add_argument("--mem-first", type=int, default=2, help="the early epoch of the memory comparison")
     ap.add_argument("--metrics", type=Path, help="only summarise this metrics.jsonl (no GRPO run)")
     ap.add_argument("--skip-rollout", action="store_true")
     ap.add_argument("--skip-grpo", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch.set_num_threads; 1 (default) keeps ratios stable on shared CPUs; 0 = torch's")
     ap.add_argument("--out", type=Path, default=None, help="GRPO run folder (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write all numbers to this file")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the GRPO config")
@@ -329,10 +374,13 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
 
     if not args.skip_rollout:
-        settings = (f"batch {args.batch}, {args.steps} steps, CFG {args.guidance}, {args.size}x{args.size} px, "
-                    f"{args.reps} interleaved reps" + (f", LoRA r{args.lora_rank}" if args.lora_rank else ""))
-        rows = bench_rollout(model, batch=args.batch, steps=args.steps, guidance=args.guidance, size=args.size,
-                             reps=args.reps, lora_rank=args.lora_rank, noise_level=args.noise_level)
+        settings = (f"batch {args.batch}, {args.steps} steps, CFG {args.guidance}, {args.size}x{args.size} "
+                    f"px, {args.reps} interleaved reps")
+        settings += f", LoRA r{args.lora_rank}" if args.lora_rank else ""
+        rows = bench_rollout(model, batch=args.batch, steps=args.steps, guidance=args.guidance,
+                             size=args.size, reps=args.reps, lora_rank=args.lora_rank,
+                             noise_level=args.noise_level)
+        gc.collect()
         report_rollout(rows, settings)
         results["rollout"] = rows
 
@@ -342,9 +390,14 @@ def main(argv=None) -> int:
         results["time_split"] = split
     elif not args.skip_grpo:
         out = args.out or Path(tmp.name) / "grpo"
-        print(f"\n(GRPO run: {args.epochs} epochs of {GRPO_CONFIG.relative_to(ROOT)} in {out})", flush=True)
-        memory = grpo_run(model, out, epochs=args.epochs, tiny=args.tiny, overrides=args.overrides)
-        split = time_split(out / "metrics.jsonl")
+        extra = [f"sample.height={args.size}", f"sample.width={args.size}"]
+        extra += (TINY_OVERRIDES if args.tiny else []) + args.overrides
+        # one extra epoch: the last one also runs the final evaluation and checkpoint, not comparable
+        print(f"\n(GRPO run: {args.epochs} + 1 epochs of {GRPO_CONFIG.relative_to(ROOT)}"
+              + (f" with {' '.join(extra)}" if extra else "") + f", in {out})", flush=True)
+        memory = grpo_run(model, out, epochs=args.epochs + 1, size=args.size, tiny=args.tiny,
+                          overrides=args.overrides)
+        split = time_split(out / "metrics.jsonl")[:args.epochs]
         report_split(split)
         results["time_split"] = split
         results["memory"] = {str(k): v for k, v in memory.items()}

@@ -173,5 +173,9 @@ def test_reward_gradients_match_backward():
         grads = torch.autograd.grad(loss, list(lin.parameters()))
         torch.testing.assert_close(rg.buffer[k], torch.cat([g.reshape(-1) for g in grads]))
     assert float(rg.buffer[2].abs().sum()) == 0.0
+    batched = RewardGradients(list(lin.parameters()), 3)
+    out = lin(x)
+    batched.accumulate([out[:, 0].pow(2).mean(), out[:, 1].mean()], batched=True)
+    torch.testing.assert_close(batched.buffer, rg.buffer)
     rg.add_to_grad(rg.buffer[0])
     torch.testing.assert_close(lin.weight.grad.reshape(-1), rg.buffer[0, :6])

@@ -447,3 +447,18 @@ def test_network_guard_is_active():
     with pytest.raises(netguard.NetworkAccessError):
         socket.create_connection(("huggingface.co", 443))
     del netguard.attempts[-1:]  # the deliberate attempt above
+
+
+def test_default_image_size_is_the_pipelines_own():
+    from diffalign.config import SampleConfig
+    from diffalign.generators import adapter_for_pipeline
+    from diffalign.testing.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
+    from trainers.common import image_size
+
+    for pipe in (tiny_sd3_pipeline(), tiny_sd15_pipeline()):
+        adapter = adapter_for_pipeline(pipe)
+        f = adapter.vae_scale_factor
+        want = int(adapter.denoiser.config.sample_size) * f
+        assert adapter.default_image_size() == (want, want)
+        assert image_size(adapter, SampleConfig()) == (want, want)
+        assert image_size(adapter, SampleConfig(height=64, width=48)) == (64, 48)

@@ -45,7 +45,8 @@ def _train(cfg):
     {"aggregation": "weighted_sum", "grad_diagnostics_every": 1},
     {"aggregation": "gdpo"},
     {"aggregation": "marble", "marble_mode": "full"},
-], ids=["weighted_sum", "gdpo", "marble_full"])
+    {"aggregation": "marble", "marble_mode": "full", "marble_batched_backward": True},
+], ids=["weighted_sum", "gdpo", "marble_full", "marble_full_vmapped"])
 def test_each_aggregation_trains_and_logs(tmp_path, train):
     trainer = _train(nft_config(save_tiny(tmp_path), tmp_path / "run", {"num_epochs": 1, **train}))
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]

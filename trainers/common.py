@@ -50,10 +50,8 @@ def build_adapter(model_cfg, device: torch.device):
 
 def image_size(adapter, sample_cfg) -> tuple:
     """``(height, width)`` in pixels: the config's, or the model's native size."""
-    native = adapter.default_image_size() if hasattr(adapter, "default_image_size") else None
-    h = sample_cfg.height or (native[0] if native else 512)
-    w = sample_cfg.width or (native[1] if native else 512)
-    return int(h), int(w)
+    native_h, native_w = adapter.default_image_size()
+    return int(sample_cfg.height or native_h), int(sample_cfg.width or native_w)
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype):

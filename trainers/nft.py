@@ -78,6 +78,9 @@ class NFTConfig:
     marble_every: int = param(10, help="amortized: optimizer steps per QP refresh (MARBLE: 5-10)", min=1)
     marble_rho: float = param(0.7, help="EMA of the QP coefficients used by amortized steps", min=0.0, max=0.999)
     marble_normalize: bool = param(True, help="solve on unit per-reward gradients (required, MARBLE Table 3)")
+    marble_batched_backward: bool = param(
+        False, help="run the K per-reward backward passes as one vmapped backward (same gradients; can be "
+        "faster on GPUs, not on CPUs)")
     marble_solver: Literal["auto", "closed_form", "enumerate", "frank_wolfe", "projected_gradient"] = param(
         "auto", help="min-norm QP solver (diffalign.balance)")
     grad_diagnostics_every: int = param(
@@ -460,21 +463,20 @@ class NFTTrainer:
         # the KL part (or, on plain steps, the whole gradient) is in .grad; averaged over ranks like GRPO's
         all_reduce_gradients(self.params, self.dist.world_size)
         if refresh or diagnose:
-            self.reward_grads.all_reduce(self.dist.world_size)
-            grads = self.reward_grads.buffer
             if refresh:
-                res = self.harmonizer.step(grads[:k])
+                res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size)
                 self.alpha_history.append(res.alpha.cpu())
-                direction = res.direction
                 stats = log_harmonized(res, self.rewards.names)
             else:
-                direction = grads[k]
+                self.reward_grads.all_reduce(self.dist.world_size)
+                grads = self.reward_grads.buffer
+                direction = grads[k]  # the gradient of the applied policy loss, added unchanged
                 cos = direction_cosines(grads[:k], direction)
                 stats = {f"marble/cos/{n}": float(cos[i]) for i, n in enumerate(self.rewards.names)}
                 stats.update(cosine_summary(cos, gram_matrix(grads[:k])))
+                self.reward_grads.add_to_grad(direction)
+                self.reward_grads.reset()
             stats["marble/worst_cos_negative"] = float(stats["marble/worst_cos"] < 0)
-            self.reward_grads.add_to_grad(direction.to(self.params[0].device))
-            self.reward_grads.reset()
             for key, v in stats.items():
                 metrics.setdefault(key, []).append(v)
         if cfg.max_grad_norm > 0:
@@ -536,7 +538,7 @@ class NFTTrainer:
                         if v_ref is not None:
                             # the KL gradient stays outside the QP (MARBLE §3.2 step 6): straight into .grad
                             (cfg.kl_weight * kl / per_update).backward(retain_graph=True)
-                        self.reward_grads.accumulate(losses)
+                        self.reward_grads.accumulate(losses, batched=cfg.marble_batched_backward)
                     else:
                         ((policy + cfg.kl_weight * kl) / per_update).backward()
                     st = _loss_stats(policy, kl, cfg.kl_weight, v, v_old, l_pos, l_neg, applied, cfg.adv_clip_max)
@@ -560,7 +562,7 @@ class NFTTrainer:
         for kind, times in step_times.items():
             out[f"time/step_{kind}"] = float(np.sum(times))
             out[f"steps/{kind}"] = len(times)
-        if self.num_rewards > 1:
+        if cfg.aggregation == "marble":
             for i, name in enumerate(self.rewards.names):
                 out[f"marble/alpha_bar/{name}"] = float(self.harmonizer.alpha_bar[i])
         return out

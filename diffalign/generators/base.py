@@ -264,6 +264,12 @@ class GeneratorAdapter:
         """The schedule the pipeline's own call would use for ``num_steps`` at ``height x width`` pixels."""
         raise NotImplementedError
 
+    def default_image_size(self) -> Tuple[int, int]:
+        """``(height, width)`` in pixels that the pipeline generates when none is given."""
+        size = getattr(self.pipeline, "default_sample_size", None) or self.denoiser.config.sample_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        return int(size[0]) * self.vae_scale_factor, int(size[1]) * self.vae_scale_factor
+
     def latent_shape(self, height: int, width: int) -> Tuple[int, ...]:
         """Shape ``L`` of one sample's latent for an image of ``height x width`` pixels."""
         raise NotImplementedError

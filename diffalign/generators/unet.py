@@ -48,11 +48,6 @@ class UNetAdapter(GeneratorAdapter):
     def is_sdxl(self) -> bool:
         return getattr(self.denoiser.config, "addition_embed_type", None) == "text_time"
 
-    def _default_size(self) -> Tuple[int, int]:
-        size = self.denoiser.config.sample_size
-        size = size if isinstance(size, (tuple, list)) else (size, size)
-        return int(size[0]) * self.vae_scale_factor, int(size[1]) * self.vae_scale_factor
-
     def _encode(
         self,
         prompts: List[str],
@@ -76,7 +71,7 @@ class UNetAdapter(GeneratorAdapter):
             do_classifier_free_guidance=cfg,
             negative_prompt=None if empty else negatives,
         )
-        default_h, default_w = self._default_size()
+        default_h, default_w = self.default_image_size()
         size = (height or default_h, width or default_w)
         enc2 = getattr(self.pipeline, "text_encoder_2", None)
         proj_dim = int(pooled.shape[-1]) if enc2 is None else enc2.config.projection_dim

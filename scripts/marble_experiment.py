@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Multi-reward balancing on the shapes world (issue 6, acceptance 5): weighted sum vs GDPO vs MARBLE.
+
+    python scripts/marble_experiment.py                        # builtin:shapes-flow, 3 rewards, 30 epochs each
+    python scripts/marble_experiment.py --epochs 60 train.learning_rate=3e-4
+    python scripts/marble_experiment.py --tiny --epochs 3      # a tiny random SD3 pipeline: checks the harness only
+
+Each mode trains DiffusionNFT from ``configs/shapes/nft_marble.yaml`` (rewards: the shapes verifier, JPEG
+compressibility, colourfulness; same seed, prompts, samples per step, optimizer steps and evaluation) with
+``train.aggregation`` = ``weighted_sum`` | ``gdpo`` | ``marble`` (amortised, QP every 5 steps). Every
+``--diag-every`` optimizer steps each run also computes the per-reward gradients (K extra backwards, not applied)
+to measure the cosine of the direction it applies with each reward's gradient; MARBLE's QP steps measure it
+anyway. Time per step excludes these diagnostic steps: it is ``(1 - f) * plain + f * qp`` with ``f`` the
+share of QP steps of an undiagnosed run (1/N amortised, 1 full, 0 otherwise).
+
+Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/train_rewards.png``,
+``OUT/worst_cosine.png`` and one run folder per mode (metrics.jsonl, checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CONFIG = ROOT / "configs" / "shapes" / "nft_marble.yaml"
+MODES = ("weighted_sum", "gdpo", "marble")
+TINY_OVERRIDES = ["sample.height=32", "sample.width=32", "sample.num_steps=4", "sample.eval_num_steps=4",
+                  "sample.batch_size=8", "sample.group_size=4", "sample.num_batches_per_epoch=1",
+                  "train.batch_size=8", "train.gradient_accumulation_steps=1", "prompts.eval_size=8",
+                  "train.marble_every=2"]
+
+
+def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, extra: List[str],
+             eval_base: bool) -> List[Dict]:
+    from diffalign.config import RunConfig, load_config
+    from diffalign.logging import read_metrics
+    from trainers.nft import NFTTrainer
+    from trainers.run import make_accelerator
+
+    cfg = load_config(RunConfig, CONFIG, [
+        f"model.path={model}", f"output_dir={out / mode}", f"train.aggregation={mode}", f"train.num_epochs={epochs}",
+        # the base model is evaluated once (first mode: eval at epoch 0 and at the end; the others: the end only)
+        f"train.eval_every={epochs if eval_base else 0}", f"train.grad_diagnostics_every={diag_every}",
+        "train.max_minutes=null", "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0",
+        *extra])
+    metrics = out / mode / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()  # a fresh run per invocation
+    trainer = NFTTrainer(cfg, make_accelerator(cfg.model.device))
+    trainer.setup()
+    t0 = time.time()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    print(f"[{mode}] {epochs} epochs in {time.time() - t0:.0f} s")
+    return read_metrics(metrics), trainer.rewards.names, trainer.cfg
+
+
+def summarise(mode: str, rows: List[Dict], names: List[str], cfg, base: Dict) -> Dict:
+    evals = [r for r in rows if any(k.startswith("eval/reward/") for k in r)]
+    final = evals[-1]
+    out = {"mode": mode, "base": {n: base[f"eval/reward/{n}"] for n in names},
+           "final": {n: final[f"eval/reward/{n}"] for n in names}}
+    out["delta"] = {n: out["final"][n] - out["base"][n] for n in names}
+    train_rows = [r for r in rows if "epoch" in r]
+    worst = [r["marble/worst_cos"] for r in train_rows if "marble/worst_cos" in r]
+    out["worst_cos_mean"] = float(np.mean(worst)) if worst else float("nan")
+    out["worst_cos_negative_fraction"] = float(np.mean([w < 0 for w in worst])) if worst else float("nan")
+    out["num_cos_steps"] = len(worst)
+
+    def mean_time(kind):
+        t = sum(r.get(f"time/step_{kind}", 0.0) for r in train_rows)
+        c = sum(r.get(f"steps/{kind}", 0) for r in train_rows)
+        return t / c if c else float("nan")
+
+    plain, qp = mean_time("plain"), mean_time("refresh")
+    if mode == "marble":
+        f = 1.0 if cfg.marble_mode == "full" else 1.0 / cfg.marble_every
+        out["time_per_step"] = (1 - f) * plain + f * qp if f < 1 else qp
+    else:
+        out["time_per_step"] = plain
+    out["time_plain_step"], out["time_qp_step"] = plain, qp
+    alpha_keys = [k for k in train_rows[-1] if k.startswith("marble/alpha_bar/")]
+    out["alpha_bar_final"] = {k.split("/")[-1]: train_rows[-1][k] for k in alpha_keys}
+    out["train_reward_first_last"] = {n: (train_rows[0][f"reward/{n}"], train_rows[-1][f"reward/{n}"])
+                                      for n in names}
+    return out
+
+
+def table(results: List[Dict], names: List[str]) -> str:
+    head = ["mode"] + [f"Δ {n} (base {results[0]['base'][n]:.4g})" for n in names] + [
+        "worst-reward cos (mean)", "steps with worst cos < 0", "time / step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        cells = [r["mode"]] + [f"{r['delta'][n]:+.4f}" for n in names] + [
+            f"{r['worst_cos_mean']:+.3f}", f"{r['worst_cos_negative_fraction']:.0%} of {r['num_cos_steps']}",
+            f"{r['time_per_step']:.2f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(out: Path, runs: Dict[str, List[Dict]], names: List[str]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def figure(prefix: str, filename: str, smooth: int, title: str):
+        fig = Figure(figsize=(4.2 * len(names), 3.4))
+        FigureCanvasAgg(fig)
+        for j, n in enumerate(names):
+            ax = fig.add_subplot(1, len(names), j + 1)
+            for mode, rows in runs.items():
+                pts = [(r["step"], r[f"{prefix}{n}"]) for r in rows if f"{prefix}{n}" in r and "step" in r]
+                if not pts:
+                    continue
+                x, y = map(np.asarray, zip(*pts))
+                if smooth > 1 and len(y) >= smooth:
+                    y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+                    x = x[smooth - 1:]
+                ax.plot(x, y, label=mode, marker="o" if prefix.startswith("eval") else None)
+            ax.set_title(n)
+            ax.set_xlabel("epoch")
+        fig.axes[0].legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(out / filename, dpi=110)
+
+    figure("eval/reward/", "eval_rewards.png", 1, "eval reward (deterministic sampling, fixed prompts)")
+    figure("reward/", "train_rewards.png", 5, "training batch reward (5-epoch moving average)")
+    fig = Figure(figsize=(6, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for mode, rows in runs.items():
+        pts = [(r["step"], r["marble/worst_cos"]) for r in rows if "marble/worst_cos" in r]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker=".", label=mode)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("min_k cos(d, g_k)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "worst_cosine.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("overrides", nargs="*", help="key=value overrides applied to every mode")
+    ap.add_argument("--model", default="builtin:shapes-flow")
+    ap.add_argument("--tiny", action="store_true", help="tiny random SD3 pipeline (harness check only)")
+    ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--diag-every", type=int, default=2, help="gradient-cosine diagnostics every N steps")
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "marble_experiment"))
+    args = ap.parse_args(argv)
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, extra = args.model, list(args.overrides)
+    if args.tiny:
+        from diffalign.testing.tiny import tiny_sd3_pipeline
+
+        model = str(Path(tempfile.mkdtemp(prefix="marble_exp_")) / "tiny-sd3")
+        tiny_sd3_pipeline(seed=0).save_pretrained(model)
+        extra = TINY_OVERRIDES + extra
+    runs, results, names = {}, [], None
+    base = None
+    for mode in args.modes.split(","):
+        rows, names, cfg = run_mode(mode, model, out, args.epochs, args.diag_every, extra, eval_base=base is None)
+        if base is None:
+            base = next(r for r in rows if any(k.startswith("eval/reward/") for k in r))
+        runs[mode] = rows
+        results.append(summarise(mode, rows, names, cfg, base))
+    md = table(results, names)
+    header = (f"model={'tiny-sd3 (harness check)' if args.tiny else args.model}, epochs={args.epochs} "
+              f"(1 optimizer step each), threads={torch.get_num_threads()}, overrides={extra}\n\n")
+    (out / "table.md").write_text(header + md + "\n", encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    plots(out, runs, names)
+    print("\n" + header + md)
+    for r in results:
+        if r["alpha_bar_final"]:
+            print(f"{r['mode']}: final alpha_bar " + ", ".join(f"{k}={v:.3f}" for k, v in r["alpha_bar_final"].items()))
+    print(f"wrote {out / 'table.md'}, results.json and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

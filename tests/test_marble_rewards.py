@@ -1,0 +1,30 @@
+"""The colourfulness reward used by the MARBLE experiment: known answers (Hasler & Süsstrunk 2003, eq. (3))."""
+
+from __future__ import annotations
+
+import torch
+
+from rewards import MultiReward
+from rewards.colorfulness import colorfulness_score
+
+
+def test_colorfulness_known_answers():
+    grey = torch.full((1, 3, 4, 4), 0.5)
+    red = torch.zeros(1, 3, 4, 4)
+    red[:, 0] = 1.0
+    # grey: rg = yb = 0 -> 0; flat red: rg = 1, yb = 1/2, no spread -> 0.3 * sqrt(1 + 1/4)
+    torch.testing.assert_close(colorfulness_score(grey), torch.zeros(1))
+    torch.testing.assert_close(colorfulness_score(red), torch.tensor([0.3 * 1.25**0.5]))
+    # half red, half green: rg = +-1 (std 1, mean 0), yb = 1/2 everywhere -> 1 + 0.3 * 1/2
+    rg = torch.zeros(1, 3, 4, 4)
+    rg[:, 0, :, :2] = 1.0
+    rg[:, 1, :, 2:] = 1.0
+    torch.testing.assert_close(colorfulness_score(rg), torch.tensor([1.15]))
+
+
+def test_colorfulness_is_registered_and_differentiable():
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = MultiReward(["colorfulness"])(images.detach(), ["a", "b"])
+    assert out.names == ["colorfulness"] and out.rewards.shape == (2, 1)
+    colorfulness_score(images).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
