@@ -11,7 +11,8 @@ compressibility, colourfulness; same seed, prompts, samples per step, optimizer 
 ``--diag-every`` optimizer steps each run also computes the per-reward gradients (K extra backwards, not applied)
 to measure the cosine of the direction it applies with each reward's gradient; MARBLE's QP steps measure it
 anyway. Time per step excludes these diagnostic steps: it is ``(1 - f) * plain + f * qp`` with ``f`` the
-share of QP steps of an undiagnosed run (1/N amortised, 1 full, 0 otherwise).
+share of QP steps of an undiagnosed run (1/N amortised, 1 full, 0 otherwise), in process CPU time (wall time on
+a shared machine also measures the other jobs). ``--modes`` also accepts ``marble_full``.
 
 Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/train_rewards.png``,
 ``OUT/worst_cosine.png`` and one run folder per mode (metrics.jsonl, checkpoints).
@@ -37,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "shapes" / "nft_marble.yaml"
 MODES = ("weighted_sum", "gdpo", "marble")
+#: extra mode names: MARBLE's full mode (QP every step)
+MODE_OVERRIDES = {"marble_full": ["train.aggregation=marble", "train.marble_mode=full"]}
 TINY_OVERRIDES = ["sample.height=32", "sample.width=32", "sample.num_steps=4", "sample.eval_num_steps=4",
                   "sample.batch_size=8", "sample.group_size=4", "sample.num_batches_per_epoch=1",
                   "train.batch_size=8", "train.gradient_accumulation_steps=1", "prompts.eval_size=8",
@@ -51,7 +54,8 @@ def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, ext
     from trainers.run import make_accelerator
 
     cfg = load_config(RunConfig, CONFIG, [
-        f"model.path={model}", f"output_dir={out / mode}", f"train.aggregation={mode}", f"train.num_epochs={epochs}",
+        f"model.path={model}", f"output_dir={out / mode}", *MODE_OVERRIDES.get(mode, [f"train.aggregation={mode}"]),
+        f"train.num_epochs={epochs}",
         # the base model is evaluated once (first mode: eval at epoch 0 and at the end; the others: the end only)
         f"train.eval_every={epochs if eval_base else 0}", f"train.grad_diagnostics_every={diag_every}",
         "train.max_minutes=null", "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0",
@@ -83,12 +87,13 @@ def summarise(mode: str, rows: List[Dict], names: List[str], cfg, base: Dict) ->
     out["num_cos_steps"] = len(worst)
 
     def mean_time(kind):
-        t = sum(r.get(f"time/step_{kind}", 0.0) for r in train_rows)
+        # process CPU time of the step: wall time on a shared machine measures the other jobs too
+        t = sum(r.get(f"cpu_time/step_{kind}", 0.0) for r in train_rows)
         c = sum(r.get(f"steps/{kind}", 0) for r in train_rows)
         return t / c if c else float("nan")
 
     plain, qp = mean_time("plain"), mean_time("refresh")
-    if mode == "marble":
+    if cfg.aggregation == "marble":
         f = 1.0 if cfg.marble_mode == "full" else 1.0 / cfg.marble_every
         out["time_per_step"] = (1 - f) * plain + f * qp if f < 1 else qp
     else:
@@ -103,7 +108,7 @@ def summarise(mode: str, rows: List[Dict], names: List[str], cfg, base: Dict) ->
 
 def table(results: List[Dict], names: List[str]) -> str:
     head = ["mode"] + [f"Δ {n} (base {results[0]['base'][n]:.4g})" for n in names] + [
-        "worst-reward cos (mean)", "steps with worst cos < 0", "time / step"]
+        "worst-reward cos (mean)", "steps with worst cos < 0", "CPU time / step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [r["mode"]] + [f"{r['delta'][n]:+.4f}" for n in names] + [
@@ -113,7 +118,7 @@ def table(results: List[Dict], names: List[str]) -> str:
     return "\n".join(lines)
 
 
-def plots(out: Path, runs: Dict[str, List[Dict]], names: List[str]) -> None:
+def plots(out: Path, runs: Dict[str, List[Dict]], names: List[str], base: Dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -124,6 +129,8 @@ def plots(out: Path, runs: Dict[str, List[Dict]], names: List[str]) -> None:
             ax = fig.add_subplot(1, len(names), j + 1)
             for mode, rows in runs.items():
                 pts = [(r["step"], r[f"{prefix}{n}"]) for r in rows if f"{prefix}{n}" in r and "step" in r]
+                if prefix.startswith("eval") and pts and pts[0][0] != 0:
+                    pts.insert(0, (0, base[f"{prefix}{n}"]))  # the shared base-model evaluation
                 if not pts:
                     continue
                 x, y = map(np.asarray, zip(*pts))
@@ -165,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--diag-every", type=int, default=2, help="gradient-cosine diagnostics every N steps")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "marble_experiment"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plots from OUT/*/metrics.jsonl")
     args = ap.parse_args(argv)
     import torch
 
@@ -177,6 +185,15 @@ def main(argv=None) -> int:
         model = str(Path(tempfile.mkdtemp(prefix="marble_exp_")) / "tiny-sd3")
         tiny_sd3_pipeline(seed=0).save_pretrained(model)
         extra = TINY_OVERRIDES + extra
+    if args.replot:
+        from diffalign.logging import read_metrics
+
+        runs = {m: read_metrics(out / m / "metrics.jsonl") for m in args.modes.split(",")}
+        first = runs[args.modes.split(",")[0]]
+        base = next(r for r in first if any(k.startswith("eval/reward/") for k in r))
+        names = [k.split("/")[-1] for k in base if k.startswith("eval/reward/")]
+        plots(out, runs, names, base)
+        return 0
     runs, results, names = {}, [], None
     base = None
     for mode in args.modes.split(","):
@@ -190,7 +207,7 @@ def main(argv=None) -> int:
               f"(1 optimizer step each), threads={torch.get_num_threads()}, overrides={extra}\n\n")
     (out / "table.md").write_text(header + md + "\n", encoding="utf-8")
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    plots(out, runs, names)
+    plots(out, runs, names, base)
     print("\n" + header + md)
     for r in results:
         if r["alpha_bar_final"]:

@@ -504,9 +504,10 @@ class NFTTrainer:
         per_update = cfg.gradient_accumulation_steps * num_train_t
         metrics: Dict[str, List[float]] = {}
         step_times: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}
+        step_cpu: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}  # robust on shared CPUs
         micro, updates = 0, 0
         refresh, diagnose = self._step_kind()
-        t_step = time.perf_counter()
+        t_step, c_step = time.perf_counter(), time.process_time()
         for _ in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             t_idx = torch.stack([torch.randperm(num_t, generator=gen)[:num_train_t] for _ in range(n)])
@@ -550,10 +551,11 @@ class NFTTrainer:
                         self._optimizer_step(refresh, diagnose, metrics)
                         kind = "refresh" if refresh else "diagnose" if diagnose else "plain"
                         step_times[kind].append(time.perf_counter() - t_step)
+                        step_cpu[kind].append(time.process_time() - c_step)
                         updates += 1
                         micro = 0
                         refresh, diagnose = self._step_kind()
-                        t_step = time.perf_counter()
+                        t_step, c_step = time.perf_counter(), time.process_time()
         self.old.update(old_policy_decay(self.global_step, rate=cfg.old_decay_rate, cap=cfg.old_decay_max,
                                          start=cfg.old_decay_start))
         out = {key: float(np.mean(v)) for key, v in metrics.items()}
@@ -561,6 +563,7 @@ class NFTTrainer:
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         for kind, times in step_times.items():
             out[f"time/step_{kind}"] = float(np.sum(times))
+            out[f"cpu_time/step_{kind}"] = float(np.sum(step_cpu[kind]))
             out[f"steps/{kind}"] = len(times)
         if cfg.aggregation == "marble":
             for i, name in enumerate(self.rewards.names):
