@@ -132,3 +132,14 @@ def test_ema_is_checkpointed_under_parameter_names_and_restored(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(first.params, resumed.params):
         assert torch.equal(a, b)
+
+
+def test_reward_rises_on_a_fixed_seed(tmp_path):
+    """Behaviour: GRPO raises an easy reward (mean brightness) within a few epochs on a tiny model."""
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run",
+                     rewards=[{"name": "tests.plugins.reward_plugins:brightness"}],
+                     train={"num_epochs": 8, "learning_rate": 3e-2})
+    _train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
+    first, last = rows[0]["reward/brightness"], rows[-1]["reward/brightness"]
+    assert last > first + 0.01, (first, last)
