@@ -195,7 +195,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--flow-steps", type=int, default=1001)
+    p.add_argument("--flow-steps", type=int, default=1500)
     p.add_argument("--ddpm-steps", type=int, default=1200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
