@@ -9,7 +9,8 @@ import torch
 
 from diffalign.types import Trajectory
 
-__all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx"]
+__all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
+           "trainable_state", "load_trainable_state"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +47,24 @@ def build_adapter(model_cfg, device: torch.device):
         adapter.enable_gradient_checkpointing()
     adapter.set_attention_backend(model_cfg.attention)
     return adapter
+
+
+def trainable_state(adapter) -> Dict[str, torch.Tensor]:
+    """Detached float32 copies of what trains: the LoRA state dict (peft names) or the whole denoiser's.
+
+    Copies, because a caller may swap other weights (EMA) into the live parameters afterwards."""
+    sd = adapter.lora_state_dict() if adapter.has_lora else adapter.denoiser.state_dict()
+    return {k: v.detach().float().clone() for k, v in sd.items()}
+
+
+def load_trainable_state(adapter, state: Dict[str, torch.Tensor], params: Sequence[torch.nn.Parameter] = ()) -> None:
+    """Inverse of :func:`trainable_state`; ``params`` are re-cast to float32 (trainable weights stay fp32)."""
+    if adapter.has_lora:
+        adapter.load_lora_state_dict(state)
+    else:
+        adapter.denoiser.load_state_dict(state)
+    for p in params:
+        p.data = p.data.float()
 
 
 def image_size(adapter, sample_cfg) -> tuple:

@@ -286,17 +286,14 @@ class GRPOTrainer:
         restore_rng(state)
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        if self.adapter.has_lora:
-            return {k: v.detach().float().clone() for k, v in self.adapter.lora_state_dict().items()}
-        return {k: v.detach().float().clone() for k, v in self.adapter.denoiser.state_dict().items()}
+        from trainers.common import trainable_state
+
+        return trainable_state(self.adapter)
 
     def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
-        if self.adapter.has_lora:
-            self.adapter.load_lora_state_dict(sd)
-        else:
-            self.adapter.denoiser.load_state_dict(sd)
-        for p in self.params:
-            p.data = p.data.float()
+        from trainers.common import load_trainable_state
+
+        load_trainable_state(self.adapter, sd, self.params)
 
     def save_checkpoint(self) -> None:
         ema_state = None

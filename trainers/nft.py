@@ -265,7 +265,7 @@ class NFTTrainer:
     def setup(self) -> None:
         from diffalign.advantages import RunningMoments
         from diffalign.balance import Harmonizer, RewardGradients
-        from diffalign.checkpoint import CheckpointManager, load_checkpoint, resolve_resume
+        from diffalign.checkpoint import CheckpointManager, resolve_resume
         from diffalign.config import to_dict
         from diffalign.distributed import DistContext
         from diffalign.logging import MetricsLogger
@@ -314,7 +314,7 @@ class NFTTrainer:
         self.epoch, self.global_step = 0, 0
         resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
         if resume is not None:
-            self._restore(load_checkpoint(resume, rank=self.dist.rank))
+            self._restore(self.ckpt.load(resume))
         self.logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                                     wandb_project=run.logging.wandb_project, is_main=self.dist.is_main,
                                     resume_step=self.epoch if resume is not None else None)
@@ -342,17 +342,14 @@ class NFTTrainer:
         restore_rng(state)
 
     def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        if self.adapter.has_lora:
-            return {k: v.detach().float().clone() for k, v in self.adapter.lora_state_dict().items()}
-        return {k: v.detach().float().clone() for k, v in self.adapter.denoiser.state_dict().items()}
+        from trainers.common import trainable_state
+
+        return trainable_state(self.adapter)
 
     def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
-        if self.adapter.has_lora:
-            self.adapter.load_lora_state_dict(sd)
-        else:
-            self.adapter.denoiser.load_state_dict(sd)
-        for p in self.params:
-            p.data = p.data.float()
+        from trainers.common import load_trainable_state
+
+        load_trainable_state(self.adapter, sd, self.params)
 
     def save_checkpoint(self) -> None:
         ema_state = None

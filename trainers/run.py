@@ -68,11 +68,10 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
         if path is None:
             raise FileNotFoundError(f"no checkpoint found for {checkpoint!r} in {cfg.output_dir}")
         state = load_checkpoint(path)
-        sd = state.ema_state or state.trainable_state  # evaluate the EMA weights when the run kept them
-        if adapter.has_lora:
-            adapter.load_lora_state_dict(sd)
-        else:
-            adapter.denoiser.load_state_dict(sd)
+        from trainers.common import load_trainable_state
+
+        # evaluate the EMA weights when the run kept them
+        load_trainable_state(adapter, state.ema_state or state.trainable_state)
     return adapter
 
 
