@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffalign.types import RewardOutput
-from rewards.base import check_inputs, resolve_device, score_in_batches
+from rewards.base import call_batched, resolve_device
 from rewards.clip import _split_backbone_kwargs
 from rewards.clip_backbone import (
     ClipBackbone,
@@ -113,16 +113,7 @@ class AestheticReward:
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[Dict[str, Any]]] = None
     ) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(
-            self._score,
-            images,
-            list(prompts),
-            metadata,
-            batch_size=self.batch_size,
-            name=self.name,
-            device=self.device,
-        )
+        return call_batched(self, images, prompts, metadata)
 
 
 @register_reward("aesthetic")

@@ -39,6 +39,7 @@ __all__ = [
     "RewardOutput",
     "FunctionReward",
     "score_in_batches",
+    "call_batched",
     "as_reward_output",
     "check_inputs",
     "resolve_device",
@@ -211,3 +212,11 @@ class FunctionReward:
 
     def __repr__(self) -> str:
         return f"FunctionReward({self.name!r}, fn={getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def call_batched(reward: Any, images: torch.Tensor, prompts: Any, metadata: Any = None) -> RewardOutput:
+    """The ``__call__`` of a reward that defines ``_score(images, prompts, metadata)``: check the inputs, then
+    :func:`score_in_batches` with the reward's ``batch_size``, ``name`` and ``device``."""
+    metadata = check_inputs(reward.name, images, prompts, metadata)
+    return score_in_batches(reward._score, images, list(prompts), metadata, batch_size=reward.batch_size,
+                            name=reward.name, device=reward.device)

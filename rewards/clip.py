@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.types import RewardOutput
-from rewards.base import check_inputs, resolve_device, score_in_batches
+from rewards.base import call_batched, resolve_device
 from rewards.clip_backbone import ClipBackbone, build_clip_backbone
 from rewards.registry import register_reward
 
@@ -80,16 +80,7 @@ class ClipSimilarityReward:
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[Dict[str, Any]]] = None
     ) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(
-            self._score,
-            images,
-            list(prompts),
-            metadata,
-            batch_size=self.batch_size,
-            name=self.name,
-            device=self.device,
-        )
+        return call_batched(self, images, prompts, metadata)
 
 
 def _build(

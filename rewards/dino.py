@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from diffalign.types import RewardOutput
-from rewards.base import check_inputs, resolve_device, score_in_batches
+from rewards.base import call_batched, resolve_device
 from rewards.clip_backbone import missing_weights_error, preprocess_images
 from rewards.registry import register_reward
 
@@ -105,16 +105,7 @@ class DinoSimilarityReward:
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[Dict[str, Any]]] = None
     ) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(
-            self._score,
-            images,
-            list(prompts),
-            metadata,
-            batch_size=self.batch_size,
-            name=self.name,
-            device=self.device,
-        )
+        return call_batched(self, images, prompts, metadata)
 
 
 @register_reward("dino_similarity")

@@ -25,7 +25,7 @@ from torch import nn
 
 from diffalign.types import RewardOutput
 from rewards.aesthetic import AestheticMLP, load_head
-from rewards.base import check_inputs, resolve_device, score_in_batches
+from rewards.base import call_batched, resolve_device
 from rewards.clip import _split_backbone_kwargs
 from rewards.clip_backbone import ClipBackbone, build_clip_backbone
 from rewards.registry import register_reward
@@ -87,16 +87,7 @@ class ImageRewardStyleReward:
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[Dict[str, Any]]] = None
     ) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(
-            self._score,
-            images,
-            list(prompts),
-            metadata,
-            batch_size=self.batch_size,
-            name=self.name,
-            device=self.device,
-        )
+        return call_batched(self, images, prompts, metadata)
 
 
 @register_reward("imagereward_style")

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from diffalign.types import RewardOutput
-from rewards.base import check_inputs, score_in_batches
+from rewards.base import call_batched
 from rewards.registry import register_reward
 
 __all__ = ["ShapesReward"]
@@ -53,16 +53,7 @@ class ShapesReward:
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[Dict[str, Any]]] = None
     ) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(
-            self._score,
-            images,
-            list(prompts),
-            metadata,
-            batch_size=self.batch_size,
-            name=self.name,
-            device=self.device,
-        )
+        return call_batched(self, images, prompts, metadata)
 
 
 @register_reward("shapes")
