@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from diffalign.types import Trajectory
 
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
-           "trainable_state", "load_trainable_state"]
+           "trainable_state", "load_trainable_state",
+           "checkpoint_weights", "restore_weights"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,6 +66,26 @@ def load_trainable_state(adapter, state: Dict[str, torch.Tensor], params: Sequen
         adapter.denoiser.load_state_dict(state)
     for p in params:
         p.data = p.data.float()
+
+
+def checkpoint_weights(adapter, ema: Optional["EMA"]) -> tuple:
+    """``(trainable_state, ema_state)`` for a checkpoint; the EMA weights are stored under the same names
+    (so ``diffalign export`` and eval load either one the same way), or ``None`` without EMA."""
+    ema_state = None
+    if ema is not None:
+        with ema.swapped_in():
+            ema_state = trainable_state(adapter)
+    return trainable_state(adapter), ema_state
+
+
+def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional["EMA"], state) -> None:
+    """Inverse of :func:`checkpoint_weights` from a loaded :class:`~diffalign.checkpoint.CheckpointState`."""
+    if ema is not None and state.ema_state:
+        # load the EMA weights into the live parameters, copy them as the shadow, then load the trained ones
+        load_trainable_state(adapter, state.ema_state, params)
+        ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
+                             "shadow": [p.detach().clone() for p in params]})
+    load_trainable_state(adapter, state.trainable_state, params)
 
 
 def image_size(adapter, sample_cfg) -> tuple:

@@ -325,12 +325,9 @@ class NFTTrainer:
 
     def _restore(self, state) -> None:
         from diffalign.checkpoint import restore_rng, restore_training_state
+        from trainers.common import restore_weights
 
-        if self.ema is not None and state.ema_state:
-            self._load_trainable(state.ema_state)
-            self.ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
-                                      "shadow": [p.detach().clone() for p in self.params]})
-        self._load_trainable(state.trainable_state)
+        restore_weights(self.adapter, self.params, self.ema, state)
         restore_training_state(state, optimizer=self.state, lr_scheduler=self.lr_scheduler)
         self.epoch = int(state.counters["epoch"])
         self.global_step = int(state.counters["step"])
@@ -341,24 +338,13 @@ class NFTTrainer:
             self.harmonizer.load_state_dict(extra["harmonizer"])
         restore_rng(state)
 
-    def _trainable_state(self) -> Dict[str, torch.Tensor]:
-        from trainers.common import trainable_state
-
-        return trainable_state(self.adapter)
-
-    def _load_trainable(self, sd: Dict[str, torch.Tensor]) -> None:
-        from trainers.common import load_trainable_state
-
-        load_trainable_state(self.adapter, sd, self.params)
-
     def save_checkpoint(self) -> None:
-        ema_state = None
-        if self.ema is not None:
-            with self.ema.swapped_in():
-                ema_state = self._trainable_state()
+        from trainers.common import checkpoint_weights
+
+        trained, ema_state = checkpoint_weights(self.adapter, self.ema)
         self.ckpt.save(
             self.epoch,
-            trainable_state=self._trainable_state(),
+            trainable_state=trained,
             ema_state=ema_state,
             optimizer=self.state,
             lr_scheduler=self.lr_scheduler,
