@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         if command.style == "config":
             p = sub.add_parser(name, help=command.help, description=command.help)
             _add_config_args(p)
+            if name == "sample":
+                p.add_argument("--guidance", metavar="METHOD", choices=["none", "doob", "fk", "svdd", "best_of_n"],
+                               help="training-free guided sampling (short for guidance.method=METHOD; the other "
+                               "guidance.* keys set its options)")
         else:
             # listed for --help only: main() hands these commands their arguments before parsing
             sub.add_parser(name, help=command.help, description=command.help, add_help=False)
@@ -133,8 +137,32 @@ def _split_config_arg(args: argparse.Namespace) -> None:
         args.config = None
 
 
+def _pop_guidance(argv: list) -> Optional[str]:
+    """Take ``--guidance METHOD`` (or ``--guidance=METHOD``) out of a ``sample`` command line, wherever it stands
+    among the ``key=value`` overrides (argparse cannot intermix an option with a trailing positional list)."""
+    if not argv or argv[0] != "sample":
+        return None
+    for i, a in enumerate(argv):
+        if a.startswith("--guidance="):
+            value = a.split("=", 1)[1]
+            del argv[i]
+            break
+        if a == "--guidance" and i + 1 < len(argv):
+            value = argv[i + 1]
+            del argv[i:i + 2]
+            break
+    else:
+        return None
+    # validated by argparse's choices: re-insert it right after the command
+    argv[1:1] = ["--guidance", value]
+    return value
+
+
 def _load(args: argparse.Namespace) -> RunConfig:
-    return load_config(RunConfig, args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "guidance", None):
+        overrides.append(f"guidance.method={args.guidance}")
+    return load_config(RunConfig, args.config, overrides)
 
 
 def _help_keys(args: argparse.Namespace) -> str:
@@ -178,7 +206,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Everything after the name belongs to the command, `--help` included (argparse's REMAINDER
             # would not take a leading option).
             return _dispatch(argv[0], lambda: argv[1:])
+        guidance = _pop_guidance(argv)
         args = build_parser().parse_args(argv)
+        if guidance is not None:
+            args.guidance = guidance
         if args.command == "config":
             return _run_config_command(args)
         # The command is resolved before the config is read: "not implemented yet" wins over config errors.

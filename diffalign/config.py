@@ -969,6 +969,12 @@ class SampleConfig:
         help="Flow-GRPO-Fast: [lo, hi) range in which a window of `window` length is drawn anew each epoch; "
         "null = use `window` as given",
     )
+    shared_group_noise: bool = param(
+        False,
+        help="all images of a prompt's group start from the same initial noise, so they differ only by the "
+        "stochastic steps' noise and the group advantage credits the trained steps (useful with `window`; "
+        "group-relative trainers with stochastic steps only)",
+    )
 
     def __post_init__(self) -> None:
         if self.window is not None:
@@ -1110,9 +1116,13 @@ class GuidanceConfig:
     temperature: float = param(1.0, help="DOIT softmax temperature tau (on standardised rewards by default)")
     standardize: bool = param(True, help="DOIT: z-score each reward column over the M candidates")
     antithetic: bool = param(True, help="DOIT: antithetic candidate noise (M must be even)")
-    lookahead: Literal["reuse_eps", "denoise"] = param(
-        "reuse_eps", help="DOIT candidate clean estimate: reuse_eps (free) or denoise (M forwards per step)"
+    lookahead: Literal["reuse_eps", "denoise", "rollout"] = param(
+        "reuse_eps", help="DOIT candidate clean estimate: reuse_eps (free), denoise (M forwards per step) or "
+        "rollout (each candidate completed by the ODE: the reward of a real sample, M x remaining steps forwards)"
     )
+    keep_simulated: bool = param(
+        False, help="DOIT with lookahead=rollout: a particle is replaced by the best completed candidate it "
+        "simulated when that scored higher (no extra reward evaluation; search on top of steering)")
     fk_lambda: float = param(2.0, help="FK lambda: target p0 exp(lambda r)")
     fk_potential: Literal["diff", "max", "add", "rt"] = param("max", help="FK potential")
     fk_every: int = param(1, help="FK: resample every N steps inside window", min=1)
@@ -1127,6 +1137,9 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", f"got {self.temperature!r}; must be > 0")
+        check(not self.keep_simulated or self.lookahead == "rollout", "keep_simulated",
+              f"got true with lookahead={self.lookahead!r}; only rollout completes candidates into real samples: "
+              "set guidance.lookahead=rollout")
         for i, m in enumerate(self.compare):
             check(
                 m in _GUIDANCE_METHODS,

@@ -9,7 +9,9 @@ prompts from the same initial noise and spends about ``--budget`` reward evaluat
   evenly spaced steps;
 * svdd: ``--svdd-candidates`` candidates at each of the last ``budget / M`` steps (greedy);
 * doob: DOIT with ``--doob-particles`` chains, ``--doob-candidates`` candidates at the guided steps (a
-  window sized so that ``P * (M * steps + 1) <= budget``), best particle kept; both lookaheads.
+  window sized so that ``P * (M * steps + 1) <= budget``), best particle kept; three lookaheads (reuse_eps,
+  denoise, rollout), and rollout with ``keep_simulated`` (the best completed candidate may replace its particle);
+* best_of_n_matched: best-of-N with N exactly DOIT's reward evaluations per prompt.
 
 Prints one table (model evaluations, VJPs and reward evaluations per prompt, wall time, mean verifier score)
 and writes it with the per-prompt scores to ``--out``. Use ``--model tiny`` (a random tiny SD3 pipeline,
@@ -45,10 +47,13 @@ def parse_args(argv=None):
     p.add_argument("--doob-candidates", type=int, default=4)
     p.add_argument("--doob-gamma", type=float, default=0.5)
     p.add_argument("--doob-temperature", type=float, default=0.5)
+    p.add_argument("--doob-start", type=int, default=1, help="first guided step (flow: step 0 has alpha = 0)")
+    p.add_argument("--doob-steps", type=int, default=None,
+                   help="guided steps (default: as many as the budget allows)")
     p.add_argument("--fk-particles", type=int, default=8)
     p.add_argument("--fk-lambda", type=float, default=10.0)
     p.add_argument("--svdd-candidates", type=int, default=4)
-    p.add_argument("--methods", default="none,best_of_n,fk,svdd,doob,doob_denoise",
+    p.add_argument("--methods", default="none,best_of_n,fk,svdd,doob,doob_denoise,doob_rollout,doob_rollout_keep,best_of_n_matched",
                    help="comma-separated subset of the rows")
     p.add_argument("--out", default="outputs/bench_guidance", help="output folder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -81,11 +86,16 @@ def plans(args, T: int):
     M = args.svdd_candidates
     k = max(min(budget // M, T), 1)
     rows["svdd"] = ("svdd", 1, dict(num_candidates=M, window=(T - k, T)))
-    P, M = args.doob_particles, args.doob_candidates
-    k = max(min((budget // P - 1) // M, T - 1), 1)
-    doob = dict(gamma=args.doob_gamma, num_candidates=M, temperature=args.doob_temperature, window=(1, 1 + k))
+    P, M, start = args.doob_particles, args.doob_candidates, args.doob_start
+    k = args.doob_steps or max(min((budget // P - 1) // M, T - start), 1)
+    doob = dict(gamma=args.doob_gamma, num_candidates=M, temperature=args.doob_temperature,
+                window=(start, start + k))
     rows["doob"] = ("doob", P, doob)
     rows["doob_denoise"] = ("doob", P, {**doob, "lookahead": "denoise"})
+    rows["doob_rollout"] = ("doob", P, {**doob, "lookahead": "rollout"})
+    rows["doob_rollout_keep"] = ("doob", P, {**doob, "lookahead": "rollout", "keep_simulated": True})
+    # best-of-N at exactly DOIT's reward evaluations per prompt: P chains x (M candidates x k steps + 1 final)
+    rows["best_of_n_matched"] = ("best_of_n", P * (M * k + 1), {})
     return rows
 
 

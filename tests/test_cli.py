@@ -172,6 +172,19 @@ def test_config_style_command_gets_validated_run_config(plugin, run_yaml, monkey
     assert isinstance(cfg, C.RunConfig) and cfg.sample.num_steps == 4 and cfg.seed == 3
 
 
+def test_sample_guidance_flag_sets_the_method(plugin, run_yaml, monkeypatch):
+    monkeypatch.setitem(
+        cli.COMMANDS, "sample", cli.COMMANDS["sample"]._replace(target="da_test_plugin:train_main")
+    )
+    assert cli.main(["sample", str(run_yaml), "--guidance", "doob", "guidance.num_candidates=4"]) == 3
+    import da_test_plugin
+
+    (cfg,) = da_test_plugin.CALLS
+    assert cfg.guidance.method == "doob" and cfg.guidance.num_candidates == 4
+    with pytest.raises(SystemExit):
+        cli.main(["sample", str(run_yaml), "--guidance", "dob"])
+
+
 def test_config_style_command_with_bad_config_exits_2(plugin, run_yaml, monkeypatch, capsys):
     monkeypatch.setitem(
         cli.COMMANDS, "sample", cli.COMMANDS["sample"]._replace(target="da_test_plugin:train_main")

@@ -143,3 +143,37 @@ def test_reward_rises_on_a_fixed_seed(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
     first, last = rows[0]["reward/brightness"], rows[-1]["reward/brightness"]
     assert last > first + 0.01, (first, last)
+
+
+def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
+    """``sample.shared_group_noise``: a prompt's group shares its initial latents (and only those: the
+    stochastic steps still draw per-sample noise); different groups and epochs start from different noise."""
+    from diffalign.distributed import repeat_assignment
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", sample={"shared_group_noise": True, "group_size": 2})
+    trainer = GRPOTrainer(cfg)
+    trainer.setup()
+    s = cfg.sample
+    starts = []
+    for epoch in range(2):
+        a = repeat_assignment(trainer.prompts.epoch_prompts(epoch, 4), 2, epoch=epoch, seed=cfg.seed, rank=0,
+                              world_size=1)
+        traj = trainer._sample(epoch, a)["traj"]
+        x0, x1, groups = traj.latents[:, 0], traj.latents[:, 1], a.groups
+        for g in groups.unique():
+            i, j = torch.nonzero(groups == g).flatten().tolist()
+            assert torch.equal(x0[i], x0[j])  # same initial noise
+            assert not torch.equal(x1[i], x1[j])  # different kernel noise at the first stochastic step
+        assert len({tuple(x0[k].flatten()[:4].tolist()) for k in range(len(groups))}) == 4  # 4 groups
+        starts.append(x0)
+    assert not torch.equal(starts[0], starts[1])
+    trainer.cleanup()
+
+
+def test_time_limited_run_ends_with_an_evaluation(tmp_path):
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 50, "max_minutes": 0.0})
+    _train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1  # stopped after its first epoch
+    assert "eval/reward/jpeg_compressibility" in rows[0]
+    assert resolve_resume(tmp_path / "run", "latest").name.endswith("00000001")

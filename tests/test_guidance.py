@@ -119,6 +119,44 @@ def test_doob_gmm_mixture_weights_match_tilted_target(kind):
     assert abs(right - target) < 0.03, (right, target)
 
 
+def test_doob_rollout_lookahead_is_the_deterministic_completion_and_tilts_the_mixture():
+    """``lookahead="rollout"`` scores each candidate by the deterministic sampler run from it to the end
+    (the same states ``rollout(..., noise_level=0)`` reaches), and the guided two-mode mixture then moves
+    towards the tilted target's 0.881 on the right mode (unguided 0.5). It over-tilts (observed 0.947): the
+    completion is the ODE, so its ``h`` is that of a one-step-SDE-then-ODE process, whose terminal state given
+    ``x'`` is a point rather than the SDE's spread; the bound 0.1 states that bias, it does not hide it."""
+    from samplers.guided.doob import one_step_x0
+
+    sched = make_schedule("flow", 10)
+    model = gmm_model(sched, *TWO_MODES)
+    x = _noise(16, seed=2)
+    full = rollout(model, sched, x, step="flow_euler", noise_level=0.0)
+    # from the state after step 3, the completion equals the rest of the ODE rollout (same arithmetic)
+    done = one_step_x0(model, sched, 4, full.latents[:, 4], torch.zeros_like(x), "rollout")
+    assert torch.allclose(done, full.final, atol=1e-6)
+    base, out = _doob("flow", TWO_MODES, n=1000, steps=20, lookahead="rollout", num_candidates=4)
+    target = float(torch.softmax(torch.log(TWO_MODES[1]) + TWO_MODES[0] @ A / TAU, 0)[1])
+    right = float((out.samples[:, 0] > 0).float().mean())
+    assert abs(right - target) < 0.1 and right > 0.85, (right, target)
+
+
+def test_doob_keep_simulated_takes_the_best_completed_candidate_at_no_extra_reward_cost():
+    sched = make_schedule("flow", 8)
+    model = gmm_model(sched, *TWO_MODES)
+    x = _noise(12, seed=4)
+    opts = dict(num_candidates=4, window=(1, 4), lookahead="rollout", temperature=0.5)
+    kw = dict(step="flow_sde", noise_level=0.7, group_size=2)
+    plain = guided_sample("doob", model, sched, x, linear_reward, **kw, options=opts)
+    kept = guided_sample("doob", model, sched, x, linear_reward, **kw, options={**opts, "keep_simulated": True})
+    assert kept.counter.as_dict() == plain.counter.as_dict()
+    assert bool((kept.rewards >= plain.rewards).all()) and bool((kept.rewards > plain.rewards).any())
+    # the kept samples are real: their reward is the reported one
+    assert torch.allclose(linear_reward(kept.samples, None), kept.rewards)
+    with pytest.raises(ValueError, match="lookahead='rollout'"):
+        guided_sample("doob", model, sched, x, linear_reward, **kw,
+                      options={**opts, "lookahead": "denoise", "keep_simulated": True})
+
+
 def test_fk_gmm_mixture_weights_match_tilted_target():
     """FK steering (DIFF potential, lambda = 1/tau, final resampling with the terminal weights) targets the
     same tilted mixture; with 16 particles per group its right-mode weight is within 0.04 of 0.881."""
@@ -189,6 +227,7 @@ def _strict_reward(x0, sample_index):
     [
         ("doob", dict(gamma=1.0, num_candidates=4, lookahead="reuse_eps"), 2),
         ("doob", dict(gamma=1.0, num_candidates=4, lookahead="denoise"), 1),
+        ("doob", dict(gamma=1.0, num_candidates=2, lookahead="rollout", window=(2, 4)), 2),
         ("fk", dict(every=2), 4),
         ("svdd", dict(num_candidates=4), 1),
         ("svdd", dict(num_candidates=4, lookahead="reuse_eps", alpha=0.5), 2),

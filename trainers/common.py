@@ -162,15 +162,23 @@ def sample_batch(
     window=None,
     store_x0: bool = False,
     dtype: torch.dtype = torch.float32,
+    noise_ids: Optional[Iterable[int]] = None,
 ):
     """Roll out one batch: encode, per-sample noise, rollout, decode. Returns ``(trajectory, cond, images,
-    schedule)``; ``images`` ``[B, 3, H, W]`` float in ``[0, 1]``."""
+    schedule)``; ``images`` ``[B, 3, H, W]`` float in ``[0, 1]``.
+
+    The initial latents and the kernel noise of sample ``i`` come from one generator seeded by
+    ``(seed, sample_ids[i])``. With ``noise_ids`` the initial latents come instead from generators seeded by
+    ``noise_ids`` (a separate stream), so samples with equal ``noise_ids`` start from the same noise while
+    their kernel noise still differs (``sample.shared_group_noise``)."""
+    from diffalign.distributed import seed_for
     from samplers import make_generators, rollout
 
     device = adapter.device
     cond = adapter.encode_prompts(prompts, negative_prompt, guidance_scale)
     gens = make_generators(seed, list(sample_ids), device="cpu")
-    noise = adapter.prepare_latents(len(prompts), height, width, generator=gens).to(device)
+    init_gens = gens if noise_ids is None else make_generators(seed_for(seed, 11), list(noise_ids), device="cpu")
+    noise = adapter.prepare_latents(len(prompts), height, width, generator=init_gens).to(device)
     schedule = adapter.make_schedule(num_steps, height, width)
     with autocast_ctx(device, dtype):
         traj: Trajectory = rollout(adapter.model_fn(cond, guidance_scale), schedule, noise, step=step,
@@ -178,3 +186,13 @@ def sample_batch(
     with torch.no_grad():
         images = adapter.decode(traj.final, height=height, width=width).float()
     return traj, cond, images, schedule
+
+
+def should_stop(cfg, ran: int, started: float) -> tuple:
+    """``(stop, timed_out)`` after ``ran`` epochs in this process: ``train.stop_after_epochs`` reached, or
+    ``train.max_minutes`` of wall time since ``started`` (``time.time()``) spent. A timed-out run ends with an
+    evaluation (outside its time budget), like a finished one."""
+    import time
+
+    timed_out = cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes
+    return timed_out or (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs), timed_out

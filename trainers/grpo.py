@@ -317,6 +317,9 @@ class GRPOTrainer:
         s = self.run.sample
         trajs, conds, rewards, images = [], [], [], []
         prompts_all, ids_all = assignment.prompts, assignment.sample_ids
+        # shared_group_noise: one initial noise per (epoch, prompt group), unique across epochs
+        n_total = len(assignment.global_ids)
+        noise_all = ((epoch * n_total + assignment.groups).tolist() if s.shared_group_noise else None)
         window = self._window(epoch)
         t_reward = 0.0
         for b in range(s.num_batches_per_epoch):
@@ -324,7 +327,8 @@ class GRPOTrainer:
             traj, cond, imgs, schedule = sample_batch(
                 self.adapter, prompts_all[sl], ids_all[sl], seed=self.run.seed, num_steps=s.num_steps,
                 guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, height=self.height,
-                width=self.width, step=s.step, noise_level=s.noise_level, window=window, dtype=self.dtype)
+                width=self.width, step=s.step, noise_level=s.noise_level, window=window, dtype=self.dtype,
+                noise_ids=noise_all[sl] if noise_all is not None else None)
             t0 = time.perf_counter()
             meta = [{"prompt": p, "sample_id": i} for p, i in zip(prompts_all[sl], ids_all[sl])]
             out = self.rewards(imgs, prompts_all[sl], meta)
@@ -513,6 +517,7 @@ class GRPOTrainer:
     def train(self) -> Dict[str, float]:
         from diffalign.distributed import repeat_assignment
         from diffalign.logging import progress
+        from trainers.common import should_stop
 
         run, cfg, s = self.run, self.cfg, self.run.sample
         total = self.dist.world_size * s.batch_size * s.num_batches_per_epoch
@@ -541,7 +546,9 @@ class GRPOTrainer:
             self.epoch = epoch + 1
             metrics = {**adv_stats, **train_stats, "time/sample": t1 - t0 - data["reward_seconds"],
                        "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": self.epoch}
-            if cfg.eval_every and self.epoch % cfg.eval_every == 0 or self.epoch == cfg.num_epochs:
+            ran += 1
+            stop, timed_out = should_stop(cfg, ran, started)
+            if cfg.eval_every and self.epoch % cfg.eval_every == 0 or self.epoch == cfg.num_epochs or timed_out:
                 last_eval = self.evaluate()
                 metrics.update(last_eval)
             if self.dist.is_main:
@@ -549,9 +556,6 @@ class GRPOTrainer:
                 if run.logging.image_every and self.epoch % run.logging.image_every == 0:
                     self.logger.log_images(self.epoch, data["images"][:16], assignment.prompts[:16])
             self.logger.log(self.epoch, metrics)
-            ran += 1
-            stop = (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs) or (
-                cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes)
             if (run.checkpoint.every and self.epoch % run.checkpoint.every == 0) or stop \
                     or self.epoch == cfg.num_epochs:
                 self.save_checkpoint()

@@ -101,6 +101,9 @@ class NFTConfig:
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; DiffusionNFT needs >= 2 images per prompt")
         check(s.step == "flow_euler", "sample.step",
               f"got {s.step!r}; DiffusionNFT samples with the deterministic ODE: set sample.step=flow_euler")
+        check(not s.shared_group_noise, "sample.shared_group_noise",
+              "got true; with deterministic ODE sampling a group sharing its initial noise would hold identical "
+              "images: set sample.shared_group_noise=false")
         total = s.batch_size * s.num_batches_per_epoch
         check(total % self.batch_size == 0, "train.batch_size",
               f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
@@ -589,6 +592,7 @@ class NFTTrainer:
     def train(self) -> Dict[str, float]:
         from diffalign.distributed import repeat_assignment
         from diffalign.logging import progress
+        from trainers.common import should_stop
 
         run, cfg, s = self.run, self.cfg, self.run.sample
         total = self.dist.world_size * s.batch_size * s.num_batches_per_epoch
@@ -617,7 +621,9 @@ class NFTTrainer:
             self.epoch = epoch + 1
             metrics = {**adv_stats, **train_stats, "time/sample": t1 - t0 - data["reward_seconds"],
                        "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": self.epoch}
-            if (cfg.eval_every and self.epoch % cfg.eval_every == 0) or self.epoch == cfg.num_epochs:
+            ran += 1
+            stop, timed_out = should_stop(cfg, ran, started)
+            if (cfg.eval_every and self.epoch % cfg.eval_every == 0) or self.epoch == cfg.num_epochs or timed_out:
                 last_eval = self.evaluate()
                 metrics.update(last_eval)
             if self.dist.is_main:
@@ -625,9 +631,6 @@ class NFTTrainer:
                 if run.logging.image_every and self.epoch % run.logging.image_every == 0:
                     self.logger.log_images(self.epoch, data["images"][:16], assignment.prompts[:16])
             self.logger.log(self.epoch, metrics)
-            ran += 1
-            stop = (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs) or (
-                cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes)
             if (run.checkpoint.every and self.epoch % run.checkpoint.every == 0) or stop \
                     or self.epoch == cfg.num_epochs:
                 self.save_checkpoint()

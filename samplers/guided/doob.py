@@ -53,6 +53,8 @@ __all__ = ["doob_model_fn", "doob_weights", "one_step_x0", "LOOKAHEADS"]
 LOOKAHEADS = {
     "reuse_eps": "DOIT's cheap rollout: x0 = (x' - sigma' eps_hat(x)) / alpha' (no extra model call)",
     "denoise": "the model's x0 estimate at x' (M extra forward passes per guided step, no gradient)",
+    "rollout": "x' completed by the deterministic sampler (ODE / DDIM eta 0) to the end: the reward of a real "
+    "final sample, h estimated by simulation of the whole remaining path (M x remaining steps forwards)",
 }
 
 
@@ -112,7 +114,28 @@ def one_step_x0(
             t = schedule.timesteps[index_next].to(x_next.device).expand(x_next.shape[0])
             out = model_fn(x_next, t)
         return to_x0_eps(out, x_next, alpha, sigma, schedule.prediction_type)[0]
+    if lookahead == "rollout":
+        det = "flow_euler" if schedule.kind == "flow" else "ddim"
+        x = x_next
+        with torch.no_grad():
+            for j in range(index_next, schedule.num_steps):
+                t = schedule.timesteps[j].to(x.device).expand(x.shape[0])
+                x = scheduled_step(det, model_fn(x, t), x, schedule, j, noise_level=0.0).prev_sample
+        return x
     raise ValueError(f"lookahead must be one of {sorted(LOOKAHEADS)}, got {lookahead!r}")
+
+
+def _update_pool(pool: dict, x: torch.Tensor, r: torch.Tensor) -> None:
+    """Keep per sample the best of candidates ``x`` ``[M, B, *L]`` with combined rewards ``r`` ``[M, B]``."""
+    r = torch.nan_to_num(r.float(), nan=-float("inf"))
+    best_r, m = r.max(dim=0)
+    best_x = x[m, torch.arange(x.shape[1], device=x.device)]
+    if "x" not in pool:
+        pool["x"], pool["reward"] = best_x.detach().clone(), best_r.clone()
+        return
+    better = best_r > pool["reward"]
+    pool["x"][better] = best_x[better].detach()
+    pool["reward"] = torch.where(better, best_r, pool["reward"])
 
 
 def doob_model_fn(
@@ -132,6 +155,7 @@ def doob_model_fn(
     reward_weights: Optional[Sequence[float]] = None,
     generator: GeneratorLike = None,
     counter: Optional[EvalCounter] = None,
+    pool: Optional[dict] = None,
 ) -> ModelFn:
     """Wrap ``model_fn(x_t, t)`` with the DOIT correction (module docstring; §5.2).
 
@@ -154,6 +178,10 @@ def doob_model_fn(
         generator: candidate noise (a ``torch.Generator`` or one per sample); keep it separate from the
             rollout's generators so guided and unguided runs share their kernel noise.
         counter: adds VJPs and reward evaluations (model calls are counted by a counting ``model_fn``).
+        pool: with ``lookahead="rollout"`` every candidate's completion is a real final sample whose reward
+            is already known; a dict passed here keeps, per sample, the best of them (``pool["x"]``
+            ``[B, *L]``, ``pool["reward"]`` ``[B]`` combined reward), for a final selection that costs no
+            further reward evaluation (``keep_simulated`` in :func:`~samplers.guided.guided_sample`).
     """
     if step not in STEPS or step == "flow_euler":
         raise ValueError(f"DOIT needs a stochastic step (flow_sde, flow_cps or ddim), got {step!r}")
@@ -166,6 +194,9 @@ def doob_model_fn(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if lookahead not in LOOKAHEADS:
         raise ValueError(f"lookahead must be one of {sorted(LOOKAHEADS)}, got {lookahead!r}")
+    if pool is not None and lookahead != "rollout":
+        raise ValueError(f"a pool of simulated samples needs lookahead='rollout' (real final samples), got "
+                         f"{lookahead!r}")
     if antithetic and num_candidates % 2:
         raise ValueError(f"antithetic sampling needs an even num_candidates, got {num_candidates}")
     start, end = check_window(window, schedule.num_steps)
@@ -201,6 +232,9 @@ def doob_model_fn(
             x0_c = one_step_x0(model_fn, sched, i + 1, flat, eps_rep, lookahead)
             sample_index = torch.arange(B, device=x.device).repeat(M)
             raw = evaluate_reward(reward_fn, x0_c, sample_index, counter)
+            if pool is not None:
+                _update_pool(pool, x0_c.view(M, B, *x.shape[1:]),
+                             combine_rewards(raw, reward_weights).view(M, B))
             w = doob_weights(raw.view(M, B, *raw.shape[1:]), temperature, standardize=standardize,
                              reward_weights=reward_weights)
             w = w.view(M, B, *([1] * (x.ndim - 1)))
