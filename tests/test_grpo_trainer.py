@@ -177,3 +177,21 @@ def test_time_limited_run_ends_with_an_evaluation(tmp_path):
     assert len(rows) == 1 and rows[0]["epoch"] == 1  # stopped after its first epoch
     assert "eval/reward/jpeg_compressibility" in rows[0]
     assert resolve_resume(tmp_path / "run", "latest").name.endswith("00000001")
+
+
+def test_time_limit_decision_is_shared_by_all_ranks():
+    """One rank whose clock ran out stops every rank (no rank left alone in a collective)."""
+    import time
+    from types import SimpleNamespace
+
+    from diffalign.distributed import DistContext
+    from trainers.common import should_stop
+
+    cfg = SimpleNamespace(max_minutes=10.0, stop_after_epochs=None)
+    other_timed_out = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.ones(1)]))
+    nobody = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.zeros(1)]))
+    now = time.time()
+    assert should_stop(cfg, 1, now, other_timed_out) == (True, True)
+    assert should_stop(cfg, 1, now, nobody) == (False, False)
+    assert should_stop(cfg, 1, now - 601, nobody) == (True, True)
+    assert should_stop(SimpleNamespace(max_minutes=None, stop_after_epochs=2), 2, now) == (True, False)

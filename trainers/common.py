@@ -188,11 +188,15 @@ def sample_batch(
     return traj, cond, images, schedule
 
 
-def should_stop(cfg, ran: int, started: float) -> tuple:
+def should_stop(cfg, ran: int, started: float, dist=None, device="cpu") -> tuple:
     """``(stop, timed_out)`` after ``ran`` epochs in this process: ``train.stop_after_epochs`` reached, or
     ``train.max_minutes`` of wall time since ``started`` (``time.time()``) spent. A timed-out run ends with an
-    evaluation (outside its time budget), like a finished one."""
+    evaluation (outside its time budget), like a finished one. With a multi-process ``dist``
+    (:class:`diffalign.distributed.DistContext`) every rank takes the decision of any rank whose clock ran
+    out, so no rank waits alone in a collective."""
     import time
 
     timed_out = cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes
+    if cfg.max_minutes is not None and dist is not None and dist.world_size > 1:
+        timed_out = bool(dist.gather(torch.tensor([float(timed_out)], device=device)).max() > 0)
     return timed_out or (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs), timed_out

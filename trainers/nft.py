@@ -622,7 +622,7 @@ class NFTTrainer:
             metrics = {**adv_stats, **train_stats, "time/sample": t1 - t0 - data["reward_seconds"],
                        "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": self.epoch}
             ran += 1
-            stop, timed_out = should_stop(cfg, ran, started)
+            stop, timed_out = should_stop(cfg, ran, started, self.dist, self.device)
             if (cfg.eval_every and self.epoch % cfg.eval_every == 0) or self.epoch == cfg.num_epochs or timed_out:
                 last_eval = self.evaluate()
                 metrics.update(last_eval)
