@@ -25,6 +25,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 from diffalign import __version__
 from diffalign.config import (
+    _GUIDANCE_METHODS,
     TRAINER_CONFIGS,
     ConfigError,
     RunConfig,
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
             p = sub.add_parser(name, help=command.help, description=command.help)
             _add_config_args(p)
             if name == "sample":
-                p.add_argument("--guidance", metavar="METHOD", choices=["none", "doob", "fk", "svdd", "best_of_n"],
+                p.add_argument("--guidance", metavar="METHOD", choices=list(_GUIDANCE_METHODS),
                                help="training-free guided sampling (short for guidance.method=METHOD; the other "
                                "guidance.* keys set its options)")
         else:

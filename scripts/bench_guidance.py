@@ -87,7 +87,7 @@ def plans(args, T: int):
     k = max(min(budget // M, T), 1)
     rows["svdd"] = ("svdd", 1, dict(num_candidates=M, window=(T - k, T)))
     P, M, start = args.doob_particles, args.doob_candidates, args.doob_start
-    k = args.doob_steps or max(min((budget // P - 1) // M, T - start), 1)
+    k = min(args.doob_steps or max((budget // P - 1) // M, 1), T - start)
     doob = dict(gamma=args.doob_gamma, num_candidates=M, temperature=args.doob_temperature,
                 window=(start, start + k))
     rows["doob"] = ("doob", P, doob)
@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     from samplers.guided.pipeline import MethodResult, format_table, guided_sample_prompts, resolve_kernel
 
     adapter, (h, w) = load(args)
+    if adapter.kind == "flow" and args.doob_start < 1:
+        # step 0 sits at sigma = 1 (alpha = 0): DOIT never guides it, so the matched budget would be wrong
+        raise SystemExit(f"--doob-start {args.doob_start}: a flow model's step 0 is never guided; use >= 1")
     reward_name = args.reward or ("jpeg_compressibility" if args.model == "tiny" else "shapes")
     reward = MultiReward([reward_name])
     prompts = PromptSource("shapes", args.seed, eval_size=args.prompts).eval_prompts()

@@ -179,8 +179,11 @@ def test_sample_guidance_flag_sets_the_method(plugin, run_yaml, monkeypatch):
     assert cli.main(["sample", str(run_yaml), "--guidance", "doob", "guidance.num_candidates=4"]) == 3
     import da_test_plugin
 
-    (cfg,) = da_test_plugin.CALLS
+    cfg = da_test_plugin.CALLS[0]
     assert cfg.guidance.method == "doob" and cfg.guidance.num_candidates == 4
+    # also as --guidance=METHOD, after the overrides
+    assert cli.main(["sample", str(run_yaml), "guidance.num_candidates=2", "--guidance=fk"]) == 3
+    assert da_test_plugin.CALLS[-1].guidance.method == "fk" and da_test_plugin.CALLS[-1].guidance.num_candidates == 2
     with pytest.raises(SystemExit):
         cli.main(["sample", str(run_yaml), "--guidance", "dob"])
 

@@ -382,6 +382,8 @@ def test_invalid_trainer_lists_registered(toy_trainer):
         ("model.lora.alpha=0", ["model.lora.alpha: got 0.0; must be > 0"]),
         ("checkpoint.keep_last=0", ["checkpoint.keep_last: got 0; must be >= 1"]),
         ("model.path=", ["model.path: got ''"]),
+        ("guidance.keep_simulated=true", ["guidance.keep_simulated: got true with lookahead='reuse_eps'",
+                                          "guidance.lookahead=rollout"]),
     ],
 )
 def test_validation_rules(override, parts):

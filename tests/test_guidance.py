@@ -152,6 +152,17 @@ def test_doob_keep_simulated_takes_the_best_completed_candidate_at_no_extra_rewa
     assert bool((kept.rewards >= plain.rewards).all()) and bool((kept.rewards > plain.rewards).any())
     # the kept samples are real: their reward is the reported one
     assert torch.allclose(linear_reward(kept.samples, None), kept.rewards)
+    # a reward that is not applicable (NaN) never replaces a particle, and NaN stays NaN (not -inf)
+    def nan_reward(x0, idx):
+        return torch.full((x0.shape[0],), float("nan"))
+
+    nan_out = guided_sample("doob", model, sched, x, nan_reward, **kw, options={**opts, "keep_simulated": True})
+    assert bool(nan_out.rewards.isnan().all())
+    from samplers.guided.doob import pick_better
+
+    nan = float("nan")
+    assert pick_better(torch.tensor([nan, 1.0, 1.0, 2.0]), torch.tensor([0.0, nan, 2.0, 1.0])).tolist() == [
+        False, True, False, True]
     with pytest.raises(ValueError, match="lookahead='rollout'"):
         guided_sample("doob", model, sched, x, linear_reward, **kw,
                       options={**opts, "lookahead": "denoise", "keep_simulated": True})

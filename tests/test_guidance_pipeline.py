@@ -114,3 +114,14 @@ def test_sample_command_with_guidance(tiny_folder, tmp_path, capsys):
     # the unguided path is unchanged
     assert sample_main(_cfg(tiny_folder, tmp_path / "u")) == 0
     assert (tmp_path / "u" / "samples.png").exists()
+
+
+def test_keep_simulated_reaches_the_sampler_from_the_config():
+    from types import SimpleNamespace
+
+    from samplers.guided.pipeline import method_options
+
+    cfg = SimpleNamespace(gamma=1.0, num_candidates=2, temperature=1.0, window=[1, 3], standardize=True,
+                          antithetic=True, lookahead="rollout", select="best", keep_simulated=True)
+    opts = method_options("doob", cfg)
+    assert opts["keep_simulated"] is True and opts["lookahead"] == "rollout" and opts["window"] == (1, 3)

@@ -86,7 +86,9 @@ class GRPOConfig:
     stop_after_epochs: Optional[int] = param(
         None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)"
     )
-    max_minutes: Optional[float] = param(None, help="stop after this many minutes of training (then checkpoint)")
+    max_minutes: Optional[float] = param(
+        None, help="stop after this many minutes of wall time (then a final evaluation, outside the budget, and "
+        "a checkpoint)")
 
     def validate_run(self, run) -> None:
         s = run.sample

@@ -101,8 +101,8 @@ def one_step_x0(
     """Clean estimates ``[N, *L]`` of states ``x_next`` ``[N, *L]`` at schedule position ``index_next``.
 
     ``reuse_eps`` reuses the current step's noise estimate ``eps_hat`` (``[N, *L]``), §5.2's free
-    lookahead; ``denoise`` asks the model at ``x_next`` (no gradient). At the final state the clean
-    estimate is the state itself.
+    lookahead; ``denoise`` asks the model at ``x_next`` (no gradient); ``rollout`` runs the deterministic
+    sampler (no gradient) from ``x_next`` to the end. At the final state the clean estimate is the state itself.
     """
     alpha, sigma = schedule.alphas[index_next], schedule.sigmas[index_next]
     if index_next >= schedule.num_steps or float(sigma) == 0.0:
@@ -126,16 +126,25 @@ def one_step_x0(
 
 
 def _update_pool(pool: dict, x: torch.Tensor, r: torch.Tensor) -> None:
-    """Keep per sample the best of candidates ``x`` ``[M, B, *L]`` with combined rewards ``r`` ``[M, B]``."""
-    r = torch.nan_to_num(r.float(), nan=-float("inf"))
-    best_r, m = r.max(dim=0)
+    """Keep per sample the best of candidates ``x`` ``[M, B, *L]`` with combined rewards ``r`` ``[M, B]``.
+
+    NaN rewards (not applicable) never enter the pool: a sample whose candidates are all NaN keeps NaN, and
+    NaN never compares as better (``pick_better``)."""
+    r = r.float()
+    best_r, m = torch.where(r.isnan(), -float("inf"), r).max(dim=0)
+    best_r = torch.where(r.isnan().all(dim=0), float("nan"), best_r)
     best_x = x[m, torch.arange(x.shape[1], device=x.device)]
     if "x" not in pool:
         pool["x"], pool["reward"] = best_x.detach().clone(), best_r.clone()
         return
-    better = best_r > pool["reward"]
+    better = pick_better(best_r, pool["reward"])
     pool["x"][better] = best_x[better].detach()
     pool["reward"] = torch.where(better, best_r, pool["reward"])
+
+
+def pick_better(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new > old`` where a NaN ``new`` never wins and any real ``new`` beats a NaN ``old``."""
+    return ~new.isnan() & (old.isnan() | (new > old))
 
 
 def doob_model_fn(

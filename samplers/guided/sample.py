@@ -37,7 +37,7 @@ from samplers.guided.common import (
     evaluate_reward,
     select_best,
 )
-from samplers.guided.doob import doob_model_fn
+from samplers.guided.doob import doob_model_fn, pick_better
 from samplers.rollout import make_generators, rollout
 from samplers.schedules import Schedule
 
@@ -128,8 +128,7 @@ def guided_sample(
     r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights)
     if pool:
         # keep_simulated: a particle is replaced by the best completed candidate it simulated, if better
-        better = torch.nan_to_num(pool["reward"].to(r.device), nan=-float("inf")) > torch.nan_to_num(
-            r, nan=-float("inf"))
+        better = pick_better(pool["reward"].to(r.device), r)
         final = torch.where(expand_rows(better, final), pool["x"].to(final), final)
         r = torch.where(better, pool["reward"].to(r), r)
     if select == "all" or group_size == 1:

@@ -67,3 +67,13 @@ def not_a_tensor(images, prompts, metadata):
 def slow(images, prompts, metadata, delay=3.0):
     time.sleep(delay)
     return torch.zeros(images.shape[0])
+
+
+def red_minus_blue(images, prompts, metadata, sign=1.0):
+    """Signed global colour reward: ``sign * (mean red - mean blue)``; with ``sign=-1`` the opposite goal. A
+    trainer that raises both directions follows the reward, not a drift of the model."""
+    x = images.float()
+    return sign * (x[:, 0].mean(dim=(1, 2)) - x[:, 2].mean(dim=(1, 2)))
+
+
+red_minus_blue.range = (-1.0, 1.0)
