@@ -88,6 +88,58 @@ def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional
     load_trainable_state(adapter, state.trainable_state, params)
 
 
+def open_run(run, dist, restore) -> tuple:
+    """A trainer's checkpoint manager, metrics logger and config record (GRPO, NFT).
+
+    Resumes from ``run.checkpoint.resume_from`` through ``restore(state) -> epoch`` (the trainer loads its own
+    state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch and saves the
+    resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
+    """
+    from diffalign.checkpoint import CheckpointManager, resolve_resume
+    from diffalign.config import save_config, to_dict
+    from diffalign.logging import MetricsLogger
+
+    ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=dist.rank,
+                             world_size=dist.world_size, barrier=dist.barrier)
+    resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
+    resumed_epoch = restore(ckpt.load(resume)) if resume is not None else None
+    logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
+                           wandb_project=run.logging.wandb_project, is_main=dist.is_main,
+                           resume_step=resumed_epoch)
+    if dist.is_main:
+        save_config(run, f"{run.output_dir}/config.yaml")
+    return ckpt, logger, to_dict(run)
+
+
+def restore_run_state(state, adapter, params: Sequence[torch.nn.Parameter], ema: Optional["EMA"], optimizer,
+                      lr_scheduler) -> tuple:
+    """Weights, EMA, optimizer, LR scheduler and every RNG from a loaded checkpoint (inverse of
+    :func:`save_run_state`). Returns ``(epoch, step, sampler_state)`` for the trainer's own extras."""
+    from diffalign.checkpoint import restore_rng, restore_training_state
+
+    restore_weights(adapter, params, ema, state)
+    restore_training_state(state, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    restore_rng(state)
+    return int(state.counters["epoch"]), int(state.counters["step"]), state.sampler_state or {}
+
+
+def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int, optimizer, lr_scheduler,
+                   sampler_state: Dict, config: Dict) -> None:
+    """One checkpoint of a trainer: trained (and EMA) weights, optimizer (or any object with a
+    ``state_dict``), LR scheduler, counters, ``sampler_state`` plus the prompt-sampler position, config."""
+    trained, ema_state = checkpoint_weights(adapter, ema)
+    ckpt.save(
+        epoch,
+        trainable_state=trained,
+        ema_state=ema_state,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        counters={"epoch": epoch, "step": step, "ema_updates": ema.num_updates if ema else 0},
+        sampler_state={**sampler_state, "prompt_epoch": epoch},
+        config=config,
+    )
+
+
 def image_size(adapter, sample_cfg) -> tuple:
     """``(height, width)`` in pixels: the config's, or the model's native size."""
     native_h, native_w = adapter.default_image_size()
@@ -99,6 +151,22 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def swap_in(params: Sequence[torch.nn.Parameter], shadow: Sequence[torch.Tensor]):
+    """Copy ``shadow`` into ``params`` for the ``with`` block, then copy the live values back (EMA weights for
+    evaluation, DiffusionNFT's old policy for its no-grad forwards)."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for s, p in zip(shadow, params):
+            p.copy_(s)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, p in zip(backup, params):
+                p.copy_(b)
 
 
 class EMA:
@@ -123,19 +191,9 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach().float(), 1 - d)
 
-    @contextlib.contextmanager
     def swapped_in(self):
         """Temporarily load the EMA weights into the live parameters (evaluation, export)."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, p in zip(backup, self.params):
-                    p.copy_(b)
+        return swap_in(self.params, self.shadow)
 
     def state_dict(self) -> Dict:
         return {"num_updates": self.num_updates, "shadow": self.shadow}

@@ -14,6 +14,7 @@ All details and defaults: research/grpo_family.md §1.3, §1.7, §3.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -218,13 +219,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from diffalign.advantages import PerPromptStatTracker, RunningMoments
-        from diffalign.checkpoint import CheckpointManager, resolve_resume
-        from diffalign.config import to_dict
         from diffalign.distributed import DistContext
-        from diffalign.logging import MetricsLogger
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import DTYPES, EMA, build_adapter, image_size, resolve_device
+        from trainers.common import DTYPES, EMA, build_adapter, image_size, open_run, resolve_device
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -254,51 +252,27 @@ class GRPOTrainer:
             from diffalign.balance import Harmonizer, RewardGradients
 
             self.marble = (Harmonizer(len(self.rewards.names)), RewardGradients(self.params, len(self.rewards.names)))
-        self.ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, barrier=self.dist.barrier)
         self.epoch, self.global_step = 0, 0
-        resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
-        if resume is not None:
-            self._restore(self.ckpt.load(resume))
-        self.logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
-                                    wandb_project=run.logging.wandb_project, is_main=self.dist.is_main,
-                                    resume_step=self.epoch if resume is not None else None)
-        self.config_dict = to_dict(run)
-        if self.dist.is_main:
-            from diffalign.config import save_config
-            save_config(run, f"{run.output_dir}/config.yaml")
+        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
 
-    def _restore(self, state) -> None:
-        from diffalign.checkpoint import restore_rng, restore_training_state
-        from trainers.common import restore_weights
+    def _restore(self, state) -> int:
+        from trainers.common import restore_run_state
 
-        restore_weights(self.adapter, self.params, self.ema, state)
-        restore_training_state(state, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler)
-        self.epoch = int(state.counters["epoch"])
-        self.global_step = int(state.counters["step"])
-        extra = state.sampler_state or {}
+        self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
+                                                                self.optimizer, self.lr_scheduler)
         if "tracker" in extra:
             self.tracker.load_state_dict(extra["tracker"])
         if "moments" in extra:
             self.moments.load_state_dict(extra["moments"])
-        restore_rng(state)
+        return self.epoch
 
     def save_checkpoint(self) -> None:
-        from trainers.common import checkpoint_weights
+        from trainers.common import save_run_state
 
-        trained, ema_state = checkpoint_weights(self.adapter, self.ema)
-        self.ckpt.save(
-            self.epoch,
-            trainable_state=trained,
-            ema_state=ema_state,
-            optimizer=self.optimizer,
-            lr_scheduler=self.lr_scheduler,
-            counters={"epoch": self.epoch, "step": self.global_step,
-                      "ema_updates": self.ema.num_updates if self.ema else 0},
-            sampler_state={"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(),
-                           "prompt_epoch": self.epoch},
-            config=self.config_dict,
-        )
+        save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
+                       optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
+                       sampler_state={"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict()},
+                       config=self.config_dict)
 
     # ------------------------------------------------------------------ one epoch
     def _window(self, epoch: int) -> Optional[Tuple[int, int]]:
@@ -481,6 +455,7 @@ class GRPOTrainer:
     def evaluate(self) -> Dict[str, float]:
         """Mean reward per column on the fixed eval prompts, deterministic sampler (noise level 0)."""
         from diffalign.distributed import seed_for
+        from samplers.steps import DETERMINISTIC_STEP
         from trainers.common import sample_batch
 
         s, cfg = self.run.sample, self.cfg
@@ -491,8 +466,8 @@ class GRPOTrainer:
         rows, imgs_keep = [], None
         gs = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else s.guidance_scale
         steps = cfg.eval_num_steps or s.eval_num_steps
-        det = "flow_euler" if self.adapter.kind == "flow" else "ddim"
-        ctx = self.ema.swapped_in() if self.ema is not None else _null()
+        det = DETERMINISTIC_STEP[self.adapter.kind]
+        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
         with ctx:
             for i in range(0, len(mine), s.batch_size):
                 ids = mine[i:i + s.batch_size]
@@ -579,14 +554,6 @@ class GRPOTrainer:
             except Exception as exc:  # a plot must never fail a finished run
                 print(f"warning: could not plot reward curves: {exc}")
         self.logger.close()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _reward_spec_dict(spec) -> Dict:

@@ -224,18 +224,10 @@ class OldPolicy:
         for s, p in zip(self.shadow, self.params):
             s.mul_(decay).add_(p.detach().float(), alpha=1 - decay)
 
-    @contextlib.contextmanager
     def swapped_in(self):
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, p in zip(backup, self.params):
-                    p.copy_(b)
+        from trainers.common import swap_in
+
+        return swap_in(self.params, self.shadow)
 
 
 class _TrainingState:
@@ -270,13 +262,10 @@ class NFTTrainer:
     def setup(self) -> None:
         from diffalign.advantages import RunningMoments
         from diffalign.balance import Harmonizer, RewardGradients
-        from diffalign.checkpoint import CheckpointManager, resolve_resume
-        from diffalign.config import to_dict
         from diffalign.distributed import DistContext
-        from diffalign.logging import MetricsLogger
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import DTYPES, EMA, build_adapter, image_size, resolve_device
+        from trainers.common import DTYPES, EMA, build_adapter, image_size, open_run, resolve_device
         from trainers.grpo import _reward_spec_dict
 
         run, cfg = self.run, self.cfg
@@ -314,51 +303,27 @@ class NFTTrainer:
         self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
         self.prompts = build_prompt_source(run.prompts, run.seed)
         self.moments = RunningMoments()
-        self.ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, barrier=self.dist.barrier)
         self.epoch, self.global_step = 0, 0
-        resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
-        if resume is not None:
-            self._restore(self.ckpt.load(resume))
-        self.logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
-                                    wandb_project=run.logging.wandb_project, is_main=self.dist.is_main,
-                                    resume_step=self.epoch if resume is not None else None)
-        self.config_dict = to_dict(run)
-        if self.dist.is_main:
-            from diffalign.config import save_config
-            save_config(run, f"{run.output_dir}/config.yaml")
+        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
 
-    def _restore(self, state) -> None:
-        from diffalign.checkpoint import restore_rng, restore_training_state
-        from trainers.common import restore_weights
+    def _restore(self, state) -> int:
+        from trainers.common import restore_run_state
 
-        restore_weights(self.adapter, self.params, self.ema, state)
-        restore_training_state(state, optimizer=self.state, lr_scheduler=self.lr_scheduler)
-        self.epoch = int(state.counters["epoch"])
-        self.global_step = int(state.counters["step"])
-        extra = state.sampler_state or {}
+        self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
+                                                                self.state, self.lr_scheduler)
         if "moments" in extra:
             self.moments.load_state_dict(extra["moments"])
         if "harmonizer" in extra:
             self.harmonizer.load_state_dict(extra["harmonizer"])
-        restore_rng(state)
+        return self.epoch
 
     def save_checkpoint(self) -> None:
-        from trainers.common import checkpoint_weights
+        from trainers.common import save_run_state
 
-        trained, ema_state = checkpoint_weights(self.adapter, self.ema)
-        self.ckpt.save(
-            self.epoch,
-            trainable_state=trained,
-            ema_state=ema_state,
-            optimizer=self.state,
-            lr_scheduler=self.lr_scheduler,
-            counters={"epoch": self.epoch, "step": self.global_step,
-                      "ema_updates": self.ema.num_updates if self.ema else 0},
-            sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict(),
-                           "prompt_epoch": self.epoch},
-            config=self.config_dict,
-        )
+        save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
+                       optimizer=self.state, lr_scheduler=self.lr_scheduler,
+                       sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict()},
+                       config=self.config_dict)
 
     # ------------------------------------------------------------------ one epoch
     def _sample(self, assignment) -> Dict:

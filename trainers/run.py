@@ -77,12 +77,13 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
 
 def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int):
     from rewards import MultiReward
+    from samplers.steps import DETERMINISTIC_STEP
     from trainers.common import image_size, sample_batch
     from trainers.grpo import _reward_spec_dict
 
     rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
     h, w = image_size(adapter, cfg.sample)
-    det = "flow_euler" if adapter.kind == "flow" else "ddim"
+    det = DETERMINISTIC_STEP[adapter.kind]
     rows, images = [], []
     for i in range(0, len(prompts), cfg.sample.batch_size):
         batch = prompts[i:i + cfg.sample.batch_size]

@@ -45,7 +45,7 @@ from samplers.guided.common import (
 )
 from samplers.parametrization import expand_like, to_x0_eps, x0_eps_to_model_output
 from samplers.schedules import Schedule
-from samplers.steps import STEPS, GeneratorLike, scheduled_step
+from samplers.steps import DETERMINISTIC_STEP, STEPS, GeneratorLike, scheduled_step
 
 __all__ = ["doob_model_fn", "doob_weights", "one_step_x0", "LOOKAHEADS"]
 
@@ -115,7 +115,7 @@ def one_step_x0(
             out = model_fn(x_next, t)
         return to_x0_eps(out, x_next, alpha, sigma, schedule.prediction_type)[0]
     if lookahead == "rollout":
-        det = "flow_euler" if schedule.kind == "flow" else "ddim"
+        det = DETERMINISTIC_STEP[schedule.kind]
         x = x_next
         with torch.no_grad():
             for j in range(index_next, schedule.num_steps):
