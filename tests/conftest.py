@@ -1,4 +1,4 @@
-"""Test configuration: nothing may reach the network or a model hub."""
+"""Test configuration: nothing may reach the network or a model hub; shared fixtures."""
 
 import os
 
@@ -11,3 +11,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from diffalign.testing import netguard  # noqa: E402
 
 netguard.install()
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    small models run no slower, and concurrent test processes do not oversubscribe the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -37,12 +37,7 @@ WORLD = 2
 LAUNCH_TIMEOUT_S = 300
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _free_port() -> int:

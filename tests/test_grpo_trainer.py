@@ -11,12 +11,7 @@ from diffalign.logging import read_metrics
 from trainers.grpo import GRPOTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _train(cfg):
@@ -153,7 +148,6 @@ def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", sample={"shared_group_noise": True, "group_size": 2})
     trainer = GRPOTrainer(cfg)
     trainer.setup()
-    s = cfg.sample
     starts = []
     for epoch in range(2):
         a = repeat_assignment(trainer.prompts.epoch_prompts(epoch, 4), 2, epoch=epoch, seed=cfg.seed, rank=0,

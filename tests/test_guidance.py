@@ -31,12 +31,7 @@ TAU = 2.0
 A = torch.tensor([1.0, 0.0])  # reward direction: r(x) = x[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gmm_model(schedule, mu: torch.Tensor, pi: torch.Tensor):

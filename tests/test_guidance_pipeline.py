@@ -14,12 +14,7 @@ from samplers.guided.pipeline import compare_methods, format_table, guided_sampl
 PROMPTS = ["a red circle", "two blue squares"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from diffalign.logging import read_metrics
 from grpo_helpers import run_config, save_tiny
 from trainers.grpo import GRPOTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("aggregation", ["marble", "gdpo"])

@@ -13,12 +13,7 @@ import torch
 from trainers.nft import nft_loss, nft_loss_terms, nft_policy_loss, old_policy_decay
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_loss_hand_derived_values():

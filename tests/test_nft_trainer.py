@@ -13,12 +13,7 @@ from trainers.nft import NFTTrainer
 REWARDS = [{"name": "jpeg_compressibility"}, {"name": "shapes"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def nft_config(model, out, train=None, **overrides):

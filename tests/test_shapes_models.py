@@ -8,12 +8,7 @@ import torch
 from diffalign.shapes.models import BUILTIN_MODELS, resolve_model_path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
