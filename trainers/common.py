@@ -88,6 +88,19 @@ def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional
     load_trainable_state(adapter, state.trainable_state, params)
 
 
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg) -> tuple:
+    """``(AdamW, LambdaLR with linear warmup)`` from a trainer's ``train`` section (``learning_rate``,
+    ``adam_beta1/2``, ``weight_decay``, ``adam_eps``, ``warmup_steps``); an empty ``params`` is an error."""
+    if not params:
+        raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    warm = cfg.warmup_steps
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    return optimizer, lr_scheduler
+
+
 def open_run(run, dist, restore) -> tuple:
     """A trainer's checkpoint manager, metrics logger and config record (GRPO, NFT).
 

@@ -222,7 +222,7 @@ class GRPOTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import DTYPES, EMA, build_adapter, image_size, open_run, resolve_device
+        from trainers.common import DTYPES, EMA, build_adapter, build_optimizer, image_size, open_run, resolve_device
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -232,13 +232,7 @@ class GRPOTrainer:
         self.adapter = build_adapter(run.model, self.device)
         self.height, self.width = image_size(self.adapter, run.sample)
         self.params = self.adapter.trainable_parameters()
-        if not self.params:
-            raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-        warm = cfg.warmup_steps
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
         self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
         if not run.rewards:
