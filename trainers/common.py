@@ -248,7 +248,8 @@ def sample_batch(
     device = adapter.device
     cond = adapter.encode_prompts(prompts, negative_prompt, guidance_scale)
     gens = make_generators(seed, list(sample_ids), device="cpu")
-    init_gens = gens if noise_ids is None else make_generators(seed_for(seed, 11), list(noise_ids), device="cpu")
+    init_gens = gens if noise_ids is None else make_generators(seed_for(seed, 11), list(noise_ids),
+                                                               device="cpu")
     noise = adapter.prepare_latents(len(prompts), height, width, generator=init_gens).to(device)
     schedule = adapter.make_schedule(num_steps, height, width)
     with autocast_ctx(device, dtype):
@@ -271,3 +272,78 @@ def should_stop(cfg, ran: int, started: float, dist=None, device="cpu") -> tuple
     if cfg.max_minutes is not None and dist is not None and dist.world_size > 1:
         timed_out = bool(dist.gather(torch.tensor([float(timed_out)], device=device)).max() > 0)
     return timed_out or (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs), timed_out
+
+
+def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
+    """The epoch loop of the online trainers (GRPO, NFT): evaluation at epoch 0 and every ``eval_every``,
+    repeat assignment of the epoch's prompts, timing, metrics, sample grids, checkpoints, the time limit and a
+    progress bar.
+
+    ``one_epoch(epoch, assignment) -> (data, stats, t_sampled)``: the trainer's sampling, advantages and
+    updates; ``data`` holds ``reward_seconds`` and ``images``, ``stats`` the epoch's metrics (with
+    ``reward/combined``), ``t_sampled`` the ``time.perf_counter()`` after sampling. Uses the trainer's
+    ``run``, ``cfg``, ``dist``, ``device``, ``prompts``, ``epoch``, ``logger``, ``evaluate()`` and
+    ``save_checkpoint()``; returns the last evaluation.
+    """
+    import time
+
+    from diffalign.distributed import repeat_assignment
+    from diffalign.logging import progress
+
+    run, cfg, s, dist = trainer.run, trainer.cfg, trainer.run.sample, trainer.dist
+    total = dist.world_size * s.batch_size * s.num_batches_per_epoch
+    if total % s.group_size:
+        raise ValueError(
+            f"processes x sample.batch_size x sample.num_batches_per_epoch = {total} is not a multiple of "
+            f"sample.group_size={s.group_size}")
+    n_prompts = total // s.group_size
+    started = time.time()
+    ran = 0
+    last_eval: Dict[str, float] = {}
+    if trainer.epoch == 0 and cfg.eval_every:
+        last_eval = trainer.evaluate()
+        trainer.logger.log(0, last_eval)
+    bar = progress(range(trainer.epoch, cfg.num_epochs), desc=desc, disable=not dist.is_main,
+                   initial=trainer.epoch, total=cfg.num_epochs)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts), s.group_size,
+                                       epoch=epoch, seed=run.seed, rank=dist.rank, world_size=dist.world_size)
+        data, stats, t1 = one_epoch(epoch, assignment)
+        t2 = time.perf_counter()
+        trainer.epoch = epoch + 1
+        metrics = {**stats, "time/sample": t1 - t0 - data["reward_seconds"],
+                   "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": trainer.epoch}
+        ran += 1
+        stop, timed_out = should_stop(cfg, ran, started, dist, trainer.device)
+        if (cfg.eval_every and trainer.epoch % cfg.eval_every == 0) or trainer.epoch == cfg.num_epochs \
+                or timed_out:
+            last_eval = trainer.evaluate()
+            metrics.update(last_eval)
+        if dist.is_main:
+            bar.set_postfix(reward=f"{stats['reward/combined']:.3f}")
+            if run.logging.image_every and trainer.epoch % run.logging.image_every == 0:
+                trainer.logger.log_images(trainer.epoch, data["images"][:16], assignment.prompts[:16])
+        trainer.logger.log(trainer.epoch, metrics)
+        if (run.checkpoint.every and trainer.epoch % run.checkpoint.every == 0) or stop \
+                or trainer.epoch == cfg.num_epochs:
+            trainer.save_checkpoint()
+        if stop:
+            break
+    return last_eval
+
+
+def close_run(trainer, title: str) -> None:
+    """End of a run: the reward-curve plot (main process; a failing plot never fails the run), then the logger
+    is closed."""
+    from diffalign.logging import plot_curves, read_metrics
+
+    out = trainer.run.output_dir
+    if trainer.dist.is_main:
+        present = {k for row in read_metrics(f"{out}/metrics.jsonl") for k in row}
+        keys = [k for n in trainer.rewards.names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
+        try:
+            plot_curves(f"{out}/metrics.jsonl", f"{out}/reward_curve.png", keys, title=title)
+        except Exception as exc:  # a plot must never fail a finished run
+            print(f"warning: could not plot reward curves: {exc}")
+    trainer.logger.close()

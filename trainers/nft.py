@@ -551,63 +551,17 @@ class NFTTrainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Dict[str, float]:
-        from diffalign.distributed import repeat_assignment
-        from diffalign.logging import progress
-        from trainers.common import should_stop
+        from trainers.common import run_epochs
 
-        run, cfg, s = self.run, self.cfg, self.run.sample
-        total = self.dist.world_size * s.batch_size * s.num_batches_per_epoch
-        if total % s.group_size:
-            raise ValueError(
-                f"processes x sample.batch_size x sample.num_batches_per_epoch = {total} is not a multiple of "
-                f"sample.group_size={s.group_size}")
-        n_prompts = total // s.group_size
-        started = time.time()
-        ran = 0
-        last_eval: Dict[str, float] = {}
-        if self.epoch == 0 and cfg.eval_every:
-            last_eval = self.evaluate()
-            self.logger.log(0, last_eval)
-        bar = progress(range(self.epoch, cfg.num_epochs), desc="nft", disable=not self.dist.is_main,
-                       initial=self.epoch, total=cfg.num_epochs)
-        for epoch in bar:
-            t0 = time.perf_counter()
-            assignment = repeat_assignment(self.prompts.epoch_prompts(epoch, n_prompts), s.group_size, epoch=epoch,
-                                           seed=run.seed, rank=self.dist.rank, world_size=self.dist.world_size)
-            data = self._sample(assignment)
-            t1 = time.perf_counter()
-            adv, per, keep, adv_stats = self._advantages(data["rewards"], assignment)
-            train_stats = self._train_epoch(epoch, data, adv, per, keep)
-            t2 = time.perf_counter()
-            self.epoch = epoch + 1
-            metrics = {**adv_stats, **train_stats, "time/sample": t1 - t0 - data["reward_seconds"],
-                       "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": self.epoch}
-            ran += 1
-            stop, timed_out = should_stop(cfg, ran, started, self.dist, self.device)
-            if (cfg.eval_every and self.epoch % cfg.eval_every == 0) or self.epoch == cfg.num_epochs or timed_out:
-                last_eval = self.evaluate()
-                metrics.update(last_eval)
-            if self.dist.is_main:
-                bar.set_postfix(reward=f"{adv_stats['reward/combined']:.3f}")
-                if run.logging.image_every and self.epoch % run.logging.image_every == 0:
-                    self.logger.log_images(self.epoch, data["images"][:16], assignment.prompts[:16])
-            self.logger.log(self.epoch, metrics)
-            if (run.checkpoint.every and self.epoch % run.checkpoint.every == 0) or stop \
-                    or self.epoch == cfg.num_epochs:
-                self.save_checkpoint()
-            if stop:
-                break
-        return last_eval
+        return run_epochs(self, "nft", self._epoch)
+
+    def _epoch(self, epoch: int, assignment) -> Tuple[Dict, Dict, float]:
+        data = self._sample(assignment)
+        t_sampled = time.perf_counter()
+        adv, per, keep, adv_stats = self._advantages(data["rewards"], assignment)
+        return data, {**adv_stats, **self._train_epoch(epoch, data, adv, per, keep)}, t_sampled
 
     def cleanup(self) -> None:
-        from diffalign.logging import plot_curves, read_metrics
+        from trainers.common import close_run
 
-        if self.dist.is_main:
-            present = {k for row in read_metrics(f"{self.run.output_dir}/metrics.jsonl") for k in row}
-            keys = [k for n in self.rewards.names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
-            try:
-                plot_curves(f"{self.run.output_dir}/metrics.jsonl", f"{self.run.output_dir}/reward_curve.png", keys,
-                            title="DiffusionNFT rewards")
-            except Exception as exc:  # a plot must never fail a finished run
-                print(f"warning: could not plot reward curves: {exc}")
-        self.logger.close()
+        close_run(self, "DiffusionNFT rewards")
