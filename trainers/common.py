@@ -347,3 +347,42 @@ def close_run(trainer, title: str) -> None:
         except Exception as exc:  # a plot must never fail a finished run
             print(f"warning: could not plot reward curves: {exc}")
     trainer.logger.close()
+
+
+@torch.no_grad()
+def evaluate_run(trainer) -> Dict[str, float]:
+    """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), deterministic sampler, the
+    trainer's current weights or their EMA; prompts are split over ranks and the rewards gathered.
+
+    Uses the trainer's ``run``, ``cfg`` (``eval_guidance_scale``, ``eval_num_steps``), ``dist``, ``device``,
+    ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``height`` and ``width``."""
+    import math
+
+    from diffalign.distributed import seed_for
+    from samplers.steps import DETERMINISTIC_STEP
+
+    s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
+    prompts = trainer.prompts.eval_prompts()
+    per = math.ceil(len(prompts) / dist.world_size)
+    mine = list(range(dist.rank * per, min(len(prompts), (dist.rank + 1) * per)))
+    rows = []
+    gs = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else s.guidance_scale
+    steps = cfg.eval_num_steps or s.eval_num_steps
+    ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
+    with ctx:
+        for i in range(0, len(mine), s.batch_size):
+            ids = mine[i:i + s.batch_size]
+            batch_prompts = [prompts[k] for k in ids]
+            _, _, imgs, _ = sample_batch(
+                trainer.adapter, batch_prompts, ids, seed=seed_for(trainer.run.seed, 99), num_steps=steps,
+                guidance_scale=gs, negative_prompt=s.negative_prompt, height=trainer.height,
+                width=trainer.width, step=DETERMINISTIC_STEP[trainer.adapter.kind], noise_level=0.0,
+                dtype=trainer.dtype)
+            rows.append(trainer.rewards(imgs, batch_prompts, [{"prompt": p} for p in batch_prompts]).rewards)
+    names = trainer.rewards.names
+    local = torch.cat(rows) if rows else torch.zeros(0, len(names))
+    pad = per - local.shape[0]
+    if pad:
+        local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
+    allr = dist.gather(local.to(trainer.device)).cpu()
+    return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}

@@ -17,8 +17,6 @@ Layout: :class:`NFTConfig` (the ``train`` section), :func:`nft_loss_terms`, :fun
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
@@ -518,36 +516,11 @@ class NFTTrainer:
         return out
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Mean reward per column on the fixed eval prompts, deterministic sampler, current (or EMA) policy."""
-        from diffalign.distributed import seed_for
-        from trainers.common import sample_batch
+        """Mean reward per column on the fixed eval prompts (:func:`trainers.common.evaluate_run`)."""
+        from trainers.common import evaluate_run
 
-        s, cfg = self.run.sample, self.cfg
-        prompts = self.prompts.eval_prompts()
-        w = self.dist.world_size
-        per = math.ceil(len(prompts) / w)
-        mine = list(range(self.dist.rank * per, min(len(prompts), (self.dist.rank + 1) * per)))
-        rows = []
-        gs = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else s.guidance_scale
-        steps = cfg.eval_num_steps or s.eval_num_steps
-        ctx = self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
-        with ctx:
-            for i in range(0, len(mine), s.batch_size):
-                ids = mine[i:i + s.batch_size]
-                batch_prompts = [prompts[q] for q in ids]
-                _, _, imgs, _ = sample_batch(
-                    self.adapter, batch_prompts, ids, seed=seed_for(self.run.seed, 99), num_steps=steps,
-                    guidance_scale=gs, negative_prompt=s.negative_prompt, height=self.height, width=self.width,
-                    step="flow_euler", noise_level=0.0, dtype=self.dtype)
-                rows.append(self.rewards(imgs, batch_prompts, [{"prompt": p} for p in batch_prompts]).rewards)
-        local = torch.cat(rows) if rows else torch.zeros(0, self.num_rewards)
-        pad = per - local.shape[0]
-        if pad:
-            local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
-        allr = self.dist.gather(local.to(self.device)).cpu()
-        return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(self.rewards.names)}
+        return evaluate_run(self)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Dict[str, float]:
