@@ -14,7 +14,8 @@ prompts from the same initial noise and spends about ``--budget`` reward evaluat
 * best_of_n_matched: best-of-N with N exactly DOIT's reward evaluations per prompt.
 
 Prints one table (model evaluations, VJPs and reward evaluations per prompt, wall time, mean verifier score)
-and writes it with the per-prompt scores to ``--out``. Use ``--model tiny`` (a random tiny SD3 pipeline,
+and, when ``best_of_n_matched`` ran, every row's paired difference against it (same prompts and initial
+noise; mean and standard error over prompts), and writes both with the per-prompt scores to ``--out``. Use ``--model tiny`` (a random tiny SD3 pipeline,
 reward ``jpeg_compressibility``) to check the script without the shipped model.
 
     python scripts/bench_guidance.py --prompts 16 --budget 32 --steps 10
@@ -99,6 +100,23 @@ def plans(args, T: int):
     return rows
 
 
+def paired_lines(results, reference: str = "best_of_n_matched") -> str:
+    """Per-prompt paired differences of every row against ``reference`` (same prompts, same initial noise),
+    as ``mean +- standard error``: an "at least as good" claim is only as firm as this interval."""
+    if reference not in results:
+        return ""
+    ref = results[reference].rewards[:, 0].double()
+    lines = [f"paired difference of the mean score against {reference} (mean +- s.e. over prompts):"]
+    for label, res in results.items():
+        if label == reference:
+            continue
+        d = res.rewards[:, 0].double() - ref
+        d = d[~d.isnan()]
+        se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else float("nan")
+        lines.append(f"  {label}: {float(d.mean()):+.4f} +- {se:.4f} (n={d.numel()})")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -145,11 +163,14 @@ def main(argv=None) -> int:
     table = format_table(results, [1.0], reward.names)
     header = (f"model={args.model} reward={reward_name} prompts={len(prompts)} steps={T} step={step} "
               f"noise_level={level} budget={args.budget} reward evals/prompt (unguided: 1)")
+    paired = paired_lines(results)
     print(header)
     print(table)
+    if paired:
+        print("\n" + paired)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(header + "\n\n" + table + "\n")
+        f.write(header + "\n\n" + table + "\n" + ("\n" + paired + "\n" if paired else ""))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         rows_out = {
             k: {"options": {o: list(v) if isinstance(v, tuple) else v for o, v in table_plans[k][2].items()},

@@ -166,6 +166,27 @@ def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
     trainer.cleanup()
 
 
+def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_path):
+    """`diffalign eval` samples the evaluation prompts from the trainer's evaluation noise, so a checkpoint
+    scores exactly what its run logged for it (and the base model what the run logged at epoch 0)."""
+    import dataclasses
+    import json
+
+    from trainers.run import eval_main
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 1, "eval_every": 1})
+    _train(cfg)
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reward/jpeg_compressibility" in r]
+    base, trained = logged[0], logged[-1]
+    assert "epoch" not in base and trained["epoch"] == 1
+    assert base["eval/reward/jpeg_compressibility"] != trained["eval/reward/jpeg_compressibility"]
+    for resume, expected in (("latest", trained), (None, base)):
+        eval_cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from=resume))
+        assert eval_main(eval_cfg) == 0
+        out = json.loads((tmp_path / "run" / "eval.json").read_text())
+        assert out["eval/reward/jpeg_compressibility"] == expected["eval/reward/jpeg_compressibility"]
+
+
 def test_time_limited_run_ends_with_an_evaluation(tmp_path):
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 50, "max_minutes": 0.0})
     _train(cfg)

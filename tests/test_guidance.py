@@ -385,3 +385,26 @@ def test_errors_name_the_fix():
         doob_model_fn(model, sched, linear_reward, step="flow_sde", noise_level=0.0)
     with pytest.raises(ValueError, match="must return"):
         evaluate_reward(lambda a, b: a, torch.zeros(3, 2, 2), torch.arange(3))
+
+
+def test_bench_paired_difference_against_best_of_n():
+    """The benchmark's paired comparison: per-prompt differences against best-of-N, mean and standard error."""
+    import importlib.util
+    from pathlib import Path
+
+    from samplers.guided.pipeline import MethodResult
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_guidance.py"
+    spec = importlib.util.spec_from_file_location("bench_guidance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def res(scores):
+        return MethodResult("x", torch.zeros(len(scores), 3, 2, 2), torch.tensor(scores)[:, None], EvalCounter(), 0.0)
+
+    assert bench.paired_lines({"doob": res([1.0, 0.0])}) == ""  # no reference row, no comparison
+    text = bench.paired_lines({"best_of_n_matched": res([0.5, 0.5, 0.0, float("nan")]),
+                               "doob": res([1.0, 0.5, 0.5, 1.0])})
+    # differences 0.5, 0.0, 0.5 (the NaN prompt is left out): mean 1/3, s.e. = std([.5, 0, .5]) / sqrt(3)
+    se = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64).std().item() / 3 ** 0.5
+    assert f"doob: +0.3333 +- {se:.4f} (n=3)" in text

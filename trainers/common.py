@@ -349,6 +349,18 @@ def close_run(trainer, title: str) -> None:
     trainer.logger.close()
 
 
+#: Seed stream of the evaluation noise (``seed_for(run seed, EVAL_SEED_STREAM)``): shared by the trainer's
+#: periodic evaluation and ``diffalign eval``, so evaluating a checkpoint reproduces the score logged for it.
+EVAL_SEED_STREAM = 99
+
+
+def eval_seed(run_seed: int) -> int:
+    """The initial-noise seed of every evaluation of a run with seed ``run_seed``."""
+    from diffalign.distributed import seed_for
+
+    return seed_for(run_seed, EVAL_SEED_STREAM)
+
+
 @torch.no_grad()
 def evaluate_run(trainer) -> Dict[str, float]:
     """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), deterministic sampler, the
@@ -358,7 +370,6 @@ def evaluate_run(trainer) -> Dict[str, float]:
     ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``height`` and ``width``."""
     import math
 
-    from diffalign.distributed import seed_for
     from samplers.steps import DETERMINISTIC_STEP
 
     s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
@@ -374,7 +385,7 @@ def evaluate_run(trainer) -> Dict[str, float]:
             ids = mine[i:i + s.batch_size]
             batch_prompts = [prompts[k] for k in ids]
             _, _, imgs, _ = sample_batch(
-                trainer.adapter, batch_prompts, ids, seed=seed_for(trainer.run.seed, 99), num_steps=steps,
+                trainer.adapter, batch_prompts, ids, seed=eval_seed(trainer.run.seed), num_steps=steps,
                 guidance_scale=gs, negative_prompt=s.negative_prompt, height=trainer.height,
                 width=trainer.width, step=DETERMINISTIC_STEP[trainer.adapter.kind], noise_level=0.0,
                 dtype=trainer.dtype)

@@ -101,6 +101,7 @@ def eval_main(cfg) -> int:
     import json
 
     from diffalign.prompts import build_prompt_source
+    from trainers.common import eval_seed
 
     train = dict(cfg.train or {})
     checkpoint = cfg.checkpoint.resume_from
@@ -108,7 +109,8 @@ def eval_main(cfg) -> int:
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
     steps = train.get("eval_num_steps") or cfg.sample.eval_num_steps
     guidance = train.get("eval_guidance_scale") or cfg.sample.guidance_scale
-    names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=cfg.seed)
+    # the trainer's evaluation noise: a checkpoint scores here what its run logged for it
+    names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed))
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
