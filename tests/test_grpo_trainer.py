@@ -166,15 +166,21 @@ def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
     trainer.cleanup()
 
 
-def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_path):
-    """`diffalign eval` samples the evaluation prompts from the trainer's evaluation noise, so a checkpoint
-    scores exactly what its run logged for it (and the base model what the run logged at epoch 0)."""
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "eval_guidance_scale": 0.0}], ids=["fp32", "bf16_cfg0"])
+def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_path, extra):
+    """`diffalign eval` samples the evaluation prompts like the trainer's evaluation (noise, dtype, CFG), so on
+    one process a checkpoint scores exactly what its run logged (and the base model what it logged at epoch 0)."""
     import dataclasses
     import json
 
     from trainers.run import eval_main
 
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 1, "eval_every": 1})
+    if extra:
+        model = dataclasses.replace(cfg.model, dtype=extra["dtype"])
+        train = {**cfg.train, "eval_guidance_scale": extra["eval_guidance_scale"]}  # RunConfig.train is a dict
+        sample = dataclasses.replace(cfg.sample, guidance_scale=3.0)  # the eval's CFG 0 must not fall back to it
+        cfg = dataclasses.replace(cfg, model=model, train=train, sample=sample)
     _train(cfg)
     logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reward/jpeg_compressibility" in r]
     base, trained = logged[0], logged[-1]

@@ -78,7 +78,7 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
 def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int):
     from rewards import MultiReward
     from samplers.steps import DETERMINISTIC_STEP
-    from trainers.common import image_size, sample_batch
+    from trainers.common import DTYPES, image_size, sample_batch
     from trainers.grpo import _reward_spec_dict
 
     rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
@@ -89,7 +89,7 @@ def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int
         batch = prompts[i:i + cfg.sample.batch_size]
         _, _, imgs, _ = sample_batch(adapter, batch, range(i, i + len(batch)), seed=seed, num_steps=num_steps,
                                      guidance_scale=guidance, negative_prompt=cfg.sample.negative_prompt, height=h,
-                                     width=w, step=det, noise_level=0.0)
+                                     width=w, step=det, noise_level=0.0, dtype=DTYPES[cfg.model.dtype])
         rows.append(rewards(imgs, batch, [{"prompt": p} for p in batch]).rewards)
         images.append(imgs)
     return rewards.names, torch.cat(rows), torch.cat(images)
@@ -108,7 +108,8 @@ def eval_main(cfg) -> int:
     adapter = _load_eval_adapter(cfg, checkpoint)
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
     steps = train.get("eval_num_steps") or cfg.sample.eval_num_steps
-    guidance = train.get("eval_guidance_scale") or cfg.sample.guidance_scale
+    guidance = train.get("eval_guidance_scale")
+    guidance = cfg.sample.guidance_scale if guidance is None else guidance
     # the trainer's evaluation noise: a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed))
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
