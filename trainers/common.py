@@ -361,6 +361,37 @@ def eval_seed(run_seed: int) -> int:
     return seed_for(run_seed, EVAL_SEED_STREAM)
 
 
+def eval_settings(sample_cfg, eval_num_steps: Optional[int], eval_guidance_scale: Optional[float]) -> tuple:
+    """``(num_steps, guidance_scale)`` of an evaluation: a trainer's ``eval_num_steps`` / ``eval_guidance_scale``
+    overrides, else the ``sample`` section's ``eval_num_steps`` / ``guidance_scale`` (a CFG of 0 is a value)."""
+    return (eval_num_steps or sample_cfg.eval_num_steps,
+            sample_cfg.guidance_scale if eval_guidance_scale is None else eval_guidance_scale)
+
+
+@torch.no_grad()
+def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], *, sample_cfg, seed: int,
+                  num_steps: int, guidance_scale: float, height: int, width: int, dtype: torch.dtype,
+                  keep_images: bool = False) -> tuple:
+    """Sample ``prompts`` with the deterministic sampler in batches of ``sample_cfg.batch_size`` and score them:
+    ``(rewards [N, R], images [N, 3, H, W] or None)``. ``ids`` are the prompts' global indices, which seed each
+    prompt's initial noise, so a prompt gets the same image however the prompts are split into batches or
+    ranks. The one sampling path of the trainers' evaluation and of ``diffalign eval`` / ``sample``."""
+    from samplers.steps import DETERMINISTIC_STEP
+
+    rows, images = [], []
+    for i in range(0, len(prompts), sample_cfg.batch_size):
+        batch, batch_ids = list(prompts[i:i + sample_cfg.batch_size]), list(ids[i:i + sample_cfg.batch_size])
+        _, _, imgs, _ = sample_batch(
+            adapter, batch, batch_ids, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
+            negative_prompt=sample_cfg.negative_prompt, height=height, width=width,
+            step=DETERMINISTIC_STEP[adapter.kind], noise_level=0.0, dtype=dtype)
+        rows.append(rewards(imgs, batch, [{"prompt": p} for p in batch]).rewards)
+        if keep_images:
+            images.append(imgs)
+    out = torch.cat(rows) if rows else torch.zeros(0, len(rewards.names))
+    return out, (torch.cat(images) if keep_images and images else None)
+
+
 @torch.no_grad()
 def evaluate_run(trainer) -> Dict[str, float]:
     """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), deterministic sampler, the
@@ -370,30 +401,18 @@ def evaluate_run(trainer) -> Dict[str, float]:
     ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``height`` and ``width``."""
     import math
 
-    from samplers.steps import DETERMINISTIC_STEP
-
     s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
     prompts = trainer.prompts.eval_prompts()
     per = math.ceil(len(prompts) / dist.world_size)
     mine = list(range(dist.rank * per, min(len(prompts), (dist.rank + 1) * per)))
-    rows = []
-    gs = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else s.guidance_scale
-    steps = cfg.eval_num_steps or s.eval_num_steps
+    steps, gs = eval_settings(s, cfg.eval_num_steps, cfg.eval_guidance_scale)
     ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
     with ctx:
-        for i in range(0, len(mine), s.batch_size):
-            ids = mine[i:i + s.batch_size]
-            batch_prompts = [prompts[k] for k in ids]
-            _, _, imgs, _ = sample_batch(
-                trainer.adapter, batch_prompts, ids, seed=eval_seed(trainer.run.seed), num_steps=steps,
-                guidance_scale=gs, negative_prompt=s.negative_prompt, height=trainer.height,
-                width=trainer.width, step=DETERMINISTIC_STEP[trainer.adapter.kind], noise_level=0.0,
-                dtype=trainer.dtype)
-            rows.append(trainer.rewards(imgs, batch_prompts, [{"prompt": p} for p in batch_prompts]).rewards)
-    names = trainer.rewards.names
-    local = torch.cat(rows) if rows else torch.zeros(0, len(names))
+        local, _ = score_prompts(trainer.adapter, trainer.rewards, [prompts[k] for k in mine], mine, sample_cfg=s,
+                                 seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
+                                 height=trainer.height, width=trainer.width, dtype=trainer.dtype)
     pad = per - local.shape[0]
     if pad:
         local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
     allr = dist.gather(local.to(trainer.device)).cpu()
-    return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}
+    return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(trainer.rewards.names)}

@@ -75,24 +75,17 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
     return adapter
 
 
-def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int):
+def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int, keep_images: bool = False):
     from rewards import MultiReward
-    from samplers.steps import DETERMINISTIC_STEP
-    from trainers.common import DTYPES, image_size, sample_batch
+    from trainers.common import DTYPES, image_size, score_prompts
     from trainers.grpo import _reward_spec_dict
 
     rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
     h, w = image_size(adapter, cfg.sample)
-    det = DETERMINISTIC_STEP[adapter.kind]
-    rows, images = [], []
-    for i in range(0, len(prompts), cfg.sample.batch_size):
-        batch = prompts[i:i + cfg.sample.batch_size]
-        _, _, imgs, _ = sample_batch(adapter, batch, range(i, i + len(batch)), seed=seed, num_steps=num_steps,
-                                     guidance_scale=guidance, negative_prompt=cfg.sample.negative_prompt, height=h,
-                                     width=w, step=det, noise_level=0.0, dtype=DTYPES[cfg.model.dtype])
-        rows.append(rewards(imgs, batch, [{"prompt": p} for p in batch]).rewards)
-        images.append(imgs)
-    return rewards.names, torch.cat(rows), torch.cat(images)
+    rows, images = score_prompts(adapter, rewards, prompts, range(len(prompts)), sample_cfg=cfg.sample, seed=seed,
+                                 num_steps=num_steps, guidance_scale=guidance, height=h, width=w,
+                                 dtype=DTYPES[cfg.model.dtype], keep_images=keep_images)
+    return rewards.names, rows, images
 
 
 def eval_main(cfg) -> int:
@@ -101,15 +94,13 @@ def eval_main(cfg) -> int:
     import json
 
     from diffalign.prompts import build_prompt_source
-    from trainers.common import eval_seed
+    from trainers.common import eval_seed, eval_settings
 
     train = dict(cfg.train or {})
     checkpoint = cfg.checkpoint.resume_from
     adapter = _load_eval_adapter(cfg, checkpoint)
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
-    steps = train.get("eval_num_steps") or cfg.sample.eval_num_steps
-    guidance = train.get("eval_guidance_scale")
-    guidance = cfg.sample.guidance_scale if guidance is None else guidance
+    steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
     # the trainer's evaluation noise: a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed))
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
@@ -180,7 +171,7 @@ def sample_main(cfg) -> int:
         print(table)
         return 0
     names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, keep_images=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
     caps = [f"{p} ({rows[i, 0]:.2f})" for i, p in enumerate(prompts)]
     path = save_image_grid(images, caps, os.path.join(cfg.output_dir, "samples.png"))
