@@ -138,11 +138,12 @@ def _split_config_arg(args: argparse.Namespace) -> None:
         args.config = None
 
 
-def _pop_guidance(argv: list) -> Optional[str]:
-    """Take ``--guidance METHOD`` (or ``--guidance=METHOD``) out of a ``sample`` command line, wherever it stands
-    among the ``key=value`` overrides (argparse cannot intermix an option with a trailing positional list)."""
+def _hoist_guidance(argv: list) -> None:
+    """Move ``--guidance METHOD`` (or ``--guidance=METHOD``) of a ``sample`` command line to just after the command,
+    wherever it stands among the ``key=value`` overrides (argparse cannot intermix an option with a trailing
+    positional list); argparse then parses and validates it."""
     if not argv or argv[0] != "sample":
-        return None
+        return
     for i, a in enumerate(argv):
         if a.startswith("--guidance="):
             value = a.split("=", 1)[1]
@@ -153,10 +154,8 @@ def _pop_guidance(argv: list) -> Optional[str]:
             del argv[i:i + 2]
             break
     else:
-        return None
-    # validated by argparse's choices: re-insert it right after the command
+        return
     argv[1:1] = ["--guidance", value]
-    return value
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
@@ -207,10 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Everything after the name belongs to the command, `--help` included (argparse's REMAINDER
             # would not take a leading option).
             return _dispatch(argv[0], lambda: argv[1:])
-        guidance = _pop_guidance(argv)
+        _hoist_guidance(argv)
         args = build_parser().parse_args(argv)
-        if guidance is not None:
-            args.guidance = guidance
         if args.command == "config":
             return _run_config_command(args)
         # The command is resolved before the config is read: "not implemented yet" wins over config errors.

@@ -15,8 +15,9 @@ prompts from the same initial noise and spends about ``--budget`` reward evaluat
 
 Prints one table (model evaluations, VJPs and reward evaluations per prompt, wall time, mean verifier score)
 and, when ``best_of_n_matched`` ran, every row's paired difference against it (same prompts and initial
-noise; mean and standard error over prompts), and writes both with the per-prompt scores to ``--out``. Use ``--model tiny`` (a random tiny SD3 pipeline,
-reward ``jpeg_compressibility``) to check the script without the shipped model.
+noise; mean and standard error over prompts), and writes both with the per-prompt scores to ``--out``. Use
+``--model tiny`` (a random tiny SD3 pipeline, reward ``jpeg_compressibility``) to check the script without the
+shipped model.
 
     python scripts/bench_guidance.py --prompts 16 --budget 32 --steps 10
 """

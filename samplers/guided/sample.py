@@ -38,6 +38,7 @@ from samplers.guided.common import (
     select_best,
 )
 from samplers.guided.doob import doob_model_fn, pick_better
+from samplers.parametrization import expand_like
 from samplers.rollout import make_generators, rollout
 from samplers.schedules import Schedule
 
@@ -129,17 +130,12 @@ def guided_sample(
     if pool:
         # keep_simulated: a particle is replaced by the best completed candidate it simulated, if better
         better = pick_better(pool["reward"].to(r.device), r)
-        final = torch.where(expand_rows(better, final), pool["x"].to(final), final)
+        final = torch.where(expand_like(better, final).bool(), pool["x"].to(final), final)
         r = torch.where(better, pool["reward"].to(r), r)
     if select == "all" or group_size == 1:
         return GuidedOutput(final, r, counter, final, r)
     best, best_r, idx = select_best(final, r, group_size)
     return GuidedOutput(best, best_r, counter, final, r, {"index": idx})
-
-
-def expand_rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``[B]`` bool as ``[B, 1, ...]`` broadcastable to ``like``."""
-    return mask.to(like.device).view(-1, *([1] * (like.ndim - 1)))
 
 
 def window_tuple(window: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
