@@ -28,3 +28,29 @@ def test_colorfulness_is_registered_and_differentiable():
     assert out.names == ["colorfulness"] and out.rewards.shape == (2, 1)
     colorfulness_score(images).sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_rms_contrast_known_answers():
+    from rewards.contrast import LUMA_WEIGHTS, rms_contrast
+
+    flat = torch.full((1, 3, 4, 4), 0.7)
+    torch.testing.assert_close(rms_contrast(flat), torch.zeros(1))
+    # half black, half white: luma 0 / 1, std 1/2 (the maximum)
+    bw = torch.zeros(1, 3, 4, 4)
+    bw[..., :2] = 1.0
+    torch.testing.assert_close(rms_contrast(bw), torch.tensor([0.5]))
+    # a quarter pure red on black: luma 0.299 on 1/4 of the pixels -> std = 0.299 * sqrt(1/4 * 3/4)
+    red = torch.zeros(1, 3, 4, 4)
+    red[:, 0, :2, :2] = 1.0
+    torch.testing.assert_close(rms_contrast(red), torch.tensor([LUMA_WEIGHTS[0] * (3 / 16) ** 0.5]))
+
+
+def test_contrast_is_registered_and_differentiable():
+    from rewards.contrast import rms_contrast
+
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    out = MultiReward(["contrast"])(images.detach(), ["a", "b"])
+    assert out.names == ["contrast"] and out.rewards.shape == (2, 1)
+    torch.testing.assert_close(out.rewards[:, 0], rms_contrast(images.detach()))
+    rms_contrast(images).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0

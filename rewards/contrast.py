@@ -1,0 +1,60 @@
+"""Contrast reward: the RMS contrast of an image's luminance (Peli, JOSA A 7(10) 1990, eq. (1) with the
+luminances normalised to [0, 1]).
+
+``C = std(Y)`` over the image's pixels with ``Y = 0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601 luma), images in
+[0, 1], so C lies in [0, 0.5] (0.5 for half black, half white). Differentiable; runs on the images' device.
+In the shapes world (shapes on a black background) it rewards larger and brighter shapes, which partly
+conflicts with the verifier (brighter hues, counts) and with JPEG compressibility (strong edges cost bytes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from diffalign.types import RewardOutput
+from rewards.base import check_inputs, score_in_batches
+from rewards.registry import register_reward
+
+__all__ = ["ContrastReward", "rms_contrast", "LUMA_WEIGHTS"]
+
+#: ITU-R BT.601 luma weights of R, G, B.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def rms_contrast(images: torch.Tensor) -> torch.Tensor:
+    """``[B]`` RMS contrast (standard deviation of the BT.601 luma) of ``[B, 3, H, W]`` images in [0, 1]."""
+    w = torch.tensor(LUMA_WEIGHTS, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    luma = (images.float() * w).sum(dim=1).flatten(1)
+    return luma.var(dim=1, unbiased=False).sqrt()
+
+
+class ContrastReward:
+    """Wraps :func:`rms_contrast` as a reward. Range [0, 0.5]."""
+
+    differentiable = True
+    trainable = False
+    allows_nan = False
+    range = (0.0, 0.5)
+
+    def __init__(self, *, batch_size: Optional[int] = None, device: Union[None, str, torch.device] = None,
+                 name: str = "contrast") -> None:
+        self.name = name
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else None
+
+    def _score(self, images: torch.Tensor, prompts: List[str], metadata: List[Dict[str, Any]]) -> RewardOutput:
+        return RewardOutput(scores=rms_contrast(images.clamp(0, 1)))
+
+    def __call__(self, images: torch.Tensor, prompts: List[str],
+                 metadata: Optional[List[Dict[str, Any]]] = None) -> RewardOutput:
+        metadata = check_inputs(self.name, images, prompts, metadata)
+        return score_in_batches(self._score, images, list(prompts), metadata, batch_size=self.batch_size,
+                                name=self.name, device=self.device)
+
+
+@register_reward("contrast")
+def contrast(**kwargs: Any) -> ContrastReward:
+    """RMS contrast of the image's luminance (higher = more contrast). Range [0, 0.5]."""
+    return ContrastReward(**kwargs)
