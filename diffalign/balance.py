@@ -48,6 +48,7 @@ __all__ = [
     "gram_matrix",
     "pairwise_cosines",
     "direction_cosines",
+    "between_batch_cosines",
     "ema_coefficients",
     "Harmonized",
     "harmonize",
@@ -466,3 +467,20 @@ def cosine_summary(cosines: torch.Tensor, gram: torch.Tensor, prefix: str = "mar
     off = [float(pc[i, j]) for i, j in itertools.combinations(range(k), 2)]
     return {f"{prefix}/worst_cos": float(cosines.min()), f"{prefix}/mean_cos": float(cosines.mean()),
             f"{prefix}/min_pairwise_cos": min(off) if off else 1.0}
+
+
+def between_batch_cosines(grads: torch.Tensor) -> torch.Tensor:
+    """``[K]``: each reward's mean cosine between its gradient estimates from ``B`` independent batches at the same
+    weights (``grads`` ``[B, K, D]``, ``B >= 2``; mean over the ``B (B - 1) / 2`` pairs).
+
+    With ``g = s + noise`` and independent noise, the expected cosine of two estimates is about
+    ``|s|^2 / E|g|^2``: the share of a per-batch gradient that is signal. MARBLE's QP trusts ``cos(d, g_k)``
+    measured on one batch; for a reward near 0 that cosine is mostly alignment with sampling noise
+    (``scripts/marble_experiment.py --grad-noise``)."""
+    if grads.ndim != 3 or grads.shape[0] < 2:
+        raise ValueError(f"grads must be [B >= 2, K, D], got shape {tuple(grads.shape)}")
+    g = grads.double()
+    g = g / g.norm(dim=2, keepdim=True).clamp_min(1e-30)
+    cos = torch.einsum("ikd,jkd->ijk", g, g)
+    i, j = torch.triu_indices(g.shape[0], g.shape[0], offset=1)
+    return cos[i, j].mean(dim=0)

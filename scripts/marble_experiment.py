@@ -4,6 +4,7 @@
     python scripts/marble_experiment.py                        # builtin:shapes-flow, 3 rewards, 30 epochs each
     python scripts/marble_experiment.py --epochs 60 train.learning_rate=3e-4
     python scripts/marble_experiment.py --tiny --epochs 3      # a tiny random SD3 pipeline: checks the harness only
+    python scripts/marble_experiment.py --grad-noise 8         # signal share of each reward's per-batch gradient
 
 Each mode trains DiffusionNFT from ``configs/shapes/nft_marble.yaml`` (rewards: the shapes verifier, JPEG
 compressibility, colourfulness; same seed, prompts, samples per step, optimizer steps and evaluation) with
@@ -72,6 +73,43 @@ def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, ext
         trainer.cleanup()
     print(f"[{mode}] {epochs} epochs in {time.time() - t0:.0f} s")
     return read_metrics(metrics), trainer.rewards.names, trainer.cfg
+
+
+def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[str]) -> Dict[str, float]:
+    """Each reward's mean cosine between its policy-gradient estimates from ``batches`` independent batches at
+    the same (base) weights: the QP sees ``g_k = s_k + noise``, and with independent noise the expected cosine
+    of two estimates is about ``|s_k|^2 / E|g_k|^2``, the share of a per-batch gradient that is signal. A reward
+    near 0 is mostly sampling noise to the QP, so a positive ``cos(d, g_k)`` on the batch says little about
+    that reward's change. Runs MARBLE's full mode (one gradient per reward per step) with the optimizer step
+    skipped."""
+    import torch
+
+    from diffalign.balance import between_batch_cosines
+    from diffalign.config import RunConfig, load_config
+    from trainers.nft import NFTTrainer
+    from trainers.run import make_accelerator
+
+    cfg = load_config(RunConfig, CONFIG, [
+        f"model.path={model}", f"output_dir={out / 'grad_noise'}", "train.aggregation=marble",
+        "train.marble_mode=full", f"train.num_epochs={batches}", "train.eval_every=0", "train.max_minutes=null",
+        "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0", *extra])
+    trainer = NFTTrainer(cfg, make_accelerator(cfg.model.device))
+    trainer.setup()
+    grads: List = []
+    solve = trainer.reward_grads.harmonize_into_grad
+
+    def keep_and_solve(harmonizer, world_size):
+        grads.append(trainer.reward_grads.buffer[:harmonizer.num_rewards].clone())
+        return solve(harmonizer, world_size)
+
+    trainer.reward_grads.harmonize_into_grad = keep_and_solve
+    trainer.optimizer.step = lambda *a, **k: None  # the weights stay at the base model
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    cos = between_batch_cosines(torch.stack(grads))  # [K]
+    return {n: float(cos[i]) for i, n in enumerate(trainer.rewards.names)}
 
 
 def summarise(mode: str, rows: List[Dict], names: List[str], cfg, base: Dict) -> Dict:
@@ -173,6 +211,9 @@ def main(argv=None) -> int:
     ap.add_argument("--diag-every", type=int, default=2, help="gradient-cosine diagnostics every N steps")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "marble_experiment"))
     ap.add_argument("--replot", action="store_true", help="only redraw the plots from OUT/*/metrics.jsonl")
+    ap.add_argument("--grad-noise", type=int, default=0, metavar="B",
+                    help="instead of training: each reward's mean gradient cosine between B independent batches at "
+                    "the base weights (how much of a per-batch gradient the QP sees is signal)")
     args = ap.parse_args(argv)
     import torch
 
@@ -185,6 +226,15 @@ def main(argv=None) -> int:
         model = str(Path(tempfile.mkdtemp(prefix="marble_exp_")) / "tiny-sd3")
         tiny_sd3_pipeline(seed=0).save_pretrained(model)
         extra = TINY_OVERRIDES + extra
+    if args.grad_noise:
+        if args.grad_noise < 2:
+            raise SystemExit(f"--grad-noise needs at least 2 batches, got {args.grad_noise}")
+        res = gradient_reproducibility(model, out, args.grad_noise, extra)
+        text = (f"mean gradient cosine between {args.grad_noise} independent batches at the base weights "
+                f"(overrides={extra}):\n" + "\n".join(f"  {n}: {v:+.3f}" for n, v in res.items()) + "\n")
+        (out / "grad_noise.txt").write_text(text, encoding="utf-8")
+        print(text)
+        return 0
     if args.replot:
         from diffalign.logging import read_metrics
 

@@ -174,3 +174,25 @@ def test_reward_gradients_match_backward():
     torch.testing.assert_close(batched.buffer, rg.buffer)
     rg.add_to_grad(rg.buffer[0])
     torch.testing.assert_close(lin.weight.grad.reshape(-1), rg.buffer[0, :6])
+
+
+def test_between_batch_cosines_known_answers():
+    from diffalign.balance import between_batch_cosines
+
+    e = torch.eye(4, dtype=torch.float64)
+    # reward 0: the same direction in every batch (cos 1, any scale); reward 1: orthogonal batches (cos 0);
+    # reward 2: batches along e0, -e0, e0 -> pairs (-1, +1, -1), mean -1/3
+    grads = torch.stack([
+        torch.stack([e[0] * 2.0, e[1], e[0]]),
+        torch.stack([e[0] * 0.5, e[2], -e[0]]),
+        torch.stack([e[0] * 3.0, e[3], e[0]]),
+    ])  # [B = 3, K = 3, D = 4]
+    torch.testing.assert_close(between_batch_cosines(grads), torch.tensor([1.0, 0.0, -1.0 / 3], dtype=torch.float64))
+    # signal s plus independent noise of equal expected norm: the mean cosine estimates |s|^2 / E|g|^2 = 1/2
+    gen = torch.Generator().manual_seed(0)
+    d = 20000
+    s = torch.randn(d, generator=gen)
+    noisy = torch.stack([(s + torch.randn(d, generator=gen))[None] for _ in range(6)])
+    assert abs(float(between_batch_cosines(noisy)[0]) - 0.5) < 0.02
+    with pytest.raises(ValueError, match="B >= 2"):
+        between_batch_cosines(grads[:1])
