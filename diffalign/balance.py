@@ -291,8 +291,8 @@ class Harmonized:
         direction: ``[D]`` the combined gradient (``d* * mean ||g_k||``), in the gradients' dtype.
         alpha: ``[K]`` float64 QP solution (0 for rewards whose gradient is zero).
         grad_norms: ``[K]`` float64 ``||g_k||``.
-        gram: ``[K, K]`` float64 Gram matrix of the normalised gradients.
-        cosines: ``[K]`` float64 ``cos(direction, g_k)``.
+        gram: ``[K, K]`` float64 Gram matrix of the normalised gradients the QP solved on (``solve_on``).
+        cosines: ``[K]`` float64 ``cos(direction, g_k)`` with this batch's gradients.
         solve_seconds: wall time of the QP solve alone.
     """
 
@@ -311,6 +311,7 @@ def harmonize(
     rescale: bool = True,
     method: str = "auto",
     eps: float = 1e-12,
+    solve_on: Optional[torch.Tensor] = None,
 ) -> Harmonized:
     """MARBLE's full harmonisation of ``grads`` ``[K, D]`` (seed_algorithms.md §6.2 steps 3-5).
 
@@ -318,13 +319,21 @@ def harmonize(
     multiply the min-norm point by the mean gradient norm. Rewards whose gradient norm is ``<= eps`` (no
     signal in this batch) are left out of the QP with ``alpha_k = 0``; otherwise one zero gradient would make
     the min-norm point 0 and stop training.
+
+    ``solve_on`` (``[K, D]``, default ``grads``): the estimates the QP, the normalisation and the rescaling use
+    (e.g. moving averages of the per-reward gradients, :class:`Harmonizer` ``grad_ema``); the direction
+    is ``sum_k alpha_k g_k / ||solve_on_k|| * mean_k ||solve_on_k||`` with the current ``grads``, whose
+    expectation is the min-norm point of the normalised ``solve_on`` when those estimate the mean gradients.
     """
     k = grads.shape[0]
     dt = _work_dtype(grads.device)
-    norms = grads.to(dt).norm(dim=1)
+    basis = grads if solve_on is None else solve_on
+    if basis.shape != grads.shape:
+        raise ValueError(f"solve_on must have the gradients' shape {tuple(grads.shape)}, got {tuple(basis.shape)}")
+    norms = basis.to(dt).norm(dim=1)
     active = norms > eps
     alpha = torch.zeros(k, dtype=dt, device=grads.device)
-    gram_full = gram_matrix(grads)
+    gram_full = gram_matrix(basis)
     scale = torch.where(active, norms, torch.ones_like(norms)) if normalize else torch.ones_like(norms)
     gram_hat = gram_full / (scale[:, None] * scale[None, :])
     t0 = time.perf_counter()
@@ -338,7 +347,7 @@ def harmonize(
     direction = (weights.to(grads.dtype)[:, None] * grads).sum(0)
     if rescale and active.any():
         direction = direction * norms[active].mean().to(grads.dtype)
-    return Harmonized(direction=direction, alpha=alpha, grad_norms=norms, gram=gram_hat,
+    return Harmonized(direction=direction, alpha=alpha, grad_norms=grads.to(dt).norm(dim=1), gram=gram_hat,
                       cosines=direction_cosines(grads, direction), solve_seconds=solve)
 
 
@@ -346,37 +355,66 @@ class Harmonizer:
     """MARBLE's coefficient state: runs :func:`harmonize` and keeps the EMA ``alpha_bar`` of the solutions.
 
     ``alpha_bar`` starts uniform (``1/K``) so amortised steps before the first solve weight rewards equally.
+
+    ``grad_ema`` > 0 solves the QP on moving averages ``y_k <- grad_ema * y_k + (1 - grad_ema) * g_k`` of the
+    per-reward gradients (started at the first gradients) instead of on one batch's gradients: the min-norm
+    point of noisy gradients is a biased estimate of the min-norm point of the mean gradients, and tracking each
+    objective's gradient removes that bias (MoCo, Fernando et al., ICLR 2023, Alg. 1). It matters when a reward's
+    per-batch gradient is mostly sampling noise (``between_batch_cosines`` near 0); 0 is MARBLE as published.
+    The averages are state: :meth:`tracked_state` / :meth:`load_tracked_state` carry them through checkpoints.
     """
 
     def __init__(self, num_rewards: int, *, rho: float = 0.7, normalize: bool = True, rescale: bool = True,
-                 method: str = "auto") -> None:
+                 method: str = "auto", grad_ema: float = 0.0) -> None:
         if num_rewards < 1:
             raise ValueError(f"num_rewards must be >= 1, got {num_rewards}")
         if not 0.0 <= rho < 1.0:
             raise ValueError(f"rho must be in [0, 1), got {rho}")
+        if not 0.0 <= grad_ema < 1.0:
+            raise ValueError(f"grad_ema must be in [0, 1) (0 = solve on each batch's gradients), got {grad_ema}")
         if method not in SOLVERS:
             raise ValueError(f"method must be one of {SOLVERS}, got {method!r}")
         self.num_rewards, self.rho, self.normalize, self.rescale, self.method = num_rewards, rho, normalize, \
             rescale, method
+        self.grad_ema = grad_ema
+        self.tracked: Optional[torch.Tensor] = None
         self.alpha_bar = torch.full((num_rewards,), 1.0 / num_rewards, dtype=torch.float64)
         self.num_solves = 0
 
     def step(self, grads: torch.Tensor) -> Harmonized:
-        """Solve on ``grads`` ``[K, D]`` and fold the solution into ``alpha_bar``."""
+        """Solve on ``grads`` ``[K, D]`` (or their moving averages) and fold the solution into ``alpha_bar``."""
         if grads.shape[0] != self.num_rewards:
             raise ValueError(f"expected {self.num_rewards} gradients, got {grads.shape[0]}")
-        res = harmonize(grads, normalize=self.normalize, rescale=self.rescale, method=self.method)
+        solve_on = None
+        if self.grad_ema > 0:
+            if self.tracked is None:
+                self.tracked = grads.detach().clone()
+            else:
+                self.tracked.mul_(self.grad_ema).add_(grads.detach(), alpha=1.0 - self.grad_ema)
+            solve_on = self.tracked
+        res = harmonize(grads, normalize=self.normalize, rescale=self.rescale, method=self.method, solve_on=solve_on)
         prev = self.alpha_bar if self.num_solves > 0 else None
         self.alpha_bar = ema_coefficients(prev, res.alpha.detach().cpu().double(), self.rho)
         self.num_solves += 1
         return res
 
     def state_dict(self) -> Dict:
+        """JSON-safe coefficients and counters (the tracked gradients are tensors: :meth:`tracked_state`)."""
         return {"alpha_bar": [float(a) for a in self.alpha_bar], "num_solves": self.num_solves}
 
     def load_state_dict(self, state: Dict) -> None:
         self.alpha_bar = torch.tensor(state["alpha_bar"], dtype=torch.float64)
         self.num_solves = int(state["num_solves"])
+
+    def tracked_state(self) -> Optional[torch.Tensor]:
+        """The moving averages of the per-reward gradients ``[K, D]`` (``None`` before the first solve or when
+        ``grad_ema`` is 0), for the checkpoint's tensor state."""
+        return None if self.tracked is None else self.tracked.detach().cpu()
+
+    def load_tracked_state(self, tracked: Optional[torch.Tensor], device=None) -> None:
+        if tracked is not None and tracked.shape[0] != self.num_rewards:
+            raise ValueError(f"tracked gradients for {tracked.shape[0]} rewards, this run has {self.num_rewards}")
+        self.tracked = None if tracked is None else tracked.to(device if device is not None else tracked.device)
 
 
 # ----------------------------------------------------------------------------------------- gradient buffers

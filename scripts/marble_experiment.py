@@ -13,7 +13,7 @@ compressibility, colourfulness; same seed, prompts, samples per step, optimizer 
 to measure the cosine of the direction it applies with each reward's gradient; MARBLE's QP steps measure it
 anyway. Time per step excludes these diagnostic steps: it is ``(1 - f) * plain + f * qp`` with ``f`` the
 share of QP steps of an undiagnosed run (1/N amortised, 1 full, 0 otherwise), in process CPU time (wall time on
-a shared machine also measures the other jobs). ``--modes`` also accepts ``marble_full``.
+a shared machine also measures the other jobs). ``--modes`` also accepts ``marble_full`` and ``marble_tracked`` (full mode with ``train.marble_grad_ema=0.9``).
 
 Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/train_rewards.png``,
 ``OUT/worst_cosine.png`` and one run folder per mode (metrics.jsonl, checkpoints).
@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "shapes" / "nft_marble.yaml"
 MODES = ("weighted_sum", "gdpo", "marble")
 #: extra mode names: MARBLE's full mode (QP every step)
-MODE_OVERRIDES = {"marble_full": ["train.aggregation=marble", "train.marble_mode=full"]}
+MODE_OVERRIDES = {"marble_full": ["train.aggregation=marble", "train.marble_mode=full"],
+                  # full mode, QP on moving averages of the per-reward gradients (train.marble_grad_ema)
+                  "marble_tracked": ["train.aggregation=marble", "train.marble_mode=full", "train.marble_grad_ema=0.9"]}
 TINY_OVERRIDES = ["sample.height=32", "sample.width=32", "sample.num_steps=4", "sample.eval_num_steps=4",
                   "sample.batch_size=8", "sample.group_size=4", "sample.num_batches_per_epoch=1",
                   "train.batch_size=8", "train.gradient_accumulation_steps=1", "prompts.eval_size=8",

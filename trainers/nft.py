@@ -79,6 +79,10 @@ class NFTConfig:
     marble_batched_backward: bool = param(
         False, help="run the K per-reward backward passes as one vmapped backward (same gradients; can be "
         "faster on GPUs, not on CPUs)")
+    marble_grad_ema: float = param(
+        0.0, help="solve the QP on moving averages of the per-reward gradients with this decay (MoCo-style "
+        "tracking; for rewards whose per-batch gradient is mostly noise); 0 = each batch's gradients (MARBLE)",
+        min=0.0, max=0.999)
     marble_solver: Literal["auto", "closed_form", "enumerate", "frank_wolfe", "projected_gradient"] = param(
         "auto", help="min-norm QP solver (diffalign.balance)")
     grad_diagnostics_every: int = param(
@@ -229,18 +233,25 @@ class OldPolicy:
 
 
 class _TrainingState:
-    """Optimizer + old policy behind one ``state_dict`` (saved in the checkpoint's optimizer slot)."""
+    """Optimizer + old policy (+ MARBLE's tracked gradients) behind one ``state_dict`` (saved in the checkpoint's
+    optimizer slot)."""
 
-    def __init__(self, optimizer, old: OldPolicy) -> None:
-        self.optimizer, self.old = optimizer, old
+    def __init__(self, optimizer, old: OldPolicy, harmonizer) -> None:
+        self.optimizer, self.old, self.harmonizer = optimizer, old, harmonizer
 
     def state_dict(self) -> Dict:
-        return {"optimizer": self.optimizer.state_dict(), "old_policy": [s.cpu() for s in self.old.shadow]}
+        state = {"optimizer": self.optimizer.state_dict(), "old_policy": [s.cpu() for s in self.old.shadow]}
+        tracked = self.harmonizer.tracked_state() if self.harmonizer is not None else None
+        if tracked is not None:
+            state["marble_tracked"] = tracked
+        return state
 
     def load_state_dict(self, state: Dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         for s, v in zip(self.old.shadow, state["old_policy"]):
             s.copy_(v)
+        if self.harmonizer is not None:
+            self.harmonizer.load_tracked_state(state.get("marble_tracked"), self.old.shadow[0].device)
 
 
 # ----------------------------------------------------------------------------------------- trainer
@@ -283,13 +294,13 @@ class NFTTrainer:
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
         self.old = OldPolicy(self.params)
-        self.state = _TrainingState(self.optimizer, self.old)
         if not run.rewards:
             raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
         self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
         self.num_rewards = len(self.rewards.names)
         self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
-                                     method=cfg.marble_solver)
+                                     method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)
+        self.state = _TrainingState(self.optimizer, self.old, self.harmonizer)
         # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
         self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)
         self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
