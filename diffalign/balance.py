@@ -29,6 +29,7 @@ over ranks before the QP so every rank solves the same problem).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -291,9 +292,11 @@ class Harmonized:
         direction: ``[D]`` the combined gradient (``d* * mean ||g_k||``), in the gradients' dtype.
         alpha: ``[K]`` float64 QP solution (0 for rewards whose gradient is zero).
         grad_norms: ``[K]`` float64 ``||g_k||``.
-        gram: ``[K, K]`` float64 Gram matrix of the normalised gradients the QP solved on (``solve_on``).
+        gram: ``[K, K]`` float64 Gram matrix of the normalised gradients the QP solved on.
         cosines: ``[K]`` float64 ``cos(direction, g_k)`` with this batch's gradients.
         solve_seconds: wall time of the QP solve alone.
+        tracked_cosines: ``[K]`` ``cos(direction, y_k)`` with the averaged gradients when the QP solved on
+            those (:class:`Harmonizer` ``grad_ema``), else ``None``.
     """
 
     direction: torch.Tensor
@@ -302,6 +305,7 @@ class Harmonized:
     gram: torch.Tensor
     cosines: torch.Tensor
     solve_seconds: float
+    tracked_cosines: Optional[torch.Tensor] = None
 
 
 def harmonize(
@@ -311,7 +315,6 @@ def harmonize(
     rescale: bool = True,
     method: str = "auto",
     eps: float = 1e-12,
-    solve_on: Optional[torch.Tensor] = None,
 ) -> Harmonized:
     """MARBLE's full harmonisation of ``grads`` ``[K, D]`` (seed_algorithms.md §6.2 steps 3-5).
 
@@ -319,21 +322,13 @@ def harmonize(
     multiply the min-norm point by the mean gradient norm. Rewards whose gradient norm is ``<= eps`` (no
     signal in this batch) are left out of the QP with ``alpha_k = 0``; otherwise one zero gradient would make
     the min-norm point 0 and stop training.
-
-    ``solve_on`` (``[K, D]``, default ``grads``): the estimates the QP, the normalisation and the rescaling use
-    (e.g. moving averages of the per-reward gradients, :class:`Harmonizer` ``grad_ema``); the direction
-    is ``sum_k alpha_k g_k / ||solve_on_k|| * mean_k ||solve_on_k||`` with the current ``grads``, whose
-    expectation is the min-norm point of the normalised ``solve_on`` when those estimate the mean gradients.
     """
     k = grads.shape[0]
     dt = _work_dtype(grads.device)
-    basis = grads if solve_on is None else solve_on
-    if basis.shape != grads.shape:
-        raise ValueError(f"solve_on must have the gradients' shape {tuple(grads.shape)}, got {tuple(basis.shape)}")
-    norms = basis.to(dt).norm(dim=1)
+    norms = grads.to(dt).norm(dim=1)
     active = norms > eps
     alpha = torch.zeros(k, dtype=dt, device=grads.device)
-    gram_full = gram_matrix(basis)
+    gram_full = gram_matrix(grads)
     scale = torch.where(active, norms, torch.ones_like(norms)) if normalize else torch.ones_like(norms)
     gram_hat = gram_full / (scale[:, None] * scale[None, :])
     t0 = time.perf_counter()
@@ -347,7 +342,7 @@ def harmonize(
     direction = (weights.to(grads.dtype)[:, None] * grads).sum(0)
     if rescale and active.any():
         direction = direction * norms[active].mean().to(grads.dtype)
-    return Harmonized(direction=direction, alpha=alpha, grad_norms=grads.to(dt).norm(dim=1), gram=gram_hat,
+    return Harmonized(direction=direction, alpha=alpha, grad_norms=norms, gram=gram_hat,
                       cosines=direction_cosines(grads, direction), solve_seconds=solve)
 
 
@@ -356,12 +351,17 @@ class Harmonizer:
 
     ``alpha_bar`` starts uniform (``1/K``) so amortised steps before the first solve weight rewards equally.
 
-    ``grad_ema`` > 0 solves the QP on moving averages ``y_k <- grad_ema * y_k + (1 - grad_ema) * g_k`` of the
-    per-reward gradients (started at the first gradients) instead of on one batch's gradients: the min-norm
-    point of noisy gradients is a biased estimate of the min-norm point of the mean gradients, and tracking each
-    objective's gradient removes that bias (MoCo, Fernando et al., ICLR 2023, Alg. 1). It matters when a reward's
-    per-batch gradient is mostly sampling noise (``between_batch_cosines`` near 0); 0 is MARBLE as published.
-    The averages are state: :meth:`tracked_state` / :meth:`load_tracked_state` carry them through checkpoints.
+    ``grad_ema`` > 0 harmonises moving averages ``y_k <- grad_ema * y_k + (1 - grad_ema) * g_k`` of the
+    per-reward gradients (started at the first gradients) instead of one batch's gradients, in the spirit of
+    MoCo (Fernando et al., ICLR 2023: track each objective's gradient, build the direction from the tracked
+    ones). The min-norm point of noisy gradients is a biased estimate of the min-norm point of the mean
+    gradients; averaging reduces that bias (at the price of staleness: about ``(1 + grad_ema) / (1 - grad_ema)``
+    solves are averaged). It matters when a reward's per-batch gradient is mostly sampling noise
+    (``between_batch_cosines`` near 0); 0 is MARBLE as published. The applied direction is the rescaled
+    min-norm point of the normalised averages, so it never opposes an averaged gradient
+    (``Harmonized.tracked_cosines >= 0``); ``cosines`` and ``grad_norms`` stay those of this batch's gradients,
+    comparable with the untracked modes, while ``gram`` is the averages'. The averages are state:
+    :meth:`tracked_state` / :meth:`load_tracked_state` carry them through checkpoints.
     """
 
     def __init__(self, num_rewards: int, *, rho: float = 0.7, normalize: bool = True, rescale: bool = True,
@@ -385,14 +385,17 @@ class Harmonizer:
         """Solve on ``grads`` ``[K, D]`` (or their moving averages) and fold the solution into ``alpha_bar``."""
         if grads.shape[0] != self.num_rewards:
             raise ValueError(f"expected {self.num_rewards} gradients, got {grads.shape[0]}")
-        solve_on = None
         if self.grad_ema > 0:
             if self.tracked is None:
                 self.tracked = grads.detach().clone()
             else:
                 self.tracked.mul_(self.grad_ema).add_(grads.detach(), alpha=1.0 - self.grad_ema)
-            solve_on = self.tracked
-        res = harmonize(grads, normalize=self.normalize, rescale=self.rescale, method=self.method, solve_on=solve_on)
+            tracked = harmonize(self.tracked, normalize=self.normalize, rescale=self.rescale, method=self.method)
+            res = dataclasses.replace(tracked, cosines=direction_cosines(grads, tracked.direction),
+                                      grad_norms=grads.to(tracked.grad_norms.dtype).norm(dim=1),
+                                      tracked_cosines=tracked.cosines)
+        else:
+            res = harmonize(grads, normalize=self.normalize, rescale=self.rescale, method=self.method)
         prev = self.alpha_bar if self.num_solves > 0 else None
         self.alpha_bar = ema_coefficients(prev, res.alpha.detach().cpu().double(), self.rho)
         self.num_solves += 1
@@ -411,10 +414,18 @@ class Harmonizer:
         ``grad_ema`` is 0), for the checkpoint's tensor state."""
         return None if self.tracked is None else self.tracked.detach().cpu()
 
-    def load_tracked_state(self, tracked: Optional[torch.Tensor], device=None) -> None:
-        if tracked is not None and tracked.shape[0] != self.num_rewards:
-            raise ValueError(f"tracked gradients for {tracked.shape[0]} rewards, this run has {self.num_rewards}")
-        self.tracked = None if tracked is None else tracked.to(device if device is not None else tracked.device)
+    def load_tracked_state(self, tracked: Optional[torch.Tensor], device=None, num_params: Optional[int] = None) -> None:
+        """Restore :meth:`tracked_state` (onto ``device``). Averages saved by a run with other rewards or other
+        trained parameters (``num_params``) are an error; with ``grad_ema`` 0 they are dropped."""
+        if tracked is None or self.grad_ema == 0:
+            self.tracked = None
+            return
+        want = (self.num_rewards, num_params if num_params is not None else tracked.shape[1])
+        if tuple(tracked.shape) != want:
+            raise ValueError(f"checkpoint's tracked reward gradients have shape {tuple(tracked.shape)}, this run "
+                             f"needs {want} (rewards x trained parameters); resume with the same rewards and "
+                             "adapter, or start tracking afresh from a checkpoint without them")
+        self.tracked = tracked.to(device if device is not None else tracked.device)
 
 
 # ----------------------------------------------------------------------------------------- gradient buffers
@@ -494,6 +505,8 @@ def log_harmonized(res: Harmonized, names: List[str], prefix: str = "marble") ->
         out[f"{prefix}/cos/{n}"] = float(res.cosines[i])
         out[f"{prefix}/grad_norm/{n}"] = float(res.grad_norms[i])
     out.update(cosine_summary(res.cosines, res.gram, prefix))
+    if res.tracked_cosines is not None:  # the QP's own guarantee, against the averaged gradients (>= 0)
+        out[f"{prefix}/worst_cos_tracked"] = float(res.tracked_cosines.min())
     out[f"{prefix}/qp_ms"] = 1e3 * res.solve_seconds
     return out
 

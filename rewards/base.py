@@ -43,6 +43,7 @@ __all__ = [
     "as_reward_output",
     "check_inputs",
     "resolve_device",
+    "safe_sqrt",
     "UNBOUNDED",
 ]
 
@@ -68,6 +69,12 @@ class Reward(Protocol):
     def __call__(
         self, images: torch.Tensor, prompts: List[str], metadata: Metadata
     ) -> Union[RewardOutput, torch.Tensor]: ...
+
+
+def safe_sqrt(x: torch.Tensor, tiny: float = 1e-12) -> torch.Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite or NaN) gradient where ``x <= tiny``: a standard
+    deviation or norm of a flat image must not put NaN into a backward pass through a differentiable reward."""
+    return torch.where(x > tiny, x.clamp_min(tiny).sqrt(), torch.zeros_like(x))
 
 
 def resolve_device(device: Union[None, str, torch.device]) -> torch.device:

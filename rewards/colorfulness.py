@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from diffalign.types import RewardOutput
-from rewards.base import check_inputs, score_in_batches
+from rewards.base import check_inputs, safe_sqrt, score_in_batches
 from rewards.registry import register_reward
 
 __all__ = ["ColorfulnessReward", "colorfulness_score"]
@@ -25,8 +25,8 @@ def colorfulness_score(images: torch.Tensor) -> torch.Tensor:
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     rg = (r - g).flatten(1)
     yb = (0.5 * (r + g) - b).flatten(1)
-    std = (rg.var(dim=1, unbiased=False) + yb.var(dim=1, unbiased=False)).sqrt()
-    mean = (rg.mean(dim=1) ** 2 + yb.mean(dim=1) ** 2).sqrt()
+    std = safe_sqrt(rg.var(dim=1, unbiased=False) + yb.var(dim=1, unbiased=False))
+    mean = safe_sqrt(rg.mean(dim=1) ** 2 + yb.mean(dim=1) ** 2)
     return std + 0.3 * mean
 
 

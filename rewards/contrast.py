@@ -4,7 +4,8 @@ luminances normalised to [0, 1]).
 ``C = std(Y)`` over the image's pixels with ``Y = 0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601 luma), images in
 [0, 1], so C lies in [0, 0.5] (0.5 for half black, half white). Differentiable; runs on the images' device.
 In the shapes world (shapes on a black background) it rewards larger and brighter shapes, which partly
-conflicts with the verifier (brighter hues, counts) and with JPEG compressibility (strong edges cost bytes).
+conflicts with the verifier (brighter hues, counts) and with JPEG compressibility (strong edges cost bytes);
+the maximum is at half the canvas white.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from diffalign.types import RewardOutput
-from rewards.base import check_inputs, score_in_batches
+from rewards.base import check_inputs, safe_sqrt, score_in_batches
 from rewards.registry import register_reward
 
 __all__ = ["ContrastReward", "rms_contrast", "LUMA_WEIGHTS"]
@@ -27,7 +28,7 @@ def rms_contrast(images: torch.Tensor) -> torch.Tensor:
     """``[B]`` RMS contrast (standard deviation of the BT.601 luma) of ``[B, 3, H, W]`` images in [0, 1]."""
     w = torch.tensor(LUMA_WEIGHTS, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
     luma = (images.float() * w).sum(dim=1).flatten(1)
-    return luma.var(dim=1, unbiased=False).sqrt()
+    return safe_sqrt(luma.var(dim=1, unbiased=False))
 
 
 class ContrastReward:

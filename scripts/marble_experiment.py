@@ -83,7 +83,7 @@ def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[st
     of two estimates is about ``|s_k|^2 / E|g_k|^2``, the share of a per-batch gradient that is signal. A reward
     near 0 is mostly sampling noise to the QP, so a positive ``cos(d, g_k)`` on the batch says little about
     that reward's change. Runs MARBLE's full mode (one gradient per reward per step) with the optimizer step
-    skipped."""
+    skipped, on one process (the gradients are taken before any all-reduce)."""
     import torch
 
     from diffalign.balance import between_batch_cosines
@@ -110,6 +110,9 @@ def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[st
         trainer.train()
     finally:
         trainer.cleanup()
+    if len(grads) != batches:
+        raise SystemExit(f"--grad-noise: expected one gradient per batch ({batches}), got {len(grads)}; use one "
+                         "optimizer step per epoch (the config's defaults) and train.num_inner_epochs=1")
     cos = between_batch_cosines(torch.stack(grads))  # [K]
     return {n: float(cos[i]) for i, n in enumerate(trainer.rewards.names)}
 

@@ -1,7 +1,9 @@
-"""The colourfulness reward used by the MARBLE experiment: known answers (Hasler & Süsstrunk 2003, eq. (3))."""
+"""The image-statistics rewards of the MARBLE experiment: known answers for colourfulness (Hasler & Süsstrunk
+2003, eq. (3)) and RMS contrast, and finite gradients on flat images."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rewards import MultiReward
@@ -54,3 +56,17 @@ def test_contrast_is_registered_and_differentiable():
     torch.testing.assert_close(out.rewards[:, 0], rms_contrast(images.detach()))
     rms_contrast(images).sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
+def test_image_statistics_rewards_backprop_finite_gradients_on_flat_images(value):
+    """sqrt of a zero variance: the gradient must be 0, not NaN (shapes-world canvases can be all black)."""
+    from rewards.contrast import rms_contrast
+
+    for fn in (rms_contrast, colorfulness_score):
+        flat = torch.full((2, 3, 4, 4), value, requires_grad=True)
+        out = fn(flat)
+        out.sum().backward()
+        assert torch.isfinite(flat.grad).all(), fn.__name__
+    # and a flat image's contrast is still exactly 0
+    torch.testing.assert_close(rms_contrast(torch.full((1, 3, 4, 4), value)), torch.zeros(1))

@@ -92,3 +92,14 @@ def test_config_rejects_stochastic_sampler(tmp_path):
     cfg.sample.step = "flow_sde"
     with pytest.raises(ConfigError, match="flow_euler"):
         NFTTrainer(cfg)
+
+
+@pytest.mark.parametrize("train", [
+    {"aggregation": "marble", "marble_mode": "amortized", "marble_grad_ema": 0.9},
+    {"aggregation": "weighted_sum", "marble_grad_ema": 0.9},
+], ids=["amortized", "weighted_sum"])
+def test_config_rejects_tracked_gradients_without_full_marble(tmp_path, train):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="marble_mode=full"):
+        NFTTrainer(nft_config(save_tiny(tmp_path), tmp_path / "run", train))

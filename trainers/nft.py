@@ -18,6 +18,7 @@ Layout: :class:`NFTConfig` (the ``train`` section), :func:`nft_loss_terms`, :fun
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -81,7 +82,8 @@ class NFTConfig:
         "faster on GPUs, not on CPUs)")
     marble_grad_ema: float = param(
         0.0, help="solve the QP on moving averages of the per-reward gradients with this decay (MoCo-style "
-        "tracking; for rewards whose per-batch gradient is mostly noise); 0 = each batch's gradients (MARBLE)",
+        "tracking, the direction built from the averages; for rewards whose per-batch gradient is mostly noise; "
+        "needs marble_mode=full); 0 = each batch's gradients (MARBLE)",
         min=0.0, max=0.999)
     marble_solver: Literal["auto", "closed_form", "enumerate", "frank_wolfe", "projected_gradient"] = param(
         "auto", help="min-norm QP solver (diffalign.balance)")
@@ -113,6 +115,11 @@ class NFTConfig:
               f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
         check(self.beta > 0, "train.beta", "got 0; the implicit policies need beta > 0 (DiffusionNFT uses 0.1-1)")
         check(self.adv_clip_max > 0, "train.adv_clip_max", "got 0; r = A / 2C + 1/2 needs C > 0 (default 5)")
+        check(self.marble_grad_ema == 0 or (self.aggregation == "marble" and self.marble_mode == "full"),
+              "train.marble_grad_ema",
+              f"got {self.marble_grad_ema} with aggregation={self.aggregation!r}, marble_mode={self.marble_mode!r}; "
+              "tracked gradients need a QP on every step: set train.aggregation=marble train.marble_mode=full, "
+              "or train.marble_grad_ema=0")
 
 
 # ----------------------------------------------------------------------------------------- pure math
@@ -251,7 +258,12 @@ class _TrainingState:
         for s, v in zip(self.old.shadow, state["old_policy"]):
             s.copy_(v)
         if self.harmonizer is not None:
-            self.harmonizer.load_tracked_state(state.get("marble_tracked"), self.old.shadow[0].device)
+            tracked = state.get("marble_tracked")
+            if tracked is None and self.harmonizer.grad_ema > 0:
+                warnings.warn("train.marble_grad_ema > 0 but the checkpoint holds no tracked reward gradients (saved "
+                              "without tracking): tracking restarts from the next batch's gradients", stacklevel=2)
+            self.harmonizer.load_tracked_state(tracked, self.old.shadow[0].device,
+                                               num_params=sum(s.numel() for s in self.old.shadow))
 
 
 # ----------------------------------------------------------------------------------------- trainer
