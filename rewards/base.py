@@ -38,6 +38,7 @@ __all__ = [
     "RewardError",
     "RewardOutput",
     "FunctionReward",
+    "pixel_statistic_reward",
     "score_in_batches",
     "call_batched",
     "as_reward_output",
@@ -219,6 +220,21 @@ class FunctionReward:
 
     def __repr__(self) -> str:
         return f"FunctionReward({self.name!r}, fn={getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+def pixel_statistic_reward(statistic: Callable[[torch.Tensor], torch.Tensor], *, name: str,
+                           range: Tuple[float, float], **kwargs: Any) -> FunctionReward:
+    """A differentiable, prompt-independent reward from a per-image statistic ``statistic(images) -> [B]`` of
+    ``[B, 3, H, W]`` images (clamped to [0, 1] first), e.g. colourfulness or contrast. ``kwargs``:
+    ``batch_size``, ``device`` and ``name`` (overrides ``name``) as for :class:`FunctionReward`."""
+
+    def score(images: torch.Tensor, prompts: List[str], metadata: Metadata) -> RewardOutput:
+        return RewardOutput(scores=statistic(images.clamp(0, 1)))
+
+    score.differentiable = True  # type: ignore[attr-defined]
+    score.range = tuple(range)  # type: ignore[attr-defined]
+    score.__qualname__ = getattr(statistic, "__qualname__", score.__qualname__)  # readable repr
+    return FunctionReward(score, kwargs.pop("name", name), **kwargs)
 
 
 def call_batched(reward: Any, images: torch.Tensor, prompts: Any, metadata: Any = None) -> RewardOutput:

@@ -8,15 +8,14 @@ In the shapes world it partly conflicts with JPEG compressibility (saturated col
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 
-from diffalign.types import RewardOutput
-from rewards.base import check_inputs, safe_sqrt, score_in_batches
+from rewards.base import FunctionReward, pixel_statistic_reward, safe_sqrt
 from rewards.registry import register_reward
 
-__all__ = ["ColorfulnessReward", "colorfulness_score"]
+__all__ = ["colorfulness", "colorfulness_score"]
 
 
 def colorfulness_score(images: torch.Tensor) -> torch.Tensor:
@@ -30,31 +29,7 @@ def colorfulness_score(images: torch.Tensor) -> torch.Tensor:
     return std + 0.3 * mean
 
 
-class ColorfulnessReward:
-    """Wraps :func:`colorfulness_score` as a reward. Range [0, ~1.2]."""
-
-    differentiable = True
-    trainable = False
-    allows_nan = False
-    range = (0.0, 1.25)
-
-    def __init__(self, *, batch_size: Optional[int] = None, device: Union[None, str, torch.device] = None,
-                 name: str = "colorfulness") -> None:
-        self.name = name
-        self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else None
-
-    def _score(self, images: torch.Tensor, prompts: List[str], metadata: List[Dict[str, Any]]) -> RewardOutput:
-        return RewardOutput(scores=colorfulness_score(images.clamp(0, 1)))
-
-    def __call__(self, images: torch.Tensor, prompts: List[str],
-                 metadata: Optional[List[Dict[str, Any]]] = None) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(self._score, images, list(prompts), metadata, batch_size=self.batch_size,
-                                name=self.name, device=self.device)
-
-
 @register_reward("colorfulness")
-def colorfulness(**kwargs: Any) -> ColorfulnessReward:
+def colorfulness(**kwargs: Any) -> FunctionReward:
     """Hasler–Süsstrunk colourfulness of the image (higher = more colourful). Range [0, ~1.2]."""
-    return ColorfulnessReward(**kwargs)
+    return pixel_statistic_reward(colorfulness_score, name="colorfulness", range=(0.0, 1.25), **kwargs)

@@ -10,15 +10,14 @@ the maximum is at half the canvas white.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 
-from diffalign.types import RewardOutput
-from rewards.base import check_inputs, safe_sqrt, score_in_batches
+from rewards.base import FunctionReward, pixel_statistic_reward, safe_sqrt
 from rewards.registry import register_reward
 
-__all__ = ["ContrastReward", "rms_contrast", "LUMA_WEIGHTS"]
+__all__ = ["contrast", "rms_contrast", "LUMA_WEIGHTS"]
 
 #: ITU-R BT.601 luma weights of R, G, B.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -31,31 +30,7 @@ def rms_contrast(images: torch.Tensor) -> torch.Tensor:
     return safe_sqrt(luma.var(dim=1, unbiased=False))
 
 
-class ContrastReward:
-    """Wraps :func:`rms_contrast` as a reward. Range [0, 0.5]."""
-
-    differentiable = True
-    trainable = False
-    allows_nan = False
-    range = (0.0, 0.5)
-
-    def __init__(self, *, batch_size: Optional[int] = None, device: Union[None, str, torch.device] = None,
-                 name: str = "contrast") -> None:
-        self.name = name
-        self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else None
-
-    def _score(self, images: torch.Tensor, prompts: List[str], metadata: List[Dict[str, Any]]) -> RewardOutput:
-        return RewardOutput(scores=rms_contrast(images.clamp(0, 1)))
-
-    def __call__(self, images: torch.Tensor, prompts: List[str],
-                 metadata: Optional[List[Dict[str, Any]]] = None) -> RewardOutput:
-        metadata = check_inputs(self.name, images, prompts, metadata)
-        return score_in_batches(self._score, images, list(prompts), metadata, batch_size=self.batch_size,
-                                name=self.name, device=self.device)
-
-
 @register_reward("contrast")
-def contrast(**kwargs: Any) -> ContrastReward:
+def contrast(**kwargs: Any) -> FunctionReward:
     """RMS contrast of the image's luminance (higher = more contrast). Range [0, 0.5]."""
-    return ContrastReward(**kwargs)
+    return pixel_statistic_reward(rms_contrast, name="contrast", range=(0.0, 0.5), **kwargs)

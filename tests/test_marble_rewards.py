@@ -58,6 +58,18 @@ def test_contrast_is_registered_and_differentiable():
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name,low,high", [("contrast", 0.0, 0.5), ("colorfulness", 0.0, 1.25)])
+def test_pixel_statistic_rewards_declare_the_protocol_and_pass_gradients(name, low, high):
+    from rewards import build_reward
+
+    reward = build_reward(name)
+    assert (reward.name, reward.differentiable, reward.trainable, reward.allows_nan) == (name, True, False, False)
+    assert reward.range == (low, high)
+    images = torch.rand(3, 3, 8, 8, requires_grad=True)
+    reward(images, ["a", "b", "c"]).scores.sum().backward()  # a reward-gradient trainer backprops through it
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("value", [0.0, 0.5, 1.0])
 def test_image_statistics_rewards_backprop_finite_gradients_on_flat_images(value):
     """sqrt of a zero variance: the gradient must be 0, not NaN (shapes-world canvases can be all black)."""
