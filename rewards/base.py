@@ -73,9 +73,10 @@ class Reward(Protocol):
 
 
 def safe_sqrt(x: torch.Tensor, tiny: float = 1e-12) -> torch.Tensor:
-    """``sqrt(x)`` for ``x >= 0`` with a zero (not infinite or NaN) gradient where ``x <= tiny``: a standard
-    deviation or norm of a flat image must not put NaN into a backward pass through a differentiable reward."""
-    return torch.where(x > tiny, x.clamp_min(tiny).sqrt(), torch.zeros_like(x))
+    """``sqrt(x)`` for ``x >= 0``, except that where ``x <= tiny`` the value is 0 and the gradient 0 (not
+    infinite or NaN): a standard deviation or norm of a flat image must not put NaN into a backward pass through
+    a differentiable reward. NaN stays NaN (a broken image is reported, never scored 0)."""
+    return torch.where(x <= tiny, torch.zeros_like(x), x.clamp_min(tiny).sqrt())
 
 
 def resolve_device(device: Union[None, str, torch.device]) -> torch.device:
@@ -223,10 +224,12 @@ class FunctionReward:
 
 
 def pixel_statistic_reward(statistic: Callable[[torch.Tensor], torch.Tensor], *, name: str,
-                           range: Tuple[float, float], **kwargs: Any) -> FunctionReward:
+                           range: Tuple[float, float], batch_size: Optional[int] = None,
+                           device: Union[None, str, torch.device] = None) -> FunctionReward:
     """A differentiable, prompt-independent reward from a per-image statistic ``statistic(images) -> [B]`` of
-    ``[B, 3, H, W]`` images (clamped to [0, 1] first), e.g. colourfulness or contrast. ``kwargs``:
-    ``batch_size``, ``device`` and ``name`` (overrides ``name``) as for :class:`FunctionReward`."""
+    ``[B, 3, H, W]`` images (clamped to [0, 1] first), e.g. colourfulness or contrast; ``batch_size`` and
+    ``device`` as for :class:`FunctionReward`. A factory passes its spec's options here, so an unknown option is
+    a ``TypeError`` when the reward is built, not on its first call."""
 
     def score(images: torch.Tensor, prompts: List[str], metadata: Metadata) -> RewardOutput:
         return RewardOutput(scores=statistic(images.clamp(0, 1)))
@@ -234,7 +237,7 @@ def pixel_statistic_reward(statistic: Callable[[torch.Tensor], torch.Tensor], *,
     score.differentiable = True  # type: ignore[attr-defined]
     score.range = tuple(range)  # type: ignore[attr-defined]
     score.__qualname__ = getattr(statistic, "__qualname__", score.__qualname__)  # readable repr
-    return FunctionReward(score, kwargs.pop("name", name), **kwargs)
+    return FunctionReward(score, name, batch_size=batch_size, device=device)
 
 
 def call_batched(reward: Any, images: torch.Tensor, prompts: Any, metadata: Any = None) -> RewardOutput:

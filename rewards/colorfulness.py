@@ -32,4 +32,5 @@ def colorfulness_score(images: torch.Tensor) -> torch.Tensor:
 @register_reward("colorfulness")
 def colorfulness(**kwargs: Any) -> FunctionReward:
     """Hasler–Süsstrunk colourfulness of the image (higher = more colourful). Range [0, ~1.2]."""
-    return pixel_statistic_reward(colorfulness_score, name="colorfulness", range=(0.0, 1.25), **kwargs)
+    kwargs.setdefault("name", "colorfulness")
+    return pixel_statistic_reward(colorfulness_score, range=(0.0, 1.25), **kwargs)

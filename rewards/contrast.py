@@ -33,4 +33,5 @@ def rms_contrast(images: torch.Tensor) -> torch.Tensor:
 @register_reward("contrast")
 def contrast(**kwargs: Any) -> FunctionReward:
     """RMS contrast of the image's luminance (higher = more contrast). Range [0, 0.5]."""
-    return pixel_statistic_reward(rms_contrast, name="contrast", range=(0.0, 0.5), **kwargs)
+    kwargs.setdefault("name", "contrast")
+    return pixel_statistic_reward(rms_contrast, range=(0.0, 0.5), **kwargs)

@@ -82,3 +82,17 @@ def test_image_statistics_rewards_backprop_finite_gradients_on_flat_images(value
         assert torch.isfinite(flat.grad).all(), fn.__name__
     # and a flat image's contrast is still exactly 0
     torch.testing.assert_close(rms_contrast(torch.full((1, 3, 4, 4), value)), torch.zeros(1))
+
+
+def test_pixel_statistic_reward_options():
+    from rewards import build_reward
+    from rewards.colorfulness import colorfulness
+    from rewards.contrast import contrast
+
+    assert colorfulness(name="cf").name == "cf" and contrast(batch_size=2).batch_size == 2
+    with pytest.raises(TypeError):
+        build_reward({"name": "contrast", "kwargs": {"foo": 1}})  # a typo fails when the reward is built
+    # NaN pixels stay NaN (reported by MultiReward), never a valid score of 0
+    broken = torch.full((1, 3, 4, 4), float("nan"))
+    assert torch.isnan(colorfulness()(broken, ["a"]).scores).all()
+    assert torch.isnan(contrast()(broken, ["a"]).scores).all()
