@@ -13,7 +13,8 @@ compressibility, colourfulness; same seed, prompts, samples per step, optimizer 
 to measure the cosine of the direction it applies with each reward's gradient; MARBLE's QP steps measure it
 anyway. Time per step excludes these diagnostic steps: it is ``(1 - f) * plain + f * qp`` with ``f`` the
 share of QP steps of an undiagnosed run (1/N amortised, 1 full, 0 otherwise), in process CPU time (wall time on
-a shared machine also measures the other jobs). ``--modes`` also accepts ``marble_full`` and ``marble_tracked`` (full mode with ``train.marble_grad_ema=0.9``).
+a shared machine also measures the other jobs). ``--modes`` also accepts ``marble_full`` and
+``marble_tracked`` (full mode with ``train.marble_grad_ema=0.9``).
 
 Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/train_rewards.png``,
 ``OUT/worst_cosine.png`` and one run folder per mode (metrics.jsonl, checkpoints).
