@@ -414,7 +414,8 @@ class Harmonizer:
         ``grad_ema`` is 0), for the checkpoint's tensor state."""
         return None if self.tracked is None else self.tracked.detach().cpu()
 
-    def load_tracked_state(self, tracked: Optional[torch.Tensor], device=None, num_params: Optional[int] = None) -> None:
+    def load_tracked_state(self, tracked: Optional[torch.Tensor], device=None,
+                           num_params: Optional[int] = None) -> None:
         """Restore :meth:`tracked_state` (onto ``device``). Averages saved by a run with other rewards or other
         trained parameters (``num_params``) are an error; with ``grad_ema`` 0 they are dropped."""
         if tracked is None or self.grad_ema == 0:

@@ -8,7 +8,9 @@ of built-in rewards and how to add one. Importing this package loads no model an
 """
 
 # Built-in rewards register themselves on import (each module imports its heavy dependencies lazily).
-from rewards import aesthetic, clip, colorfulness, contrast, dino, imagereward, jpeg, ocr, remote, shapes  # noqa: E402,F401
+from rewards import (  # noqa: E402,F401
+    aesthetic, clip, colorfulness, contrast, dino, imagereward, jpeg, ocr, remote, shapes,
+)
 from rewards.base import FunctionReward, Reward, RewardError, RewardOutput, score_in_batches
 from rewards.multi import MultiReward, MultiRewardOutput, weighted_sum
 from rewards.registry import (
