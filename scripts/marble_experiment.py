@@ -50,25 +50,33 @@ TINY_OVERRIDES = ["sample.height=32", "sample.width=32", "sample.num_steps=4", "
                   "train.marble_every=2"]
 
 
-def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, extra: List[str],
-             eval_base: bool) -> List[Dict]:
+def make_trainer(model: str, run_dir: Path, overrides: List[str]):
+    """A set-up NFT trainer from the experiment's config for ``model``, writing to ``run_dir``: a fresh run (no
+    resume, no checkpoints, no sample grids, no time limit) with ``overrides`` on top."""
     from diffalign.config import RunConfig, load_config
-    from diffalign.logging import read_metrics
     from trainers.nft import NFTTrainer
     from trainers.run import make_accelerator
 
     cfg = load_config(RunConfig, CONFIG, [
-        f"model.path={model}", f"output_dir={out / mode}", *MODE_OVERRIDES.get(mode, [f"train.aggregation={mode}"]),
-        f"train.num_epochs={epochs}",
-        # the base model is evaluated once (first mode: eval at epoch 0 and at the end; the others: the end only)
-        f"train.eval_every={epochs if eval_base else 0}", f"train.grad_diagnostics_every={diag_every}",
-        "train.max_minutes=null", "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0",
-        *extra])
-    metrics = out / mode / "metrics.jsonl"
+        f"model.path={model}", f"output_dir={run_dir}", "train.max_minutes=null", "checkpoint.every=0",
+        "checkpoint.resume_from=null", "logging.image_every=0", *overrides])
+    metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()  # a fresh run per invocation
     trainer = NFTTrainer(cfg, make_accelerator(cfg.model.device))
     trainer.setup()
+    return trainer
+
+
+def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, extra: List[str],
+             eval_base: bool) -> List[Dict]:
+    from diffalign.logging import read_metrics
+
+    trainer = make_trainer(model, out / mode, [
+        *MODE_OVERRIDES.get(mode, [f"train.aggregation={mode}"]), f"train.num_epochs={epochs}",
+        # the base model is evaluated once (first mode: eval at epoch 0 and at the end; the others: the end only)
+        f"train.eval_every={epochs if eval_base else 0}", f"train.grad_diagnostics_every={diag_every}", *extra])
+    metrics = out / mode / "metrics.jsonl"
     t0 = time.time()
     try:
         trainer.train()
@@ -88,16 +96,10 @@ def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[st
     import torch
 
     from diffalign.balance import between_batch_cosines
-    from diffalign.config import RunConfig, load_config
-    from trainers.nft import NFTTrainer
-    from trainers.run import make_accelerator
 
-    cfg = load_config(RunConfig, CONFIG, [
-        f"model.path={model}", f"output_dir={out / 'grad_noise'}", "train.aggregation=marble",
-        "train.marble_mode=full", f"train.num_epochs={batches}", "train.eval_every=0", "train.max_minutes=null",
-        "checkpoint.every=0", "checkpoint.resume_from=null", "logging.image_every=0", *extra])
-    trainer = NFTTrainer(cfg, make_accelerator(cfg.model.device))
-    trainer.setup()
+    trainer = make_trainer(model, out / "grad_noise", [
+        "train.aggregation=marble", "train.marble_mode=full", f"train.num_epochs={batches}", "train.eval_every=0",
+        *extra])
     grads: List = []
     solve = trainer.reward_grads.harmonize_into_grad
 
