@@ -19,6 +19,7 @@ from samplers.steps import DETERMINISTIC_STEP, STEPS, GeneratorLike, scheduled_s
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, StepOutput], None]
+StateHook = Callable[[int, torch.Tensor], torch.Tensor]
 
 __all__ = ["rollout", "score_steps", "stochastic_mask", "make_generators", "ModelFn"]
 
@@ -64,6 +65,7 @@ def rollout(
     requires_grad: bool = False,
     store_x0: bool = False,
     callback: Optional[StepCallback] = None,
+    between_steps: Optional[StateHook] = None,
 ) -> Trajectory:
     """Sample from ``initial_latents`` ``[B, *L]`` along ``schedule``.
 
@@ -76,6 +78,9 @@ def rollout(
             rollout runs under ``torch.no_grad``.
         store_x0: also store the one-step clean estimate at every state (``[B, T, *L]``).
         callback: ``callback(i, x_t, step_output)`` after each step.
+        between_steps: ``between_steps(i, x_next) -> x_next`` after step ``i``; the rollout continues from
+            (and records) the state it returns, e.g. particles resampled by sequential Monte Carlo. Earlier
+            records are not reordered, so with resampling a row's history is not one particle's path.
     """
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; valid steps: {sorted(STEPS)}")
@@ -112,6 +117,8 @@ def rollout(
             if callback is not None:
                 callback(i, x, res)
             x = res.prev_sample if requires_grad else res.prev_sample.detach()
+            if between_steps is not None:
+                x = between_steps(i, x)
             latents.append(x)
     return Trajectory(
         latents=torch.stack(latents, dim=1),

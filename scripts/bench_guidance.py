@@ -10,7 +10,9 @@ prompts from the same initial noise and spends about ``--budget`` reward evaluat
 * svdd: ``--svdd-candidates`` candidates at each of the last ``budget / M`` steps (greedy);
 * doob: DOIT with ``--doob-particles`` chains, ``--doob-candidates`` candidates at the guided steps (a
   window sized so that ``P * (M * steps + 1) <= budget``), best particle kept; three lookaheads (reuse_eps,
-  denoise, rollout), and rollout with ``keep_simulated`` (the best completed candidate may replace its particle);
+  denoise, rollout), rollout with ``keep_simulated`` (the best completed candidate may replace its particle),
+  and ``doob_smc``: rollout + ``keep_simulated`` + particles resampled on the simulated ``h`` after each guided
+  step (``--doob-resample-lambda``);
 * best_of_n_matched: best-of-N with N exactly DOIT's reward evaluations per prompt.
 
 Prints one table (model evaluations, VJPs and reward evaluations per prompt, wall time, mean verifier score)
@@ -50,12 +52,15 @@ def parse_args(argv=None):
     p.add_argument("--doob-gamma", type=float, default=0.5)
     p.add_argument("--doob-temperature", type=float, default=0.5)
     p.add_argument("--doob-start", type=int, default=1, help="first guided step (flow: step 0 has alpha = 0)")
+    p.add_argument("--doob-resample-lambda", type=float, default=5.0,
+                   help="lambda of the doob_smc row: particles resampled by mean exp(lambda r) of their candidates")
     p.add_argument("--doob-steps", type=int, default=None,
                    help="guided steps (default: as many as the budget allows)")
     p.add_argument("--fk-particles", type=int, default=8)
     p.add_argument("--fk-lambda", type=float, default=10.0)
     p.add_argument("--svdd-candidates", type=int, default=4)
-    p.add_argument("--methods", default="none,best_of_n,fk,svdd,doob,doob_denoise,doob_rollout,doob_rollout_keep,best_of_n_matched",
+    p.add_argument("--methods", default="none,best_of_n,fk,svdd,doob,doob_denoise,doob_rollout,doob_rollout_keep,"
+                   "doob_smc,best_of_n_matched",
                    help="comma-separated subset of the rows")
     p.add_argument("--out", default="outputs/bench_guidance", help="output folder")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -96,6 +101,7 @@ def plans(args, T: int):
     rows["doob_denoise"] = ("doob", P, {**doob, "lookahead": "denoise"})
     rows["doob_rollout"] = ("doob", P, {**doob, "lookahead": "rollout"})
     rows["doob_rollout_keep"] = ("doob", P, {**doob, "lookahead": "rollout", "keep_simulated": True})
+    rows["doob_smc"] = ("doob", P, {**rows["doob_rollout_keep"][2], "resample_lambda": args.doob_resample_lambda})
     # best-of-N at exactly DOIT's reward evaluations per prompt: P chains x (M candidates x k steps + 1 final)
     rows["best_of_n_matched"] = ("best_of_n", P * (M * k + 1), {})
     return rows

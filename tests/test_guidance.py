@@ -175,6 +175,68 @@ def test_fk_gmm_mixture_weights_match_tilted_target():
     assert abs(float((out.samples[:, 0] > 0).float().mean()) - target) < 0.04
 
 
+def test_doob_log_h_known_answer():
+    from samplers.guided.doob import doob_log_h
+
+    nan = float("nan")
+    r = torch.tensor([[0.0, 1.0, nan], [2.0, nan, nan]])  # [M = 2, B = 3]
+    log_h = doob_log_h(r, 0.5)
+    expected = torch.tensor([float(torch.log((torch.exp(torch.tensor(0.0)) + torch.exp(torch.tensor(1.0))) / 2)),
+                             0.5, -float("inf")])
+    assert torch.allclose(log_h[:2], expected[:2]) and bool(torch.isneginf(log_h[2]))
+
+
+def test_doob_resampling_moves_particles_to_the_highest_simulated_h():
+    """``resample_lambda``: after the guided step each prompt's particles descend from the particles with the
+    highest simulated ``h`` (at a large lambda: all from the argmax), at no extra reward evaluation, and the
+    resampled particles end on the rewarded mode more often than without resampling."""
+    from samplers.guided.doob import doob_log_h
+
+    sched = make_schedule("flow", 10)
+    model = gmm_model(sched, *TWO_MODES)
+    x, P, M = _noise(400, seed=5), 4, 4
+    calls = []
+
+    def reward(x0, idx):
+        calls.append(x0[:, 0].clone())
+        return x0[:, 0]
+
+    kw = dict(step="flow_sde", noise_level=0.7, group_size=P)
+    opts = dict(num_candidates=M, window=(2, 3), lookahead="rollout", temperature=1.0, select="all")
+    plain = guided_sample("doob", model, sched, x, reward, **kw, options=opts)
+    calls.clear()
+    out = guided_sample("doob", model, sched, x, reward, **kw, options={**opts, "resample_lambda": 1e3})
+    assert out.counter.as_dict() == plain.counter.as_dict()
+    assert out.extras["num_resampled_steps"] == 1
+    log_h = doob_log_h(calls[0].view(M, -1), 1e3)
+    group_max = log_h.view(-1, P).max(dim=1).values.repeat_interleave(P)
+    anc = out.extras["ancestors"]
+    # every ancestor is in its own prompt's group and (at lambda 1e3, multinomial) within e^-10 of the group's best
+    assert torch.equal(anc // P, torch.arange(400) // P)
+    gap = group_max - log_h[anc]
+    assert float(gap.max()) < 10.0 and float((gap == 0).float().mean()) > 0.9, gap.max()
+    right = [float((o.samples[:, 0] > 0).float().mean()) for o in (plain, out)]
+    assert right[1] > right[0] + 0.1, right
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        guided_sample("doob", model, sched, x, reward, step="flow_sde", noise_level=0.7, group_size=1,
+                      options={**opts, "resample_lambda": 1.0})
+
+
+def test_rollout_between_steps_hook_replaces_the_state():
+    from samplers import make_generators
+
+    sched = make_schedule("flow", 6)
+    model = gmm_model(sched, *TWO_MODES)
+    x = _noise(8, seed=6)
+    kw = dict(step="flow_sde", noise_level=0.7)
+    plain = rollout(model, sched, x, generator=make_generators(0, range(8)), **kw)
+    same = rollout(model, sched, x, generator=make_generators(0, range(8)), between_steps=lambda i, s: s, **kw)
+    assert torch.equal(plain.latents, same.latents)
+    last = rollout(model, sched, x, generator=make_generators(0, range(8)),
+                   between_steps=lambda i, s: s.flip(0) if i == 5 else s, **kw)
+    assert torch.equal(last.final, plain.final.flip(0)) and torch.equal(last.latents[:, :6], plain.latents[:, :6])
+
+
 @pytest.mark.parametrize("kind", ["flow", "vp"])
 def test_gamma_zero_reproduces_the_unguided_sampler_bitwise(kind):
     path, step, level = KERNELS[kind]

@@ -111,12 +111,14 @@ def test_sample_command_with_guidance(tiny_folder, tmp_path, capsys):
     assert (tmp_path / "u" / "samples.png").exists()
 
 
-def test_keep_simulated_reaches_the_sampler_from_the_config():
-    from types import SimpleNamespace
-
+def test_keep_simulated_and_resampling_reach_the_sampler_from_the_config():
+    from diffalign.config import ConfigError, GuidanceConfig
     from samplers.guided.pipeline import method_options
 
-    cfg = SimpleNamespace(gamma=1.0, num_candidates=2, temperature=1.0, window=[1, 3], standardize=True,
-                          antithetic=True, lookahead="rollout", select="best", keep_simulated=True)
+    cfg = GuidanceConfig(method="doob", num_particles=2, gamma=1.0, num_candidates=2, temperature=1.0,
+                         window=[1, 3], lookahead="rollout", keep_simulated=True, resample_lambda=5.0)
     opts = method_options("doob", cfg)
     assert opts["keep_simulated"] is True and opts["lookahead"] == "rollout" and opts["window"] == (1, 3)
+    assert opts["resample_lambda"] == 5.0
+    with pytest.raises(ConfigError, match="num_particles >= 2"):
+        GuidanceConfig(method="doob", num_particles=1, resample_lambda=5.0)

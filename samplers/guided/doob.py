@@ -47,7 +47,7 @@ from samplers.parametrization import expand_like, to_x0_eps, x0_eps_to_model_out
 from samplers.schedules import Schedule
 from samplers.steps import DETERMINISTIC_STEP, STEPS, GeneratorLike, scheduled_step
 
-__all__ = ["doob_model_fn", "doob_weights", "one_step_x0", "LOOKAHEADS"]
+__all__ = ["doob_model_fn", "doob_weights", "doob_log_h", "one_step_x0", "LOOKAHEADS"]
 
 #: How a simulated candidate ``x'`` is mapped to a clean estimate for the reward.
 LOOKAHEADS = {
@@ -88,6 +88,21 @@ def doob_weights(
     all_nan = torch.isinf(logits).all(dim=0, keepdim=True)
     logits = torch.where(all_nan, torch.zeros_like(logits), logits)
     return torch.softmax(logits, dim=0)
+
+
+def doob_log_h(rewards: torch.Tensor, lam: float) -> torch.Tensor:
+    """``[B]`` simulated ``log h = log mean_m exp(lam r_m)`` from combined candidate rewards ``[M, B]``.
+
+    The same simulation that gives DOIT's ``grad log h`` estimates ``h`` itself, the twist of a twisted
+    sequential Monte Carlo sampler: particles resampled in proportion to ``h(x_t)`` carry the tilt
+    ``exp(lam r)`` forward. NaN candidates (reward not applicable) are left out of the mean; a particle whose
+    candidates are all NaN gets ``-inf``.
+    """
+    r = rewards.float()
+    valid = ~r.isnan()
+    logits = torch.where(valid, lam * r, torch.full_like(r, -float("inf")))
+    n = valid.sum(dim=0).clamp_min(1).to(r.dtype)
+    return torch.logsumexp(logits, dim=0) - n.log()
 
 
 def one_step_x0(
@@ -165,6 +180,7 @@ def doob_model_fn(
     generator: GeneratorLike = None,
     counter: Optional[EvalCounter] = None,
     pool: Optional[dict] = None,
+    twist: Optional[dict] = None,
 ) -> ModelFn:
     """Wrap ``model_fn(x_t, t)`` with the DOIT correction (module docstring; §5.2).
 
@@ -191,6 +207,9 @@ def doob_model_fn(
             is already known; a dict passed here keeps, per sample, the best of them (``pool["x"]``
             ``[B, *L]``, ``pool["reward"]`` ``[B]`` combined reward), for a final selection that costs no
             further reward evaluation (``keep_simulated`` in :func:`~samplers.guided.guided_sample`).
+        twist: a dict that receives, at every guided step ``i``, ``twist["step"] = i`` and the combined
+            candidate rewards ``twist["rewards"]`` ``[M, B]``, for particle resampling on the simulated ``h``
+            (:func:`doob_log_h`; ``resample_lambda`` in :func:`~samplers.guided.guided_sample`).
     """
     if step not in STEPS or step == "flow_euler":
         raise ValueError(f"DOIT needs a stochastic step (flow_sde, flow_cps or ddim), got {step!r}")
@@ -241,9 +260,11 @@ def doob_model_fn(
             x0_c = one_step_x0(model_fn, sched, i + 1, flat, eps_rep, lookahead)
             sample_index = torch.arange(B, device=x.device).repeat(M)
             raw = evaluate_reward(reward_fn, x0_c, sample_index, counter)
+            combined = combine_rewards(raw, reward_weights).view(M, B)
             if pool is not None:
-                _update_pool(pool, x0_c.view(M, B, *x.shape[1:]),
-                             combine_rewards(raw, reward_weights).view(M, B))
+                _update_pool(pool, x0_c.view(M, B, *x.shape[1:]), combined)
+            if twist is not None:
+                twist["step"], twist["rewards"] = i, combined.detach()
             w = doob_weights(raw.view(M, B, *raw.shape[1:]), temperature, standardize=standardize,
                              reward_weights=reward_weights)
             w = w.view(M, B, *([1] * (x.ndim - 1)))

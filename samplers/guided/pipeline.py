@@ -161,7 +161,8 @@ def method_options(method: str, cfg: Any) -> Dict[str, Any]:
     if method == "doob":
         return dict(gamma=cfg.gamma, num_candidates=cfg.num_candidates, temperature=cfg.temperature,
                     window=window, standardize=cfg.standardize, antithetic=cfg.antithetic,
-                    lookahead=cfg.lookahead, select=cfg.select, keep_simulated=cfg.keep_simulated)
+                    lookahead=cfg.lookahead, select=cfg.select, keep_simulated=cfg.keep_simulated,
+                    resample_lambda=cfg.resample_lambda)
     if method == "fk":
         return dict(lam=cfg.fk_lambda, potential=cfg.fk_potential, every=cfg.fk_every, window=window,
                     ess_threshold=cfg.fk_ess_threshold, select=cfg.select)

@@ -18,6 +18,12 @@ DOIT's ``keep_simulated`` (with ``lookahead="rollout"``, whose candidates are co
 known rewards): a particle is replaced by the best completed candidate it simulated when that one scored
 higher, at no extra reward evaluation. The selection then searches as well as it steers; benchmarks report it
 as its own row.
+
+DOIT's ``resample_lambda`` (``lam > 0``, ``P > 1``): after each guided step the ``P`` particles of a prompt are
+resampled (multinomial) in proportion to their simulated ``h = mean_m exp(lam r_m)``
+(:func:`~samplers.guided.doob.doob_log_h`), the twist of a twisted sequential Monte Carlo sampler. The
+candidates that estimate ``grad log h`` estimate ``h`` too, so particles move to where the simulation found
+reward at no extra reward evaluation. The best-of-particles output does not reweight the final particles.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from samplers.guided.baselines import best_of_n, fk_steering, svdd_sample
+from samplers.guided.baselines import _resample, best_of_n, fk_steering, svdd_sample
 from samplers.guided.common import (
     EvalCounter,
     GuidedOutput,
@@ -37,7 +43,7 @@ from samplers.guided.common import (
     evaluate_reward,
     select_best,
 )
-from samplers.guided.doob import doob_model_fn, pick_better
+from samplers.guided.doob import doob_log_h, doob_model_fn, pick_better
 from samplers.parametrization import expand_like
 from samplers.rollout import make_generators, rollout
 from samplers.schedules import Schedule
@@ -56,7 +62,7 @@ _OPTIONS = {
     "none": (),
     "best_of_n": (),
     "doob": ("gamma", "num_candidates", "temperature", "window", "standardize", "antithetic", "lookahead",
-             "select", "keep_simulated"),
+             "select", "keep_simulated", "resample_lambda"),
     "fk": ("lam", "potential", "every", "window", "ess_threshold", "select"),
     "svdd": ("num_candidates", "alpha", "window", "lookahead"),
 }
@@ -119,11 +125,19 @@ def guided_sample(
     if select not in ("best", "all"):
         raise ValueError(f"select must be 'best' or 'all', got {select!r}")
     pool = {} if options.pop("keep_simulated", False) else None
-    fn = counted
+    lam = float(options.pop("resample_lambda", 0.0))
+    if lam < 0 or (lam > 0 and group_size < 2):
+        raise ValueError(f"resample_lambda must be >= 0 and needs group_size >= 2 particles per prompt, got "
+                         f"{lam} with group_size={group_size}; set resample_lambda=0 or use more particles")
+    fn, between, extras = counted, None, {}
     if method == "doob":
+        twist = {} if lam > 0 else None
         fn = doob_model_fn(counted, schedule, reward_fn, step=step, noise_level=noise_level,
-                           generator=candidate_gens, pool=pool, **options, **common)
-    traj = rollout(fn, schedule, initial_latents, step=step, noise_level=noise_level, generator=kernel_gens)
+                           generator=candidate_gens, pool=pool, twist=twist, **options, **common)
+        if twist is not None:
+            between = _twist_resampler(twist, lam, group_size, resample_gen, extras)
+    traj = rollout(fn, schedule, initial_latents, step=step, noise_level=noise_level, generator=kernel_gens,
+                   between_steps=between)
     final = traj.final
     index = torch.arange(B, device=final.device)
     r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights)
@@ -133,9 +147,32 @@ def guided_sample(
         final = torch.where(expand_like(better, final).bool(), pool["x"].to(final), final)
         r = torch.where(better, pool["reward"].to(r), r)
     if select == "all" or group_size == 1:
-        return GuidedOutput(final, r, counter, final, r)
+        return GuidedOutput(final, r, counter, final, r, extras)
     best, best_r, idx = select_best(final, r, group_size)
-    return GuidedOutput(best, best_r, counter, final, r, {"index": idx})
+    return GuidedOutput(best, best_r, counter, final, r, {**extras, "index": idx})
+
+
+def _twist_resampler(twist: dict, lam: float, group_size: int, generator: torch.Generator, extras: dict):
+    """``between_steps`` hook: after a guided step, resample each prompt's particles by the simulated ``h``.
+
+    Records ``extras["ancestors"]`` (the latest ``[B]`` ancestor indices) and ``extras["num_resampled_steps"]``.
+    A prompt whose particles all have ``h = 0`` (every candidate NaN) keeps its particles.
+    """
+    def between(i: int, x: torch.Tensor) -> torch.Tensor:
+        if twist.get("step") != i:
+            return x
+        log_h = doob_log_h(twist.pop("rewards"), lam).to(x.device)
+        twist.pop("step")
+        G = x.shape[0] // group_size
+        lw = log_h.view(G, group_size)
+        none = torch.isinf(lw).all(dim=1, keepdim=True)
+        lw = torch.where(none, torch.zeros_like(lw), lw)
+        idx = _resample(lw.reshape(-1), group_size, torch.ones(G, dtype=torch.bool, device=x.device), generator)
+        extras["ancestors"] = idx
+        extras["num_resampled_steps"] = extras.get("num_resampled_steps", 0) + 1
+        return x[idx]
+
+    return between
 
 
 def window_tuple(window: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
