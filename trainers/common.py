@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -11,7 +12,7 @@ from diffalign.types import Trajectory
 
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
            "trainable_state", "load_trainable_state",
-           "checkpoint_weights", "restore_weights"]
+           "checkpoint_weights", "restore_weights", "TrainingState"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,6 +152,47 @@ def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int
         sampler_state={**sampler_state, "prompt_epoch": epoch},
         config=config,
     )
+
+
+class TrainingState:
+    """A trainer's checkpoint optimizer slot: the optimizer, named tensor lists the optimizer does not hold (NFT's
+    old policy), and MARBLE's tracked per-reward gradients (:meth:`diffalign.balance.Harmonizer.tracked_state`).
+
+    ``state_dict()`` is ``{"optimizer": ..., NAME: [tensors], "marble_tracked": [K, D]}`` (the last only while
+    tracking); :meth:`load_state_dict` also accepts a bare optimizer state (GRPO checkpoints written before the
+    bundle existed).
+    """
+
+    def __init__(self, optimizer, params: Sequence[torch.Tensor], harmonizer=None,
+                 tensors: Optional[Dict[str, List[torch.Tensor]]] = None) -> None:
+        self.optimizer, self.harmonizer, self.tensors = optimizer, harmonizer, dict(tensors or {})
+        self.num_params = sum(p.numel() for p in params)
+        self.device = params[0].device if len(params) else torch.device("cpu")
+
+    def state_dict(self) -> Dict:
+        state = {"optimizer": self.optimizer.state_dict(),
+                 **{name: [t.detach().cpu() for t in ts] for name, ts in self.tensors.items()}}
+        tracked = self.harmonizer.tracked_state() if self.harmonizer is not None else None
+        if tracked is not None:
+            state["marble_tracked"] = tracked
+        return state
+
+    def load_state_dict(self, state: Dict) -> None:
+        if "optimizer" not in state:  # a bare optimizer state_dict
+            state = {"optimizer": state}
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, ts in self.tensors.items():
+            if name not in state:
+                raise ValueError(f"the checkpoint's optimizer state has no {name!r}; it was written by another "
+                                 "trainer: resume with the trainer that wrote it")
+            for t, v in zip(ts, state[name]):
+                t.copy_(v)
+        if self.harmonizer is not None:
+            tracked = state.get("marble_tracked")
+            if tracked is None and self.harmonizer.grad_ema > 0:
+                warnings.warn("train.marble_grad_ema > 0 but the checkpoint holds no tracked reward gradients (saved "
+                              "without tracking): tracking restarts from the next batch's gradients", stacklevel=2)
+            self.harmonizer.load_tracked_state(tracked, self.device, num_params=self.num_params)
 
 
 def image_size(adapter, sample_cfg) -> tuple:

@@ -73,6 +73,9 @@ class GRPOConfig:
         "weighted_sum", help="multi-reward aggregation: weighted_sum (sum, then normalise), gdpo (normalise each "
         "reward per group, weighted-sum, whiten), marble (per-reward gradients combined by the min-norm QP every "
         "step, diffalign.balance)")
+    marble_grad_ema: float = param(
+        0.0, help="aggregation=marble: solve the QP on moving averages of the per-reward gradients with this decay "
+        "(MoCo-style tracking, as trainer nft's knob); 0 = each update's gradients (MARBLE)", min=0.0, max=0.999)
     drop_zero_std_groups: bool = param(False, help="do not train on groups whose rewards are all equal")
     tracker_buffer_size: int = param(16, help="per_prompt_tracker: rewards kept per prompt", min=1)
     tracker_min_count: int = param(16, help="per_prompt_tracker: below this use batch statistics", min=1)
@@ -99,6 +102,9 @@ class GRPOConfig:
               f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
         check(self.aggregation == "weighted_sum" or self.advantage == "group", "train.aggregation",
               f"{self.aggregation!r} needs train.advantage='group' (got {self.advantage!r})")
+        check(self.marble_grad_ema == 0 or self.aggregation == "marble", "train.marble_grad_ema",
+              f"got {self.marble_grad_ema} with aggregation={self.aggregation!r}; tracked reward gradients are "
+              "MARBLE's: set train.aggregation=marble or train.marble_grad_ema=0")
 
 
 # ----------------------------------------------------------------------------------------- pure math
@@ -220,7 +226,8 @@ class GRPOTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import DTYPES, EMA, build_adapter, build_optimizer, image_size, open_run, resolve_device
+        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_optimizer, image_size, open_run,
+                                     resolve_device)
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -243,7 +250,10 @@ class GRPOTrainer:
         if cfg.aggregation == "marble":
             from diffalign.balance import Harmonizer, RewardGradients
 
-            self.marble = (Harmonizer(len(self.rewards.names)), RewardGradients(self.params, len(self.rewards.names)))
+            self.marble = (Harmonizer(len(self.rewards.names), grad_ema=cfg.marble_grad_ema),
+                           RewardGradients(self.params, len(self.rewards.names)))
+        # the optimizer slot also carries MARBLE's tracked reward gradients
+        self.state = TrainingState(self.optimizer, self.params, self.marble[0] if self.marble else None)
         self.epoch, self.global_step = 0, 0
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
 
@@ -251,7 +261,9 @@ class GRPOTrainer:
         from trainers.common import restore_run_state
 
         self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
-                                                                self.optimizer, self.lr_scheduler)
+                                                                self.state, self.lr_scheduler)
+        if self.marble is not None and "harmonizer" in extra:
+            self.marble[0].load_state_dict(extra["harmonizer"])
         if "tracker" in extra:
             self.tracker.load_state_dict(extra["tracker"])
         if "moments" in extra:
@@ -261,9 +273,11 @@ class GRPOTrainer:
     def save_checkpoint(self) -> None:
         from trainers.common import save_run_state
 
+        extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict()}
+        if self.marble is not None:
+            extra["harmonizer"] = self.marble[0].state_dict()
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
-                       optimizer=self.optimizer, lr_scheduler=self.lr_scheduler,
-                       sampler_state={"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict()},
+                       optimizer=self.state, lr_scheduler=self.lr_scheduler, sampler_state=extra,
                        config=self.config_dict)
 
     # ------------------------------------------------------------------ one epoch

@@ -18,7 +18,6 @@ Layout: :class:`NFTConfig` (the ``train`` section), :func:`nft_loss_terms`, :fun
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -239,33 +238,6 @@ class OldPolicy:
         return swap_in(self.params, self.shadow)
 
 
-class _TrainingState:
-    """Optimizer + old policy (+ MARBLE's tracked gradients) behind one ``state_dict`` (saved in the checkpoint's
-    optimizer slot)."""
-
-    def __init__(self, optimizer, old: OldPolicy, harmonizer) -> None:
-        self.optimizer, self.old, self.harmonizer = optimizer, old, harmonizer
-
-    def state_dict(self) -> Dict:
-        state = {"optimizer": self.optimizer.state_dict(), "old_policy": [s.cpu() for s in self.old.shadow]}
-        tracked = self.harmonizer.tracked_state() if self.harmonizer is not None else None
-        if tracked is not None:
-            state["marble_tracked"] = tracked
-        return state
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        for s, v in zip(self.old.shadow, state["old_policy"]):
-            s.copy_(v)
-        if self.harmonizer is not None:
-            tracked = state.get("marble_tracked")
-            if tracked is None and self.harmonizer.grad_ema > 0:
-                warnings.warn("train.marble_grad_ema > 0 but the checkpoint holds no tracked reward gradients (saved "
-                              "without tracking): tracking restarts from the next batch's gradients", stacklevel=2)
-            self.harmonizer.load_tracked_state(tracked, self.old.shadow[0].device,
-                                               num_params=sum(s.numel() for s in self.old.shadow))
-
-
 # ----------------------------------------------------------------------------------------- trainer
 
 
@@ -286,7 +258,8 @@ class NFTTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import DTYPES, EMA, build_adapter, build_optimizer, image_size, open_run, resolve_device
+        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_optimizer, image_size, open_run,
+                                     resolve_device)
         from trainers.grpo import _reward_spec_dict
 
         run, cfg = self.run, self.cfg
@@ -312,7 +285,8 @@ class NFTTrainer:
         self.num_rewards = len(self.rewards.names)
         self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
                                      method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)
-        self.state = _TrainingState(self.optimizer, self.old, self.harmonizer)
+        self.state = TrainingState(self.optimizer, self.old.shadow, self.harmonizer,
+                                   tensors={"old_policy": self.old.shadow})
         # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
         self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)
         self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
