@@ -38,3 +38,16 @@ def run_config(model_path: str, out: Path, **overrides) -> RunConfig:
     }
     data.update(overrides)
     return from_dict(RunConfig, data)
+
+
+def train_run(cfg, trainer_cls=None):
+    """Set up, train and clean up a trainer (GRPO unless ``trainer_cls``); returns it for inspection."""
+    if trainer_cls is None:
+        from trainers.grpo import GRPOTrainer as trainer_cls
+    trainer = trainer_cls(cfg)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from grpo_helpers import run_config, save_tiny
+from grpo_helpers import run_config, save_tiny, train_run
 
 from diffalign.checkpoint import load_checkpoint, resolve_resume
 from diffalign.logging import read_metrics
@@ -15,13 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _train(cfg):
-    trainer = GRPOTrainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer
+    return train_run(cfg)
 
 
 def test_single_update_first_ratio_is_exactly_one_and_kl_zero(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diffalign.logging import read_metrics
-from grpo_helpers import run_config, save_tiny
+from grpo_helpers import run_config, save_tiny, train_run
 from trainers.grpo import GRPOTrainer
 
 
@@ -19,12 +19,7 @@ def test_grpo_multi_reward_aggregation(tmp_path, aggregation):
                      rewards=[{"name": "jpeg_compressibility"}, {"name": "shapes"}],
                      train={"num_epochs": 1, "gradient_accumulation_steps": 1, "beta": 0.04,
                             "aggregation": aggregation})
-    trainer = GRPOTrainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
+    trainer = train_run(cfg)
     row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert row["train/updates"] == 1 and row["train/ratio_mean"] == 1.0
     assert any(v.abs().sum() > 0 for k, v in trainer.adapter.lora_state_dict().items() if "lora_B" in k)
@@ -32,16 +27,6 @@ def test_grpo_multi_reward_aggregation(tmp_path, aggregation):
         alphas = [row[f"train/marble/alpha/{n}"] for n in ("jpeg_compressibility", "shapes")]
         assert abs(sum(alphas) - 1) < 1e-9 and min(alphas) >= 0
         assert row["train/marble/worst_cos"] >= -1e-6
-
-
-def _train(cfg) -> GRPOTrainer:
-    trainer = GRPOTrainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer
 
 
 @pytest.mark.parametrize("grad_ema", [0.0, 0.9], ids=["marble", "tracked"])
@@ -60,10 +45,10 @@ def test_grpo_marble_resume_equals_uninterrupted_run(tmp_path, grad_ema):
                           train={"num_epochs": 4, "gradient_accumulation_steps": 1, "aggregation": "marble",
                                  "marble_grad_ema": grad_ema, **extra})
 
-    full = _train(cfg(tmp_path / "full"))
-    _train(cfg(tmp_path / "split", stop_after_epochs=2))
+    full = train_run(cfg(tmp_path / "full"))
+    train_run(cfg(tmp_path / "split", stop_after_epochs=2))
     assert resolve_resume(tmp_path / "split", "latest").name.endswith("00000002")
-    resumed = _train(cfg(tmp_path / "split"))
+    resumed = train_run(cfg(tmp_path / "split"))
     a, b = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -7,7 +7,7 @@ import torch
 
 from diffalign.checkpoint import resolve_resume
 from diffalign.logging import read_metrics
-from grpo_helpers import run_config, save_tiny
+from grpo_helpers import run_config, save_tiny, train_run
 from trainers.nft import NFTTrainer
 
 REWARDS = [{"name": "jpeg_compressibility"}, {"name": "shapes"}]
@@ -27,13 +27,7 @@ def nft_config(model, out, train=None, **overrides):
 
 
 def _train(cfg):
-    trainer = NFTTrainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer
+    return train_run(cfg, NFTTrainer)
 
 
 @pytest.mark.parametrize("train", [
