@@ -406,6 +406,9 @@ class Harmonizer:
         return {"alpha_bar": [float(a) for a in self.alpha_bar], "num_solves": self.num_solves}
 
     def load_state_dict(self, state: Dict) -> None:
+        if len(state["alpha_bar"]) != self.num_rewards:
+            raise ValueError(f"the checkpoint's MARBLE coefficients are for {len(state['alpha_bar'])} rewards, this "
+                             f"run has {self.num_rewards}: resume with the same rewards, or start afresh")
         self.alpha_bar = torch.tensor(state["alpha_bar"], dtype=torch.float64)
         self.num_solves = int(state["num_solves"])
 

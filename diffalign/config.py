@@ -1124,9 +1124,9 @@ class GuidanceConfig:
         False, help="DOIT with lookahead=rollout: a particle is replaced by the best completed candidate it "
         "simulated when that scored higher (no extra reward evaluation; search on top of steering)")
     resample_lambda: float = param(
-        0.0, help="DOIT: after each guided step, resample a prompt's particles in proportion to their simulated "
-        "h = mean exp(lambda r) of the candidates (twisted SMC, no extra reward evaluation); 0 = off, needs "
-        "num_particles >= 2", min=0.0)
+        0.0, help="DOIT: at each guided step resample a prompt's particles by their simulated h = mean exp(lambda r) "
+        "of the candidates over their ancestor's previous h (twisted SMC weights, no extra reward evaluation); "
+        "0 = off, needs num_particles >= 2 and gamma > 0", min=0.0)
     fk_lambda: float = param(2.0, help="FK lambda: target p0 exp(lambda r)")
     fk_potential: Literal["diff", "max", "add", "rt"] = param("max", help="FK potential")
     fk_every: int = param(1, help="FK: resample every N steps inside window", min=1)
@@ -1141,9 +1141,13 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", f"got {self.temperature!r}; must be > 0")
-        check(not (self.method == "doob" and self.resample_lambda > 0 and self.num_particles < 2),
+        doob = "doob" in (self.method, *self.compare)
+        check(not (doob and self.resample_lambda > 0 and self.num_particles < 2),
               "resample_lambda", f"got {self.resample_lambda} with num_particles={self.num_particles}; resampling "
               "moves particles between each other: set guidance.num_particles >= 2 or resample_lambda=0")
+        check(not (doob and self.resample_lambda > 0 and self.gamma == 0), "resample_lambda",
+              f"got {self.resample_lambda} with gamma=0; resampling uses DOIT's simulated candidates, which gamma=0 "
+              "does not draw: set guidance.gamma > 0 or resample_lambda=0")
         check(not self.keep_simulated or self.lookahead == "rollout", "keep_simulated",
               f"got true with lookahead={self.lookahead!r}; only rollout completes candidates into real samples: "
               "set guidance.lookahead=rollout")

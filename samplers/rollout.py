@@ -19,7 +19,7 @@ from samplers.steps import DETERMINISTIC_STEP, STEPS, GeneratorLike, scheduled_s
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, StepOutput], None]
-StateHook = Callable[[int, torch.Tensor], torch.Tensor]
+StateHook = Callable[[int, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = ["rollout", "score_steps", "stochastic_mask", "make_generators", "ModelFn"]
 
@@ -65,7 +65,7 @@ def rollout(
     requires_grad: bool = False,
     store_x0: bool = False,
     callback: Optional[StepCallback] = None,
-    between_steps: Optional[StateHook] = None,
+    before_step: Optional[StateHook] = None,
 ) -> Trajectory:
     """Sample from ``initial_latents`` ``[B, *L]`` along ``schedule``.
 
@@ -78,9 +78,10 @@ def rollout(
             rollout runs under ``torch.no_grad``.
         store_x0: also store the one-step clean estimate at every state (``[B, T, *L]``).
         callback: ``callback(i, x_t, step_output)`` after each step.
-        between_steps: ``between_steps(i, x_next) -> x_next`` after step ``i``; the rollout continues from
-            (and records) the state it returns, e.g. particles resampled by sequential Monte Carlo. Earlier
-            records are not reordered, so with resampling a row's history is not one particle's path.
+        before_step: ``before_step(i, x_t, model_output) -> (x_t, model_output)`` between the model call and
+            step ``i``, which then runs on what it returns: particles resampled by sequential Monte Carlo (rows
+            duplicated with their model output, so duplicates draw their own kernel noise). Recorded states are not
+            reordered, so with resampling a row's history is not one particle's path.
     """
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; valid steps: {sorted(STEPS)}")
@@ -103,6 +104,8 @@ def rollout(
         for i in range(T):
             t = sched.timesteps[i].expand(B)
             out = model_fn(x, t)
+            if before_step is not None:
+                x, out = before_step(i, x, out)
             level = noise_level if bool(mask[i]) else 0.0
             kind = step if level > 0 else DETERMINISTIC_STEP[schedule.kind]
             res = scheduled_step(kind, out, x, sched, i, noise_level=level, generator=generator)
@@ -117,8 +120,6 @@ def rollout(
             if callback is not None:
                 callback(i, x, res)
             x = res.prev_sample if requires_grad else res.prev_sample.detach()
-            if between_steps is not None:
-                x = between_steps(i, x)
             latents.append(x)
     return Trajectory(
         latents=torch.stack(latents, dim=1),

@@ -143,6 +143,10 @@ def main(argv=None) -> int:
     step, level = resolve_kernel(adapter.kind, None, args.noise_level, "flow_sde", args.noise_level)
     T = args.steps
     selected = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.doob_particles < 2 and "doob_smc" in selected:
+        # resampling moves particles between each other: nothing to do with one
+        print("skipping doob_smc: it needs --doob-particles >= 2", file=sys.stderr)
+        selected.remove("doob_smc")
     table_plans = plans(args, T)
     unknown = sorted(set(selected) - set(table_plans))
     if unknown:

@@ -187,14 +187,15 @@ def test_doob_log_h_known_answer():
 
 
 def test_doob_resampling_moves_particles_to_the_highest_simulated_h():
-    """``resample_lambda``: after the guided step each prompt's particles descend from the particles with the
-    highest simulated ``h`` (at a large lambda: all from the argmax), at no extra reward evaluation, and the
-    resampled particles end on the rewarded mode more often than without resampling."""
+    """``resample_lambda``: at each guided step a prompt's particles descend from those with the highest simulated
+    ``h`` over their ancestor's at the previous guided step (at a large lambda: from the argmax), at no extra
+    reward evaluation, and the resampled particles end on the rewarded mode more often than without resampling."""
     from samplers.guided.doob import doob_log_h
 
     sched = make_schedule("flow", 10)
     model = gmm_model(sched, *TWO_MODES)
-    x, P, M = _noise(400, seed=5), 4, 4
+    n, P, M, lam = 400, 4, 4, 1e3
+    x = _noise(n, seed=5)
     calls = []
 
     def reward(x0, idx):
@@ -202,39 +203,63 @@ def test_doob_resampling_moves_particles_to_the_highest_simulated_h():
         return x0[:, 0]
 
     kw = dict(step="flow_sde", noise_level=0.7, group_size=P)
-    opts = dict(num_candidates=M, window=(2, 3), lookahead="rollout", temperature=1.0, select="all")
+    opts = dict(num_candidates=M, window=(2, 4), lookahead="rollout", temperature=1.0, select="all")
     plain = guided_sample("doob", model, sched, x, reward, **kw, options=opts)
     calls.clear()
-    out = guided_sample("doob", model, sched, x, reward, **kw, options={**opts, "resample_lambda": 1e3})
+    out = guided_sample("doob", model, sched, x, reward, **kw, options={**opts, "resample_lambda": lam})
     assert out.counter.as_dict() == plain.counter.as_dict()
-    assert out.extras["num_resampled_steps"] == 1
-    log_h = doob_log_h(calls[0].view(M, -1), 1e3)
-    group_max = log_h.view(-1, P).max(dim=1).values.repeat_interleave(P)
-    anc = out.extras["ancestors"]
-    # every ancestor is in its own prompt's group and (at lambda 1e3, multinomial) within e^-10 of the group's best
-    assert torch.equal(anc // P, torch.arange(400) // P)
-    gap = group_max - log_h[anc]
-    assert float(gap.max()) < 10.0 and float((gap == 0).float().mean()) > 0.9, gap.max()
+    assert out.extras["num_resampled_steps"] == 2
+    prev = torch.zeros(n)
+    for call, anc in zip(calls[:2], out.extras["ancestors"]):
+        log_h = doob_log_h(call.view(M, -1), lam)
+        log_w = log_h - prev
+        # every ancestor is in its own prompt's group and (multinomial at lambda 1e3) within e^-10 of the best
+        assert torch.equal(anc // P, torch.arange(n) // P)
+        gap = log_w.view(-1, P).max(dim=1).values.repeat_interleave(P) - log_w[anc]
+        assert float(gap.max()) < 10.0 and float((gap == 0).float().mean()) > 0.9, gap.max()
+        prev = log_h[anc]
     right = [float((o.samples[:, 0] > 0).float().mean()) for o in (plain, out)]
     assert right[1] > right[0] + 0.1, right
+    # duplicated particles draw their own kernel noise: no two final particles are equal
+    assert torch.unique(out.samples, dim=0).shape[0] == n
+
+
+def test_doob_resampling_edge_cases():
+    sched = make_schedule("flow", 8)
+    model = gmm_model(sched, *TWO_MODES)
+    x, P = _noise(8, seed=7), 4
+    kw = dict(step="flow_sde", noise_level=0.7, group_size=P)
+    opts = dict(num_candidates=2, window=(2, 3), lookahead="rollout", resample_lambda=5.0)
+
+    def nan_first_prompt(x0, idx):  # every candidate of prompt 0 is NaN (reward not applicable)
+        return torch.where(idx // P == 0, float("nan"), x0[:, 0])
+
+    out = guided_sample("doob", model, sched, x, nan_first_prompt, **kw, options=opts)
+    assert out.extras["ancestors"][0][:P].tolist() == [0, 1, 2, 3]  # no signal: the particles are kept
     with pytest.raises(ValueError, match="group_size >= 2"):
-        guided_sample("doob", model, sched, x, reward, step="flow_sde", noise_level=0.7, group_size=1,
-                      options={**opts, "resample_lambda": 1.0})
+        guided_sample("doob", model, sched, x, nan_first_prompt, step="flow_sde", noise_level=0.7, options=opts)
+    with pytest.raises(ValueError, match="gamma > 0"):
+        guided_sample("doob", model, sched, x, nan_first_prompt, **kw, options={**opts, "gamma": 0.0})
+    with pytest.raises(ValueError, match="finite candidate rewards"):
+        guided_sample("doob", model, sched, x, lambda x0, idx: torch.where(idx == 1, float("inf"), x0[:, 0]),
+                      **kw, options=opts)
 
 
-def test_rollout_between_steps_hook_replaces_the_state():
+def test_rollout_before_step_hook_replaces_the_state():
     from samplers import make_generators
 
     sched = make_schedule("flow", 6)
     model = gmm_model(sched, *TWO_MODES)
     x = _noise(8, seed=6)
-    kw = dict(step="flow_sde", noise_level=0.7)
-    plain = rollout(model, sched, x, generator=make_generators(0, range(8)), **kw)
-    same = rollout(model, sched, x, generator=make_generators(0, range(8)), between_steps=lambda i, s: s, **kw)
-    assert torch.equal(plain.latents, same.latents)
-    last = rollout(model, sched, x, generator=make_generators(0, range(8)),
-                   between_steps=lambda i, s: s.flip(0) if i == 5 else s, **kw)
-    assert torch.equal(last.final, plain.final.flip(0)) and torch.equal(last.latents[:, :6], plain.latents[:, :6])
+    plain = rollout(model, sched, x, step="flow_euler", noise_level=0.0)
+    flip = rollout(model, sched, x, step="flow_euler", noise_level=0.0,
+                   before_step=lambda i, s, o: (s.flip(0), o.flip(0)) if i == 2 else (s, o))
+    torch.testing.assert_close(flip.final, plain.final.flip(0), rtol=0, atol=1e-6)
+    assert torch.equal(flip.latents[:, :3], plain.latents[:, :3])
+    # rows duplicated before a stochastic step draw their own kernel noise from that step on
+    dup = rollout(model, sched, x, step="flow_sde", noise_level=0.7, generator=make_generators(0, range(8)),
+                  before_step=lambda i, s, o: (s[:1].expand_as(s), o[:1].expand_as(o)) if i == 2 else (s, o))
+    assert torch.unique(dup.final, dim=0).shape[0] == 8
 
 
 @pytest.mark.parametrize("kind", ["flow", "vp"])

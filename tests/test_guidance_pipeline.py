@@ -122,3 +122,7 @@ def test_keep_simulated_and_resampling_reach_the_sampler_from_the_config():
     assert opts["resample_lambda"] == 5.0
     with pytest.raises(ConfigError, match="num_particles >= 2"):
         GuidanceConfig(method="doob", num_particles=1, resample_lambda=5.0)
+    with pytest.raises(ConfigError, match="num_particles >= 2"):  # doob as a comparison row counts too
+        GuidanceConfig(method="best_of_n", compare=["doob"], num_particles=1, resample_lambda=5.0)
+    with pytest.raises(ConfigError, match="gamma > 0"):
+        GuidanceConfig(method="doob", num_particles=2, gamma=0.0, resample_lambda=5.0)

@@ -79,5 +79,12 @@ def test_grpo_tracked_gradients_need_marble_and_old_checkpoints_load(tmp_path):
     p.grad = torch.ones(3)
     opt.step()
     other = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.1)
-    TrainingState(other, [p]).load_state_dict(opt.state_dict())
+    TrainingState("grpo", other, [p]).load_state_dict(opt.state_dict())
     torch.testing.assert_close(other.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # an NFT slot (old policy) is refused by GRPO and a GRPO slot by NFT, before the optimizer is touched
+    nft = TrainingState("nft", opt, [p], tensors={"old_policy": [p.detach().clone()]}).state_dict()
+    for state in (nft, {k: v for k, v in nft.items() if k != "trainer"}):
+        with pytest.raises(ValueError, match="another trainer"):
+            TrainingState("grpo", other, [p]).load_state_dict(state)
+    with pytest.raises(ValueError, match="another trainer"):
+        TrainingState("nft", other, [p], tensors={"old_policy": [p]}).load_state_dict(opt.state_dict())

@@ -158,19 +158,19 @@ class TrainingState:
     """A trainer's checkpoint optimizer slot: the optimizer, named tensor lists the optimizer does not hold (NFT's
     old policy), and MARBLE's tracked per-reward gradients (:meth:`diffalign.balance.Harmonizer.tracked_state`).
 
-    ``state_dict()`` is ``{"optimizer": ..., NAME: [tensors], "marble_tracked": [K, D]}`` (the last only while
-    tracking); :meth:`load_state_dict` also accepts a bare optimizer state (GRPO checkpoints written before the
-    bundle existed).
+    ``state_dict()`` is ``{"trainer": OWNER, "optimizer": ..., NAME: [tensors], "marble_tracked": [K, D]}`` (the
+    last only while tracking). :meth:`load_state_dict` refuses a slot written by another trainer (before touching
+    the optimizer) and accepts a bare optimizer state, what GRPO checkpoints held before this bundle existed.
     """
 
-    def __init__(self, optimizer, params: Sequence[torch.Tensor], harmonizer=None,
+    def __init__(self, owner: str, optimizer, params: Sequence[torch.Tensor], harmonizer=None,
                  tensors: Optional[Dict[str, List[torch.Tensor]]] = None) -> None:
-        self.optimizer, self.harmonizer, self.tensors = optimizer, harmonizer, dict(tensors or {})
+        self.owner, self.optimizer, self.harmonizer, self.tensors = owner, optimizer, harmonizer, dict(tensors or {})
         self.num_params = sum(p.numel() for p in params)
         self.device = params[0].device if len(params) else torch.device("cpu")
 
     def state_dict(self) -> Dict:
-        state = {"optimizer": self.optimizer.state_dict(),
+        state = {"trainer": self.owner, "optimizer": self.optimizer.state_dict(),
                  **{name: [t.detach().cpu() for t in ts] for name, ts in self.tensors.items()}}
         tracked = self.harmonizer.tracked_state() if self.harmonizer is not None else None
         if tracked is not None:
@@ -178,13 +178,22 @@ class TrainingState:
         return state
 
     def load_state_dict(self, state: Dict) -> None:
-        if "optimizer" not in state:  # a bare optimizer state_dict
-            state = {"optimizer": state}
+        if "optimizer" not in state:  # a bare optimizer state_dict (GRPO before the bundle)
+            state = {"trainer": "grpo", "optimizer": state}
+        known = {"trainer", "optimizer", "marble_tracked"}
+        foreign = sorted(set(state) - known - set(self.tensors))
+        missing = sorted(set(self.tensors) - set(state))
+        writer = state.get("trainer")
+        if (writer is not None and writer != self.owner) or foreign or missing:
+            raise ValueError(f"the checkpoint's optimizer state was written by another trainer ({writer or 'unknown'}:"
+                             f" extra {foreign}, missing {missing}); this run is trainer {self.owner!r}: resume with "
+                             "the trainer that wrote it, or start afresh (checkpoint.resume_from=null)")
+        for name, ts in self.tensors.items():
+            if len(state[name]) != len(ts):
+                raise ValueError(f"the checkpoint's {name!r} holds {len(state[name])} tensors, this run has "
+                                 f"{len(ts)}: resume with the same model and adapter")
         self.optimizer.load_state_dict(state["optimizer"])
         for name, ts in self.tensors.items():
-            if name not in state:
-                raise ValueError(f"the checkpoint's optimizer state has no {name!r}; it was written by another "
-                                 "trainer: resume with the trainer that wrote it")
             for t, v in zip(ts, state[name]):
                 t.copy_(v)
         if self.harmonizer is not None:

@@ -15,6 +15,7 @@ All details and defaults: research/grpo_family.md §1.3, §1.7, §3.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Tuple
 
@@ -253,7 +254,7 @@ class GRPOTrainer:
             self.marble = (Harmonizer(len(self.rewards.names), grad_ema=cfg.marble_grad_ema),
                            RewardGradients(self.params, len(self.rewards.names)))
         # the optimizer slot also carries MARBLE's tracked reward gradients
-        self.state = TrainingState(self.optimizer, self.params, self.marble[0] if self.marble else None)
+        self.state = TrainingState("grpo", self.optimizer, self.params, self.marble[0] if self.marble else None)
         self.epoch, self.global_step = 0, 0
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
 
@@ -262,8 +263,12 @@ class GRPOTrainer:
 
         self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
                                                                 self.state, self.lr_scheduler)
-        if self.marble is not None and "harmonizer" in extra:
-            self.marble[0].load_state_dict(extra["harmonizer"])
+        if self.marble is not None:
+            if "harmonizer" in extra:
+                self.marble[0].load_state_dict(extra["harmonizer"])
+            else:
+                warnings.warn("train.aggregation=marble but the checkpoint holds no MARBLE coefficients (written "
+                              "without MARBLE or by an older version): they restart uniform", stacklevel=2)
         if "tracker" in extra:
             self.tracker.load_state_dict(extra["tracker"])
         if "moments" in extra:

@@ -19,11 +19,16 @@ known rewards): a particle is replaced by the best completed candidate it simula
 higher, at no extra reward evaluation. The selection then searches as well as it steers; benchmarks report it
 as its own row.
 
-DOIT's ``resample_lambda`` (``lam > 0``, ``P > 1``): after each guided step the ``P`` particles of a prompt are
-resampled (multinomial) in proportion to their simulated ``h = mean_m exp(lam r_m)``
-(:func:`~samplers.guided.doob.doob_log_h`), the twist of a twisted sequential Monte Carlo sampler. The
-candidates that estimate ``grad log h`` estimate ``h`` too, so particles move to where the simulation found
-reward at no extra reward evaluation. The best-of-particles output does not reweight the final particles.
+DOIT's ``resample_lambda`` (``lam > 0``, ``P > 1``, ``gamma > 0``): at each guided step, before the step is taken,
+the ``P`` particles of a prompt are resampled (multinomial) by their simulated ``h = mean_m exp(lam r_m)``
+(:func:`~samplers.guided.doob.doob_log_h`) over their ancestor's ``h`` at the previous guided step, the
+incremental weight of twisted sequential Monte Carlo. The candidates that estimate ``grad log h`` estimate ``h``
+too, so particles move to where the simulation found reward at no extra reward evaluation. DOIT's corrected move
+is not importance-weighted against the base kernel, so with both the population is tilted further than
+``exp(lam r)``: a search heuristic, not an exact sampler of the tilted target. The best-of-particles output does
+not reweight the final particles. With ``keep_simulated`` each slot keeps the best candidate simulated in it, by
+whichever particle occupied it (so with ``select="all"`` a row may return a candidate of its slot's earlier
+particle; the best-of selection is over every candidate the prompt simulated either way).
 """
 
 from __future__ import annotations
@@ -129,15 +134,18 @@ def guided_sample(
     if lam < 0 or (lam > 0 and group_size < 2):
         raise ValueError(f"resample_lambda must be >= 0 and needs group_size >= 2 particles per prompt, got "
                          f"{lam} with group_size={group_size}; set resample_lambda=0 or use more particles")
-    fn, between, extras = counted, None, {}
+    if lam > 0 and options.get("gamma", 1.0) == 0:
+        raise ValueError("resample_lambda > 0 resamples on DOIT's simulated candidates, which gamma = 0 does not "
+                         "draw; set gamma > 0 or resample_lambda=0")
+    fn, before, extras = counted, None, {}
     if method == "doob":
         twist = {} if lam > 0 else None
         fn = doob_model_fn(counted, schedule, reward_fn, step=step, noise_level=noise_level,
                            generator=candidate_gens, pool=pool, twist=twist, **options, **common)
         if twist is not None:
-            between = _twist_resampler(twist, lam, group_size, resample_gen, extras)
+            before = _twist_resampler(twist, lam, group_size, resample_gen, extras)
     traj = rollout(fn, schedule, initial_latents, step=step, noise_level=noise_level, generator=kernel_gens,
-                   between_steps=between)
+                   before_step=before)
     final = traj.final
     index = torch.arange(B, device=final.device)
     r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights)
@@ -153,26 +161,36 @@ def guided_sample(
 
 
 def _twist_resampler(twist: dict, lam: float, group_size: int, generator: torch.Generator, extras: dict):
-    """``between_steps`` hook: after a guided step, resample each prompt's particles by the simulated ``h``.
+    """``before_step`` hook: at a guided step, resample each prompt's particles (with their model output, so
+    duplicates draw their own kernel noise) by the simulated ``h`` of this step over their ancestor's at the
+    previous guided step (``h_k / h_{k-1}``, the incremental weight of twisted SMC; ``h_0 = 1``).
 
-    Records ``extras["ancestors"]`` (the latest ``[B]`` ancestor indices) and ``extras["num_resampled_steps"]``.
-    A prompt whose particles all have ``h = 0`` (every candidate NaN) keeps its particles.
+    A prompt whose particles all have ``h = 0`` (every candidate NaN) keeps its particles. Records
+    ``extras["ancestors"]`` (a list with the ``[B]`` ancestor indices of every guided step) and
+    ``extras["num_resampled_steps"]``.
     """
-    def between(i: int, x: torch.Tensor) -> torch.Tensor:
-        if twist.get("step") != i:
-            return x
-        log_h = doob_log_h(twist.pop("rewards"), lam).to(x.device)
-        twist.pop("step")
-        G = x.shape[0] // group_size
-        lw = log_h.view(G, group_size)
-        none = torch.isinf(lw).all(dim=1, keepdim=True)
-        lw = torch.where(none, torch.zeros_like(lw), lw)
-        idx = _resample(lw.reshape(-1), group_size, torch.ones(G, dtype=torch.bool, device=x.device), generator)
-        extras["ancestors"] = idx
-        extras["num_resampled_steps"] = extras.get("num_resampled_steps", 0) + 1
-        return x[idx]
+    state: Dict[str, torch.Tensor] = {}
 
-    return between
+    def before(i: int, x: torch.Tensor, out: torch.Tensor):
+        if twist.get("step") != i:
+            return x, out
+        twist.pop("step")
+        log_h = doob_log_h(twist.pop("rewards"), lam).to(x.device)
+        if bool((log_h.isnan() | torch.isposinf(log_h)).any()):
+            raise ValueError(f"resampling needs finite candidate rewards; lambda * reward overflowed or a reward was "
+                             f"+inf (lambda={lam}): lower guidance.resample_lambda or bound the reward")
+        prev = state.get("log_h", torch.zeros_like(log_h))
+        log_w = log_h - torch.where(torch.isneginf(prev), torch.zeros_like(prev), prev)
+        G = x.shape[0] // group_size
+        none = torch.isneginf(log_w.view(G, group_size)).all(dim=1)
+        log_w = torch.where(none.repeat_interleave(group_size), torch.zeros_like(log_w), log_w)
+        idx = _resample(log_w, group_size, ~none, generator)
+        state["log_h"] = log_h[idx]
+        extras.setdefault("ancestors", []).append(idx)
+        extras["num_resampled_steps"] = len(extras["ancestors"])
+        return x[idx], out[idx]
+
+    return before
 
 
 def window_tuple(window: Optional[Sequence[int]]) -> Optional[Tuple[int, int]]:
