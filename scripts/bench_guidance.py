@@ -11,8 +11,8 @@ prompts from the same initial noise and spends about ``--budget`` reward evaluat
 * doob: DOIT with ``--doob-particles`` chains, ``--doob-candidates`` candidates at the guided steps (a
   window sized so that ``P * (M * steps + 1) <= budget``), best particle kept; three lookaheads (reuse_eps,
   denoise, rollout), rollout with ``keep_simulated`` (the best completed candidate may replace its particle),
-  and ``doob_smc``: rollout + ``keep_simulated`` + particles resampled on the simulated ``h`` after each guided
-  step (``--doob-resample-lambda``);
+  and ``doob_smc``: rollout + ``keep_simulated`` + each prompt's particles resampled at the guided steps, before
+  the move, by their simulated ``h`` over their ancestor's (``--doob-resample-lambda``);
 * best_of_n_matched: best-of-N with N exactly DOIT's reward evaluations per prompt.
 
 Prints one table (model evaluations, VJPs and reward evaluations per prompt, wall time, mean verifier score)
@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--doob-temperature", type=float, default=0.5)
     p.add_argument("--doob-start", type=int, default=1, help="first guided step (flow: step 0 has alpha = 0)")
     p.add_argument("--doob-resample-lambda", type=float, default=5.0,
-                   help="lambda of the doob_smc row: particles resampled by mean exp(lambda r) of their candidates")
+                   help="lambda of the doob_smc row: particles resampled by h = mean exp(lambda r) of their "
+                   "candidates over their ancestor's h")
     p.add_argument("--doob-steps", type=int, default=None,
                    help="guided steps (default: as many as the budget allows)")
     p.add_argument("--fk-particles", type=int, default=8)
@@ -143,9 +144,11 @@ def main(argv=None) -> int:
     step, level = resolve_kernel(adapter.kind, None, args.noise_level, "flow_sde", args.noise_level)
     T = args.steps
     selected = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.doob_particles < 2 and "doob_smc" in selected:
-        # resampling moves particles between each other: nothing to do with one
-        print("skipping doob_smc: it needs --doob-particles >= 2", file=sys.stderr)
+    smc_off = {"--doob-particles < 2": args.doob_particles < 2, "--doob-gamma 0": args.doob_gamma == 0,
+               "--doob-resample-lambda 0": args.doob_resample_lambda == 0}
+    if "doob_smc" in selected and any(smc_off.values()):
+        # resampling needs several particles and DOIT's candidates; with lambda 0 the row is doob_rollout_keep
+        print(f"skipping doob_smc: {[k for k, v in smc_off.items() if v]}", file=sys.stderr)
         selected.remove("doob_smc")
     table_plans = plans(args, T)
     unknown = sorted(set(selected) - set(table_plans))

@@ -165,9 +165,10 @@ def _twist_resampler(twist: dict, lam: float, group_size: int, generator: torch.
     duplicates draw their own kernel noise) by the simulated ``h`` of this step over their ancestor's at the
     previous guided step (``h_k / h_{k-1}``, the incremental weight of twisted SMC; ``h_0 = 1``).
 
-    A prompt whose particles all have ``h = 0`` (every candidate NaN) keeps its particles. Records
-    ``extras["ancestors"]`` (a list with the ``[B]`` ancestor indices of every guided step) and
-    ``extras["num_resampled_steps"]``.
+    "Previous" is the last step that recorded candidates; a particle whose carried ``h`` is 0 counts as ``h = 1``.
+    A prompt whose particles all have ``h = 0`` (every candidate NaN or -inf) keeps its particles. Records
+    ``extras["ancestors"]`` (a list with the ``[B]`` ancestor indices of every guided step, identity for kept
+    prompts) and ``extras["num_resampled_steps"]`` (its length).
     """
     state: Dict[str, torch.Tensor] = {}
 
