@@ -212,3 +212,24 @@ def test_time_limit_decision_is_shared_by_all_ranks():
     assert should_stop(cfg, 1, now, nobody) == (False, False)
     assert should_stop(cfg, 1, now - 601, nobody) == (True, True)
     assert should_stop(SimpleNamespace(max_minutes=None, stop_after_epochs=2), 2, now) == (True, False)
+
+
+def test_learning_rate_schedules(tmp_path):
+    """Warmup then constant, linear or cosine decay to 0 over ``lr_decay_steps`` (known values), wired into the
+    trainer's scheduler; a decay without its length is a config error."""
+    import math
+
+    from diffalign.config import ConfigError
+    from trainers.common import lr_factor
+
+    assert [lr_factor(s, 2) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 0, "linear", 4) for s in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    cos = [lr_factor(s, 1, "cosine", 4) for s in range(7)]
+    expected = [1.0] + [0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)] + [0.0]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(cos, expected)), cos
+    trainer = train_run(run_config(save_tiny(tmp_path), tmp_path / "run",
+                                   train={"num_epochs": 2, "lr_schedule": "linear", "lr_decay_steps": 4}))
+    # 2 epochs x 1 update (gradient_accumulation_steps 2 over 2 minibatches): the rate after 2 steps is half
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.5e-2)
+    with pytest.raises(ConfigError, match="lr_decay_steps"):
+        GRPOTrainer(run_config(save_tiny(tmp_path), tmp_path / "bad", train={"lr_schedule": "cosine"}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -89,16 +90,35 @@ def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional
     load_trainable_state(adapter, state.trainable_state, params)
 
 
+def lr_factor(step: int, warmup: int = 0, schedule: str = "constant", decay_steps: int = 0) -> float:
+    """Multiplier of the learning rate at optimizer step ``step`` (0-based): a linear warmup over ``warmup``
+    steps, then ``constant`` (1), or a ``linear`` / ``cosine`` decay from 1 to 0 over ``decay_steps`` (0 after)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if decay_steps <= 0:
+        raise ValueError(f"lr_schedule={schedule!r} needs train.lr_decay_steps > 0 (optimizer steps to decay "
+                         "over); set it, or lr_schedule=constant")
+    t = min(max(step - warmup, 0) / decay_steps, 1.0)
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"lr_schedule must be constant, linear or cosine, got {schedule!r}")
+
+
 def build_optimizer(params: Sequence[torch.nn.Parameter], cfg) -> tuple:
-    """``(AdamW, LambdaLR with linear warmup)`` from a trainer's ``train`` section (``learning_rate``,
-    ``adam_beta1/2``, ``weight_decay``, ``adam_eps``, ``warmup_steps``); an empty ``params`` is an error."""
+    """``(AdamW, LambdaLR)`` from a trainer's ``train`` section (``learning_rate``, ``adam_beta1/2``,
+    ``weight_decay``, ``adam_eps``, ``warmup_steps``, ``lr_schedule``, ``lr_decay_steps``: :func:`lr_factor`);
+    an empty ``params`` is an error."""
     if not params:
         raise ValueError("no trainable parameters: enable model.lora or full fine-tuning")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-    warm = cfg.warmup_steps
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+    warm, schedule, decay = cfg.warmup_steps, cfg.lr_schedule, cfg.lr_decay_steps
+    lr_factor(warm, warm, schedule, decay)  # a bad combination fails here, not at the first step
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warm, schedule, decay))
     return optimizer, lr_scheduler
 
 

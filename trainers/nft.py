@@ -43,6 +43,10 @@ class NFTConfig:
     weight_decay: float = param(1e-4, help="AdamW weight decay")
     adam_eps: float = param(1e-8, help="AdamW epsilon")
     warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = param(
+        "constant", help="learning rate after warmup: constant, or decayed to 0 (linear / cosine) over lr_decay_steps")
+    lr_decay_steps: int = param(
+        0, help="optimizer steps of the decay after warmup (then the rate stays 0); needed by linear / cosine", min=0)
     batch_size: int = param(8, help="training minibatch per process", min=1)
     gradient_accumulation_steps: int = param(
         1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1)
@@ -103,6 +107,9 @@ class NFTConfig:
 
     def validate_run(self, run) -> None:
         s = run.sample
+        check(self.lr_schedule == "constant" or self.lr_decay_steps > 0, "train.lr_decay_steps",
+              f"got 0 with lr_schedule={self.lr_schedule!r}; set the optimizer steps to decay over (the config's "
+              "batch arithmetic gives optimizer steps per epoch), or lr_schedule=constant")
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; DiffusionNFT needs >= 2 images per prompt")
         check(s.step == "flow_euler", "sample.step",
               f"got {s.step!r}; DiffusionNFT samples with the deterministic ODE: set sample.step=flow_euler")
