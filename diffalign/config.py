@@ -160,6 +160,13 @@ def check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(message, key=key)
 
 
+def check_lr_schedule(train) -> None:
+    """A trainer section's ``lr_schedule`` decays over ``lr_decay_steps``, which must then be set."""
+    check(train.lr_schedule == "constant" or train.lr_decay_steps > 0, "train.lr_decay_steps",
+          f"got 0 with lr_schedule={train.lr_schedule!r}; set the optimizer steps to decay over (the config's "
+          "batch arithmetic gives optimizer steps per epoch), or lr_schedule=constant")
+
+
 # ----------------------------------------------------------------------------------------------------
 # type introspection
 # ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from diffalign.config import check, param, register_trainer_config
+from diffalign.config import check, check_lr_schedule, param, register_trainer_config
 from diffalign.types import LossStats
 
 __all__ = ["GRPOConfig", "grpo_loss", "kl_to_reference", "select_train_steps", "GRPOTrainer"]
@@ -99,9 +99,7 @@ class GRPOConfig:
 
     def validate_run(self, run) -> None:
         s = run.sample
-        check(self.lr_schedule == "constant" or self.lr_decay_steps > 0, "train.lr_decay_steps",
-              f"got 0 with lr_schedule={self.lr_schedule!r}; set the optimizer steps to decay over (the config's "
-              "batch arithmetic gives optimizer steps per epoch), or lr_schedule=constant")
+        check_lr_schedule(self)
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
         check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
               f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")

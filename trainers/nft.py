@@ -24,7 +24,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from diffalign.config import check, param, register_trainer_config
+from diffalign.config import check, check_lr_schedule, param, register_trainer_config
 from diffalign.types import LossStats
 
 __all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "nft_loss", "old_policy_decay", "OldPolicy",
@@ -107,9 +107,7 @@ class NFTConfig:
 
     def validate_run(self, run) -> None:
         s = run.sample
-        check(self.lr_schedule == "constant" or self.lr_decay_steps > 0, "train.lr_decay_steps",
-              f"got 0 with lr_schedule={self.lr_schedule!r}; set the optimizer steps to decay over (the config's "
-              "batch arithmetic gives optimizer steps per epoch), or lr_schedule=constant")
+        check_lr_schedule(self)
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; DiffusionNFT needs >= 2 images per prompt")
         check(s.step == "flow_euler", "sample.step",
               f"got {s.step!r}; DiffusionNFT samples with the deterministic ODE: set sample.step=flow_euler")
