@@ -290,7 +290,7 @@ class NFTTrainer:
         self.num_rewards = len(self.rewards.names)
         self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
                                      method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)
-        self.state = TrainingState("nft", self.optimizer, self.old.shadow, self.harmonizer,
+        self.state = TrainingState("nft", self.optimizer, self.params, self.harmonizer,
                                    tensors={"old_policy": self.old.shadow})
         # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
         self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)

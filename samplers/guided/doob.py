@@ -94,9 +94,9 @@ def doob_log_h(rewards: torch.Tensor, lam: float) -> torch.Tensor:
     """``[B]`` simulated ``log h = log mean_m exp(lam r_m)`` from combined candidate rewards ``[M, B]``.
 
     The same simulation that gives DOIT's ``grad log h`` estimates ``h`` itself, the twist of a twisted
-    sequential Monte Carlo sampler: particles resampled in proportion to ``h(x_t)`` carry the tilt
-    ``exp(lam r)`` forward. NaN candidates (reward not applicable) are left out of the mean; a particle whose
-    candidates are all NaN gets ``-inf``.
+    sequential Monte Carlo sampler, whose particles are resampled by the ratio of ``h`` between guided steps
+    (``resample_lambda`` in :func:`~samplers.guided.guided_sample`). NaN candidates (reward not applicable) are
+    left out of the mean; a particle whose candidates are all NaN gets ``-inf``.
     """
     r = rewards.float()
     valid = ~r.isnan()
