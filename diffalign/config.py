@@ -1188,6 +1188,9 @@ class RunConfig:
     sample: SampleConfig = param(default_factory=SampleConfig, help="sampling")
     prompts: PromptsConfig = param(default_factory=PromptsConfig, help="prompt source")
     rewards: List[RewardSpec] = param([], help="reward columns, in order")
+    eval_rewards: List[RewardSpec] = param(
+        [], help="extra reward columns scored only at evaluation (the trainers' eval_every and diffalign eval), "
+        "after the training columns: e.g. train on a shaped or cheap proxy, evaluate on the target metric")
     train: Dict[str, Any] = param(
         {},
         help="trainer-specific keys, parsed by the trainer's config "

@@ -1,4 +1,5 @@
-"""Shapes reward: the built-in world's deterministic verifier (a GenEval-like prompt-image check).
+"""Shapes rewards: the built-in world's deterministic verifier (a GenEval-like prompt-image check), and its
+shaped, smooth form ``shapes_soft`` for training.
 
 Scores come from ``diffalign.shapes.verifier.score_images(images, prompts) -> (scores [B], details)``:
 the fraction of the caption's criteria (count, colour, shape, relative position) the image satisfies,
@@ -67,3 +68,14 @@ def shapes(**kwargs: Any) -> ShapesReward:
             f"which could not be imported: {exc}"
         ) from exc
     return ShapesReward(score_images, **kwargs)
+
+
+@register_reward("shapes_soft")
+def shapes_soft(**kwargs: Any) -> ShapesReward:
+    """The shaped shapes verifier (``diffalign.shapes.verifier.soft_score_images``): each criterion a number in
+    [0, 1] that moves smoothly with the features the verifier thresholds; ``temperature`` (default 1) scales
+    the sigmoids, toward 0 it is the ``shapes`` reward. For training; evaluate with ``shapes``. Range [0, 1]."""
+    kwargs.setdefault("name", "shapes_soft")
+    from diffalign.shapes.verifier import soft_score_images
+
+    return ShapesReward(soft_score_images, **kwargs)

@@ -83,7 +83,8 @@ def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, ext
     finally:
         trainer.cleanup()
     print(f"[{mode}] {epochs} epochs in {time.time() - t0:.0f} s")
-    return read_metrics(metrics), trainer.rewards.names, trainer.cfg
+    extra_names = trainer.eval_only_rewards.names if trainer.eval_only_rewards is not None else []
+    return read_metrics(metrics), [*trainer.rewards.names, *extra_names], trainer.cfg
 
 
 def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[str]) -> Dict[str, float]:
@@ -148,7 +149,7 @@ def summarise(mode: str, rows: List[Dict], names: List[str], cfg, base: Dict) ->
     alpha_keys = [k for k in train_rows[-1] if k.startswith("marble/alpha_bar/")]
     out["alpha_bar_final"] = {k.split("/")[-1]: train_rows[-1][k] for k in alpha_keys}
     out["train_reward_first_last"] = {n: (train_rows[0][f"reward/{n}"], train_rows[-1][f"reward/{n}"])
-                                      for n in names}
+                                      for n in names if f"reward/{n}" in train_rows[0]}  # eval_rewards: eval only
     return out
 
 

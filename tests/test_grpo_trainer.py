@@ -187,6 +187,36 @@ def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_pat
         assert out["eval/reward/jpeg_compressibility"] == expected["eval/reward/jpeg_compressibility"]
 
 
+def test_eval_rewards_are_scored_only_at_evaluation(tmp_path):
+    """``eval_rewards`` columns follow the training ones at every evaluation (trainer and ``diffalign eval``) and
+    never enter training: the same run without them trains to the same weights and logs the same rewards."""
+    import dataclasses
+    import json
+
+    from trainers.run import eval_main
+
+    extra = [{"name": "colorfulness"}]
+    runs = {}
+    for name, eval_rewards in (("with", extra), ("without", [])):
+        cfg = run_config(save_tiny(tmp_path), tmp_path / name, train={"num_epochs": 1, "eval_every": 1},
+                         eval_rewards=eval_rewards)
+        runs[name] = (cfg, _train(cfg), read_metrics(tmp_path / name / "metrics.jsonl"))
+    cfg, trainer, rows = runs["with"]
+    evals = [r for r in rows if "eval/reward/jpeg_compressibility" in r]
+    assert len(evals) == 2 and all("eval/reward/colorfulness" in r for r in evals)
+    assert not any("reward/colorfulness" in r for r in rows)  # not a training column
+    plain = [r for r in runs["without"][2] if "epoch" in r][0]
+    assert [r for r in rows if "epoch" in r][0]["reward/jpeg_compressibility"] == plain["reward/jpeg_compressibility"]
+    for a, b in zip(trainer.params, runs["without"][1].params):
+        assert torch.equal(a, b)
+    assert eval_main(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="latest"))) == 0
+    out = json.loads((tmp_path / "with" / "eval.json").read_text())
+    assert out["eval/reward/colorfulness"] == evals[-1]["eval/reward/colorfulness"]
+    clash = run_config(save_tiny(tmp_path), tmp_path / "clash", eval_rewards=[{"name": "jpeg_compressibility"}])
+    with pytest.raises(ValueError, match=r"eval_rewards: columns \['jpeg_compressibility'\] are already"):
+        _train(clash)
+
+
 def test_time_limited_run_ends_with_an_evaluation(tmp_path):
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 50, "max_minutes": 0.0})
     _train(cfg)

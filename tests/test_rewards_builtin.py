@@ -102,3 +102,20 @@ def test_shapes_reward_scores_clean_renders_one():
     # A render of another caption does not score 1 against a mismatching prompt.
     wrong = build_reward("shapes")(render_batch(["two red circles"], size=64), ["a blue square"], None)
     assert wrong.scores.item() < 1.0
+
+
+def test_shapes_soft_reward_is_the_shaped_verifier():
+    from diffalign.shapes.prompts import prompt_set
+    from diffalign.shapes.render import render_batch
+    from diffalign.shapes.verifier import soft_score_images
+
+    prompts = prompt_set("held_in", n=6, seed=1)
+    images = (render_batch(prompts, size=32, seed=1) * 0.7 + 0.15).clamp(0, 1)  # desaturated: criteria move
+    reward = build_reward({"name": "shapes_soft", "kwargs": {"temperature": 2.0}})
+    out = reward(images, prompts, None)
+    assert reward.name == "shapes_soft" and reward.range == (0.0, 1.0)
+    assert torch.equal(out.scores, soft_score_images(images, prompts, temperature=2.0)[0])
+    assert "criteria" in out.details[0]
+    # Toward temperature 0 it is the verifier.
+    cold = build_reward({"name": "shapes_soft", "kwargs": {"temperature": 1e-4}})(images, prompts, None).scores
+    assert torch.equal(cold, build_reward("shapes")(images, prompts, None).scores)

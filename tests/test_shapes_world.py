@@ -24,7 +24,15 @@ from diffalign.shapes.prompts import (
     sample_spec,
 )
 from diffalign.shapes.render import PALETTE, PlacedObject, draw, layout, render, render_batch
-from diffalign.shapes.verifier import _hue_degrees, score_images, verify
+from diffalign.shapes.verifier import (
+    _hue_degrees,
+    classify_shape,
+    score_images,
+    shape_probabilities,
+    soft_check,
+    soft_score_images,
+    verify,
+)
 
 
 def _pairs(n, seed=0, split="held_in"):
@@ -309,3 +317,70 @@ def test_scoring_speed():
 
 def test_object_spec_is_a_plain_tuple():
     assert ObjectSpec(2, "red", "circle") == (2, "red", "circle")
+
+
+# ---------------------------------------------------------------- shaped (soft) verifier
+
+
+def test_soft_verifier_becomes_the_verifier_as_temperature_goes_to_zero():
+    # Renders scored against their own and against perturbed captions, blurred and noisy: every criterion
+    # kind (object, colour, count, relation, no_extra) is both met and missed somewhere in the batch.
+    rng = np.random.default_rng(21)
+    prompts = _pairs(300, seed=21)
+    images = _perturb(render_batch(prompts, seed=21), 0.7, 0.04)
+    wrong = [(perturb_spec(parse_prompt(p), rng) or parse_prompt(p)).to_text() for p in prompts]
+    for captions in (prompts, wrong):
+        hard, hard_details = score_images(images, captions)
+        soft, soft_details = soft_score_images(images, captions, temperature=1e-4)
+        assert torch.equal(soft, hard)
+        for h, s in zip(hard_details, soft_details):
+            assert {k: float(v) for k, v in h["criteria"].items()} == s["criteria"]
+    assert 0.3 < score_images(images, wrong)[0].mean() < 0.95  # the wrong captions do miss criteria
+    # At the default temperature the score moves away from the verifier's but stays in [0, 1].
+    soft1, _ = soft_score_images(images, wrong)
+    assert ((soft1 >= 0) & (soft1 <= 1)).all() and not torch.equal(soft1, score_images(images, wrong)[0])
+
+
+def test_shape_probabilities_known_values_and_monotone_in_the_margins():
+    fill = np.array([1.0, 0.79, 0.55, 0.875, 0.85])
+    low = np.array([0.5, 0.5, 0.63, 0.5, 0.5])
+    p = shape_probabilities(fill, low, temperature=1.0)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-12)
+    away = [0, 1, 2, 4]  # fill 0.875 sits on the square / circle boundary: a tie there
+    assert p[away].argmax(1).tolist() == classify_shape(fill, low)[away].tolist() == [1, 0, 2, 0]
+    # Hand value for fill 0.875, low 0.5: P(not triangle) = (1 - s((0.5 - 0.55)/0.02)) (1 - s((0.7 - 0.875)/0.05)),
+    # P(square) = P(not triangle) * s(0): the square's boundary is at one half.
+    s = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    not_tri = (1 - s(-2.5)) * (1 - s(-3.5))
+    np.testing.assert_allclose(p[3], [not_tri / 2, not_tri / 2, 1 - not_tri], rtol=1e-12)
+    # A blob asked to be a square scores higher the squarer it is; asked to be a triangle, the lower it sits.
+    fills = np.linspace(0.6, 1.0, 9)
+    assert np.all(np.diff(shape_probabilities(fills, np.full(9, 0.5))[:, 1]) > 0)
+    lows = np.linspace(0.45, 0.65, 9)
+    assert np.all(np.diff(shape_probabilities(np.full(9, 0.8), lows)[:, 2]) > 0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        shape_probabilities(fill, low, temperature=0.0)
+
+
+def test_soft_check_known_answer():
+    # "two red squares left of a blue circle"; components: red near-square at x=4, red blob at x=6, blue circle at
+    # x=20 (same row). m[0] = [P_sq(0), P_sq(1), 0], m[1] = [0, 0, P_circ(2)].
+    spec = parse_prompt("two red squares left of a blue circle")
+    color = np.array([COLORS.index("red"), COLORS.index("red"), COLORS.index("blue")])
+    probs = shape_probabilities(np.array([0.95, 0.8, 0.79]), np.array([0.5, 0.5, 0.5]))
+    cx, cy = np.array([4.0, 6.0, 20.0]), np.array([10.0, 12.0, 11.0])
+    score, crit = soft_check(spec, color, probs, cx, cy, side=32.0)
+    m0, m1 = probs[:2, 1], probs[2, 0]
+    assert crit["object_0"] == pytest.approx(probs[:, 1].max())
+    assert crit["color_0"] == pytest.approx(m0.max()) and crit["color_1"] == pytest.approx(m1)
+    assert crit["count_0"] == pytest.approx(max(0.0, 1 - abs(m0.sum() - 2)))
+    assert crit["count_1"] == pytest.approx(1 - abs(m1 - 1))
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    scale, margin = 0.02 * 32, 0.04 * 32
+    holds = [sig((20 - x - margin) / scale) * sig((20 - x - abs(11 - y)) / scale) for x, y in zip(cx[:2], cy[:2])]
+    assert crit["relation"] == pytest.approx(m0.max() * m1 * np.prod([h ** (w * m1) for h, w in zip(holds, m0)]))
+    assert crit["no_extra"] == pytest.approx(np.prod([m0[0], m0[1], m1]))
+    assert score == pytest.approx(np.mean(list(crit.values())))
+    # No components: nothing exists, nothing extra.
+    empty = soft_check(spec, np.zeros(0, int), np.zeros((0, 3)), np.zeros(0), np.zeros(0), side=32.0)[1]
+    assert empty["no_extra"] == 1.0 and empty["relation"] == 0.0 and empty["count_0"] == 0.0

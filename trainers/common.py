@@ -439,6 +439,27 @@ def eval_settings(sample_cfg, eval_num_steps: Optional[int], eval_guidance_scale
             sample_cfg.guidance_scale if eval_guidance_scale is None else eval_guidance_scale)
 
 
+def build_eval_only_rewards(run, training_rewards):
+    """The ``eval_rewards`` columns of ``run`` as a :class:`rewards.MultiReward` (``None`` without any); their names
+    must differ from the training columns', which come first in every evaluation."""
+    if not run.eval_rewards:
+        return None
+    from rewards import MultiReward
+    from trainers.grpo import _reward_spec_dict
+
+    extra = MultiReward([_reward_spec_dict(r) for r in run.eval_rewards])
+    clash = sorted(set(extra.names) & set(training_rewards.names))
+    if clash:
+        raise ValueError(f"eval_rewards: columns {clash} are already training rewards (evaluated anyway); remove "
+                         "them from eval_rewards, or give the extra column another name with label: NAME")
+    return extra
+
+
+def _score_columns(reward_sets, images, prompts) -> torch.Tensor:
+    meta = [{"prompt": p} for p in prompts]
+    return torch.cat([r(images, prompts, meta).rewards for r in reward_sets], dim=1)
+
+
 @torch.no_grad()
 def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], *, sample_cfg, seed: int,
                   num_steps: int, guidance_scale: float, height: int, width: int, dtype: torch.dtype,
@@ -446,8 +467,11 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
     """Sample ``prompts`` with the deterministic sampler in batches of ``sample_cfg.batch_size`` and score them:
     ``(rewards [N, R], images [N, 3, H, W] or None)``. ``ids`` are the prompts' global indices, which seed each
     prompt's initial noise, so a prompt gets the same image however the prompts are split into batches or
-    ranks. The one sampling path of the trainers' evaluation and of ``diffalign eval`` / ``sample``."""
+    ranks. The one sampling path of the trainers' evaluation and of ``diffalign eval`` / ``sample``.
+    ``rewards`` is a MultiReward or a list of them, whose columns are concatenated in order."""
     from samplers.steps import DETERMINISTIC_STEP
+
+    reward_sets = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
 
     rows, images = [], []
     for i in range(0, len(prompts), sample_cfg.batch_size):
@@ -456,10 +480,10 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
             adapter, batch, batch_ids, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
             negative_prompt=sample_cfg.negative_prompt, height=height, width=width,
             step=DETERMINISTIC_STEP[adapter.kind], noise_level=0.0, dtype=dtype)
-        rows.append(rewards(imgs, batch, [{"prompt": p} for p in batch]).rewards)
+        rows.append(_score_columns(reward_sets, imgs, batch))
         if keep_images:
             images.append(imgs)
-    out = torch.cat(rows) if rows else torch.zeros(0, len(rewards.names))
+    out = torch.cat(rows) if rows else torch.zeros(0, sum(len(r.names) for r in reward_sets))
     return out, (torch.cat(images) if keep_images and images else None)
 
 
@@ -469,7 +493,8 @@ def evaluate_run(trainer) -> Dict[str, float]:
     trainer's current weights or their EMA; prompts are split over ranks and the rewards gathered.
 
     Uses the trainer's ``run``, ``cfg`` (``eval_guidance_scale``, ``eval_num_steps``), ``dist``, ``device``,
-    ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``height`` and ``width``."""
+    ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``eval_only_rewards`` (``run.eval_rewards``, columns
+    after the training ones, or None), ``height`` and ``width``."""
     import math
 
     s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
@@ -478,12 +503,14 @@ def evaluate_run(trainer) -> Dict[str, float]:
     mine = list(range(dist.rank * per, min(len(prompts), (dist.rank + 1) * per)))
     steps, gs = eval_settings(s, cfg.eval_num_steps, cfg.eval_guidance_scale)
     ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
+    reward_sets = [r for r in (trainer.rewards, trainer.eval_only_rewards) if r is not None]
     with ctx:
-        local, _ = score_prompts(trainer.adapter, trainer.rewards, [prompts[k] for k in mine], mine, sample_cfg=s,
+        local, _ = score_prompts(trainer.adapter, reward_sets, [prompts[k] for k in mine], mine, sample_cfg=s,
                                  seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
                                  height=trainer.height, width=trainer.width, dtype=trainer.dtype)
     pad = per - local.shape[0]
     if pad:
         local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
     allr = dist.gather(local.to(trainer.device)).cpu()
-    return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(trainer.rewards.names)}
+    names = [n for r in reward_sets for n in r.names]
+    return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}

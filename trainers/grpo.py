@@ -232,8 +232,8 @@ class GRPOTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_optimizer, image_size, open_run,
-                                     resolve_device)
+        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_eval_only_rewards,
+                                     build_optimizer, image_size, open_run, resolve_device)
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -248,6 +248,7 @@ class GRPOTrainer:
         self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
         if not run.rewards:
             raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
+        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
         self.prompts = build_prompt_source(run.prompts, run.seed)
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
         self.moments = RunningMoments()

@@ -263,8 +263,8 @@ class NFTTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_optimizer, image_size, open_run,
-                                     resolve_device)
+        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_eval_only_rewards,
+                                     build_optimizer, image_size, open_run, resolve_device)
         from trainers.grpo import _reward_spec_dict
 
         run, cfg = self.run, self.cfg
@@ -287,6 +287,7 @@ class NFTTrainer:
         if not run.rewards:
             raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
         self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
+        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
         self.num_rewards = len(self.rewards.names)
         self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
                                      method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)

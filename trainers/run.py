@@ -80,7 +80,8 @@ def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int
     from trainers.common import DTYPES, image_size, score_prompts
     from trainers.grpo import _reward_spec_dict
 
-    rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
+    # the training columns, then eval_rewards (one MultiReward: a repeated column name is an error)
+    rewards = MultiReward([_reward_spec_dict(r) for r in [*cfg.rewards, *cfg.eval_rewards]])
     h, w = image_size(adapter, cfg.sample)
     rows, images = score_prompts(adapter, rewards, prompts, range(len(prompts)), sample_cfg=cfg.sample, seed=seed,
                                  num_steps=num_steps, guidance_scale=guidance, height=h, width=w,

@@ -16,6 +16,14 @@ every matching centroid of group 0 stands in the relation to every one of group 
 axis (|primary offset| >= |secondary offset| and >= ``relation_margin_frac`` of the side); and
 ``no_extra`` every component matches a group. The score is the fraction of criteria met (dense
 signal for RL); ``strict`` (all met) is GenEval's binary per-prompt correctness.
+
+:func:`soft_score_images` is a *shaped* verifier for training: each boolean criterion becomes a number in
+[0, 1] that moves smoothly with the image features the boolean thresholds (a component's shape
+probability is a product of sigmoids of its ``fill`` / ``low`` margins to the classifier's boundaries;
+counts use the sum of those probabilities; relations the sigmoid of the position margins). As its
+``temperature`` goes to 0 it becomes :func:`score_images`. Its use is reward shaping (Ng et al. 1999 in
+spirit, not their potential form): a base model whose blobs sit far from a boundary gets a gradient toward
+it from every sample, where the boolean criterion is flat.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from scipy import ndimage
 from diffalign.shapes.prompts import COLORS, SHAPES, PromptSpec, parse_prompt
 from diffalign.shapes.render import PALETTE
 
-__all__ = ["analyse", "classify_shape", "check", "verify", "score_images", "DEFAULTS"]
+__all__ = ["analyse", "classify_shape", "shape_probabilities", "check", "soft_check", "verify", "score_images",
+           "soft_score_images", "DEFAULTS", "SOFT_SCALES"]
 
 DEFAULTS = {"chroma_threshold": 0.3, "min_area_frac": 0.008, "relation_margin_frac": 0.04}
 # Shape boundaries, tuned on clean, blurred and noisy renders at 32 and 64 px (see classify_shape).
@@ -38,6 +47,9 @@ _TRIANGLE_FILL = 0.7
 _TRIANGLE_LOW = 0.55
 _FEATURE_SIGMA = 0.6  # pixels
 _ALPHA_FLOOR = 0.15  # chroma counted as background when measuring coverage (noise floor)
+# Sigmoid scales of the soft verifier at temperature 1: fill and lowness (fractions of the extent) and the
+# relation margin (fraction of the image side). Roughly the spread of a blob's features between samples.
+SOFT_SCALES = {"fill": 0.05, "low": 0.02, "relation": 0.02}
 
 
 def _hue_degrees(rgb: np.ndarray) -> np.ndarray:
@@ -138,6 +150,27 @@ def classify_shape(fill: np.ndarray, low: np.ndarray) -> np.ndarray:
     return np.where(triangle, 2, np.where(fill >= _SQUARE_FILL, 1, 0))
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def shape_probabilities(fill: np.ndarray, low: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Soft :func:`classify_shape`: ``[N, 3]`` probabilities over ``SHAPES`` (rows sum to 1).
+
+    The hard rule is "triangle if ``low > 0.55`` or ``fill < 0.7``, else square if ``fill >= 0.875``, else
+    circle"; each comparison becomes a sigmoid of its margin over ``temperature * SOFT_SCALES``, and the
+    "or" the probabilistic union. At ``temperature -> 0`` the argmax is :func:`classify_shape`.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use score_images for the hard verifier")
+    fill, low = np.asarray(fill, np.float64), np.asarray(low, np.float64)
+    tf, tl = temperature * SOFT_SCALES["fill"], temperature * SOFT_SCALES["low"]
+    not_tri = (1.0 - _sigmoid((low - _TRIANGLE_LOW) / tl)) * (1.0 - _sigmoid((_TRIANGLE_FILL - fill) / tf))
+    sq = _sigmoid((fill - _SQUARE_FILL) / tf)
+    # Columns in SHAPES order: circle, square, triangle (the indices classify_shape returns).
+    return np.stack([not_tri * (1.0 - sq), not_tri * sq, 1.0 - not_tri], axis=-1)
+
+
 def _relation_holds(a: List[Tuple[float, float]], b: List[Tuple[float, float]], relation: str,
                     margin: float) -> bool:
     if not a or not b:
@@ -194,17 +227,23 @@ def check(spec: PromptSpec, found: Sequence[Tuple[str, str, float, float]], side
     return score, details
 
 
-def _score_array(images_bhwc: np.ndarray, prompts: Sequence[str], **kw) -> Tuple[List[float], List[Dict]]:
-    unknown = set(kw) - set(DEFAULTS)
+def _analysed(images_bhwc: np.ndarray, prompts: Sequence[str], kw: Dict, extra: Sequence[str] = ()):
+    """Checks the arguments, parses the prompts and finds the components; returns ``(specs, comps, bounds)``."""
+    unknown = set(kw) - set(DEFAULTS) - set(extra)
     if unknown:
-        raise ValueError(f"unknown verifier thresholds {sorted(unknown)}; valid: {sorted(DEFAULTS)}")
+        raise ValueError(f"unknown verifier thresholds {sorted(unknown)}; valid: {sorted(DEFAULTS) + list(extra)}")
     if len(images_bhwc) != len(prompts):
         raise ValueError(f"got {len(images_bhwc)} images but {len(prompts)} prompts; pass one prompt per image")
     specs = [parse_prompt(p) for p in prompts]
-    B, H, W, _ = images_bhwc.shape
     comps = analyse(images_bhwc, kw.get("chroma_threshold", DEFAULTS["chroma_threshold"]),
                     kw.get("min_area_frac", DEFAULTS["min_area_frac"]))
-    bounds = np.searchsorted(comps["image"], np.arange(B + 1))
+    bounds = np.searchsorted(comps["image"], np.arange(len(specs) + 1))
+    return specs, comps, bounds
+
+
+def _score_array(images_bhwc: np.ndarray, prompts: Sequence[str], **kw) -> Tuple[List[float], List[Dict]]:
+    specs, comps, bounds = _analysed(images_bhwc, prompts, kw)
+    H, W = images_bhwc.shape[1:3]
     scores, details = [], []
     for b, spec in enumerate(specs):
         s, e = bounds[b], bounds[b + 1]
@@ -215,6 +254,66 @@ def _score_array(images_bhwc: np.ndarray, prompts: Sequence[str], **kw) -> Tuple
         det["prompt"] = prompts[b]
         scores.append(score)
         details.append(det)
+    return scores, details
+
+
+def soft_check(spec: PromptSpec, color: np.ndarray, shape_probs: np.ndarray, cx: np.ndarray, cy: np.ndarray,
+               side: float, temperature: float = 1.0,
+               relation_margin_frac: float = DEFAULTS["relation_margin_frac"]) -> Tuple[float, Dict[str, float]]:
+    """Soft :func:`check` of one image's components; returns ``(score, criteria as floats in [0, 1])``.
+
+    ``m[i, j]`` = P(component ``j`` belongs to object group ``i``) = colour match (hard, from hue) x the
+    component's probability of the group's shape. Criteria: ``object_i`` = max_j P(shape_i); ``color_i`` =
+    max_j m[i, j]; ``count_i`` = max(0, 1 - |sum_j m[i, j] - count|); ``relation`` = (max_a m[0, a]) (max_b m[1, b])
+    prod_{a, b} (sigmoid(primary - margin) sigmoid(primary - |secondary|))^(m[0, a] m[1, b]), margins over
+    ``temperature * SOFT_SCALES["relation"] * side``; ``no_extra`` = prod_j max_i m[i, j]. With memberships in
+    {0, 1} and margins far from 0 each criterion equals :func:`check`'s boolean.
+    """
+    n = len(color)
+    groups = spec.objects
+    member = np.zeros((len(groups), n))
+    criteria: Dict[str, float] = {}
+    for i, o in enumerate(groups):
+        p_shape = shape_probs[:, SHAPES.index(o.shape)] if n else np.zeros(0)
+        colour_ok = np.ones(n) if o.color is None else (color == COLORS.index(o.color)).astype(np.float64)
+        member[i] = p_shape * colour_ok
+        criteria[f"object_{i}"] = float(p_shape.max()) if n else 0.0
+        if o.color is not None:
+            criteria[f"color_{i}"] = float(member[i].max()) if n else 0.0
+        criteria[f"count_{i}"] = max(0.0, 1.0 - abs(float(member[i].sum()) - o.count))
+    if spec.relation is not None:
+        if n == 0:
+            criteria["relation"] = 0.0
+        else:
+            scale = temperature * SOFT_SCALES["relation"] * side
+            primary, secondary = {
+                "left of": (cx[None, :] - cx[:, None], cy[None, :] - cy[:, None]),
+                "right of": (cx[:, None] - cx[None, :], cy[:, None] - cy[None, :]),
+                "above": (cy[None, :] - cy[:, None], cx[None, :] - cx[:, None]),
+                "below": (cy[:, None] - cy[None, :], cx[:, None] - cx[None, :]),
+            }[spec.relation[1]]  # [a (group 0 candidate), b (group 1 candidate)]
+            holds = (_sigmoid((primary - relation_margin_frac * side) / scale)
+                     * _sigmoid((primary - np.abs(secondary)) / scale))
+            weight = member[0][:, None] * member[1][None, :]
+            # A pair that cannot be a (group 0, group 1) pair (weight 0) is not tested: 0 ** 0 = 1.
+            criteria["relation"] = float(member[0].max() * member[1].max() * np.prod(holds ** weight))
+    criteria["no_extra"] = float(np.prod(member.max(axis=0))) if n else 1.0
+    return float(np.mean(list(criteria.values()))), criteria
+
+
+def _soft_score_array(images_bhwc: np.ndarray, prompts: Sequence[str], **kw) -> Tuple[List[float], List[Dict]]:
+    temperature = float(kw.get("temperature", 1.0))
+    specs, comps, bounds = _analysed(images_bhwc, prompts, kw, extra=("temperature",))
+    probs = shape_probabilities(comps["fill"], comps["low"], temperature)
+    side = float(min(images_bhwc.shape[1:3]))
+    scores, details = [], []
+    for b, spec in enumerate(specs):
+        s, e = bounds[b], bounds[b + 1]
+        score, criteria = soft_check(spec, comps["color"][s:e], probs[s:e], comps["cx"][s:e], comps["cy"][s:e],
+                                     side, temperature,
+                                     kw.get("relation_margin_frac", DEFAULTS["relation_margin_frac"]))
+        scores.append(score)
+        details.append({"prompt": prompts[b], "category": spec.category, "score": score, "criteria": criteria})
     return scores, details
 
 
@@ -231,16 +330,30 @@ def verify(image, prompt: str, **thresholds) -> Tuple[float, Dict]:
     return scores[0], details[0]
 
 
+def _to_bhwc(images: torch.Tensor) -> np.ndarray:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    if min(images.shape[-2:]) < 16:
+        raise ValueError(f"images must be at least 16x16, got {tuple(images.shape[-2:])}")
+    return images.detach().to("cpu", torch.float32).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
 def score_images(images: torch.Tensor, prompts: Sequence[str], **thresholds) -> Tuple[torch.Tensor, List[Dict]]:
     """Score a batch: ``images`` float ``[B, 3, H, W]`` in ``[0, 1]`` (H, W >= 16), one prompt each.
 
     Returns ``(scores [B] float32, details)`` with one details dict per image (criteria booleans,
     ``strict``, GenEval-style summaries, the detected objects).
     """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-    if min(images.shape[-2:]) < 16:
-        raise ValueError(f"images must be at least 16x16, got {tuple(images.shape[-2:])}")
-    arr = images.detach().to("cpu", torch.float32).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    scores, details = _score_array(arr, list(prompts), **thresholds)
+    scores, details = _score_array(_to_bhwc(images), list(prompts), **thresholds)
+    return torch.tensor(scores, dtype=torch.float32), details
+
+
+def soft_score_images(images: torch.Tensor, prompts: Sequence[str], temperature: float = 1.0,
+                      **thresholds) -> Tuple[torch.Tensor, List[Dict]]:
+    """The shaped verifier (module docstring, :func:`soft_check`) on a batch, like :func:`score_images`.
+
+    Returns ``(scores [B] float32 in [0, 1], details)``; each details dict holds the soft ``criteria``.
+    ``temperature`` scales every sigmoid (``SOFT_SCALES``); toward 0 the scores become the verifier's.
+    """
+    scores, details = _soft_score_array(_to_bhwc(images), list(prompts), temperature=temperature, **thresholds)
     return torch.tensor(scores, dtype=torch.float32), details
