@@ -151,6 +151,9 @@ def restore_run_state(state, adapter, params: Sequence[torch.nn.Parameter], ema:
     :func:`save_run_state`). Returns ``(epoch, step, sampler_state)`` for the trainer's own extras."""
     from diffalign.checkpoint import restore_rng, restore_training_state
 
+    check = getattr(optimizer, "check_compatible", None)
+    if check is not None and state.optimizer_state is not None:
+        check(state.optimizer_state)  # another trainer's checkpoint is refused before the model is touched
     restore_weights(adapter, params, ema, state)
     restore_training_state(state, optimizer=optimizer, lr_scheduler=lr_scheduler)
     restore_rng(state)
@@ -197,9 +200,15 @@ class TrainingState:
             state["marble_tracked"] = tracked
         return state
 
-    def load_state_dict(self, state: Dict) -> None:
-        if "optimizer" not in state:  # a bare optimizer state_dict (GRPO before the bundle)
-            state = {"trainer": "grpo", "optimizer": state}
+    @staticmethod
+    def _bundle(state: Dict) -> Dict:
+        # a bare optimizer state_dict is what GRPO checkpoints held before the bundle existed
+        return state if "optimizer" in state else {"trainer": "grpo", "optimizer": state}
+
+    def check_compatible(self, state: Dict) -> None:
+        """Raise ``ValueError`` if ``state`` was written by another trainer or for another adapter; changes nothing
+        (:func:`restore_run_state` calls it before any weight is restored)."""
+        state = self._bundle(state)
         known = {"trainer", "optimizer", "marble_tracked"}
         foreign = sorted(set(state) - known - set(self.tensors))
         missing = sorted(set(self.tensors) - set(state))
@@ -212,6 +221,10 @@ class TrainingState:
             if len(state[name]) != len(ts):
                 raise ValueError(f"the checkpoint's {name!r} holds {len(state[name])} tensors, this run has "
                                  f"{len(ts)}: resume with the same model and adapter")
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.check_compatible(state)
+        state = self._bundle(state)
         self.optimizer.load_state_dict(state["optimizer"])
         for name, ts in self.tensors.items():
             for t, v in zip(ts, state[name]):
