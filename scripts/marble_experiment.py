@@ -170,10 +170,12 @@ def plots(out: Path, runs: Dict[str, List[Dict]], names: List[str], base: Dict) 
     from matplotlib.figure import Figure
 
     def figure(prefix: str, filename: str, smooth: int, title: str):
-        fig = Figure(figsize=(4.2 * len(names), 3.4))
+        # eval_rewards columns have evaluation points only: no empty panels in the training-reward figure
+        shown = [n for n in names if any(f"{prefix}{n}" in r for rows in runs.values() for r in rows)]
+        fig = Figure(figsize=(4.2 * len(shown), 3.4))
         FigureCanvasAgg(fig)
-        for j, n in enumerate(names):
-            ax = fig.add_subplot(1, len(names), j + 1)
+        for j, n in enumerate(shown):
+            ax = fig.add_subplot(1, len(shown), j + 1)
             for mode, rows in runs.items():
                 pts = [(r["step"], r[f"{prefix}{n}"]) for r in rows if f"{prefix}{n}" in r and "step" in r]
                 if prefix.startswith("eval") and pts and pts[0][0] != 0:

@@ -88,7 +88,8 @@ def test_grpo_tracked_gradients_need_marble_and_old_checkpoints_load(tmp_path):
             TrainingState("grpo", other, [p]).load_state_dict(state)
     with pytest.raises(ValueError, match="another trainer"):
         TrainingState("nft", other, [p], tensors={"old_policy": [p]}).load_state_dict(opt.state_dict())
-    # ... and when a run resumes, before any weight is restored (the state's weights would overwrite p)
+    # ... and when a run resumes, before any weight is restored (restore_weights, given no adapter here, would raise
+    # AttributeError instead of the refusal if it ran first)
     from types import SimpleNamespace
 
     from trainers.common import restore_run_state
@@ -97,4 +98,4 @@ def test_grpo_tracked_gradients_need_marble_and_old_checkpoints_load(tmp_path):
     ckpt = SimpleNamespace(optimizer_state=nft, trainable_state={"w": torch.zeros(3)}, ema_state=None)
     with pytest.raises(ValueError, match="another trainer"):
         restore_run_state(ckpt, None, [p], None, TrainingState("grpo", other, [p]), None)
-    assert torch.equal(p.detach(), before)
+    assert torch.equal(p.detach(), before)  # the optimizer slot's refusal changed nothing

@@ -363,24 +363,40 @@ def test_shape_probabilities_known_values_and_monotone_in_the_margins():
 
 
 def test_soft_check_known_answer():
-    # "two red squares left of a blue circle"; components: red near-square at x=4, red blob at x=6, blue circle at
-    # x=20 (same row). m[0] = [P_sq(0), P_sq(1), 0], m[1] = [0, 0, P_circ(2)].
+    # "two red squares left of a blue circle"; components: a red near-square at x=4, a red blob at x=6, a blue circle
+    # at x=20 (same row) and a stray blue blob at x=21 far above (a secondary offset of 26 px: a violated pair of
+    # small weight). m[0] = [P_sq(0), P_sq(1), 0, 0], m[1] = [0, 0, P_circ(2), P_circ(3)].
     spec = parse_prompt("two red squares left of a blue circle")
-    color = np.array([COLORS.index("red"), COLORS.index("red"), COLORS.index("blue")])
-    probs = shape_probabilities(np.array([0.95, 0.8, 0.79]), np.array([0.5, 0.5, 0.5]))
-    cx, cy = np.array([4.0, 6.0, 20.0]), np.array([10.0, 12.0, 11.0])
+    color = np.array([COLORS.index(c) for c in ("red", "red", "blue", "blue")])
+    probs = shape_probabilities(np.array([0.95, 0.8, 0.79, 0.95]), np.array([0.5, 0.5, 0.5, 0.5]))
+    cx, cy = np.array([4.0, 6.0, 20.0, 21.0]), np.array([10.0, 12.0, 11.0, -15.0])
     score, crit = soft_check(spec, color, probs, cx, cy, side=32.0)
-    m0, m1 = probs[:2, 1], probs[2, 0]
+    m0, m1 = probs[:2, 1], probs[2:, 0]
     assert crit["object_0"] == pytest.approx(probs[:, 1].max())
-    assert crit["color_0"] == pytest.approx(m0.max()) and crit["color_1"] == pytest.approx(m1)
+    assert crit["color_0"] == pytest.approx(m0.max()) and crit["color_1"] == pytest.approx(m1.max())
     assert crit["count_0"] == pytest.approx(max(0.0, 1 - abs(m0.sum() - 2)))
-    assert crit["count_1"] == pytest.approx(1 - abs(m1 - 1))
+    assert crit["count_1"] == pytest.approx(max(0.0, 1 - abs(m1.sum() - 1)))
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     scale, margin = 0.02 * 32, 0.04 * 32
-    holds = [sig((20 - x - margin) / scale) * sig((20 - x - abs(11 - y)) / scale) for x, y in zip(cx[:2], cy[:2])]
-    assert crit["relation"] == pytest.approx(m0.max() * m1 * np.prod([h ** (w * m1) for h, w in zip(holds, m0)]))
-    assert crit["no_extra"] == pytest.approx(np.prod([m0[0], m0[1], m1]))
+    holds = np.array([[sig((bx - ax - margin) / scale) * sig((bx - ax - abs(by - ay)) / scale)
+                       for bx, by in zip(cx[2:], cy[2:])] for ax, ay in zip(cx[:2], cy[:2])])
+    weight = m0[:, None] * m1[None, :]
+    assert crit["relation"] == pytest.approx(weight.max() * np.prod(holds ** weight), rel=1e-9)
+    assert 0.05 < np.prod(holds[:, 1] ** weight[:, 1]) < 0.999  # the stray pair costs a little, not everything
+    assert crit["no_extra"] == pytest.approx(np.prod(np.concatenate([m0, m1])))
     assert score == pytest.approx(np.mean(list(crit.values())))
+    # Inside the margin (0 < primary < margin) the relation is below one half, beyond it above.
+    one = parse_prompt("a red circle left of a blue circle")
+    cc = np.array([COLORS.index("red"), COLORS.index("blue")])
+    circles = shape_probabilities(np.array([0.79, 0.79]), np.array([0.5, 0.5]))
+    near = soft_check(one, cc, circles, np.array([10.0, 10.0 + 0.5 * margin]), np.array([8.0, 8.0]), side=32.0)[1]
+    far = soft_check(one, cc, circles, np.array([10.0, 10.0 + 3 * margin]), np.array([8.0, 8.0]), side=32.0)[1]
+    assert near["relation"] < 0.5 * circles[0, 0] ** 2 < far["relation"]
+    # One blob cannot be both groups: "a red circle left of a red square" with a single red blob has no relation.
+    blob = soft_check(parse_prompt("a red circle left of a red square"), cc[:1], circles[:1], cx[:1], cy[:1], 32.0)[1]
+    assert blob["relation"] == 0.0
     # No components: nothing exists, nothing extra.
     empty = soft_check(spec, np.zeros(0, int), np.zeros((0, 3)), np.zeros(0), np.zeros(0), side=32.0)[1]
     assert empty["no_extra"] == 1.0 and empty["relation"] == 0.0 and empty["count_0"] == 0.0
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        soft_check(spec, color, probs, cx, cy, side=32.0, temperature=0.0)

@@ -206,8 +206,9 @@ class TrainingState:
         return state if "optimizer" in state else {"trainer": "grpo", "optimizer": state}
 
     def check_compatible(self, state: Dict) -> None:
-        """Raise ``ValueError`` if ``state`` was written by another trainer or for another adapter; changes nothing
-        (:func:`restore_run_state` calls it before any weight is restored)."""
+        """Raise ``ValueError`` if ``state`` was written by another trainer (or, for a slot with named tensor lists such
+        as NFT's old policy, with another number of tensors); changes nothing (:func:`restore_run_state` calls it
+        before any weight is restored)."""
         state = self._bundle(state)
         known = {"trainer", "optimizer", "marble_tracked"}
         foreign = sorted(set(state) - known - set(self.tensors))
@@ -425,7 +426,8 @@ def close_run(trainer, title: str) -> None:
     out = trainer.run.output_dir
     if trainer.dist.is_main:
         present = {k for row in read_metrics(f"{out}/metrics.jsonl") for k in row}
-        keys = [k for n in trainer.rewards.names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
+        extra = trainer.eval_only_rewards.names if trainer.eval_only_rewards is not None else []
+        keys = [k for n in [*trainer.rewards.names, *extra] for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
         try:
             plot_curves(f"{out}/metrics.jsonl", f"{out}/reward_curve.png", keys, title=title)
         except Exception as exc:  # a plot must never fail a finished run

@@ -75,13 +75,15 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
     return adapter
 
 
-def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int, keep_images: bool = False):
+def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int, keep_images: bool = False,
+               with_eval_rewards: bool = False):
     from rewards import MultiReward
     from trainers.common import DTYPES, image_size, score_prompts
     from trainers.grpo import _reward_spec_dict
 
     # the training columns, then eval_rewards (one MultiReward: a repeated column name is an error)
-    rewards = MultiReward([_reward_spec_dict(r) for r in [*cfg.rewards, *cfg.eval_rewards]])
+    specs = [*cfg.rewards, *(cfg.eval_rewards if with_eval_rewards else [])]
+    rewards = MultiReward([_reward_spec_dict(r) for r in specs])
     h, w = image_size(adapter, cfg.sample)
     rows, images = score_prompts(adapter, rewards, prompts, range(len(prompts)), sample_cfg=cfg.sample, seed=seed,
                                  num_steps=num_steps, guidance_scale=guidance, height=h, width=w,
@@ -103,7 +105,8 @@ def eval_main(cfg) -> int:
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
     steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
     # the trainer's evaluation noise: a checkpoint scores here what its run logged for it
-    names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed))
+    names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed),
+                                with_eval_rewards=True)
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:

@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import ndimage, special
 
 from diffalign.shapes.prompts import COLORS, SHAPES, PromptSpec, parse_prompt
 from diffalign.shapes.render import PALETTE
@@ -151,7 +151,7 @@ def classify_shape(fill: np.ndarray, low: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+    return special.expit(np.asarray(x, dtype=np.float64))
 
 
 def shape_probabilities(fill: np.ndarray, low: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -264,11 +264,15 @@ def soft_check(spec: PromptSpec, color: np.ndarray, shape_probs: np.ndarray, cx:
 
     ``m[i, j]`` = P(component ``j`` belongs to object group ``i``) = colour match (hard, from hue) x the
     component's probability of the group's shape. Criteria: ``object_i`` = max_j P(shape_i); ``color_i`` =
-    max_j m[i, j]; ``count_i`` = max(0, 1 - |sum_j m[i, j] - count|); ``relation`` = (max_a m[0, a]) (max_b m[1, b])
-    prod_{a, b} (sigmoid(primary - margin) sigmoid(primary - |secondary|))^(m[0, a] m[1, b]), margins over
-    ``temperature * SOFT_SCALES["relation"] * side``; ``no_extra`` = prod_j max_i m[i, j]. With memberships in
-    {0, 1} and margins far from 0 each criterion equals :func:`check`'s boolean.
+    max_j m[i, j]; ``count_i`` = max(0, 1 - |sum_j m[i, j] - count|); ``relation`` = max_{a != b} m[0, a] m[1, b] x
+    prod_{a != b} (sigmoid(primary - margin) sigmoid(primary - |secondary|))^(m[0, a] m[1, b]) over pairs of distinct
+    components (in this grammar no component can match both groups), margins over ``temperature *
+    SOFT_SCALES["relation"] * side`` (computed in log space, so a far-off pair of tiny weight costs little);
+    ``no_extra`` = prod_j min(1, sum_i m[i, j]) (the groups are exclusive). With memberships in {0, 1} and margins
+    far from 0 each criterion equals :func:`check`'s boolean.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use check for the hard verifier")
     n = len(color)
     groups = spec.objects
     member = np.zeros((len(groups), n))
@@ -292,12 +296,12 @@ def soft_check(spec: PromptSpec, color: np.ndarray, shape_probs: np.ndarray, cx:
                 "above": (cy[None, :] - cy[:, None], cx[None, :] - cx[:, None]),
                 "below": (cy[:, None] - cy[None, :], cx[:, None] - cx[None, :]),
             }[spec.relation[1]]  # [a (group 0 candidate), b (group 1 candidate)]
-            holds = (_sigmoid((primary - relation_margin_frac * side) / scale)
-                     * _sigmoid((primary - np.abs(secondary)) / scale))
+            log_holds = (special.log_expit((primary - relation_margin_frac * side) / scale)
+                         + special.log_expit((primary - np.abs(secondary)) / scale))
             weight = member[0][:, None] * member[1][None, :]
-            # A pair that cannot be a (group 0, group 1) pair (weight 0) is not tested: 0 ** 0 = 1.
-            criteria["relation"] = float(member[0].max() * member[1].max() * np.prod(holds ** weight))
-    criteria["no_extra"] = float(np.prod(member.max(axis=0))) if n else 1.0
+            np.fill_diagonal(weight, 0.0)  # a component is not paired with itself
+            criteria["relation"] = float(weight.max() * np.exp((weight * log_holds).sum()))
+    criteria["no_extra"] = float(np.prod(np.minimum(member.sum(axis=0), 1.0))) if n else 1.0
     return float(np.mean(list(criteria.values()))), criteria
 
 
