@@ -84,6 +84,8 @@ __all__ = [
     "register_trainer_config",
     "trainer_config_class",
     "resolve_train_section",
+    "check_lr_schedule",
+    "TrainLoopConfig",
     "LoraConfig",
     "ModelConfig",
     "SampleConfig",
@@ -165,6 +167,46 @@ def check_lr_schedule(train) -> None:
     check(train.lr_schedule == "constant" or train.lr_decay_steps > 0, "train.lr_decay_steps",
           f"got 0 with lr_schedule={train.lr_schedule!r}; set the optimizer steps to decay over (the config's "
           "batch arithmetic gives optimizer steps per epoch), or lr_schedule=constant")
+
+
+@dataclass
+class TrainLoopConfig:
+    """The keys every trainer's ``train`` section shares (GRPO, DiffusionNFT): AdamW and its learning-rate schedule,
+    accumulation, clipping, the advantage std's epsilon, the EMA of the trained weights, evaluation and stopping.
+    A trainer config subclasses it and adds its own keys (and its own ``num_epochs`` / ``batch_size`` defaults);
+    its ``validate_run`` calls :meth:`validate_loop`."""
+
+    learning_rate: float = param(3e-4, help="AdamW learning rate", min=0.0)
+    adam_beta1: float = param(0.9, help="AdamW beta1")
+    adam_beta2: float = param(0.999, help="AdamW beta2")
+    weight_decay: float = param(1e-4, help="AdamW weight decay")
+    adam_eps: float = param(1e-8, help="AdamW epsilon")
+    warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = param(
+        "constant", help="learning rate after warmup: constant, or decayed to 0 (linear / cosine) over lr_decay_steps")
+    lr_decay_steps: int = param(
+        0, help="optimizer steps of the decay after warmup (then the rate stays 0); needed by linear / cosine", min=0)
+    gradient_accumulation_steps: int = param(
+        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1
+    )
+    num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
+    max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)
+    adv_eps: float = param(1e-4, help="added to the std", min=0.0)
+    ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
+    ema_decay: float = param(0.9, help="EMA decay", min=0.0, max=1.0)
+    ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
+    eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
+    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
+    eval_guidance_scale: Optional[float] = param(None, help="CFG for eval; null = sample.guidance_scale")
+    stop_after_epochs: Optional[int] = param(
+        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)"
+    )
+    max_minutes: Optional[float] = param(
+        None, help="stop after this many minutes of wall time (then a final evaluation, outside the budget, and "
+        "a checkpoint)")
+
+    def validate_loop(self) -> None:
+        check_lr_schedule(self)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from diffalign.config import check, check_lr_schedule, param, register_trainer_config
+from diffalign.config import TrainLoopConfig, check, param, register_trainer_config
 from diffalign.types import LossStats
 
 __all__ = ["GRPOConfig", "grpo_loss", "kl_to_reference", "select_train_steps", "GRPOTrainer"]
@@ -30,27 +30,12 @@ __all__ = ["GRPOConfig", "grpo_loss", "kl_to_reference", "select_train_steps", "
 
 @register_trainer_config("grpo")
 @dataclass
-class GRPOConfig:
+class GRPOConfig(TrainLoopConfig):
     """The ``train`` section of a GRPO run (defaults: Flow-GRPO's SD3.5 recipe, grpo_family.md §1.7)."""
 
     num_epochs: int = param(100, help="epochs (one epoch = sample, score, train)", min=1)
-    learning_rate: float = param(3e-4, help="AdamW learning rate", min=0.0)
-    adam_beta1: float = param(0.9, help="AdamW beta1")
-    adam_beta2: float = param(0.999, help="AdamW beta2")
-    weight_decay: float = param(1e-4, help="AdamW weight decay")
-    adam_eps: float = param(1e-8, help="AdamW epsilon")
-    warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = param(
-        "constant", help="learning rate after warmup: constant, or decayed to 0 (linear / cosine) over lr_decay_steps")
-    lr_decay_steps: int = param(
-        0, help="optimizer steps of the decay after warmup (then the rate stays 0); needed by linear / cosine", min=0)
     batch_size: int = param(8, help="training minibatch per process (keep = sample.batch_size for ratio 1)", min=1)
-    gradient_accumulation_steps: int = param(
-        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1
-    )
-    num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
     shuffle: bool = param(True, help="shuffle samples between minibatches (off: rollout batches = minibatches)")
-    max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)
     clip_range: float = param(1e-4, help="PPO clip epsilon on the importance ratio (per-dim-mean log-probs)")
     adv_clip_max: float = param(5.0, help="advantages are clipped to [-adv_clip_max, adv_clip_max]", min=0.0)
     beta: float = param(0.0, help="KL-to-reference weight (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore)", min=0.0)
@@ -73,7 +58,6 @@ class GRPOConfig:
     std_mode: Literal["group", "batch", "global"] = param(
         "batch", help="std of the advantage: within the group, of the gathered batch (Flow-GRPO), or running"
     )
-    adv_eps: float = param(1e-4, help="added to the std", min=0.0)
     aggregation: Literal["weighted_sum", "gdpo", "marble"] = param(
         "weighted_sum", help="multi-reward aggregation: weighted_sum (sum, then normalise), gdpo (normalise each "
         "reward per group, weighted-sum, whiten), marble (per-reward gradients combined by the min-norm QP every "
@@ -84,22 +68,10 @@ class GRPOConfig:
     drop_zero_std_groups: bool = param(False, help="do not train on groups whose rewards are all equal")
     tracker_buffer_size: int = param(16, help="per_prompt_tracker: rewards kept per prompt", min=1)
     tracker_min_count: int = param(16, help="per_prompt_tracker: below this use batch statistics", min=1)
-    ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
-    ema_decay: float = param(0.9, help="EMA decay", min=0.0, max=1.0)
-    ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
-    eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
-    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
-    eval_guidance_scale: Optional[float] = param(None, help="CFG for eval; null = sample.guidance_scale")
-    stop_after_epochs: Optional[int] = param(
-        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)"
-    )
-    max_minutes: Optional[float] = param(
-        None, help="stop after this many minutes of wall time (then a final evaluation, outside the budget, and "
-        "a checkpoint)")
 
     def validate_run(self, run) -> None:
         s = run.sample
-        check_lr_schedule(self)
+        self.validate_loop()
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
         check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
               f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")

@@ -24,7 +24,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from diffalign.config import check, check_lr_schedule, param, register_trainer_config
+from diffalign.config import TrainLoopConfig, check, param, register_trainer_config
 from diffalign.types import LossStats
 
 __all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "nft_loss", "old_policy_decay", "OldPolicy",
@@ -33,26 +33,12 @@ __all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "nft_loss", "old_po
 
 @register_trainer_config("nft")
 @dataclass
-class NFTConfig:
+class NFTConfig(TrainLoopConfig):
     """The ``train`` section of a DiffusionNFT run (defaults: DiffusionNFT's SD3.5 recipe, grpo_family.md §2.4)."""
 
     num_epochs: int = param(100, help="epochs (one epoch = sample with the old policy, score, train)", min=1)
-    learning_rate: float = param(3e-4, help="AdamW learning rate", min=0.0)
-    adam_beta1: float = param(0.9, help="AdamW beta1")
-    adam_beta2: float = param(0.999, help="AdamW beta2")
-    weight_decay: float = param(1e-4, help="AdamW weight decay")
-    adam_eps: float = param(1e-8, help="AdamW epsilon")
-    warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
-    lr_schedule: Literal["constant", "linear", "cosine"] = param(
-        "constant", help="learning rate after warmup: constant, or decayed to 0 (linear / cosine) over lr_decay_steps")
-    lr_decay_steps: int = param(
-        0, help="optimizer steps of the decay after warmup (then the rate stays 0); needed by linear / cosine", min=0)
     batch_size: int = param(8, help="training minibatch per process", min=1)
-    gradient_accumulation_steps: int = param(
-        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1)
-    num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
     shuffle: bool = param(True, help="shuffle samples between minibatches")
-    max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)
     beta: float = param(1.0, help="implicit-policy mixing strength (DiffusionNFT: 1.0; 0.1 for OCR / multi-reward)",
                         min=0.0)
     adv_clip_max: float = param(5.0, help="C: advantages are clipped to [-C, C]; r = A / 2C + 1/2", min=0.0)
@@ -73,7 +59,6 @@ class NFTConfig:
         "(normalise each reward per group, weighted-sum, whiten), marble (QP gradient harmonisation)")
     std_mode: Literal["group", "batch", "global"] = param(
         "batch", help="std of the (per-reward) advantage: within the group, of the gathered batch, or running")
-    adv_eps: float = param(1e-4, help="added to the std", min=0.0)
     marble_mode: Literal["full", "amortized"] = param(
         "amortized", help="full: K backwards and a QP every step; amortized: QP every marble_every steps, one "
         "backward on sum_k alpha_bar_k A_k in between")
@@ -93,21 +78,10 @@ class NFTConfig:
     grad_diagnostics_every: int = param(
         0, help="every N optimizer steps also compute the per-reward gradients (K extra backwards) to log the "
         "cosine of the applied direction with each; 0 = only where MARBLE computes them anyway", min=0)
-    ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
-    ema_decay: float = param(0.9, help="EMA decay", min=0.0, max=1.0)
-    ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
-    eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
-    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
-    eval_guidance_scale: Optional[float] = param(None, help="CFG for eval; null = sample.guidance_scale")
-    stop_after_epochs: Optional[int] = param(
-        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)")
-    max_minutes: Optional[float] = param(
-        None, help="stop after this many minutes of wall time (then a final evaluation, outside the budget, and "
-        "a checkpoint)")
 
     def validate_run(self, run) -> None:
         s = run.sample
-        check_lr_schedule(self)
+        self.validate_loop()
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; DiffusionNFT needs >= 2 images per prompt")
         check(s.step == "flow_euler", "sample.step",
               f"got {s.step!r}; DiffusionNFT samples with the deterministic ODE: set sample.step=flow_euler")
