@@ -209,7 +209,8 @@ def test_eval_rewards_are_scored_only_at_evaluation(tmp_path):
     assert [r for r in rows if "epoch" in r][0]["reward/jpeg_compressibility"] == plain["reward/jpeg_compressibility"]
     for a, b in zip(trainer.params, runs["without"][1].params):
         assert torch.equal(a, b)
-    assert eval_main(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume_from="latest"))) == 0
+    latest = dataclasses.replace(cfg.checkpoint, resume_from="latest")
+    assert eval_main(dataclasses.replace(cfg, checkpoint=latest)) == 0
     out = json.loads((tmp_path / "with" / "eval.json").read_text())
     assert out["eval/reward/colorfulness"] == evals[-1]["eval/reward/colorfulness"]
     clash = run_config(save_tiny(tmp_path), tmp_path / "clash", eval_rewards=[{"name": "jpeg_compressibility"}])

@@ -426,8 +426,9 @@ def close_run(trainer, title: str) -> None:
     out = trainer.run.output_dir
     if trainer.dist.is_main:
         present = {k for row in read_metrics(f"{out}/metrics.jsonl") for k in row}
-        extra = trainer.eval_only_rewards.names if trainer.eval_only_rewards is not None else []
-        keys = [k for n in [*trainer.rewards.names, *extra] for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
+        extra = trainer.eval_only_rewards
+        names = [*trainer.rewards.names, *(extra.names if extra is not None else [])]
+        keys = [k for n in names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
         try:
             plot_curves(f"{out}/metrics.jsonl", f"{out}/reward_curve.png", keys, title=title)
         except Exception as exc:  # a plot must never fail a finished run
