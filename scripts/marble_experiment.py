@@ -71,6 +71,7 @@ def make_trainer(model: str, run_dir: Path, overrides: List[str]):
 def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, extra: List[str],
              eval_base: bool) -> List[Dict]:
     from diffalign.logging import read_metrics
+    from trainers.common import eval_reward_names
 
     trainer = make_trainer(model, out / mode, [
         *MODE_OVERRIDES.get(mode, [f"train.aggregation={mode}"]), f"train.num_epochs={epochs}",
@@ -83,8 +84,7 @@ def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, ext
     finally:
         trainer.cleanup()
     print(f"[{mode}] {epochs} epochs in {time.time() - t0:.0f} s")
-    extra_names = trainer.eval_only_rewards.names if trainer.eval_only_rewards is not None else []
-    return read_metrics(metrics), [*trainer.rewards.names, *extra_names], trainer.cfg
+    return read_metrics(metrics), eval_reward_names(trainer), trainer.cfg
 
 
 def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[str]) -> Dict[str, float]:

@@ -426,9 +426,7 @@ def close_run(trainer, title: str) -> None:
     out = trainer.run.output_dir
     if trainer.dist.is_main:
         present = {k for row in read_metrics(f"{out}/metrics.jsonl") for k in row}
-        extra = trainer.eval_only_rewards
-        names = [*trainer.rewards.names, *(extra.names if extra is not None else [])]
-        keys = [k for n in names for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
+        keys = [k for n in eval_reward_names(trainer) for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
         try:
             plot_curves(f"{out}/metrics.jsonl", f"{out}/reward_curve.png", keys, title=title)
         except Exception as exc:  # a plot must never fail a finished run
@@ -471,6 +469,17 @@ def build_eval_only_rewards(run, training_rewards):
     return extra
 
 
+def eval_reward_sets(trainer) -> List:
+    """The MultiRewards a trainer's evaluation scores, in column order: ``trainer.rewards``, then
+    ``trainer.eval_only_rewards`` when the run has ``eval_rewards``."""
+    return [r for r in (trainer.rewards, trainer.eval_only_rewards) if r is not None]
+
+
+def eval_reward_names(trainer) -> List[str]:
+    """The evaluation's column names (:func:`eval_reward_sets`), as logged under ``eval/reward/NAME``."""
+    return [n for r in eval_reward_sets(trainer) for n in r.names]
+
+
 def _score_columns(reward_sets, images, prompts) -> torch.Tensor:
     meta = [{"prompt": p} for p in prompts]
     return torch.cat([r(images, prompts, meta).rewards for r in reward_sets], dim=1)
@@ -511,22 +520,19 @@ def evaluate_run(trainer) -> Dict[str, float]:
     Uses the trainer's ``run``, ``cfg`` (``eval_guidance_scale``, ``eval_num_steps``), ``dist``, ``device``,
     ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``eval_only_rewards`` (``run.eval_rewards``, columns
     after the training ones, or None), ``height`` and ``width``."""
-    import math
-
     s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
     prompts = trainer.prompts.eval_prompts()
     per = math.ceil(len(prompts) / dist.world_size)
     mine = list(range(dist.rank * per, min(len(prompts), (dist.rank + 1) * per)))
     steps, gs = eval_settings(s, cfg.eval_num_steps, cfg.eval_guidance_scale)
     ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
-    reward_sets = [r for r in (trainer.rewards, trainer.eval_only_rewards) if r is not None]
     with ctx:
-        local, _ = score_prompts(trainer.adapter, reward_sets, [prompts[k] for k in mine], mine, sample_cfg=s,
-                                 seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
+        local, _ = score_prompts(trainer.adapter, eval_reward_sets(trainer), [prompts[k] for k in mine], mine,
+                                 sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
                                  height=trainer.height, width=trainer.width, dtype=trainer.dtype)
     pad = per - local.shape[0]
     if pad:
         local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
     allr = dist.gather(local.to(trainer.device)).cpu()
-    names = [n for r in reward_sets for n in r.names]
+    names = eval_reward_names(trainer)
     return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}

@@ -78,17 +78,18 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
 def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int, keep_images: bool = False,
                with_eval_rewards: bool = False):
     from rewards import MultiReward
-    from trainers.common import DTYPES, image_size, score_prompts
+    from trainers.common import DTYPES, build_eval_only_rewards, image_size, score_prompts
     from trainers.grpo import _reward_spec_dict
 
-    # the training columns, then eval_rewards (one MultiReward: a repeated column name is an error)
-    specs = [*cfg.rewards, *(cfg.eval_rewards if with_eval_rewards else [])]
-    rewards = MultiReward([_reward_spec_dict(r) for r in specs])
+    rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
+    # the training columns, then eval_rewards (the trainers' rule: a name already training is an error)
+    extra = build_eval_only_rewards(cfg, rewards) if with_eval_rewards else None
+    reward_sets = [r for r in (rewards, extra) if r is not None]
     h, w = image_size(adapter, cfg.sample)
-    rows, images = score_prompts(adapter, rewards, prompts, range(len(prompts)), sample_cfg=cfg.sample, seed=seed,
+    rows, images = score_prompts(adapter, reward_sets, prompts, range(len(prompts)), sample_cfg=cfg.sample, seed=seed,
                                  num_steps=num_steps, guidance_scale=guidance, height=h, width=w,
                                  dtype=DTYPES[cfg.model.dtype], keep_images=keep_images)
-    return rewards.names, rows, images
+    return [n for r in reward_sets for n in r.names], rows, images
 
 
 def eval_main(cfg) -> int:
