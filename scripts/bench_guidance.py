@@ -39,7 +39,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="builtin:shapes-flow", help="model path, builtin:NAME, or 'tiny'")
     p.add_argument("--reward", default=None,
-                   help="reward name (default: shapes; jpeg_compressibility for tiny)")
+                   help="reward name (default: shapes; jpeg_compressibility for tiny), or NAME,NAME2:W2,... for "
+                   "one composite reward (weight 1 unless given): every method selects and guides on the weighted "
+                   "sum, one evaluation per image; the first column is the score reported")
     p.add_argument("--prompts", type=int, default=16, help="number of evaluation prompts")
     p.add_argument("--budget", type=int, default=32, help="reward evaluations per prompt")
     p.add_argument("--steps", type=int, default=10, help="sampler steps")
@@ -80,6 +82,18 @@ def load(args):
     adapter = load_generator(resolve_model_path(args.model), device=device)
     size = adapter.default_image_size() if hasattr(adapter, "default_image_size") else None
     return adapter, tuple(size) if size else (64, 64)
+
+
+def reward_specs(text: str):
+    """``"shapes,shapes_soft:0.05"`` -> MultiReward specs (weight 1 unless ``:W`` is given)."""
+    specs = []
+    for item in text.split(","):
+        name, _, weight = item.strip().partition(":")
+        try:
+            specs.append({"name": name, "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise SystemExit(f"--reward item {item!r}: the weight after ':' must be a number, e.g. shapes_soft:0.05")
+    return specs
 
 
 def plans(args, T: int):
@@ -138,8 +152,9 @@ def main(argv=None) -> int:
     if adapter.kind == "flow" and args.doob_start < 1:
         # step 0 sits at sigma = 1 (alpha = 0): DOIT never guides it, so the matched budget would be wrong
         raise SystemExit(f"--doob-start {args.doob_start}: a flow model's step 0 is never guided; use >= 1")
-    reward_name = args.reward or ("jpeg_compressibility" if args.model == "tiny" else "shapes")
-    reward = MultiReward([reward_name])
+    specs = reward_specs(args.reward or ("jpeg_compressibility" if args.model == "tiny" else "shapes"))
+    reward_name = specs[0]["name"]
+    reward = MultiReward(specs)
     prompts = PromptSource("shapes", args.seed, eval_size=args.prompts).eval_prompts()
     step, level = resolve_kernel(adapter.kind, None, args.noise_level, "flow_sde", args.noise_level)
     T = args.steps
@@ -174,8 +189,10 @@ def main(argv=None) -> int:
         score = float(torch.nanmean(results[label].rewards[:, 0]))
         print(f"{label:>13}: mean {reward_name} {score:.4f}  ({wall:.1f}s, options {options}, particles {P})",
               file=sys.stderr, flush=True)
-    table = format_table(results, [1.0], reward.names)
-    header = (f"model={args.model} reward={reward_name} prompts={len(prompts)} steps={T} step={step} "
+    # "mean score" is the first column (the one the methods are compared on); the others are shown beside it
+    table = format_table(results, [1.0] + [0.0] * (len(specs) - 1), reward.names)
+    composite = "" if len(specs) == 1 else f" (selected and guided on {args.reward})"
+    header = (f"model={args.model} reward={reward_name}{composite} prompts={len(prompts)} steps={T} step={step} "
               f"noise_level={level} budget={args.budget} reward evals/prompt (unguided: 1)")
     paired = paired_lines(results)
     print(header)

@@ -80,8 +80,9 @@ def test_compare_methods_table(adapter):
     assert res["best_of_n"].counter.reward_evals == 4 and res["none"].counter.reward_evals == 2
 
 
-def _cfg(tiny_folder, out, **guidance):
+def _cfg(tiny_folder, out, eval_rewards=(), **guidance):
     return from_dict(RunConfig, {
+        "eval_rewards": list(eval_rewards),
         "seed": 1, "output_dir": str(out),
         "model": {"path": tiny_folder, "lora": {"enabled": False}},
         "prompts": {"source": "shapes", "eval_size": 2},
@@ -109,6 +110,32 @@ def test_sample_command_with_guidance(tiny_folder, tmp_path, capsys):
     # the unguided path is unchanged
     assert sample_main(_cfg(tiny_folder, tmp_path / "u")) == 0
     assert (tmp_path / "u" / "samples.png").exists()
+
+
+def test_sample_command_scores_eval_rewards_as_judges(tiny_folder, tmp_path, capsys):
+    """``eval_rewards`` score the final images after sampling: a judge that is the guiding reward under another
+    label gives the same values, and guidance's reward-evaluation counts do not change."""
+    from trainers.run import sample_main
+
+    judge = [{"name": "jpeg_compressibility", "label": "jpeg_judge"}]
+    kw = dict(method="best_of_n", compare=["none"], num_particles=2)
+    assert sample_main(_cfg(tiny_folder, tmp_path / "g", eval_rewards=judge, **kw)) == 0
+    assert "judge jpeg_judge" in capsys.readouterr().out
+    record = json.loads((tmp_path / "g" / "guidance_rewards.json").read_text())
+    assert record["eval_names"] == ["jpeg_judge"]
+    for m in ("none", "best_of_n"):
+        row = record["methods"][m]
+        assert row["eval_rewards"]["jpeg_judge"] == pytest.approx([r[0] for r in row["rewards"]], abs=1e-6)
+    assert sample_main(_cfg(tiny_folder, tmp_path / "g0", **kw)) == 0  # no judges
+    plain = json.loads((tmp_path / "g0" / "guidance_rewards.json").read_text())
+    assert "eval_names" not in plain
+    for m in ("none", "best_of_n"):
+        assert plain["methods"][m]["reward_evals"] == record["methods"][m]["reward_evals"]
+    # plain sampling: the judge column beside the training one, per image
+    assert sample_main(_cfg(tiny_folder, tmp_path / "u", eval_rewards=judge)) == 0
+    scored = json.loads((tmp_path / "u" / "samples_rewards.json").read_text())
+    assert scored["names"] == ["jpeg_compressibility", "jpeg_judge"] and len(scored["rewards"]) == 2
+    assert all(a == pytest.approx(b, abs=1e-6) for a, b in scored["rewards"])
 
 
 def test_keep_simulated_and_resampling_reach_the_sampler_from_the_config():

@@ -124,6 +124,10 @@ def sample_main(cfg) -> int:
     ``compare + [method]`` runs on the same prompts and noise, and ``output_dir`` gets one grid per method
     (``samples_<method>.png``), ``guidance_rewards.json`` (per-image rewards, evaluation counts, wall time)
     and the comparison table ``guidance_table.md`` (also printed).
+
+    ``eval_rewards`` are judges: every final image is scored by them after sampling (never inside guidance,
+    never counted as reward evaluations), in extra columns of the table, the json (``eval_rewards``) and, for
+    plain sampling, ``samples_rewards.json``: guide on one reward, check another for reward hacking.
     """
     from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
@@ -137,12 +141,13 @@ def sample_main(cfg) -> int:
 
         from rewards import MultiReward
         from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
-        from trainers.common import image_size
+        from trainers.common import build_eval_only_rewards, image_size
         from trainers.grpo import _reward_spec_dict
 
         if not cfg.rewards:
             raise ValueError("rewards: guided sampling needs a reward; add e.g. rewards: [{name: shapes}]")
         reward = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
+        judges = build_eval_only_rewards(cfg, reward)
         h, w = image_size(adapter, cfg.sample)
         step, level = resolve_kernel(adapter.kind, guidance.step, guidance.noise_level, cfg.sample.step,
                                      cfg.sample.noise_level)
@@ -159,26 +164,48 @@ def sample_main(cfg) -> int:
         weights = [float(x) for x in reward.weights]
         record = {"step": step, "noise_level": level, "names": reward.names, "weights": weights,
                   "methods": {}}
+        judged = {}
         for m, res in results.items():
             score = res.score(weights)
             per = res.images.shape[0] // len(prompts)
-            caps = [f"{prompts[i // per]} ({float(score[i]):.2f})" for i in range(res.images.shape[0])]
+            image_prompts = [prompts[i // per] for i in range(res.images.shape[0])]
+            caps = [f"{p} ({float(score[i]):.2f})" for i, p in enumerate(image_prompts)]
             path = save_image_grid(res.images, caps, os.path.join(cfg.output_dir, f"samples_{m}.png"))
             print(f"wrote {path}")
             record["methods"][m] = {**res.counter.as_dict(), "wall_s": res.wall_s,
                                     "mean_score": float(torch.nanmean(score)),
                                     "rewards": res.rewards.tolist()}
+            if judges is not None:
+                judged[m] = _judge(judges, res.images, image_prompts)
+                record["methods"][m]["eval_rewards"] = {n: judged[m][:, j].tolist()
+                                                        for j, n in enumerate(judges.names)}
+        if judges is not None:
+            record["eval_names"] = judges.names
         with open(os.path.join(cfg.output_dir, "guidance_rewards.json"), "w") as f:
             json.dump(record, f, indent=2)
-        table = format_table(results, weights, reward.names)
+        table = format_table(results, weights, reward.names, judged=judged,
+                             judge_names=judges.names if judges is not None else ())
         with open(os.path.join(cfg.output_dir, "guidance_table.md"), "w") as f:
             f.write(table + "\n")
         print(table)
         return 0
+    import json
+
     names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
-                                     seed=cfg.seed, keep_images=True)
+                                     seed=cfg.seed, keep_images=True, with_eval_rewards=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
     caps = [f"{p} ({rows[i, 0]:.2f})" for i, p in enumerate(prompts)]
     path = save_image_grid(images, caps, os.path.join(cfg.output_dir, "samples.png"))
     print(f"wrote {path}")
+    means = {n: float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
+    with open(os.path.join(cfg.output_dir, "samples_rewards.json"), "w") as f:
+        json.dump({"prompts": prompts, "names": names, "mean": means, "rewards": rows.tolist()}, f, indent=2)
+    print(json.dumps(means, indent=2))
     return 0
+
+
+def _judge(judges, images: torch.Tensor, prompts) -> torch.Tensor:
+    """``[n, R]``: the ``eval_rewards`` columns of final images (outside any guidance; no gradient)."""
+    with torch.no_grad():
+        meta = [{"prompt": p, "sample_id": i} for i, p in enumerate(prompts)]
+        return judges(images, list(prompts), meta).rewards.float().cpu()

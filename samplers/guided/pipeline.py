@@ -236,10 +236,13 @@ def compare_methods(
     return results
 
 
-def format_table(results: Dict[str, MethodResult], weights: Sequence[float], names: Sequence[str]) -> str:
-    """A markdown table: per method, evaluations per prompt, wall time and mean scores."""
+def format_table(results: Dict[str, MethodResult], weights: Sequence[float], names: Sequence[str],
+                 judged: Optional[Dict[str, torch.Tensor]] = None, judge_names: Sequence[str] = ()) -> str:
+    """A markdown table: per method, evaluations per prompt, wall time and mean scores; ``judged[method]``
+    ``[n, J]`` adds the mean of each judge column (``eval_rewards``, scored after sampling)."""
     head = ["method", "model evals/prompt", "VJPs/prompt", "reward evals/prompt", "wall s", "mean score"]
     head += [f"mean {n}" for n in names] if len(names) > 1 else []
+    head += [f"judge {n}" for n in judge_names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, res in results.items():
         n = res.rewards.shape[0]
@@ -249,5 +252,7 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
                  f"{res.wall_s:.1f}", f"{float(torch.nanmean(score)):.4f}"]
         if len(names) > 1:
             cells += [f"{float(torch.nanmean(res.rewards[:, j])):.4f}" for j in range(len(names))]
+        if judge_names:
+            cells += [f"{float(torch.nanmean(judged[method][:, j])):.4f}" for j in range(len(judge_names))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
