@@ -33,7 +33,7 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,6 +50,7 @@ __all__ = [
     "pairwise_cosines",
     "direction_cosines",
     "between_batch_cosines",
+    "between_batch_cosines_se",
     "ema_coefficients",
     "Harmonized",
     "harmonize",
@@ -539,3 +540,16 @@ def between_batch_cosines(grads: torch.Tensor) -> torch.Tensor:
     cos = torch.einsum("ikd,jkd->ijk", g, g)
     i, j = torch.triu_indices(g.shape[0], g.shape[0], offset=1)
     return cos[i, j].mean(dim=0)
+
+
+def between_batch_cosines_se(grads: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(cos [K], se [K])``: :func:`between_batch_cosines` and its leave-one-batch-out jackknife standard error
+    (``B >= 3``). The ``B (B - 1) / 2`` pairs share batches, so their spread understates the error; the jackknife
+    does not. A signal share within about two standard errors of 0 is not resolved by these batches."""
+    if grads.ndim != 3 or grads.shape[0] < 3:
+        raise ValueError(f"grads must be [B >= 3, K, D] for a standard error, got shape {tuple(grads.shape)}")
+    B = grads.shape[0]
+    cos = between_batch_cosines(grads)
+    loo = torch.stack([between_batch_cosines(torch.cat([grads[:i], grads[i + 1:]])) for i in range(B)])  # [B, K]
+    se = ((B - 1) / B * ((loo - loo.mean(dim=0)) ** 2).sum(dim=0)).sqrt()
+    return cos, se

@@ -9,7 +9,7 @@ Runs the config's trainer (GRPO, DDPO-style or DiffusionNFT) for ``--batches`` e
 skipped, so every epoch draws a fresh batch (new prompts, new noise) at the *same* weights, and keeps each
 update's gradient (after the cross-rank all-reduce and clipping, exactly what the optimizer would see). With
 ``g_b = s + n_b`` and independent noise, the mean cosine of two estimates is about ``c = |s|^2 / E|g|^2``, the
-share of a per-update gradient that is signal (:func:`diffalign.balance.between_batch_cosines`). Printed:
+share of a per-update gradient that is signal (:func:`diffalign.balance.between_batch_cosines_se`). Printed:
 
 * ``c`` and its jackknife standard error over batches (a ``c`` within about two standard errors of 0 is not
   resolved: the signal is smaller than this many batches can show);
@@ -54,17 +54,12 @@ def parse_args(argv=None):
 
 
 def jackknife_cosine(grads) -> Dict[str, float]:
-    """Mean pairwise cosine of ``grads`` ``[B, D]`` and its leave-one-batch-out jackknife standard error."""
-    import torch
+    """Mean pairwise cosine of ``grads`` ``[B, D]`` and its jackknife standard error
+    (:func:`diffalign.balance.between_batch_cosines_se`)."""
+    from diffalign.balance import between_batch_cosines_se
 
-    from diffalign.balance import between_batch_cosines
-
-    g = grads.double()[:, None, :]
-    B = g.shape[0]
-    c = float(between_batch_cosines(g)[0])
-    loo = torch.stack([between_batch_cosines(torch.cat([g[:i], g[i + 1:]]))[0] for i in range(B)])
-    se = float(((B - 1) / B * ((loo - loo.mean()) ** 2).sum()).sqrt())
-    return {"cos": c, "se": se}
+    cos, se = between_batch_cosines_se(grads.double()[:, None, :])
+    return {"cos": float(cos[0]), "se": float(se[0])}
 
 
 def summarise(cos: float, se: float, samples: int, seconds: float) -> Dict[str, float]:

@@ -96,7 +96,7 @@ def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[st
     skipped, on one process (the gradients are taken before any all-reduce)."""
     import torch
 
-    from diffalign.balance import between_batch_cosines
+    from diffalign.balance import between_batch_cosines_se
 
     trainer = make_trainer(model, out / "grad_noise", [
         "train.aggregation=marble", "train.marble_mode=full", f"train.num_epochs={batches}", "train.eval_every=0",
@@ -117,8 +117,8 @@ def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[st
     if len(grads) != batches:
         raise SystemExit(f"--grad-noise: expected one gradient per batch ({batches}), got {len(grads)}; use one "
                          "optimizer step per epoch (the config's defaults) and train.num_inner_epochs=1")
-    cos = between_batch_cosines(torch.stack(grads))  # [K]
-    return {n: float(cos[i]) for i, n in enumerate(trainer.rewards.names)}
+    cos, se = between_batch_cosines_se(torch.stack(grads))  # [K] each
+    return {n: (float(cos[i]), float(se[i])) for i, n in enumerate(trainer.rewards.names)}
 
 
 def summarise(mode: str, rows: List[Dict], names: List[str], cfg, base: Dict) -> Dict:
@@ -238,11 +238,13 @@ def main(argv=None) -> int:
         tiny_sd3_pipeline(seed=0).save_pretrained(model)
         extra = TINY_OVERRIDES + extra
     if args.grad_noise:
-        if args.grad_noise < 2:
-            raise SystemExit(f"--grad-noise needs at least 2 batches, got {args.grad_noise}")
+        if args.grad_noise < 3:
+            raise SystemExit(f"--grad-noise needs at least 3 batches (a cosine and its standard error), got "
+                             f"{args.grad_noise}")
         res = gradient_reproducibility(model, out, args.grad_noise, extra)
         text = (f"mean gradient cosine between {args.grad_noise} independent batches at the base weights "
-                f"(overrides={extra}):\n" + "\n".join(f"  {n}: {v:+.3f}" for n, v in res.items()) + "\n")
+                f"(overrides={extra}), +- jackknife standard error:\n"
+                + "\n".join(f"  {n}: {c:+.3f} +- {e:.3f}" for n, (c, e) in res.items()) + "\n")
         (out / "grad_noise.txt").write_text(text, encoding="utf-8")
         print(text)
         return 0

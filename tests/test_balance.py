@@ -198,6 +198,21 @@ def test_between_batch_cosines_known_answers():
         between_batch_cosines(grads[:1])
 
 
+def test_between_batch_cosines_jackknife_error_by_hand():
+    """Leave-one-batch-out: reward 2's batches e0, -e0, e0 give leave-one-out means -1, +1, -1 around -1/3, so
+    se = sqrt(2/3 * (4/9 + 16/9 + 4/9)) = 4/3; a reward whose pairs all agree has se 0."""
+    from diffalign.balance import between_batch_cosines_se
+
+    e = torch.eye(4, dtype=torch.float64)
+    grads = torch.stack([torch.stack([e[0] * 2.0, e[1], e[0]]), torch.stack([e[0] * 0.5, e[2], -e[0]]),
+                         torch.stack([e[0] * 3.0, e[3], e[0]])])
+    cos, se = between_batch_cosines_se(grads)
+    torch.testing.assert_close(cos, torch.tensor([1.0, 0.0, -1.0 / 3], dtype=torch.float64))
+    torch.testing.assert_close(se, torch.tensor([0.0, 0.0, 4.0 / 3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="B >= 3"):
+        between_batch_cosines_se(grads[:2])
+
+
 def test_harmonizer_grad_ema_solves_on_the_tracked_gradients():
     from diffalign.balance import Harmonizer, direction_cosines, harmonize, log_harmonized, min_norm_coefficients
 
