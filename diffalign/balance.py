@@ -544,12 +544,22 @@ def between_batch_cosines(grads: torch.Tensor) -> torch.Tensor:
 
 def between_batch_cosines_se(grads: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(cos [K], se [K])``: :func:`between_batch_cosines` and its leave-one-batch-out jackknife standard error
-    (``B >= 3``). The ``B (B - 1) / 2`` pairs share batches, so their spread understates the error; the jackknife
-    does not. A signal share within about two standard errors of 0 is not resolved by these batches."""
+    (``B >= 3``), from one ``B x B`` cosine matrix per reward.
+
+    The ``B (B - 1) / 2`` pairs share batches, so the spread of the pair cosines understates the error of their
+    mean when there is signal; the jackknife does not. Near ``cos = 0`` (no signal) the mean is a degenerate
+    U-statistic and the jackknife is conservative, by about ``sqrt(2)``: a share called "not resolved"
+    (within two standard errors of 0) may be resolvable by a sharper test, and bounds built from ``se`` are loose
+    in the safe direction."""
     if grads.ndim != 3 or grads.shape[0] < 3:
         raise ValueError(f"grads must be [B >= 3, K, D] for a standard error, got shape {tuple(grads.shape)}")
     B = grads.shape[0]
-    cos = between_batch_cosines(grads)
-    loo = torch.stack([between_batch_cosines(torch.cat([grads[:i], grads[i + 1:]])) for i in range(B)])  # [B, K]
-    se = ((B - 1) / B * ((loo - loo.mean(dim=0)) ** 2).sum(dim=0)).sqrt()
+    g = grads.double()
+    g = g / g.norm(dim=2, keepdim=True).clamp_min(1e-30)
+    C = torch.einsum("ikd,jkd->kij", g, g)  # [K, B, B]
+    C = C - torch.diag_embed(torch.diagonal(C, dim1=1, dim2=2))
+    total = C.sum(dim=(1, 2)) / 2  # [K]: the sum over pairs
+    cos = total / (B * (B - 1) / 2)
+    loo = (total[:, None] - C.sum(dim=2)) / ((B - 1) * (B - 2) / 2)  # [K, B]: mean without batch i
+    se = ((B - 1) / B * ((loo - loo.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)).sqrt()
     return cos, se

@@ -201,7 +201,7 @@ def test_between_batch_cosines_known_answers():
 def test_between_batch_cosines_jackknife_error_by_hand():
     """Leave-one-batch-out: reward 2's batches e0, -e0, e0 give leave-one-out means -1, +1, -1 around -1/3, so
     se = sqrt(2/3 * (4/9 + 16/9 + 4/9)) = 4/3; a reward whose pairs all agree has se 0."""
-    from diffalign.balance import between_batch_cosines_se
+    from diffalign.balance import between_batch_cosines, between_batch_cosines_se
 
     e = torch.eye(4, dtype=torch.float64)
     grads = torch.stack([torch.stack([e[0] * 2.0, e[1], e[0]]), torch.stack([e[0] * 0.5, e[2], -e[0]]),
@@ -211,6 +211,29 @@ def test_between_batch_cosines_jackknife_error_by_hand():
     torch.testing.assert_close(se, torch.tensor([0.0, 0.0, 4.0 / 3], dtype=torch.float64))
     with pytest.raises(ValueError, match="B >= 3"):
         between_batch_cosines_se(grads[:2])
+    # the one-matrix leave-one-out means equal recomputing the mean without each batch
+    gen = torch.Generator().manual_seed(1)
+    rand = torch.randn(7, 2, 50, generator=gen, dtype=torch.float64)
+    cos, se = between_batch_cosines_se(rand)
+    loo = torch.stack([between_batch_cosines(torch.cat([rand[:i], rand[i + 1:]])) for i in range(7)])
+    torch.testing.assert_close(cos, between_batch_cosines(rand))
+    torch.testing.assert_close(se, (6 / 7 * ((loo - loo.mean(dim=0)) ** 2).sum(dim=0)).sqrt())
+
+
+def test_between_batch_cosines_jackknife_error_is_calibrated_with_signal():
+    """With a signal share of 0.2 the jackknife error matches the spread of the estimate over repeated draws."""
+    from diffalign.balance import between_batch_cosines_se
+
+    gen = torch.Generator().manual_seed(0)
+    D, B = 2000, 12
+    s = torch.randn(D, generator=gen, dtype=torch.float64)
+    s = s / s.norm() * 0.5                                                       # share 0.25 / 1.25 = 0.2
+    draws = [between_batch_cosines_se((s + torch.randn(B, D, generator=gen, dtype=torch.float64) / D ** 0.5)[:, None])
+             for _ in range(150)]
+    cos = torch.stack([c for c, _ in draws])[:, 0]
+    se = torch.stack([e for _, e in draws])[:, 0]
+    assert abs(float(cos.mean()) - 0.2) < 0.01
+    assert 0.8 < float(se.mean() / cos.std()) < 1.4
 
 
 def test_harmonizer_grad_ema_solves_on_the_tracked_gradients():

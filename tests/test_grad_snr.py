@@ -41,8 +41,12 @@ def test_summary_figures_by_hand():
     assert res["resolved"] and res["snr_per_update"] == pytest.approx(0.25)
     assert res["snr_per_second"] == pytest.approx(0.0625)
     assert res["samples_for_half_signal"] == pytest.approx(64 * 0.8 / 0.2)    # 256
-    low = snr.summarise(cos=0.01, se=0.02, samples=64, seconds=4.0)        # not resolved: bound from c = 2 se
-    assert not low["resolved"] and low["samples_for_half_signal"] == pytest.approx(64 * 0.96 / 0.04)
+    # not resolved: the bound uses the largest share not ruled out, max(cos, 0) + 2 se
+    low = snr.summarise(cos=0.01, se=0.02, samples=64, seconds=4.0)
+    assert not low["resolved"] and low["samples_for_half_signal"] == pytest.approx(64 * 0.95 / 0.05)
+    neg = snr.summarise(cos=-0.01, se=0.02, samples=64, seconds=4.0)
+    assert not neg["resolved"] and neg["samples_for_half_signal"] == pytest.approx(64 * 0.96 / 0.04)
+    assert snr.summarise(cos=1.0, se=0.0, samples=64, seconds=1.0)["samples_for_half_signal"] >= 0  # no 1/0
 
 
 def test_gradients_are_one_per_batch_at_unchanged_weights(tmp_path):
@@ -63,5 +67,18 @@ def test_gradients_are_one_per_batch_at_unchanged_weights(tmp_path):
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(trainer.params, fresh))
     res = snr.measure(str(path), [], 3, tmp_path / "out2")
     assert res["batches"] == 3 and res["samples_per_update"] == 8 and res["num_params"] == grads.shape[1]
-    with pytest.raises(SystemExit, match="gradient_accumulation_steps"):
+    # the tiny config samples 8 per epoch with train.batch_size 4: one update needs accumulation 2
+    with pytest.raises(SystemExit, match="gradient_accumulation_steps=2"):
         snr.collect_gradients(str(path), ["train.gradient_accumulation_steps=1"], 3, tmp_path / "out3")
+    with pytest.raises(SystemExit, match="num_inner_epochs=1"):
+        snr.collect_gradients(str(path), ["train.num_inner_epochs=2"], 3, tmp_path / "out4")
+
+
+def test_gradients_are_taken_after_clipping(tmp_path):
+    """What the optimizer would see: with ``train.max_grad_norm`` tiny every captured gradient has that norm."""
+    snr = _script()
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    save_config(cfg, path)
+    grads, _, _ = snr.collect_gradients(str(path), ["train.max_grad_norm=1e-6"], 3, tmp_path / "out")
+    torch.testing.assert_close(grads.norm(dim=1), torch.full((3,), 1e-6, dtype=torch.float64), rtol=1e-3, atol=0)

@@ -114,7 +114,7 @@ def test_sample_command_with_guidance(tiny_folder, tmp_path, capsys):
 
 def test_sample_command_scores_eval_rewards_as_judges(tiny_folder, tmp_path, capsys):
     """``eval_rewards`` score the final images after sampling: a judge that is the guiding reward under another
-    label gives the same values, and guidance's reward-evaluation counts do not change."""
+    label gives the same values; without judges the record has no judge entries."""
     from trainers.run import sample_main
 
     judge = [{"name": "jpeg_compressibility", "label": "jpeg_judge"}]
@@ -129,8 +129,7 @@ def test_sample_command_scores_eval_rewards_as_judges(tiny_folder, tmp_path, cap
     assert sample_main(_cfg(tiny_folder, tmp_path / "g0", **kw)) == 0  # no judges
     plain = json.loads((tmp_path / "g0" / "guidance_rewards.json").read_text())
     assert "eval_names" not in plain
-    for m in ("none", "best_of_n"):
-        assert plain["methods"][m]["reward_evals"] == record["methods"][m]["reward_evals"]
+    assert all("eval_rewards" not in plain["methods"][m] for m in ("none", "best_of_n"))
     # plain sampling: the judge column beside the training one, per image
     assert sample_main(_cfg(tiny_folder, tmp_path / "u", eval_rewards=judge)) == 0
     scored = json.loads((tmp_path / "u" / "samples_rewards.json").read_text())

@@ -206,6 +206,7 @@ def sample_main(cfg) -> int:
 
 def _judge(judges, images: torch.Tensor, prompts) -> torch.Tensor:
     """``[n, R]``: the ``eval_rewards`` columns of final images (outside any guidance; no gradient)."""
+    from trainers.common import _score_columns
+
     with torch.no_grad():
-        meta = [{"prompt": p, "sample_id": i} for i, p in enumerate(prompts)]
-        return judges(images, list(prompts), meta).rewards.float().cpu()
+        return _score_columns([judges], images, list(prompts)).float().cpu()
