@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Dict
 
@@ -95,8 +96,6 @@ def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int
 def eval_main(cfg) -> int:
     """``diffalign eval CONFIG [checkpoint.resume_from=latest|PATH] [key=value ...]``: mean reward per column over the
     evaluation prompts for the base model (no checkpoint) or a trained checkpoint; writes ``eval.json``."""
-    import json
-
     from diffalign.prompts import build_prompt_source
     from trainers.common import eval_seed, eval_settings
 
@@ -137,8 +136,6 @@ def sample_main(cfg) -> int:
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:
-        import json
-
         from rewards import MultiReward
         from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
         from trainers.common import build_eval_only_rewards, image_size
@@ -189,8 +186,6 @@ def sample_main(cfg) -> int:
             f.write(table + "\n")
         print(table)
         return 0
-    import json
-
     names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
                                      seed=cfg.seed, keep_images=True, with_eval_rewards=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
