@@ -434,6 +434,11 @@ def close_run(trainer, title: str) -> None:
     trainer.logger.close()
 
 
+#: Seed stream of the trainers' per-sample training draws (``make_generators(seed_for(run seed,
+#: TRAIN_SEED_STREAM), global sample ids)``): trained timesteps and, for DiffusionNFT, the forward noise, so a
+#: sample is trained alike on one process or many.
+TRAIN_SEED_STREAM = 23
+
 #: Seed stream of the evaluation noise (``seed_for(run seed, EVAL_SEED_STREAM)``): shared by the trainer's
 #: periodic evaluation and ``diffalign eval``, so evaluating a checkpoint reproduces the score logged for it.
 EVAL_SEED_STREAM = 99

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -158,12 +158,15 @@ def select_train_steps(
     fraction: float,
     mode: str,
     generator: Optional[torch.Generator] = None,
+    generators: Optional[Sequence[torch.Generator]] = None,
 ) -> torch.Tensor:
     """``[N, K]`` long: the trained step indices of each sample (research/grpo_family.md §1.3, §3.2).
 
     Candidates are the stochastic steps; ``K = int(len(candidates) * fraction)`` (at least 1), which with
     0.99 drops the last (lowest-noise) step. ``first`` takes the first K in order for every sample
-    (Flow-GRPO); ``random`` a fresh random permutation per sample (DDPO).
+    (Flow-GRPO); ``random`` a fresh random permutation per sample (DDPO), drawn from ``generators[i]`` for
+    sample ``i`` when given (one per sample, so a sample's steps do not depend on its batch or process),
+    else from ``generator``.
     """
     cand = torch.nonzero(stochastic, as_tuple=False).flatten()
     if cand.numel() == 0:
@@ -172,7 +175,10 @@ def select_train_steps(
     if mode == "first":
         return cand[:k].expand(num_samples, k).clone()
     if mode == "random":
-        perms = torch.stack([torch.randperm(cand.numel(), generator=generator) for _ in range(num_samples)])
+        if generators is not None and len(generators) != num_samples:
+            raise ValueError(f"generators: {len(generators)} given for {num_samples} samples; pass one per sample")
+        gens = generators if generators is not None else [generator] * num_samples
+        perms = torch.stack([torch.randperm(cand.numel(), generator=g) for g in gens])
         return cand[perms[:, :k]]
     raise ValueError(f"timestep_selection must be 'first' or 'random', got {mode!r}")
 
@@ -305,7 +311,8 @@ class GRPOTrainer:
         from diffalign.generators.base import Conditioning
 
         return {"traj": Trajectory.cat(trajs), "cond": Conditioning.cat(conds), "rewards": torch.cat(rewards),
-                "images": torch.cat(images), "schedule": schedule, "reward_seconds": t_reward}
+                "images": torch.cat(images), "schedule": schedule, "reward_seconds": t_reward,
+                "sample_ids": ids_all}
 
     def _advantages(self, local_rewards: torch.Tensor, assignment) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
         """Gather ``[n, R]`` rewards, combine columns, compute advantages on the global batch, slice back."""
@@ -348,12 +355,16 @@ class GRPOTrainer:
     def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, keep: torch.Tensor) -> Dict:
         from diffalign.distributed import all_reduce_gradients, seed_for
         from samplers import score_steps
-        from trainers.common import autocast_ctx
+        from samplers.rollout import make_generators
+        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx
 
         cfg, s = self.cfg, self.run.sample
         traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
         n = traj.batch_size
+        # the minibatch order is this rank's; each sample's trained steps come from its own stream (global id),
+        # so a sample trains on the same steps on any number of processes
         gen = torch.Generator().manual_seed(seed_for(self.run.seed, epoch, self.dist.rank, 11))
+        sample_gens = make_generators(seed_for(self.run.seed, TRAIN_SEED_STREAM), data["sample_ids"])
         accum = cfg.gradient_accumulation_steps
         stats_acc: Dict[str, List[float]] = {}
         grad_norms: List[float] = []
@@ -361,7 +372,7 @@ class GRPOTrainer:
         for inner in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             steps = select_train_steps(traj.stochastic, n, fraction=cfg.timestep_fraction,
-                                       mode=cfg.timestep_selection, generator=gen)
+                                       mode=cfg.timestep_selection, generators=sample_gens)
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             per_update = accum * steps.shape[1]
             for mb_i, mb in enumerate(minibatches):

@@ -319,7 +319,8 @@ class NFTTrainer:
                 rewards.append(out.rewards)
                 images.append(imgs)
         return {"x0": torch.cat(finals), "cond": Conditioning.cat(conds), "rewards": torch.cat(rewards),
-                "images": torch.cat(images), "schedule": schedule, "reward_seconds": t_reward}
+                "images": torch.cat(images), "schedule": schedule, "reward_seconds": t_reward,
+                "sample_ids": assignment.sample_ids}
 
     def _advantages(self, local_rewards: torch.Tensor, assignment) -> Tuple[torch.Tensor, torch.Tensor,
                                                                              torch.Tensor, Dict]:
@@ -414,6 +415,8 @@ class NFTTrainer:
     def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, per_reward: torch.Tensor,
                      keep: torch.Tensor) -> Dict:
         from diffalign.distributed import seed_for
+        from samplers.rollout import make_generators
+        from trainers.common import TRAIN_SEED_STREAM
 
         cfg = self.cfg
         x0_all, cond, schedule = data["x0"], data["cond"], data["schedule"]
@@ -422,7 +425,10 @@ class NFTTrainer:
         timesteps = schedule.timesteps.to(self.device)
         num_t = schedule.num_steps
         num_train_t = max(1, int(num_t * cfg.timestep_fraction))
+        # the minibatch order is this rank's; each sample's timesteps and noise come from its own stream (global
+        # id), so a sample is trained the same way on any number of processes
         gen = torch.Generator().manual_seed(seed_for(self.run.seed, epoch, self.dist.rank, 11))
+        sample_gens = make_generators(seed_for(self.run.seed, TRAIN_SEED_STREAM), data["sample_ids"])
         per_update = cfg.gradient_accumulation_steps * num_train_t
         metrics: Dict[str, List[float]] = {}
         step_times: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}
@@ -432,7 +438,7 @@ class NFTTrainer:
         t_step, c_step = time.perf_counter(), time.process_time()
         for _ in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
-            t_idx = torch.stack([torch.randperm(num_t, generator=gen)[:num_train_t] for _ in range(n)])
+            t_idx = torch.stack([torch.randperm(num_t, generator=g)[:num_train_t] for g in sample_gens])
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             for mb_i, mb in enumerate(minibatches):
                 model_fn = self.adapter.model_fn(cond.index_select(mb), 1.0)
@@ -444,7 +450,8 @@ class NFTTrainer:
                 for j in range(num_train_t):
                     idx = t_idx[mb, j].to(self.device)
                     sigma = sigmas[idx]
-                    noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                    noise = torch.stack([torch.randn(x0.shape[1:], generator=sample_gens[i])
+                                         for i in mb.tolist()]).to(self.device)
                     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
                     x_t = (1 - s) * x0 + s * noise
                     v_old, v_ref, v = self._velocities(model_fn, x_t, timesteps[idx])
