@@ -484,10 +484,16 @@ class RewardGradients:
         dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM)
         self.buffer /= world_size
 
-    def harmonize_into_grad(self, harmonizer: "Harmonizer", world_size: int) -> Harmonized:
+    def harmonize_into_grad(self, harmonizer: "Harmonizer", world_size: int) -> Optional[Harmonized]:
         """The MARBLE step on the accumulated per-reward gradients (rows ``0..K-1``): all-reduce, solve, add the
-        combined direction to ``.grad``, reset the buffers. Returns the :class:`Harmonized` record."""
+        combined direction to ``.grad``, reset the buffers. Returns the :class:`Harmonized` record, or ``None``
+        (buffers reset, ``.grad`` and the harmonizer's coefficient EMA and tracked gradients untouched) when a
+        per-reward gradient is not finite: the caller skips the step
+        (:func:`trainers.common.optimizer_update`)."""
         self.all_reduce(world_size)
+        if not bool(torch.isfinite(self.buffer).all()):
+            self.reset()
+            return None
         res = harmonizer.step(self.buffer[:harmonizer.num_rewards])
         self.add_to_grad(res.direction)
         self.reset()

@@ -192,6 +192,11 @@ class TrainLoopConfig:
     num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
     max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)
     adv_eps: float = param(1e-4, help="added to the std", min=0.0)
+    on_nonfinite: Literal["skip", "raise"] = param(
+        "skip", help="a NaN / inf gradient: skip that optimizer step (weights, optimizer, LR schedule and EMA "
+        "untouched; logged as train/skipped_steps) or stop the run with an error")
+    max_skipped_steps: int = param(
+        3, help="with on_nonfinite=skip: stop with an error after more than this many skipped steps in a row", min=0)
     ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
     ema_decay: float = param(0.9, help="EMA decay", min=0.0, max=1.0)
     ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)

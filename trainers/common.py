@@ -13,7 +13,7 @@ from diffalign.types import Trajectory
 
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
            "trainable_state", "load_trainable_state",
-           "checkpoint_weights", "restore_weights", "TrainingState"]
+           "checkpoint_weights", "restore_weights", "TrainingState", "NonFiniteError", "optimizer_update"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,6 +165,12 @@ def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int
     """One checkpoint of a trainer: trained (and EMA) weights, optimizer (or any object with a
     ``state_dict``), LR scheduler, counters, ``sampler_state`` plus the prompt-sampler position, config."""
     trained, ema_state = checkpoint_weights(adapter, ema)
+    for label, state in (("trained", trained), ("EMA", ema_state or {})):
+        bad = [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
+        if bad:  # never publish (or prune good checkpoints for) a broken model
+            raise NonFiniteError(
+                f"refusing to write checkpoint {epoch}: {len(bad)} {label} tensors are not finite (first: {bad[0]}); "
+                "the last good checkpoint stays 'latest'. Resume from it with a lower train.learning_rate")
     ckpt.save(
         epoch,
         trainable_state=trained,
@@ -175,6 +181,55 @@ def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int
         sampler_state={**sampler_state, "prompt_epoch": epoch},
         config=config,
     )
+
+
+class NonFiniteError(RuntimeError):
+    """A run met non-finite gradients (or weights) it was configured not to skip."""
+
+
+def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool = True) -> bool:
+    """The end of one optimizer step, once ``.grad`` is complete and identical on every rank (after the
+    all-reduce, so every rank takes the same decision): clip, step, LR schedule, EMA, step counter.
+
+    A non-finite gradient (a NaN loss, an overflow; or ``finite=False`` from a caller that found its own inputs
+    non-finite, e.g. MARBLE's per-reward gradients) never reaches the weights: with ``train.on_nonfinite: skip``
+    the step is dropped (weights, optimizer moments, LR schedule and EMA untouched; counted in
+    ``train/skipped_steps``, warned), and more than ``train.max_skipped_steps`` dropped in a row stop the run;
+    with ``raise`` the first one does. Returns whether the step was applied."""
+    cfg = trainer.cfg
+    norm = (float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0
+            else _grad_norm(trainer.params))
+    if not (finite and math.isfinite(norm)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        streak = getattr(trainer, "skipped_streak", 0) + 1
+        trainer.skipped_streak = streak
+        metrics.setdefault("train/skipped_steps", []).append(1.0)
+        what = f"non-finite gradient (norm {norm}) at optimizer step {trainer.global_step + 1}"
+        if cfg.on_nonfinite == "raise" or streak > cfg.max_skipped_steps:
+            rule = ("train.on_nonfinite=raise" if cfg.on_nonfinite == "raise"
+                    else f"{streak} steps in a row > train.max_skipped_steps={cfg.max_skipped_steps}")
+            raise NonFiniteError(
+                f"{what} ({rule}); the weights and checkpoints are from before it. Look for a reward returning "
+                "inf, a too-high learning rate or an fp16 overflow (try model.dtype=bfloat16), or raise "
+                "train.max_skipped_steps")
+        warnings.warn(f"{what}: step skipped (weights, optimizer, LR schedule and EMA unchanged; "
+                      f"{streak} in a row, train.max_skipped_steps={cfg.max_skipped_steps})", RuntimeWarning)
+        return False
+    trainer.skipped_streak = 0
+    if cfg.max_grad_norm > 0:
+        metrics.setdefault("train/grad_norm", []).append(norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.ema is not None:
+        trainer.ema.update()
+    trainer.global_step += 1
+    return True
 
 
 class TrainingState:

@@ -356,7 +356,7 @@ class GRPOTrainer:
         from diffalign.distributed import all_reduce_gradients, seed_for
         from samplers import score_steps
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx
+        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx, optimizer_update
 
         cfg, s = self.cfg, self.run.sample
         traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
@@ -367,7 +367,7 @@ class GRPOTrainer:
         sample_gens = make_generators(seed_for(self.run.seed, TRAIN_SEED_STREAM), data["sample_ids"])
         accum = cfg.gradient_accumulation_steps
         stats_acc: Dict[str, List[float]] = {}
-        grad_norms: List[float] = []
+        step_stats: Dict[str, List[float]] = {}  # grad norms, skipped steps (trainers.common.optimizer_update)
         micro, updates = 0, 0
         for inner in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
@@ -402,25 +402,20 @@ class GRPOTrainer:
                         stats_acc.setdefault(k, []).append(v)
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
                         all_reduce_gradients(self.params, self.dist.world_size)
+                        finite = True
                         if self.marble is not None:
                             from diffalign.balance import log_harmonized
 
                             res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size)
-                            for k, v in log_harmonized(res, self.rewards.names).items():
+                            finite = res is not None
+                            for k, v in (log_harmonized(res, self.rewards.names) if finite else {}).items():
                                 stats_acc.setdefault(k, []).append(v)
-                        if cfg.max_grad_norm > 0:
-                            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                            grad_norms.append(float(gn))
-                        self.optimizer.step()
-                        self.lr_scheduler.step()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        if self.ema is not None:
-                            self.ema.update()
-                        self.global_step += 1
-                        updates += 1
+                        updates += int(optimizer_update(self, step_stats, finite=finite))
                         micro = 0
         out = {f"train/{k}": float(np.mean(v)) for k, v in stats_acc.items()}
+        grad_norms = step_stats.get("train/grad_norm", [])
         out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        out["train/skipped_steps"] = len(step_stats.get("train/skipped_steps", []))
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out

@@ -378,16 +378,22 @@ class NFTTrainer:
             v = model_fn(x_t, timesteps).float()
         return v_old, v_ref, v
 
-    def _optimizer_step(self, refresh: bool, diagnose: bool, metrics: Dict[str, List[float]]) -> None:
+    def _optimizer_step(self, refresh: bool, diagnose: bool, metrics: Dict[str, List[float]]) -> bool:
+        """All-reduce, MARBLE (refresh / diagnose steps), then :func:`trainers.common.optimizer_update`; returns
+        whether the step was applied (a non-finite gradient is skipped)."""
         from diffalign.balance import cosine_summary, direction_cosines, gram_matrix, log_harmonized
         from diffalign.distributed import all_reduce_gradients
+        from trainers.common import optimizer_update
 
-        cfg, k = self.cfg, self.num_rewards
+        k = self.num_rewards
         # the KL part (or, on plain steps, the whole gradient) is in .grad; averaged over ranks like GRPO's
         all_reduce_gradients(self.params, self.dist.world_size)
+        if refresh:
+            res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size)
+            if res is None:  # a non-finite per-reward gradient: no QP, the harmonizer's state untouched
+                return optimizer_update(self, metrics, finite=False)
         if refresh or diagnose:
             if refresh:
-                res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size)
                 self.alpha_history.append(res.alpha.cpu())
                 stats = log_harmonized(res, self.rewards.names)
             else:
@@ -402,15 +408,7 @@ class NFTTrainer:
             stats["marble/worst_cos_negative"] = float(stats["marble/worst_cos"] < 0)
             for key, v in stats.items():
                 metrics.setdefault(key, []).append(v)
-        if cfg.max_grad_norm > 0:
-            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-            metrics.setdefault("train/grad_norm", []).append(float(gn))
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update()
-        self.global_step += 1
+        return optimizer_update(self, metrics)
 
     def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, per_reward: torch.Tensor,
                      keep: torch.Tensor) -> Dict:
@@ -477,17 +475,18 @@ class NFTTrainer:
                         metrics.setdefault(f"train/{key}", []).append(val)
                     last = mb_i == len(minibatches) - 1 and j == num_train_t - 1
                     if micro % per_update == 0 or last:
-                        self._optimizer_step(refresh, diagnose, metrics)
+                        applied = self._optimizer_step(refresh, diagnose, metrics)
                         kind = "refresh" if refresh else "diagnose" if diagnose else "plain"
                         step_times[kind].append(time.perf_counter() - t_step)
                         step_cpu[kind].append(time.process_time() - c_step)
-                        updates += 1
+                        updates += int(applied)
                         micro = 0
                         refresh, diagnose = self._step_kind()
                         t_step, c_step = time.perf_counter(), time.process_time()
         self.old.update(old_policy_decay(self.global_step, rate=cfg.old_decay_rate, cap=cfg.old_decay_max,
                                          start=cfg.old_decay_start))
         out = {key: float(np.mean(v)) for key, v in metrics.items()}
+        out["train/skipped_steps"] = len(metrics.get("train/skipped_steps", []))
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         for kind, times in step_times.items():

@@ -1,0 +1,126 @@
+"""A NaN never reaches the weights or a checkpoint (``train.on_nonfinite``, ``train.max_skipped_steps``).
+
+One loss call is made NaN (as a reward returning inf, an fp16 overflow or a bad batch would); the optimizer step
+that would apply it is skipped, leaving weights, optimizer moments, LR schedule and EMA exactly as before, or
+the run stops with an error, leaving the last good checkpoint as ``latest``. A checkpoint of non-finite weights
+is refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from grpo_helpers import run_config, save_tiny, train_run
+
+import trainers.grpo as grpo_mod
+import trainers.nft as nft_mod
+from diffalign.checkpoint import list_checkpoints, load_checkpoint, resolve_resume
+from diffalign.logging import read_metrics
+from trainers.common import NonFiniteError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+#: run_config's batch arithmetic: 2 minibatches x 3 trained steps = 6 loss calls = one optimizer step per epoch
+CALLS_PER_EPOCH = 6
+
+
+def _nan_on(monkeypatch, module, name: str, calls) -> dict:
+    """Make ``module.name`` (a loss returning ``(loss, ...)`` or a loss tensor) return NaN on the given calls."""
+    orig, count = getattr(module, name), {"n": 0}
+
+    def patched(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        count["n"] += 1
+        if count["n"] in calls:
+            return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+        return out
+
+    monkeypatch.setattr(module, name, patched)
+    return count
+
+
+def _weights(ckpt_dir):
+    return load_checkpoint(ckpt_dir).trainable_state
+
+
+def _finite(state) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values())
+
+
+def test_grpo_skips_a_nan_step_and_leaves_everything_untouched(tmp_path, monkeypatch):
+    _nan_on(monkeypatch, grpo_mod, "grpo_loss", {CALLS_PER_EPOCH + 1})  # one micro-step of epoch 2
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="non-finite gradient .* step skipped"):
+        trainer = train_run(run_config(save_tiny(tmp_path), out, train={"num_epochs": 3}))
+    assert trainer.global_step == 2  # epochs 1 and 3 stepped
+    ckpts = list_checkpoints(out)
+    assert [p.name for p in ckpts][-3:] == ["step-00000001", "step-00000002", "step-00000003"]
+    w1, w2, w3 = (_weights(p) for p in ckpts[-3:])
+    assert all(_finite(w) for w in (w1, w2, w3))
+    for k in w1:  # the skipped epoch changed nothing; the next one trained
+        assert torch.equal(w1[k], w2[k]), k
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2)
+    opt1, opt2 = (load_checkpoint(p).optimizer_state for p in ckpts[-3:-1])
+    t1, t2 = _tensors(opt1), _tensors(opt2)  # Adam's moments and step count untouched too
+    assert len(t1) == len(t2) > 0 and all(torch.equal(a, b) for a, b in zip(t1, t2))
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/skipped_steps" in r]
+    assert [r["train/skipped_steps"] for r in rows] == [0, 1, 0]
+    assert [r["train/updates"] for r in rows] == [1, 0, 1]
+
+
+def _tensors(obj):
+    """Every tensor in a nested state dict, in a fixed order (to compare optimizer states)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def test_raise_policy_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _nan_on(monkeypatch, grpo_mod, "grpo_loss", {CALLS_PER_EPOCH + 1})
+    out = tmp_path / "run"
+    cfg = run_config(save_tiny(tmp_path), out, train={"num_epochs": 3, "on_nonfinite": "raise"})
+    with pytest.raises(NonFiniteError, match="train.on_nonfinite=raise"):
+        train_run(cfg)
+    latest = resolve_resume(out, "latest")
+    assert latest.name == "step-00000001" and _finite(_weights(latest))
+
+
+def test_too_many_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    _nan_on(monkeypatch, grpo_mod, "grpo_loss", set(range(CALLS_PER_EPOCH + 1, 10 * CALLS_PER_EPOCH)))
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 6, "max_skipped_steps": 2})
+    with pytest.warns(RuntimeWarning, match="step skipped"), \
+            pytest.raises(NonFiniteError, match="3 steps in a row > train.max_skipped_steps=2"):
+        train_run(cfg)
+    assert _finite(_weights(resolve_resume(tmp_path / "run", "latest")))
+
+
+def test_nft_marble_skip_keeps_the_qp_state_finite(tmp_path, monkeypatch):
+    from test_nft_trainer import nft_config
+
+    # NFT: 1 minibatch x 3 timesteps per epoch; per timestep MARBLE full mode calls the loss for the applied
+    # advantages (stats only) and once per reward (2, the QP's inputs): call 11 is epoch 2's first per-reward loss
+    _nan_on(monkeypatch, nft_mod, "nft_policy_loss", {11})
+    cfg = nft_config(save_tiny(tmp_path), tmp_path / "run", {"num_epochs": 3, "aggregation": "marble",
+                                                              "marble_mode": "full"})
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        trainer = train_run(cfg, nft_mod.NFTTrainer)
+    assert trainer.global_step == 2 and len(trainer.alpha_history) == 2  # no QP on the skipped step
+    assert bool(torch.isfinite(trainer.harmonizer.alpha_bar).all())
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.params)
+    assert all(bool(torch.isfinite(t).all()) for t in trainer.old.shadow)
+
+
+def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
+    out = tmp_path / "run"
+    trainer = train_run(run_config(save_tiny(tmp_path), out, train={"num_epochs": 1}))
+    good = resolve_resume(out, "latest")
+    with torch.no_grad():
+        trainer.params[0].view(-1)[0] = float("nan")
+    trainer.epoch += 1
+    with pytest.raises(NonFiniteError, match="refusing to write checkpoint 2: 1 trained tensors are not finite"):
+        trainer.save_checkpoint()
+    assert resolve_resume(out, "latest") == good and _finite(_weights(good))
