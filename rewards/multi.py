@@ -23,6 +23,7 @@ Failure policy per spec (``on_error``):
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -148,6 +149,7 @@ class MultiReward:
         self.weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         self.grad = grad
         self.total_failures: Dict[str, int] = {n: 0 for n in self.names}
+        self._warned: set = set()  # rewards whose first skipped failure was already warned about
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -245,6 +247,12 @@ class MultiReward:
                 failures[name] = n_failed
                 errors[name] = messages
                 self.total_failures[name] += n_failed
+                if n_failed and name not in self._warned:  # tolerated, but never silently
+                    self._warned.add(name)
+                    warnings.warn(f"reward {name!r} failed on {n_failed} of {b} samples; on_error=skip set them to "
+                                  f"NaN (they get no advantage; counted in total_failures and the trainers' "
+                                  f"reward_failures/{name} metric; warned once): {messages[0] if messages else ''}",
+                                  RuntimeWarning)
                 raw_cols.append(scores)
                 t = self.transforms[i]
                 cols.append(scores if t is None else t(scores, prompts=prompts, metadata=metadata).float())

@@ -1,4 +1,5 @@
-"""A NaN never reaches the weights or a checkpoint (``train.on_nonfinite``, ``train.max_skipped_steps``).
+"""A NaN never reaches the weights or a checkpoint (``train.on_nonfinite``, ``train.max_skipped_steps``), and a
+reward failure tolerated by ``on_error: skip`` is counted in the run's metrics.
 
 One loss call is made NaN (as a reward returning inf, an fp16 overflow or a bad batch would); the optimizer step
 that would apply it is skipped, leaving weights, optimizer moments, LR schedule and EMA exactly as before, or
@@ -124,3 +125,15 @@ def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(NonFiniteError, match="refusing to write checkpoint 2: 1 trained tensors are not finite"):
         trainer.save_checkpoint()
     assert resolve_resume(out, "latest") == good and _finite(_weights(good))
+
+
+def test_skipped_reward_failures_are_logged_per_epoch(tmp_path):
+    rewards = [{"name": "jpeg_compressibility"},
+               {"name": "plugins.reward_plugins:nan_second", "on_error": "skip", "weight": 0.0}]
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="reward 'nan_second' failed on 1 of 4 samples"):
+        train_run(run_config(save_tiny(tmp_path), out, rewards=rewards, train={"num_epochs": 2}))
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/updates" in r]
+    # one failed sample per 4-sample batch, 2 batches per epoch; the error-free column logs none
+    assert [r["reward_failures/nan_second"] for r in rows] == [2.0, 2.0]
+    assert not any("reward_failures/jpeg_compressibility" in r for r in rows)

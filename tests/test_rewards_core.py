@@ -5,6 +5,8 @@ import os
 import sys
 import textwrap
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,12 +211,15 @@ def test_failure_policy_raise_names_reward_and_batch(fn, what):
 def test_failure_policy_skip_gives_counted_nan(fn, nan_rows, failed):
     images, prompts, md = _batch()
     multi = MultiReward([{"name": f"{P}:{fn}", "on_error": "skip"}, {"name": f"{P}:brightness"}])
-    out = multi(images, prompts, md)
+    with pytest.warns(RuntimeWarning, match=f"reward '{fn}' failed on {failed} of 4 samples; on_error=skip"):
+        out = multi(images, prompts, md)
     col = out.rewards[:, 0]
     assert torch.isnan(col).nonzero().flatten().tolist() == nan_rows
     assert not torch.isnan(out.rewards[:, 1]).any()
     assert out.failures[fn] == failed and len(out.errors[fn]) == 1 and fn in out.errors[fn][0]
-    multi(images, prompts, md)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per reward, not on every batch
+        multi(images, prompts, md)
     assert multi.total_failures[fn] == 2 * failed
 
 

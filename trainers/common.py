@@ -414,6 +414,19 @@ def should_stop(cfg, ran: int, started: float, dist=None, device="cpu") -> tuple
     return timed_out or (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs), timed_out
 
 
+def _epoch_failures(trainer, before: Dict[str, int]) -> Dict[str, float]:
+    """``reward_failures/NAME``: samples of this epoch (all ranks) whose reward failed under ``on_error: skip``;
+    only rewards with a skip policy are logged (a failure under ``raise`` stops the run)."""
+    rewards = trainer.rewards
+    names = [n for n, spec in zip(rewards.names, rewards.specs) if spec.on_error == "skip"]
+    if not names:
+        return {}
+    local = torch.tensor([[float(rewards.total_failures[n] - before.get(n, 0)) for n in names]],
+                         device=trainer.device)
+    total = trainer.dist.gather(local).sum(dim=0)
+    return {f"reward_failures/{n}": float(total[i]) for i, n in enumerate(names)}
+
+
 def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
     """The epoch loop of the online trainers (GRPO, NFT): evaluation at epoch 0 and every ``eval_every``,
     repeat assignment of the epoch's prompts, timing, metrics, sample grids, checkpoints, the time limit and a
@@ -449,11 +462,13 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
         t0 = time.perf_counter()
         assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts), s.group_size,
                                        epoch=epoch, seed=run.seed, rank=dist.rank, world_size=dist.world_size)
+        failed_before = dict(trainer.rewards.total_failures)
         data, stats, t1 = one_epoch(epoch, assignment)
         t2 = time.perf_counter()
         trainer.epoch = epoch + 1
         metrics = {**stats, "time/sample": t1 - t0 - data["reward_seconds"],
-                   "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": trainer.epoch}
+                   "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": trainer.epoch,
+                   **_epoch_failures(trainer, failed_before)}
         ran += 1
         stop, timed_out = should_stop(cfg, ran, started, dist, trainer.device)
         if (cfg.eval_every and trainer.epoch % cfg.eval_every == 0) or trainer.epoch == cfg.num_epochs \
