@@ -428,6 +428,57 @@ def _read_config(path: Path) -> Dict[str, Any]:
     return data or {}
 
 
+#: ``model.lora`` keys that decide what a checkpoint's weights mean: another value cannot load them (``enabled``,
+#: ``rank``, ``target_modules``) or silently changes the function they compute (``alpha``)
+LORA_WEIGHT_KEYS = ("enabled", "rank", "alpha", "target_modules")
+
+#: keys a resumed run may change without a warning (its length, limits, where and how it logs and checkpoints)
+_RESUME_FREE = ("output_dir", "checkpoint.", "logging.", "model.device", "train.num_epochs", "train.max_minutes",
+                "train.stop_after_epochs", "train.eval_every")
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_model_config(state: CheckpointState, model_cfg: Any, use: str) -> None:
+    """Refuse to load ``state``'s weights into a model configured with other ``model.lora`` settings than the
+    run that wrote them (:data:`LORA_WEIGHT_KEYS`); ``use`` names what the caller does (for the message).
+    Checkpoints without a recorded config are not checked."""
+    saved = (state.config or {}).get("model", {}).get("lora")
+    if not isinstance(saved, Mapping):
+        return
+    now = getattr(model_cfg, "lora", None)
+    diffs = [f"model.lora.{k}: checkpoint {saved[k]!r}, config {getattr(now, k)!r}" for k in LORA_WEIGHT_KEYS
+             if k in saved and now is not None and _norm(saved[k]) != _norm(getattr(now, k))]
+    if diffs:
+        raise CheckpointError(
+            f"cannot {use} {state.path}: its weights were trained with other model.lora settings ({'; '.join(diffs)}). "
+            "Use the checkpoint's values (drop the overrides, or see its config.yaml), or start fresh with "
+            "checkpoint.resume_from=null")
+
+
+def _norm(v: Any) -> Any:
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def config_changes(state: CheckpointState, config: Mapping[str, Any], limit: int = 12) -> List[str]:
+    """``KEY: checkpoint A -> now B`` for every key of the resolved ``config`` that differs from the one the
+    checkpoint recorded, except those a resume may change freely (:data:`_RESUME_FREE`)."""
+    saved, now = _flat(state.config or {}), _flat(config)
+    keys = sorted(k for k in set(saved) | set(now)
+                  if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RESUME_FREE)
+                  and _norm(saved.get(k)) != _norm(now.get(k)))
+    lines = [f"{k}: checkpoint {saved.get(k)!r} -> now {now.get(k)!r}" for k in keys[:limit]]
+    return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
 def restore_rng(state: CheckpointState, generators: Optional[Mapping[str, torch.Generator]] = None) -> bool:
     """Put this rank's RNG states back (torch, CUDA, numpy, python ``random``, and the named generators
     that were saved with ``save(..., generators=...)``). Returns ``False`` (with a warning) when the

@@ -92,7 +92,7 @@ def _add_config_args(parser: argparse.ArgumentParser, config_optional: bool = Fa
         "overrides",
         metavar="key=value",
         nargs="*",
-        help="overrides with dotted keys, e.g. sample.num_steps=20 train.lr=1e-4 rewards.0.weight=0.5",
+        help="overrides with dotted keys, e.g. sample.num_steps=20 train.learning_rate=1e-4 rewards.0.weight=0.5",
     )
 
 
@@ -221,6 +221,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `diffalign config x.yaml | head`: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
+    except Exception as exc:
+        # errors whose message names the value, the rule and the fix (a checkpoint that cannot be used, a run
+        # stopped by non-finite gradients): one line, no traceback; anything else is a bug and keeps its traceback
+        from diffalign.checkpoint import CheckpointError
+        from trainers.common import NonFiniteError
+
+        if not isinstance(exc, (CheckpointError, NonFiniteError)):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m diffalign.cli

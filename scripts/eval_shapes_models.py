@@ -60,8 +60,10 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("outputs/shapes_eval"))
-    ap.add_argument("--grid-dir", type=Path, default=Path("docs/images"))
+    ap.add_argument("--grid-dir", type=Path, default=None,
+                    help="where the sample grids go (default: OUT; docs/images is where the README's come from)")
     args = ap.parse_args(argv)
+    args.grid_dir = args.grid_dir or args.out
     args.out.mkdir(parents=True, exist_ok=True)
     args.grid_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Multi-reward balancing on the shapes world (issue 6, acceptance 5): weighted sum vs GDPO vs MARBLE.
 
-    python scripts/marble_experiment.py                        # builtin:shapes-flow, 3 rewards, 30 epochs each
+    python scripts/marble_experiment.py                        # builtin:shapes-flow, 3 rewards, 16 epochs each
     python scripts/marble_experiment.py --epochs 60 train.learning_rate=3e-4
     python scripts/marble_experiment.py --tiny --epochs 3      # a tiny random SD3 pipeline: checks the harness only
     python scripts/marble_experiment.py --grad-noise 8         # signal share of each reward's per-batch gradient

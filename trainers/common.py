@@ -129,14 +129,23 @@ def open_run(run, dist, restore) -> tuple:
     state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch and saves the
     resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
     """
-    from diffalign.checkpoint import CheckpointManager, resolve_resume
+    from diffalign.checkpoint import CheckpointManager, check_model_config, config_changes, resolve_resume
     from diffalign.config import save_config, to_dict
     from diffalign.logging import MetricsLogger
 
     ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=dist.rank,
                              world_size=dist.world_size, barrier=dist.barrier)
+    resumed_epoch = None
     resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
-    resumed_epoch = restore(ckpt.load(resume)) if resume is not None else None
+    if resume is not None:
+        state = ckpt.load(resume)
+        check_model_config(state, run.model, "resume from")
+        changed = config_changes(state, to_dict(run))
+        if changed and dist.is_main:
+            warnings.warn(f"resuming from {resume} with a config that differs from the checkpoint's (the run "
+                          f"continues with the new values; config.yaml is updated):\n  " + "\n  ".join(changed),
+                          UserWarning)
+        resumed_epoch = restore(state)
     logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                            wandb_project=run.logging.wandb_project, is_main=dist.is_main,
                            resume_step=resumed_epoch)

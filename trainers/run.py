@@ -63,12 +63,15 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
 
     adapter = build_adapter(cfg.model, resolve_device(cfg.model.device))
     if checkpoint:
-        from diffalign.checkpoint import load_checkpoint, resolve_resume
+        from diffalign.checkpoint import CheckpointError, check_model_config, load_checkpoint, resolve_resume
 
         path = resolve_resume(cfg.output_dir, checkpoint)
         if path is None:
-            raise FileNotFoundError(f"no checkpoint found for {checkpoint!r} in {cfg.output_dir}")
+            raise CheckpointError(
+                f"checkpoint.resume_from={checkpoint!r}: no checkpoint in {cfg.output_dir} (train first, point "
+                "output_dir at a run, or use checkpoint.resume_from=null for the base model)")
         state = load_checkpoint(path)
+        check_model_config(state, cfg.model, "load")
         from trainers.common import load_trainable_state
 
         # evaluate the EMA weights when the run kept them

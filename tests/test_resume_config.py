@@ -1,0 +1,69 @@
+"""A checkpoint is only loaded into the model it was trained as; a resumed run says which settings changed.
+
+``model.lora`` rank / target modules / enabled decide whether the weights load at all, and alpha what they
+compute: a resume, ``diffalign eval`` or ``diffalign sample`` with other values stops with one error naming
+both values and the fix (it used to be a torch size-mismatch traceback, or for alpha a silently different
+score). Other changed keys (learning rate, group size, ...) are allowed on resume and listed in a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from grpo_helpers import run_config, save_tiny, train_run
+
+from diffalign.checkpoint import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture()
+def trained(tmp_path):
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 1})
+    train_run(cfg)
+    return cfg
+
+
+def _with_lora(cfg, **lora):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lora=dataclasses.replace(cfg.model.lora,
+                                                                                                  **lora)))
+
+
+@pytest.mark.parametrize("lora, shown", [({"rank": 2}, "model.lora.rank: checkpoint 4, config 2"),
+                                         ({"alpha": 4.0}, "model.lora.alpha: checkpoint 8.0, config 4.0")])
+def test_resume_and_eval_refuse_other_lora_settings(trained, lora, shown):
+    from trainers.run import eval_main
+
+    cfg = _with_lora(trained, **lora)
+    resumed = dataclasses.replace(cfg, train={**cfg.train, "num_epochs": 2})
+    with pytest.raises(CheckpointError, match=f"cannot resume from .*{shown}.*checkpoint.resume_from=null"):
+        train_run(resumed)
+    with pytest.raises(CheckpointError, match=f"cannot load .*{shown}"):
+        eval_main(cfg)
+
+
+def test_resume_lists_changed_settings_and_continues(trained):
+    cfg = dataclasses.replace(trained, train={**trained.train, "num_epochs": 2, "learning_rate": 1e-3},
+                              sample=dataclasses.replace(trained.sample, noise_level=0.5))
+    with pytest.warns(UserWarning, match="differs from the checkpoint") as record:
+        trainer = train_run(cfg)
+    text = "\n".join(str(w.message) for w in record)
+    assert "train.learning_rate: checkpoint 0.01 -> now 0.001" in text
+    assert "sample.noise_level: checkpoint 0.7 -> now 0.5" in text
+    assert "num_epochs" not in text  # a longer run is what resuming is for
+    assert trainer.epoch == 2
+
+
+def test_cli_prints_checkpoint_errors_as_one_line(tmp_path, capsys):
+    from diffalign import cli
+    from diffalign.config import save_config
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "never_trained")
+    path = tmp_path / "run.yaml"
+    save_config(cfg, path)
+    assert cli.main(["eval", str(path), "checkpoint.resume_from=latest"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint.resume_from='latest': no checkpoint in") and "Traceback" not in err
+    assert "checkpoint.resume_from=null" in last
