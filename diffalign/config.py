@@ -1137,6 +1137,11 @@ class PromptsConfig:
     def __post_init__(self) -> None:
         if self.source == "file":
             check(self.path is not None, "path", "source=file needs prompts.path (one prompt per line)")
+        if self.categories is not None:
+            from diffalign.shapes.prompts import CATEGORIES
+
+            bad = [c for c in self.categories if c not in CATEGORIES]
+            check(not bad, "categories", f"unknown shapes categories {bad}; valid categories are {list(CATEGORIES)}")
 
 
 _GUIDANCE_METHODS = ("none", "doob", "fk", "svdd", "best_of_n")

@@ -228,3 +228,22 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
     elif not getattr(reward, "name", None):
         reward.name = spec.name
     return reward
+
+
+def check_reward_config(run_cfg: Any) -> None:
+    """Registered names and transforms of a run config's ``rewards`` and ``eval_rewards``, so a typo stops a
+    command before any model loads, naming the key and the valid choices (:class:`diffalign.config.ConfigError`).
+    Dotted ``module:function`` paths are imported only when the run builds them. Called by ``diffalign train``,
+    ``eval`` and ``sample``; ``diffalign config`` stays free of torch and does not check them."""
+    from diffalign.config import ConfigError
+    from rewards.transforms import build_transform
+
+    for section in ("rewards", "eval_rewards"):
+        for i, spec in enumerate(getattr(run_cfg, section)):
+            if ":" not in spec.name and spec.name not in REWARDS:
+                raise ConfigError(f"unknown reward {spec.name!r}; registered rewards are {sorted(REWARDS)} (or give "
+                                  "a dotted path my_pkg.my_module:my_reward)", key=f"{section}.{i}.name")
+            try:
+                build_transform(spec.registry_kwargs()["transform"])
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(str(exc), key=f"{section}.{i}.transform") from None

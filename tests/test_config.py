@@ -405,20 +405,41 @@ def test_missing_required_key_in_list():
 
 def test_reward_transform_rules():
     assert "rewards.0.transform_kwargs" in _override_err(
-        RunConfig, "rewards.0.name=r", "rewards.0.transform_kwargs.a=1"
+        RunConfig, "rewards.0.name=shapes", "rewards.0.transform_kwargs.a=1"
     )
     assert "rewards.0.transform: got 3" in _override_err(
-        RunConfig, "rewards.0.name=r", "rewards.0.transform=3"
+        RunConfig, "rewards.0.name=shapes", "rewards.0.transform=3"
     )
     cfg = load_config(
         RunConfig,
         None,
-        ["rewards.0.name=r", "rewards.0.transform=affine", "rewards.0.transform_kwargs.scale=2"],
+        ["rewards.0.name=shapes", "rewards.0.transform=affine", "rewards.0.transform_kwargs.scale=2"],
     )
     assert cfg.rewards[0].registry_kwargs()["transform"] == {"name": "affine", "scale": 2}
     assert "transform_kwargs" not in cfg.rewards[0].registry_kwargs()
-    cfg = load_config(RunConfig, None, ["rewards.0={name: r, transform: [rank, {name: clip, min: 0}]}"])
+    cfg = load_config(RunConfig, None, ["rewards.0={name: shapes, transform: [rank, {name: clip, min: 0}]}"])
     assert cfg.rewards[0].transform == ["rank", {"name": "clip", "min": 0}]
+
+
+def test_unknown_category_fails_when_read():
+    assert "prompts.categories: unknown shapes categories ['colour']" in _override_err(
+        RunConfig, "prompts.categories=[counting,colour]")
+
+
+def test_unknown_reward_or_transform_fails_before_a_command_loads_a_model():
+    from rewards.registry import check_reward_config
+
+    def err(*overrides):
+        with pytest.raises(ConfigError) as exc:
+            check_reward_config(load_config(RunConfig, None, list(overrides)))
+        return str(exc.value)
+
+    e = err("rewards.0.name=shape")
+    assert "rewards.0.name: unknown reward 'shape'; registered rewards are [" in e and "'shapes'" in e
+    e = err("rewards.0.name=shapes", "eval_rewards.0.name=shapes", "eval_rewards.0.transform=rnk")
+    assert "eval_rewards.0.transform: unknown reward transform 'rnk'; valid transforms are [" in e
+    # a dotted path is imported only when the run builds it
+    check_reward_config(load_config(RunConfig, None, ["rewards.0.name=my_pkg.not_installed:fn"]))
 
 
 @dataclass

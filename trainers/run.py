@@ -8,6 +8,8 @@ from typing import Dict
 
 import torch
 
+from rewards.registry import check_reward_config
+
 __all__ = ["TRAINERS", "make_accelerator", "train_main", "sample_main", "eval_main"]
 
 #: trainer name -> "module:Class" (resolved lazily so `diffalign --help` stays fast)
@@ -44,6 +46,7 @@ def _trainer_class(name: str):
 
 def train_main(cfg) -> int:
     """``diffalign train CONFIG [key=value ...]``: build the trainer named by ``cfg.trainer`` and run it."""
+    check_reward_config(cfg)
     if cfg.trainer is None:
         raise ValueError("trainer: the config names no trainer; add `trainer: grpo`")
     accelerator = make_accelerator(cfg.model.device)
@@ -99,6 +102,7 @@ def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int
 def eval_main(cfg) -> int:
     """``diffalign eval CONFIG [checkpoint.resume_from=latest|PATH] [key=value ...]``: mean reward per column over the
     evaluation prompts for the base model (no checkpoint) or a trained checkpoint; writes ``eval.json``."""
+    check_reward_config(cfg)
     from diffalign.prompts import build_prompt_source
     from trainers.common import eval_seed, eval_settings
 
@@ -131,6 +135,7 @@ def sample_main(cfg) -> int:
     never counted as reward evaluations), in extra columns of the table, the json (``eval_rewards``) and, for
     plain sampling, ``samples_rewards.json``: guide on one reward, check another for reward hacking.
     """
+    check_reward_config(cfg)
     from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
 
