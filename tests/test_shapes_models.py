@@ -52,3 +52,14 @@ def test_builtin_weights_fit_the_size_budget():
 def test_unknown_builtin_lists_valid_names():
     with pytest.raises(ValueError, match="valid"):
         resolve_model_path("builtin:shapes-gan")
+
+
+def test_a_missing_model_path_names_the_key_and_the_fix(tmp_path, monkeypatch):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.path: got '.*nowhere': no such folder; give a local pipeline"):
+        resolve_model_path(str(tmp_path / "nowhere"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="with HF_HUB_OFFLINE=1 a hub id must already be in the local cache"):
+        resolve_model_path("some-org/some-model")
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)  # an existing folder passes unchanged

@@ -462,6 +462,10 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
     started = time.time()
     ran = 0
     last_eval: Dict[str, float] = {}
+    if trainer.epoch >= cfg.num_epochs and dist.is_main:
+        print(f"{desc}: {run.output_dir} is already at epoch {trainer.epoch} of train.num_epochs={cfg.num_epochs} "
+              "(resumed from its latest checkpoint): nothing to train. Raise train.num_epochs to continue, or use "
+              "checkpoint.resume_from=null (or another output_dir) to start over")
     if trainer.epoch == 0 and cfg.eval_every:
         last_eval = trainer.evaluate()
         trainer.logger.log(0, last_eval)

@@ -19,7 +19,10 @@ reproduces them from a seed. ``resolve_model_path("builtin:shapes-flow")`` gives
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from diffalign.config import ConfigError
 
 __all__ = ["BUILTIN_MODELS", "MODELS_DIR", "resolve_model_path", "build_vae", "build_flow_pipeline",
            "build_ddpm_pipeline", "TOKENIZER_MAX_LENGTH"]
@@ -33,8 +36,13 @@ VOCAB_SIZE = 2000
 FLOW_CALL_KWARGS = {"max_sequence_length": 0}
 
 
+#: what a Hugging Face hub id looks like ("org/name"); anything else that is not a folder cannot load
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def resolve_model_path(path: str) -> str:
-    """Map ``builtin:<name>`` to the shipped folder; other strings pass through unchanged."""
+    """Map ``builtin:<name>`` to the shipped folder; a folder or a hub id passes through unchanged. A path that is
+    neither, or (with ``HF_HUB_OFFLINE=1``) a hub id not in the local cache, fails here with the fix."""
     if isinstance(path, str) and path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -46,7 +54,26 @@ def resolve_model_path(path: str) -> str:
                 f"`python scripts/pretrain_shapes.py --model {name.split('-')[1]}`"
             )
         return str(folder)
-    return os.fspath(path)
+    path = os.fspath(path)
+    if os.path.isdir(os.path.expanduser(path)):
+        return path
+    choices = f"give a local pipeline folder (with model_index.json) or one of {sorted('builtin:' + n for n in BUILTIN_MODELS)}"
+    if not _HUB_ID.match(path):
+        raise ConfigError(f"got {path!r}: no such folder; {choices}", key="model.path")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+        # diffusers would report a failed connection; the cause is that offline a hub id must be cached
+        raise ConfigError(f"got {path!r}: not a local folder, and with HF_HUB_OFFLINE=1 a hub id must already be in "
+                          f"the local cache (it is not); {choices}", key="model.path")
+    return path
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+    except Exception:  # no cache folder yet, or an unreadable one
+        return False
 
 
 def _clip_config(tokenizer, hidden: int = 48, layers: int = 3):
