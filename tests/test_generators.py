@@ -435,7 +435,10 @@ def test_load_generator_from_saved_folder(name, tmp_path):
 
 def test_load_generator_offline_missing_model_is_an_error(tmp_path):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    with pytest.raises(OSError):  # diffusers: "Cannot find ... in the cache" (offline mode)
+    from diffalign.config import ConfigError
+
+    # refused before diffusers, whose offline error reads like a failed connection
+    with pytest.raises(ConfigError, match="model.path: .*HF_HUB_OFFLINE=1 a hub id must already be in the local cache"):
         load_generator("diffalign-tests/definitely-not-cached")
 
 
