@@ -134,6 +134,7 @@ def test_sample_command_scores_eval_rewards_as_judges(tiny_folder, tmp_path, cap
     assert sample_main(_cfg(tiny_folder, tmp_path / "u", eval_rewards=judge)) == 0
     scored = json.loads((tmp_path / "u" / "samples_rewards.json").read_text())
     assert scored["names"] == ["jpeg_compressibility", "jpeg_judge"] and len(scored["rewards"]) == 2
+    assert scored["eval_names"] == ["jpeg_judge"]
     assert all(a == pytest.approx(b, abs=1e-6) for a, b in scored["rewards"])
 
 

@@ -511,7 +511,8 @@ def close_run(trainer, title: str) -> None:
         present = {k for row in read_metrics(f"{out}/metrics.jsonl") for k in row}
         keys = [k for n in eval_reward_names(trainer) for k in (f"reward/{n}", f"eval/reward/{n}") if k in present]
         try:
-            plot_curves(f"{out}/metrics.jsonl", f"{out}/reward_curve.png", keys, title=title)
+            if keys:  # nothing logged yet (a run that stopped before its first epoch): no plot, no warning
+                plot_curves(f"{out}/metrics.jsonl", f"{out}/reward_curve.png", keys, title=title)
         except Exception as exc:  # a plot must never fail a finished run
             print(f"warning: could not plot reward curves: {exc}")
     trainer.logger.close()

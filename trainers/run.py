@@ -197,12 +197,18 @@ def sample_main(cfg) -> int:
     names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
                                      seed=cfg.seed, keep_images=True, with_eval_rewards=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    caps = [f"{p} ({rows[i, 0]:.2f})" for i, p in enumerate(prompts)]
+    # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
+    # columns come after them in rows and are marked in the json
+    n_train = len(cfg.rewards)
+    weights = torch.tensor([r.weight for r in cfg.rewards], dtype=rows.dtype)
+    shown = rows[:, 0] if n_train == 1 else torch.nansum(rows[:, :n_train] * weights, dim=1)
+    caps = [f"{p} ({float(shown[i]):.2f})" for i, p in enumerate(prompts)]
     path = save_image_grid(images, caps, os.path.join(cfg.output_dir, "samples.png"))
-    print(f"wrote {path}")
+    print(f"wrote {path} (captions: {names[0] if n_train == 1 else 'weighted sum of ' + ', '.join(names[:n_train])})")
     means = {n: float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     with open(os.path.join(cfg.output_dir, "samples_rewards.json"), "w") as f:
-        json.dump({"prompts": prompts, "names": names, "mean": means, "rewards": rows.tolist()}, f, indent=2)
+        json.dump({"prompts": prompts, "names": names, "eval_names": names[n_train:], "mean": means,
+                   "rewards": rows.tolist()}, f, indent=2)
     print(json.dumps(means, indent=2))
     return 0
 
