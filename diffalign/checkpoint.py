@@ -341,8 +341,14 @@ def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def resolve_resume(run_dir: PathLike, resume_from: Optional[PathLike]) -> Optional[Path]:
-    """Which checkpoint to resume from.
+def _available(run_dir: PathLike) -> str:
+    names = [p.name for p in list_checkpoints(run_dir)] if Path(run_dir).is_dir() else []
+    return f"{run_dir} has {', '.join(names)}" if names else f"{run_dir} has no complete checkpoint"
+
+
+def resolve_resume(run_dir: PathLike, resume_from: Optional[PathLike], key: str = "resume_from") -> Optional[Path]:
+    """Which checkpoint to resume from (or, for ``diffalign export``, to export; ``key`` names the setting in
+    messages).
 
     ``None`` / ``""``: start fresh (``None``). ``"latest"``: the newest complete checkpoint of ``run_dir``, or
     ``None`` when there is none yet (so one config both starts and resumes a run). A path (or a checkpoint
@@ -357,15 +363,17 @@ def resolve_resume(run_dir: PathLike, resume_from: Optional[PathLike]) -> Option
     if not path.exists() and (Path(run_dir) / CHECKPOINTS_DIR / text).exists():
         path = Path(run_dir) / CHECKPOINTS_DIR / text
     if not path.exists():
-        raise CheckpointError(f"resume_from={text!r}: no such folder; give 'latest', a checkpoint folder such as "
-                              f"{Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(100)}, or null to start fresh")
+        fresh = ", or null to start fresh" if key == "resume_from" else ""
+        raise CheckpointError(f"{key}={text!r}: no such folder ({_available(run_dir)}); give 'latest', one of those "
+                              f"names or a checkpoint folder such as "
+                              f"{Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(100)}{fresh}")
     if (path / CHECKPOINTS_DIR).is_dir() and not (path / STATE_FILE).exists():
-        raise CheckpointError(f"resume_from={text!r} is a run folder, not a checkpoint; give one of its "
+        raise CheckpointError(f"{key}={text!r} is a run folder, not a checkpoint; give one of its "
                               f"checkpoints ({path / CHECKPOINTS_DIR}/step-*) or set output_dir={text} "
                               "resume_from=latest")
     missing = missing_files(path)
     if missing:
-        raise CheckpointError(f"resume_from={text!r} is not a complete checkpoint: missing {missing}; it may be "
+        raise CheckpointError(f"{key}={text!r} is not a complete checkpoint: missing {missing}; it may be "
                               "from an interrupted save: pick an older checkpoint or 'latest'")
     return path
 
@@ -874,9 +882,15 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     args = _export_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     run_dir = Path(args.run_dir)
     try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise CheckpointError(f"RUN_DIR {str(run_dir)!r} is a file; give the output_dir of a training run "
+                                  "(or one of its checkpoint folders)")
         if not run_dir.is_dir():
-            raise CheckpointError(f"run dir {str(run_dir)!r} does not exist; give the output_dir of a training run")
-        checkpoint = resolve_resume(run_dir, args.checkpoint)
+            raise CheckpointError(f"RUN_DIR {str(run_dir)!r} does not exist; give the output_dir of a training run")
+        if (run_dir / STATE_FILE).exists() and args.checkpoint == "latest":
+            # RUN_DIR is itself a checkpoint folder (run/checkpoints/step-N): export that one
+            run_dir, args.checkpoint = run_dir.parent.parent, str(run_dir)
+        checkpoint = resolve_resume(run_dir, args.checkpoint, key="--checkpoint")
         if checkpoint is None:
             raise CheckpointError(f"{run_dir} has no complete checkpoint yet ({run_dir / CHECKPOINTS_DIR} is empty "
                                   "or missing); train with checkpoint.every > 0 or pass --checkpoint PATH")

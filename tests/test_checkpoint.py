@@ -367,7 +367,15 @@ def test_export_errors(tmp_path, capsys):
     assert export_main([str(tmp_path), "--weights", "ema"]) == 2
     assert "no EMA weights" in capsys.readouterr().err
     assert export_main([str(tmp_path), "--checkpoint", str(tmp_path / "checkpoints" / "step-00000009")]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--checkpoint=" in err and "no such folder" in err and "has step-00000001" in err  # the valid names
+    assert "null to start fresh" not in err  # resume wording, not export's
+    # a checkpoint folder given as RUN_DIR is exported itself (here: found, and refused for its missing EMA)
+    assert export_main([str(tmp_path / "checkpoints" / "step-00000001"), "--weights", "ema"]) == 2
+    assert "no EMA weights" in capsys.readouterr().err
+    (tmp_path / "a_file.yaml").write_text("x: 1\n")
+    assert export_main([str(tmp_path / "a_file.yaml")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_leftovers_of_a_killed_save_are_cleaned_or_restored(tmp_path):
