@@ -62,6 +62,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from diffalign.config import UserError
+
 __all__ = [
     "CHECKPOINTS_DIR",
     "LATEST_FILE",
@@ -98,7 +100,7 @@ _OLD_PREFIX = ".old-"
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete, or does not fit what it is loaded into."""
 
 
@@ -463,8 +465,10 @@ def check_model_config(state: CheckpointState, model_cfg: Any, use: str) -> None
     if not isinstance(saved, Mapping):
         return
     now = getattr(model_cfg, "lora", None)
+    if now is None or (not saved.get("enabled", True) and not now.enabled):
+        return  # full fine-tuning on both sides: the LoRA settings are unused
     diffs = [f"model.lora.{k}: checkpoint {saved[k]!r}, config {getattr(now, k)!r}" for k in LORA_WEIGHT_KEYS
-             if k in saved and now is not None and _norm(saved[k]) != _norm(getattr(now, k))]
+             if k in saved and _norm(saved[k], k) != _norm(getattr(now, k), k)]
     if diffs:
         raise CheckpointError(
             f"cannot {use} {state.path}: its weights were trained with other model.lora settings ({'; '.join(diffs)}). "
@@ -472,17 +476,20 @@ def check_model_config(state: CheckpointState, model_cfg: Any, use: str) -> None
             "checkpoint.resume_from=null")
 
 
-def _norm(v: Any) -> Any:
-    return tuple(v) if isinstance(v, (list, tuple)) else v
+def _norm(v: Any, key: str = "") -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(sorted(v)) if key.endswith("target_modules") else tuple(v)  # peft treats modules as a set
+    return v
 
 
 def config_changes(state: CheckpointState, config: Mapping[str, Any], limit: int = 12) -> List[str]:
     """``KEY: checkpoint A -> now B`` for every key of the resolved ``config`` that differs from the one the
-    checkpoint recorded, except those a resume may change freely (:data:`_RESUME_FREE`)."""
+    checkpoint recorded, except those a resume may change freely (:data:`_RESUME_FREE`) and keys the checkpoint
+    does not record (settings added to diffalign after it was written)."""
     saved, now = _flat(state.config or {}), _flat(config)
-    keys = sorted(k for k in set(saved) | set(now)
+    keys = sorted(k for k in set(saved) & set(now)
                   if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in _RESUME_FREE)
-                  and _norm(saved.get(k)) != _norm(now.get(k)))
+                  and _norm(saved[k], k) != _norm(now[k], k))
     lines = [f"{k}: checkpoint {saved.get(k)!r} -> now {now.get(k)!r}" for k in keys[:limit]]
     return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
 

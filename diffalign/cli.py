@@ -28,6 +28,7 @@ from diffalign.config import (
     _GUIDANCE_METHODS,
     TRAINER_CONFIGS,
     ConfigError,
+    UserError,
     RunConfig,
     apply_overrides,
     describe,
@@ -221,14 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `diffalign config x.yaml | head`: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
-    except Exception as exc:
-        # errors whose message names the value, the rule and the fix (a checkpoint that cannot be used, a run
-        # stopped by non-finite gradients): one line, no traceback; anything else is a bug and keeps its traceback
-        from diffalign.checkpoint import CheckpointError
-        from trainers.common import NonFiniteError
-
-        if not isinstance(exc, (CheckpointError, NonFiniteError)):
-            raise
+    except UserError as exc:
+        # a message that names the value, the rule and the fix (a checkpoint that cannot be used, a run stopped by
+        # non-finite gradients): one line, no traceback; anything else is a bug and keeps its traceback
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

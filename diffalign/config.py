@@ -105,7 +105,12 @@ _NoneType = type(None)
 # ----------------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error whose message names the value, the rule and the fix: the CLI prints it as one ``error:`` line
+    without a traceback (:class:`ConfigError`, ``CheckpointError``, ``NonFiniteError``)."""
+
+
+class ConfigError(UserError, ValueError):
     """A user-facing config error. ``str(err)`` is one line: ``"<dotted.key>: <what is wrong; the fix>"``.
 
     ``key`` is the dotted key relative to where the error was raised; :meth:`under` prefixes a section,

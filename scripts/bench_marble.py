@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     def step(trainer, epoch, key=None):
         adv = per[:, 0] if trainer.num_rewards == 1 else per
         t0, c0 = time.perf_counter(), time.process_time()
+        # the same samples every call (data["sample_ids"] included, so the same timesteps and noise): a timing only
         trainer._train_epoch(epoch, data, adv, per[:, :trainer.num_rewards], keep)
         if key:
             # process CPU time: robust to other jobs on a shared machine (exact when torch runs one thread)

@@ -142,7 +142,8 @@ def collect_gradients(config: str, overrides: List[str], batches: int, out: Path
     finally:
         trainer.cleanup()
     if len(grads) != batches:
-        raise SystemExit(f"expected one optimizer update per epoch ({batches}), got {len(grads)}")
+        raise SystemExit(f"expected one optimizer update per epoch ({batches}), got {len(grads)}; an update with a "
+                         "non-finite gradient is skipped (train/skipped_steps in OUT/metrics.jsonl)")
     G = torch.stack(grads)
     zero = int((G.norm(dim=1) == 0).sum())
     if zero:

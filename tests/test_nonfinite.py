@@ -137,3 +137,17 @@ def test_skipped_reward_failures_are_logged_per_epoch(tmp_path):
     # one failed sample per 4-sample batch, 2 batches per epoch; the error-free column logs none
     assert [r["reward_failures/nan_second"] for r in rows] == [2.0, 2.0]
     assert not any("reward_failures/jpeg_compressibility" in r for r in rows)
+
+
+def test_a_nan_kl_gradient_skips_the_step_before_marble_moves(tmp_path, monkeypatch):
+    """The KL gradient sits in ``.grad`` outside MARBLE's per-reward buffers: a NaN there must stop the step
+    before the QP updates its coefficient EMA or history."""
+    from test_nft_trainer import nft_config
+
+    _nan_on(monkeypatch, nft_mod, "velocity_kl", {4})  # epoch 2's first timestep (3 per epoch)
+    cfg = nft_config(save_tiny(tmp_path), tmp_path / "run", {"num_epochs": 3, "aggregation": "marble",
+                                                              "marble_mode": "full", "kl_weight": 1e-2})
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        trainer = train_run(cfg, nft_mod.NFTTrainer)
+    assert trainer.global_step == 2 and len(trainer.alpha_history) == 2
+    assert bool(torch.isfinite(trainer.harmonizer.alpha_bar).all())

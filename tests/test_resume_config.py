@@ -67,3 +67,24 @@ def test_cli_prints_checkpoint_errors_as_one_line(tmp_path, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint.resume_from='latest': no checkpoint in") and "Traceback" not in err
     assert "checkpoint.resume_from=null" in last
+
+
+def test_settings_a_checkpoint_does_not_record_or_cannot_matter_are_not_reported():
+    from types import SimpleNamespace
+
+    from diffalign.checkpoint import check_model_config, config_changes
+    from diffalign.config import LoraConfig
+
+    # a key added to diffalign after the checkpoint was written is not a change
+    old = SimpleNamespace(config={"train": {"learning_rate": 0.1}}, path="ckpt")
+    assert config_changes(old, {"train": {"learning_rate": 0.1, "on_nonfinite": "skip"}}) == []
+    assert config_changes(old, {"train": {"learning_rate": 0.2}}) == ["train.learning_rate: checkpoint 0.1 -> now 0.2"]
+    # full fine-tuning on both sides: LoRA settings are unused; target modules are a set
+    full = SimpleNamespace(config={"model": {"lora": {"enabled": False, "rank": 32}}}, path="ckpt")
+    check_model_config(full, SimpleNamespace(lora=LoraConfig(enabled=False, rank=8)), "load")
+    lora = SimpleNamespace(config={"model": {"lora": {"enabled": True, "rank": 4, "alpha": 8.0,
+                                                      "target_modules": ["to_q", "to_k"]}}}, path="ckpt")
+    check_model_config(lora, SimpleNamespace(lora=LoraConfig(rank=4, alpha=8.0, target_modules=["to_k", "to_q"])),
+                       "load")
+    with pytest.raises(CheckpointError, match="model.lora.target_modules"):
+        check_model_config(lora, SimpleNamespace(lora=LoraConfig(rank=4, alpha=8.0, target_modules=["to_q"])), "load")

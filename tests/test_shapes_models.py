@@ -63,3 +63,6 @@ def test_a_missing_model_path_names_the_key_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="with HF_HUB_OFFLINE=1 a hub id must already be in the local cache"):
         resolve_model_path("some-org/some-model")
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)  # an existing folder passes unchanged
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pipe").mkdir()
+    assert resolve_model_path("~/pipe") == str(tmp_path / "pipe")  # expanded, so diffusers sees a folder

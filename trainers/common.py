@@ -9,11 +9,13 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from diffalign.config import UserError
 from diffalign.types import Trajectory
 
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
            "trainable_state", "load_trainable_state",
-           "checkpoint_weights", "restore_weights", "TrainingState", "NonFiniteError", "optimizer_update"]
+           "checkpoint_weights", "restore_weights", "TrainingState", "NonFiniteError", "grads_finite",
+           "optimizer_update"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -192,13 +194,18 @@ def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int
     )
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError, RuntimeError):
     """A run met non-finite gradients (or weights) it was configured not to skip."""
 
 
 def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    """Whether every ``.grad`` of ``params`` is finite (call after the all-reduce: then every rank agrees)."""
+    return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
 
 
 def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool = True) -> bool:
@@ -209,7 +216,8 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
     non-finite, e.g. MARBLE's per-reward gradients) never reaches the weights: with ``train.on_nonfinite: skip``
     the step is dropped (weights, optimizer moments, LR schedule and EMA untouched; counted in
     ``train/skipped_steps``, warned), and more than ``train.max_skipped_steps`` dropped in a row stop the run;
-    with ``raise`` the first one does. Returns whether the step was applied."""
+    with ``raise`` the first one does. The count of skips in a row is not checkpointed (a resume starts it at 0).
+    Returns whether the step was applied."""
     cfg = trainer.cfg
     norm = (float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0
             else _grad_norm(trainer.params))

@@ -356,7 +356,7 @@ class GRPOTrainer:
         from diffalign.distributed import all_reduce_gradients, seed_for
         from samplers import score_steps
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx, optimizer_update
+        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx, grads_finite, optimizer_update
 
         cfg, s = self.cfg, self.run.sample
         traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
@@ -402,8 +402,10 @@ class GRPOTrainer:
                         stats_acc.setdefault(k, []).append(v)
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
                         all_reduce_gradients(self.params, self.dist.world_size)
-                        finite = True
-                        if self.marble is not None:
+                        finite = grads_finite(self.params)  # the KL part: checked before the QP moves its state
+                        if self.marble is not None and not finite:
+                            self.marble[1].reset()
+                        elif self.marble is not None:
                             from diffalign.balance import log_harmonized
 
                             res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size)

@@ -383,11 +383,15 @@ class NFTTrainer:
         whether the step was applied (a non-finite gradient is skipped)."""
         from diffalign.balance import cosine_summary, direction_cosines, gram_matrix, log_harmonized
         from diffalign.distributed import all_reduce_gradients
-        from trainers.common import optimizer_update
+        from trainers.common import grads_finite, optimizer_update
 
         k = self.num_rewards
         # the KL part (or, on plain steps, the whole gradient) is in .grad; averaged over ranks like GRPO's
         all_reduce_gradients(self.params, self.dist.world_size)
+        if not grads_finite(self.params):  # before the QP or the diagnostics touch any state
+            if refresh or diagnose:
+                self.reward_grads.reset()
+            return optimizer_update(self, metrics, finite=False)
         if refresh:
             res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size)
             if res is None:  # a non-finite per-reward gradient: no QP, the harmonizer's state untouched
@@ -399,6 +403,9 @@ class NFTTrainer:
             else:
                 self.reward_grads.all_reduce(self.dist.world_size)
                 grads = self.reward_grads.buffer
+                if not bool(torch.isfinite(grads).all()):  # a diagnostic only: skip the step, log nothing
+                    self.reward_grads.reset()
+                    return optimizer_update(self, metrics, finite=False)
                 direction = grads[k]  # the gradient of the applied policy loss, added unchanged
                 cos = direction_cosines(grads[:k], direction)
                 stats = {f"marble/cos/{n}": float(cos[i]) for i, n in enumerate(self.rewards.names)}

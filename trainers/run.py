@@ -201,7 +201,7 @@ def sample_main(cfg) -> int:
     # columns come after them in rows and are marked in the json
     n_train = len(cfg.rewards)
     weights = torch.tensor([r.weight for r in cfg.rewards], dtype=rows.dtype)
-    shown = rows[:, 0] if n_train == 1 else torch.nansum(rows[:, :n_train] * weights, dim=1)
+    shown = rows[:, 0] if n_train == 1 else (rows[:, :n_train] * weights).sum(dim=1)  # NaN shows as nan
     caps = [f"{p} ({float(shown[i]):.2f})" for i, p in enumerate(prompts)]
     path = save_image_grid(images, caps, os.path.join(cfg.output_dir, "samples.png"))
     print(f"wrote {path} (captions: {names[0] if n_train == 1 else 'weighted sum of ' + ', '.join(names[:n_train])})")

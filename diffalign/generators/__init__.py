@@ -97,7 +97,8 @@ def load_generator(
 
     from diffalign.shapes.models import resolve_model_path
 
-    path_or_id = resolve_model_path(path_or_id)  # "builtin:shapes-flow" -> the shipped folder
+    # "builtin:shapes-flow" -> the shipped folder; a missing folder / uncached hub id offline fails with the fix
+    path_or_id = resolve_model_path(path_or_id, cache_dir=pipeline_kwargs.get("cache_dir"))
     kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs), **pipeline_kwargs}
     kwargs[_dtype_keyword()] = dtype
     pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 from diffalign.config import ConfigError
 
@@ -40,9 +41,10 @@ FLOW_CALL_KWARGS = {"max_sequence_length": 0}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, cache_dir: Optional[str] = None) -> str:
     """Map ``builtin:<name>`` to the shipped folder; a folder or a hub id passes through unchanged. A path that is
-    neither, or (with ``HF_HUB_OFFLINE=1``) a hub id not in the local cache, fails here with the fix."""
+    neither, or (offline, ``HF_HUB_OFFLINE``) a hub id not in the hub cache (``cache_dir`` when the loader is
+    given one), fails here with the fix."""
     if isinstance(path, str) and path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -56,22 +58,31 @@ def resolve_model_path(path: str) -> str:
         return str(folder)
     path = os.fspath(path)
     if os.path.isdir(os.path.expanduser(path)):
-        return path
+        return os.path.expanduser(path)
     choices = f"give a local pipeline folder (with model_index.json) or one of {sorted('builtin:' + n for n in BUILTIN_MODELS)}"
     if not _HUB_ID.match(path):
         raise ConfigError(f"got {path!r}: no such folder; {choices}", key="model.path")
-    if os.environ.get("HF_HUB_OFFLINE") == "1" and not _in_hub_cache(path):
+    if _offline() and not _in_hub_cache(path, cache_dir):
         # diffusers would report a failed connection; the cause is that offline a hub id must be cached
         raise ConfigError(f"got {path!r}: not a local folder, and with HF_HUB_OFFLINE=1 a hub id must already be in "
                           f"the local cache (it is not); {choices}", key="model.path")
     return path
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def _offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)  # the hub's own reading of HF_HUB_OFFLINE (1 / true / yes / on)
+    except Exception:
+        return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str, cache_dir: Optional[str] = None) -> bool:
     try:
         from huggingface_hub import scan_cache_dir
 
-        return any(r.repo_id == repo_id for r in scan_cache_dir().repos)
+        return any(r.repo_id == repo_id for r in scan_cache_dir(cache_dir).repos)
     except Exception:  # no cache folder yet, or an unreadable one
         return False
 
