@@ -153,3 +153,26 @@ def test_keep_simulated_and_resampling_reach_the_sampler_from_the_config():
         GuidanceConfig(method="best_of_n", compare=["doob"], num_particles=1, resample_lambda=5.0)
     with pytest.raises(ConfigError, match="gamma > 0"):
         GuidanceConfig(method="doob", num_particles=2, gamma=0.0, resample_lambda=5.0)
+
+
+def test_every_method_starts_particle_j_from_the_same_noise(adapter):
+    """The unguided sample of a prompt is particle 0 of its best-of-N (same noise stream whatever the number
+    of particles), so best-of-N never scores below unguided on the reward it selects by."""
+    kw = dict(KW, step="flow_euler", noise_level=0.0)  # deterministic: the image depends on the initial noise only
+    none = guided_sample_prompts(adapter, PROMPTS, strict_brightness, "none", prompt_ids=[0, 1], **kw)
+    every = guided_sample_prompts(adapter, PROMPTS, strict_brightness, "fk", prompt_ids=[0, 1], group_size=3,
+                                  options=dict(select="all", every=100), **kw)  # no resampling: plain particles
+    best = guided_sample_prompts(adapter, PROMPTS, strict_brightness, "best_of_n", prompt_ids=[0, 1], group_size=3,
+                                 **kw)
+    assert every.images.shape[0] == 6
+    torch.testing.assert_close(every.images[0::3], none.images, rtol=0, atol=1e-6)
+    assert bool((best.rewards[:, 0] >= none.rewards[:, 0]).all())
+
+
+def test_table_counts_per_prompt_when_every_particle_is_kept(adapter):
+    res = compare_methods(adapter, PROMPTS, strict_brightness, ["fk"], {"fk": dict(select="all", every=100)},
+                          batch_size=2, group_size={"fk": 3}, **KW)
+    assert res["fk"].images.shape[0] == 6 and res["fk"].prompts == 2
+    per_prompt = res["fk"].counter.reward_evals / 2
+    row = format_table(res, [1.0], ["brightness"]).splitlines()[2]
+    assert float(row.split("|")[4]) == per_prompt >= 3  # not divided by the 6 images kept

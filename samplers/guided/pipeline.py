@@ -86,6 +86,10 @@ def latent_reward(
     return fn
 
 
+#: noise-stream ids of a prompt's particles: ``prompt_id * PARTICLE_STRIDE + j`` (see guided_sample_prompts)
+PARTICLE_STRIDE = 1 << 16
+
+
 @dataclass
 class GuidedImages:
     """One batch of prompts sampled with a guided method.
@@ -124,11 +128,15 @@ def guided_sample_prompts(
 ) -> GuidedImages:
     """Sample ``prompts`` with ``method`` using ``group_size`` particles each, and score the results.
 
-    Particle ``j`` of prompt ``i`` gets the noise stream of sample id ``prompt_ids[i] * group_size + j``, so a
-    prompt's particles are the same whatever the batching, and every method starts from the same noise.
+    Particle ``j`` of prompt ``i`` gets the noise stream of sample id ``prompt_ids[i] * PARTICLE_STRIDE + j``,
+    whatever the method's number of particles, so a prompt's particles are the same whatever the batching, and
+    particle ``j`` starts from the same noise in every method that has one (the unguided sample of a prompt is
+    particle 0 of its best-of-N, which therefore never scores below it).
     """
+    if group_size > PARTICLE_STRIDE:
+        raise ValueError(f"group_size={group_size}: at most {PARTICLE_STRIDE} particles per prompt")
     rows: List[str] = [p for p in prompts for _ in range(group_size)]
-    row_ids = [int(pid) * group_size + j for pid in prompt_ids for j in range(group_size)]
+    row_ids = [int(pid) * PARTICLE_STRIDE + j for pid in prompt_ids for j in range(group_size)]
     if reward_weights is None and hasattr(reward, "weights"):
         reward_weights = [float(w) for w in reward.weights]
     with torch.no_grad():
@@ -194,6 +202,11 @@ class MethodResult:
     rewards: torch.Tensor
     counter: EvalCounter
     wall_s: float
+    num_prompts: Optional[int] = None  # None: one image per prompt (``select="all"`` gives one per particle)
+
+    @property
+    def prompts(self) -> int:
+        return self.rewards.shape[0] if self.num_prompts is None else self.num_prompts
 
     def score(self, weights: Sequence[float]) -> torch.Tensor:
         """``[n]`` weighted reward of each image (NaN columns excluded, :func:`combine_rewards`)."""
@@ -232,7 +245,7 @@ def compare_methods(
             for k, v in out.counter.as_dict().items():
                 setattr(counter, k, getattr(counter, k) + v)
             wall += out.wall_s
-        results[method] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall)
+        results[method] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall, len(prompts))
     return results
 
 
@@ -245,7 +258,7 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
     head += [f"judge {n}" for n in judge_names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, res in results.items():
-        n = res.rewards.shape[0]
+        n = res.prompts  # evaluations per prompt, whatever the number of images kept per prompt
         c = res.counter
         score = res.score(weights)
         cells = [method, f"{c.model_evals / n:.0f}", f"{c.vjp_evals / n:.0f}", f"{c.reward_evals / n:.0f}",
