@@ -50,6 +50,9 @@ class Schedule:
         sigmas: ``[T+1]`` float32 noise scale of each state. For flow models these are diffusers'
             ``scheduler.sigmas`` exactly (ending in 0).
         num_train_timesteps: the training horizon of the model (1000 for SD/SD3/FLUX).
+        clip_sample_range: VP only: DDIM steps clamp their ``x0`` estimate to ``[-r, r]`` (diffusers'
+            ``clip_sample``; the noise estimate stays unclipped, as ``DDIMScheduler.step`` by default).
+            ``None``: no clamp.
     """
 
     kind: str
@@ -58,6 +61,7 @@ class Schedule:
     alphas: torch.Tensor
     sigmas: torch.Tensor
     num_train_timesteps: int = 1000
+    clip_sample_range: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("flow", "vp"):
@@ -278,8 +282,10 @@ def vp_schedule(
     timestep_spacing: str = "leading",
     steps_offset: int = 0,
     set_alpha_to_one: bool = True,
+    clip_sample_range: Optional[float] = None,
 ) -> Schedule:
-    """DDIM schedule over ``alphas_cumprod`` (``[N]``), with diffusers' previous-timestep rule.
+    """DDIM schedule over ``alphas_cumprod`` (``[N]``), with diffusers' previous-timestep rule
+    (``clip_sample_range``: see :class:`Schedule`).
 
     The state after step ``i`` has the noise level of timestep ``t_i - N // T``; when that is negative
     the scheduler's "final alpha" (1.0 or ``abar_0``) is used, exactly as ``DDIMScheduler.step``.
@@ -307,4 +313,5 @@ def vp_schedule(
         alphas=abar_all.sqrt(),
         sigmas=(1.0 - abar_all).sqrt(),
         num_train_timesteps=n,
+        clip_sample_range=clip_sample_range,
     )

@@ -184,6 +184,7 @@ def ddim_step(
     prediction_type: str = "epsilon",
     prev_sample: Optional[torch.Tensor] = None,
     generator: GeneratorLike = None,
+    clip_sample_range: Optional[float] = None,
 ) -> StepOutput:
     """DDIM step with stochasticity ``eta`` (Song et al. 2021 eq. (12), (16); DDPO's sampler).
 
@@ -193,12 +194,16 @@ def ddim_step(
         mean = alpha_next * x0_hat + sqrt(sigma_next^2 - std^2) * eps_hat
 
     which is DDPO's ``sigma_t = eta sqrt((1-abar_prev)/(1-abar_t)) sqrt(1 - abar_t/abar_prev)``
-    (research/grpo_family.md §3.1). ``eta = 0`` is diffusers' deterministic DDIM step.
+    (research/grpo_family.md §3.1). ``eta = 0`` is diffusers' deterministic DDIM step. With
+    ``clip_sample_range`` the ``x0`` estimate is clamped to ``[-r, r]`` and ``eps_hat`` kept unclipped, as
+    diffusers' ``clip_sample`` (and DDPO's step) do.
     """
     x = x_t.float()
     a, s = expand_like(alpha, x), expand_like(sigma, x)
     a_next, s_next = expand_like(alpha_next, x), expand_like(sigma_next, x)
     x0, eps = to_x0_eps(model_output, x, a, s, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
     variance = (s_next**2 / s**2) * (1 - a**2 / a_next**2)
     std = eta * torch.sqrt(variance)
     mean = a_next * x0 + torch.sqrt(s_next**2 - std**2) * eps
@@ -247,7 +252,8 @@ def scheduled_step(
                              prev_sample=prev_sample, generator=generator)
     return ddim_step(model_output, x_t, _gather(schedule.alphas, index, dev), _gather(schedule.sigmas, index, dev),
                      _gather(schedule.alphas, nxt, dev), _gather(schedule.sigmas, nxt, dev), eta=noise_level,
-                     prediction_type=schedule.prediction_type, prev_sample=prev_sample, generator=generator)
+                     prediction_type=schedule.prediction_type, prev_sample=prev_sample, generator=generator,
+                     clip_sample_range=schedule.clip_sample_range)
 
 
 #: Step kinds usable in configs. ``flow_euler`` is deterministic; the others take a noise level

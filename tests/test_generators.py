@@ -7,6 +7,7 @@ reload, slicing) and the network guard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -465,3 +466,30 @@ def test_default_image_size_is_the_pipelines_own():
         assert adapter.default_image_size() == (want, want)
         assert image_size(adapter, SampleConfig()) == (want, want)
         assert image_size(adapter, SampleConfig(height=64, width=48)) == (64, 48)
+
+
+def test_ddim_honours_clip_sample_and_refuses_thresholding():
+    """A scheduler config with ``clip_sample`` (DDIMScheduler's default) clamps the x0 estimate in diffusers;
+    the DDIM rollout must reproduce the pipeline then too. ``thresholding`` is refused, not ignored."""
+    from diffusers import DDIMScheduler
+
+    from diffalign.generators import adapter_for_pipeline
+    from diffalign.testing.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline(seed=0)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True, clip_sample_range=0.5)
+    gen = adapter_for_pipeline(pipe)
+    expected = pipe(PROMPTS, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(3),
+                    output_type="latent", height=32, width=32).images
+    cond = gen.encode_prompts(PROMPTS, guidance_scale=1.0)
+    x_T = gen.prepare_latents(len(PROMPTS), 32, 32, torch.Generator().manual_seed(3))
+    schedule = gen.make_schedule(4, 32, 32)
+    assert schedule.clip_sample_range == 0.5
+    final = rollout(gen.model_fn(cond, 1.0), schedule, x_T, step="ddim", noise_level=0.0).final
+    assert rel_err(final, expected) < 1e-5
+    unclipped = rollout(gen.model_fn(cond, 1.0), dataclasses.replace(schedule, clip_sample_range=None), x_T,
+                        step="ddim", noise_level=0.0).final
+    assert rel_err(unclipped, expected) > 1e-3  # the clamp is active in this case
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, thresholding=True)
+    with pytest.raises(ValueError, match="thresholding=true"):
+        adapter_for_pipeline(pipe).make_schedule(4, 32, 32)

@@ -103,7 +103,12 @@ class UNetAdapter(GeneratorAdapter):
         if unknown:
             raise ValueError(f"unknown schedule overrides {unknown}; valid: {list(valid)}")
         opts = {k: overrides.get(k, config.get(k)) for k in valid}
-        return vp_schedule(self.ddim_scheduler.alphas_cumprod, num_steps, **opts)
+        if config.get("thresholding", False):
+            raise ValueError("the scheduler config sets thresholding=true (dynamic thresholding, for pixel-space "
+                             "models), which diffalign's DDIM step does not implement; set it to false in the "
+                             "model's scheduler/scheduler_config.json")
+        clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+        return vp_schedule(self.ddim_scheduler.alphas_cumprod, num_steps, clip_sample_range=clip, **opts)
 
     def prepare_latents(self, batch_size: int, height: int, width: int, generator=None) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
