@@ -175,6 +175,13 @@ def test_fk_gmm_mixture_weights_match_tilted_target():
     assert abs(float((out.samples[:, 0] > 0).float().mean()) - target) < 0.04
 
 
+def test_fk_with_too_few_particles_to_resample_warns():
+    sched = make_schedule("vp", 4)
+    with pytest.warns(RuntimeWarning, match="FK steering with 2 particle.*never resamples"):
+        guided_sample("fk", gmm_model(sched, *TWO_MODES), sched, _noise(4), linear_reward, step="ddim",
+                      noise_level=1.0, group_size=2, options=dict(every=1))
+
+
 def test_doob_log_h_known_answer():
     from samplers.guided.doob import doob_log_h
 

@@ -16,6 +16,8 @@ each step is still :func:`samplers.steps.scheduled_step`. Batches are laid out a
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -184,6 +186,12 @@ def fk_steering(
     T = sched.num_steps
     start, end = check_window(window, T)
     resample_at = set(range(start, end, every))
+    if resample_at and ess_threshold * group_size <= 1:
+        # ESS is at least 1, so a group never falls below the threshold: this is best-of-P (select="best")
+        warnings.warn(f"FK steering with {group_size} particle(s) per prompt and ess_threshold={ess_threshold} "
+                      f"never resamples (ESS >= 1 >= {ess_threshold} x {group_size}); its intermediate reward "
+                      "evaluations are spent for nothing. Use more particles (guidance.num_particles) or a higher "
+                      "ess_threshold", RuntimeWarning)
     x = initial_latents.float()
     B = x.shape[0]
     G = _groups(B, group_size)
