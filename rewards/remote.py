@@ -424,8 +424,9 @@ class RemoteReward:
                 headers={"Content-Type": "application/octet-stream"},
             )
             try:
+                deadline = time.monotonic() + self.timeout  # the whole answer, not each socket read
                 with self._opener.open(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read().decode("utf-8"))
+                    raw = _read_until(resp, deadline)
             except urllib.error.HTTPError as exc:
                 try:
                     message = json.loads(exc.read().decode("utf-8")).get("error", "")
@@ -449,6 +450,8 @@ class RemoteReward:
                     last = f"{type(exc.reason).__name__}: {exc.reason}"
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+            else:
+                return self._parse(raw, url)
         raise RewardError(
             f"remote reward {self.name!r} at {url} failed after {attempts} attempt(s) over "
             f"{time.monotonic() - started:.1f}s; last error: {last}. Is the server running "
@@ -465,6 +468,18 @@ class RemoteReward:
         """The hosted reward's description (``GET /info``)."""
         return self._request("/info", None)
 
+    def _parse(self, raw: bytes, url: str) -> Dict[str, Any]:
+        """The JSON object of an answer, or a RewardError naming the reward and the URL."""
+        try:
+            answer = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+            raise RewardError(f"remote reward {self.name!r} at {url} answered something that is not valid JSON "
+                              f"({exc}): {raw[:120]!r}") from None
+        if not isinstance(answer, dict):
+            raise RewardError(f"remote reward {self.name!r} at {url} answered a JSON {type(answer).__name__}, "
+                              "expected an object such as {\"scores\": [...]}")
+        return answer
+
     def _score_chunk(
         self, images: torch.Tensor, prompts: List[str], metadata: List[Dict[str, Any]]
     ) -> RewardOutput:
@@ -477,6 +492,12 @@ class RemoteReward:
                 f"{len(scores) if isinstance(scores, list) else scores!r} "
                 f"scores for {len(prompts)} samples"
             )
+        bad = [i for i, v in enumerate(scores)
+               if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+        if bad:
+            raise RewardError(
+                f"remote reward {self.name!r} at {self.url} answered non-numeric scores at indices {bad[:8]} (first: "
+                f"{scores[bad[0]]!r}); each score must be a number, or null for 'not applicable'")
         values = torch.tensor([float("nan") if s is None else float(s) for s in scores], dtype=torch.float32)
         return RewardOutput(scores=values, details=answer.get("details"))
 
@@ -502,6 +523,25 @@ class RemoteReward:
 
     def __repr__(self) -> str:
         return f"RemoteReward({self.name!r}, url={self.url!r})"
+
+
+def _reject_constant(name: str) -> float:
+    """``json`` calls this for the non-standard ``NaN`` / ``Infinity`` literals: refuse them (null means NaN)."""
+    raise ValueError(f"{name} is not valid JSON; send null for a sample the reward does not apply to")
+
+
+def _read_until(resp: Any, deadline: float) -> bytes:
+    """The body of ``resp``, read in pieces, failing with ``TimeoutError`` once ``deadline`` (monotonic) passes:
+    the socket timeout alone bounds each read, so a server trickling bytes could hold the caller indefinitely."""
+    read = getattr(resp, "read1", None) or resp.read
+    chunks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not complete within the timeout")
+        chunk = read(1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 @register_reward("remote")

@@ -156,3 +156,69 @@ def test_add_serve_reward_parser():
         ["serve-reward", "ocr", "--port", "1234", "--kwargs", '{"backend": "tesseract"}']
     )
     assert args.name == "ocr" and args.port == 1234 and callable(args.func)
+
+
+class _BadServer:
+    """A localhost HTTP server answering every POST with ``body`` (bytes), optionally one byte per ``trickle`` s."""
+
+    def __init__(self, body: bytes, trickle: float = 0.0):
+        import http.server
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(outer.body)))
+                self.end_headers()
+                try:
+                    for i in range(len(outer.body)):
+                        self.wfile.write(outer.body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(outer.trickle)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.body, self.trickle = body, trickle
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"not json", "answered something that is not valid JSON"),
+    (b"[1, 2]", "answered a JSON list, expected an object"),
+    (b'{"scores": [0.5, NaN]}', "NaN is not valid JSON; send null"),
+    (b'{"scores": [0.5, Infinity]}', "Infinity is not valid JSON"),
+    (b'{"scores": [true, 0.5]}', r"non-numeric scores at indices \[0\] \(first: True\)"),
+    (b'{"scores": [[1], "high"]}', r"non-numeric scores at indices \[0, 1\]"),
+], ids=["not_json", "list", "nan", "inf", "bool", "nested"])
+def test_malformed_answers_name_the_reward_and_the_url(body, message):
+    server = _BadServer(body)
+    try:
+        client = RemoteReward(url=server.url, retries=0, timeout=5.0, name="judge")
+        with pytest.raises(RewardError, match=rf"remote reward 'judge' at {server.url}.*{message}"):
+            client(torch.rand(2, 3, 8, 8), ["a", "b"], None)
+    finally:
+        server.close()
+
+
+def test_timeout_bounds_the_whole_answer_not_each_read():
+    server = _BadServer(b'{"scores": [0.5, 0.5]}' + b" " * 40, trickle=0.2)  # ~12 s in all, 0.2 s per byte
+    try:
+        client = RemoteReward(url=server.url, retries=0, timeout=1.0)
+        start = time.monotonic()
+        with pytest.raises(RewardError, match="did not answer within timeout=1s"):
+            client(torch.rand(2, 3, 8, 8), ["a", "b"], None)
+        assert time.monotonic() - start < 4.0
+    finally:
+        server.close()
