@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -176,3 +177,20 @@ def test_table_counts_per_prompt_when_every_particle_is_kept(adapter):
     per_prompt = res["fk"].counter.reward_evals / 2
     row = format_table(res, [1.0], ["brightness"]).splitlines()[2]
     assert float(row.split("|")[4]) == per_prompt >= 3  # not divided by the 6 images kept
+
+
+def test_reward_failures_during_guidance_are_counted_per_method(tiny_folder, tmp_path, capsys):
+    from trainers.run import sample_main
+
+    cfg = _cfg(tiny_folder, tmp_path / "f", method="doob", compare=["none"], num_particles=2, num_candidates=2)
+    cfg = dataclasses.replace(cfg, rewards=[dataclasses.replace(cfg.rewards[0], name="plugins.reward_plugins:nan_second",
+                                                                on_error="skip")])
+    with pytest.warns(RuntimeWarning, match="reward 'nan_second' failed"):
+        assert sample_main(cfg) == 0
+    printed = capsys.readouterr().out
+    assert "reward failures" in printed.splitlines()[-4]  # the table's header
+    record = json.loads((tmp_path / "f" / "guidance_rewards.json").read_text())
+    # nan_second fails on the second sample of every call with 2 or more samples: DOIT's candidate evaluations
+    # fail too, unguided sampling only in its scoring
+    none, doob = (record["methods"][m]["reward_failures"].get("nan_second", 0) for m in ("none", "doob"))
+    assert 1 <= none < doob

@@ -179,7 +179,7 @@ def sample_main(cfg) -> int:
             print(f"wrote {path}")
             record["methods"][m] = {**res.counter.as_dict(), "wall_s": res.wall_s,
                                     "mean_score": float(torch.nanmean(score)),
-                                    "rewards": res.rewards.tolist()}
+                                    "reward_failures": res.failures, "rewards": res.rewards.tolist()}
             if judges is not None:
                 judged[m] = _judge(judges, res.images, image_prompts)
                 record["methods"][m]["eval_rewards"] = {n: judged[m][:, j].tolist()

@@ -14,7 +14,7 @@ and ``scripts/bench_guidance.py``). No I/O: tensors and adapters in, tensors out
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -203,6 +203,9 @@ class MethodResult:
     counter: EvalCounter
     wall_s: float
     num_prompts: Optional[int] = None  # None: one image per prompt (``select="all"`` gives one per particle)
+    #: reward entries that failed (and were set to NaN) under ``on_error: skip``, per reward column: the
+    #: method's own evaluations and the final scoring
+    failures: Dict[str, int] = field(default_factory=dict)
 
     @property
     def prompts(self) -> int:
@@ -235,6 +238,7 @@ def compare_methods(
     results: Dict[str, MethodResult] = {}
     for method in methods:
         images, rows, counter, wall = [], [], EvalCounter(), 0.0
+        failed_before = dict(getattr(reward, "total_failures", {}))
         for i in range(0, len(prompts), batch_size):
             batch = list(prompts[i:i + batch_size])
             out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=range(i, i + len(batch)),
@@ -245,7 +249,9 @@ def compare_methods(
             for k, v in out.counter.as_dict().items():
                 setattr(counter, k, getattr(counter, k) + v)
             wall += out.wall_s
-        results[method] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall, len(prompts))
+        failures = {n: k - failed_before.get(n, 0) for n, k in getattr(reward, "total_failures", {}).items()}
+        results[method] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall, len(prompts),
+                                       {n: k for n, k in failures.items() if k})
     return results
 
 
@@ -256,6 +262,8 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
     head = ["method", "model evals/prompt", "VJPs/prompt", "reward evals/prompt", "wall s", "mean score"]
     head += [f"mean {n}" for n in names] if len(names) > 1 else []
     head += [f"judge {n}" for n in judge_names]
+    failed = any(res.failures for res in results.values())
+    head += ["reward failures"] if failed else []  # entries set to NaN under on_error: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, res in results.items():
         n = res.prompts  # evaluations per prompt, whatever the number of images kept per prompt
@@ -267,5 +275,7 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
             cells += [f"{float(torch.nanmean(res.rewards[:, j])):.4f}" for j in range(len(names))]
         if judge_names:
             cells += [f"{float(torch.nanmean(judged[method][:, j])):.4f}" for j in range(len(judge_names))]
+        if failed:
+            cells.append(", ".join(f"{n} {k}" for n, k in res.failures.items()) or "0")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
