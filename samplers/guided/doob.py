@@ -25,6 +25,14 @@ reward) the guided mean moves by exactly ``s^2 a / tau`` (``tests/test_guidance.
 ``reuse_eps`` lookahead attributes a candidate's whole deviation to ``x0`` and so over-estimates
 ``grad log h`` at high noise by about ``(alpha'^2 s^2 + sigma'^2) / (alpha'^2 s^2)``; DOIT compensates with
 ``gamma < 1`` and a window of steps (§5.3), ``lookahead="denoise"`` with ``M`` extra forwards.
+
+The exactness holds for the raw tilt, ``standardize=False`` (weights ``softmax(r / tau)``). The default,
+``standardize=True`` (DOIT's practical form), z-scores the rewards over each sample's candidates, so the
+effective temperature becomes ``tau * std(r)`` of that step: a heuristic that is scale-free but not the
+exponential tilt, and whose pull does not shrink with the step size. Its strength therefore grows with the
+number of guided steps (on the Gaussian-mixture test, the guided mean drifts past the rewarded mode as the
+number of steps grows); compare settings at a fixed ``num_steps`` and window, or use ``standardize=False``
+when the target distribution matters.
 """
 
 from __future__ import annotations
