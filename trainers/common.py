@@ -278,22 +278,25 @@ class TrainingState:
         return state if "optimizer" in state else {"trainer": "grpo", "optimizer": state}
 
     def check_compatible(self, state: Dict) -> None:
-        """Raise ``ValueError`` if ``state`` was written by another trainer (or, for a slot with named tensor lists such
-        as NFT's old policy, with another number of tensors); changes nothing (:func:`restore_run_state` calls it
-        before any weight is restored)."""
+        """Raise ``CheckpointError`` (a ``ValueError``) if ``state`` was written by another trainer (or, for a slot
+        with named tensor lists such as NFT's old policy, with another number of tensors); changes nothing
+        (:func:`restore_run_state` calls it before any weight is restored)."""
+        from diffalign.checkpoint import CheckpointError
+
         state = self._bundle(state)
         known = {"trainer", "optimizer", "marble_tracked"}
         foreign = sorted(set(state) - known - set(self.tensors))
         missing = sorted(set(self.tensors) - set(state))
         writer = state.get("trainer")
         if (writer is not None and writer != self.owner) or foreign or missing:
-            raise ValueError(f"the checkpoint's optimizer state was written by another trainer ({writer or 'unknown'}:"
-                             f" extra {foreign}, missing {missing}); this run is trainer {self.owner!r}: resume with "
-                             "the trainer that wrote it, or start afresh (checkpoint.resume_from=null)")
+            raise CheckpointError(
+                f"the checkpoint's optimizer state was written by another trainer ({writer or 'unknown'}: extra "
+                f"{foreign}, missing {missing}); this run is trainer {self.owner!r}: resume with the trainer that "
+                "wrote it, or start afresh (checkpoint.resume_from=null)")
         for name, ts in self.tensors.items():
             if len(state[name]) != len(ts):
-                raise ValueError(f"the checkpoint's {name!r} holds {len(state[name])} tensors, this run has "
-                                 f"{len(ts)}: resume with the same model and adapter")
+                raise CheckpointError(f"the checkpoint's {name!r} holds {len(state[name])} tensors, this run has "
+                                      f"{len(ts)}: resume with the same model and adapter")
 
     def load_state_dict(self, state: Dict) -> None:
         self.check_compatible(state)
