@@ -183,8 +183,8 @@ def test_reward_failures_during_guidance_are_counted_per_method(tiny_folder, tmp
     from trainers.run import sample_main
 
     cfg = _cfg(tiny_folder, tmp_path / "f", method="doob", compare=["none"], num_particles=2, num_candidates=2)
-    cfg = dataclasses.replace(cfg, rewards=[dataclasses.replace(cfg.rewards[0], name="plugins.reward_plugins:nan_second",
-                                                                on_error="skip")])
+    flaky = dataclasses.replace(cfg.rewards[0], name="plugins.reward_plugins:nan_second", on_error="skip")
+    cfg = dataclasses.replace(cfg, rewards=[flaky])
     with pytest.warns(RuntimeWarning, match="reward 'nan_second' failed"):
         assert sample_main(cfg) == 0
     printed = capsys.readouterr().out

@@ -59,7 +59,8 @@ def resolve_model_path(path: str, cache_dir: Optional[str] = None) -> str:
     path = os.fspath(path)
     if os.path.isdir(os.path.expanduser(path)):
         return os.path.expanduser(path)
-    choices = f"give a local pipeline folder (with model_index.json) or one of {sorted('builtin:' + n for n in BUILTIN_MODELS)}"
+    builtins = sorted("builtin:" + n for n in BUILTIN_MODELS)
+    choices = f"give a local pipeline folder (with model_index.json) or one of {builtins}"
     if not _HUB_ID.match(path):
         raise ConfigError(f"got {path!r}: no such folder; {choices}", key="model.path")
     if _offline() and not _in_hub_cache(path, cache_dir):
