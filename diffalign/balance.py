@@ -476,21 +476,24 @@ class RewardGradients:
                               for g, p in zip(grads, self.params)])
             self.buffer[k] += flat
 
-    def all_reduce(self, world_size: int) -> None:
-        if world_size <= 1:
-            return
-        import torch.distributed as dist
+    def all_reduce(self, world_size: int, loss_scale: float = 1.0) -> None:
+        """Average the buffers over ranks and divide them by ``loss_scale`` (the float16 loss scale the losses
+        were multiplied by, :class:`trainers.common.LossScaler`)."""
+        if world_size > 1:
+            import torch.distributed as dist
 
-        dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM)
-        self.buffer /= world_size
+            dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM)
+        if world_size > 1 or loss_scale != 1.0:
+            self.buffer /= world_size * loss_scale
 
-    def harmonize_into_grad(self, harmonizer: "Harmonizer", world_size: int) -> Optional[Harmonized]:
+    def harmonize_into_grad(self, harmonizer: "Harmonizer", world_size: int,
+                            loss_scale: float = 1.0) -> Optional[Harmonized]:
         """The MARBLE step on the accumulated per-reward gradients (rows ``0..K-1``): all-reduce, solve, add the
         combined direction to ``.grad``, reset the buffers. Returns the :class:`Harmonized` record, or ``None``
         (buffers reset, ``.grad`` and the harmonizer's coefficient EMA and tracked gradients untouched) when a
         per-reward gradient is not finite: the caller skips the step
         (:func:`trainers.common.optimizer_update`)."""
-        self.all_reduce(world_size)
+        self.all_reduce(world_size, loss_scale)
         if not bool(torch.isfinite(self.buffer).all()):
             self.reset()
             return None

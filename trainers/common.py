@@ -15,7 +15,7 @@ from diffalign.types import Trajectory
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
            "trainable_state", "load_trainable_state",
            "checkpoint_weights", "restore_weights", "TrainingState", "NonFiniteError", "grads_finite",
-           "optimizer_update"]
+           "optimizer_update", "LossScaler"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -203,6 +203,52 @@ def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
+class LossScaler:
+    """Dynamic loss scaling for ``model.dtype: float16`` training (Micikevicius et al. 2018, "Mixed Precision
+    Training", §3.2; torch's GradScaler rule): every loss is multiplied by ``scale`` before ``backward`` so that
+    small gradients survive float16 activations, the gradients are divided by it after the all-reduce, a step
+    whose gradient overflows is skipped and halves ``scale``, and ``growth_interval`` clean steps in a row
+    double it. Disabled (every method a no-op, ``scale == 1``) for float32 and bfloat16, whose exponent range
+    needs no scaling. Its state travels in the checkpoint, so a resume continues with the same scale."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
+                 min_scale: float = 1.0) -> None:
+        self.enabled = bool(enabled)
+        self.scale = float(init_scale) if self.enabled else 1.0
+        self.growth_interval, self.min_scale = int(growth_interval), float(min_scale)
+        self.good_steps = 0
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, params: Sequence[torch.nn.Parameter]) -> None:
+        if self.enabled:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.scale)
+
+    def overflowed(self) -> bool:
+        """After a non-finite gradient: ``True`` (scale halved, the step to be skipped quietly) while the scale
+        can still shrink; ``False`` once it reached ``min_scale`` (then it is a real NaN / inf)."""
+        if not self.enabled or self.scale <= self.min_scale:
+            return False
+        self.scale, self.good_steps = max(self.scale / 2, self.min_scale), 0
+        return True
+
+    def step_done(self) -> None:
+        if self.enabled:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale, self.good_steps = self.scale * 2, 0
+
+    def state_dict(self) -> Dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: Dict[str, float]) -> None:
+        if self.enabled:
+            self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
 def grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     """Whether every ``.grad`` of ``params`` is finite (call after the all-reduce: then every rank agrees)."""
     return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
@@ -221,8 +267,14 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
     cfg = trainer.cfg
     norm = (float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0
             else _grad_norm(trainer.params))
+    scaler = getattr(trainer, "scaler", None)
+    if scaler is not None and scaler.enabled:
+        metrics.setdefault("train/loss_scale", []).append(scaler.scale)
     if not (finite and math.isfinite(norm)):
         trainer.optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and scaler.overflowed():  # float16 loss scaling: expected while the scale settles
+            metrics.setdefault("train/overflow_steps", []).append(1.0)
+            return False
         streak = getattr(trainer, "skipped_streak", 0) + 1
         trainer.skipped_streak = streak
         metrics.setdefault("train/skipped_steps", []).append(1.0)
@@ -238,6 +290,8 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
                       f"{streak} in a row, train.max_skipped_steps={cfg.max_skipped_steps})", RuntimeWarning)
         return False
     trainer.skipped_streak = 0
+    if scaler is not None:
+        scaler.step_done()
     if cfg.max_grad_norm > 0:
         metrics.setdefault("train/grad_norm", []).append(norm)
     trainer.optimizer.step()

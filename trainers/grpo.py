@@ -210,7 +210,7 @@ class GRPOTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_eval_only_rewards,
+        from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_eval_only_rewards,
                                      build_optimizer, image_size, open_run, resolve_device)
 
         run, cfg = self.run, self.cfg
@@ -218,16 +218,17 @@ class GRPOTrainer:
         self.device = resolve_device(run.model.device, self.accelerator)
         self.dtype = DTYPES[run.model.dtype]
         torch.manual_seed(run.seed)
+        self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)
         self.height, self.width = image_size(self.adapter, run.sample)
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+        self.scaler = LossScaler(self.dtype == torch.float16)
         self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
         if not run.rewards:
             raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
         self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
-        self.prompts = build_prompt_source(run.prompts, run.seed)
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
         self.moments = RunningMoments()
         self.kl_form = resolve_kl_form(cfg.kl_form, run.sample.step)
@@ -257,12 +258,15 @@ class GRPOTrainer:
             self.tracker.load_state_dict(extra["tracker"])
         if "moments" in extra:
             self.moments.load_state_dict(extra["moments"])
+        if "loss_scaler" in extra:
+            self.scaler.load_state_dict(extra["loss_scaler"])
         return self.epoch
 
     def save_checkpoint(self) -> None:
         from trainers.common import save_run_state
 
-        extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict()}
+        extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(),
+                 "loss_scaler": self.scaler.state_dict()}
         if self.marble is not None:
             extra["harmonizer"] = self.marble[0].state_dict()
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
@@ -394,7 +398,7 @@ class GRPOTrainer:
                     loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
                                          adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta)
                     if self.marble is None:
-                        (loss / per_update).backward()
+                        self.scaler(loss / per_update).backward()
                     else:
                         self._marble_backward(out.log_prob, old, adv * kept[:, None], kl, per_update)
                     micro += 1
@@ -402,13 +406,15 @@ class GRPOTrainer:
                         stats_acc.setdefault(k, []).append(v)
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
                         all_reduce_gradients(self.params, self.dist.world_size)
+                        self.scaler.unscale_(self.params)
                         finite = grads_finite(self.params)  # the KL part: checked before the QP moves its state
                         if self.marble is not None and not finite:
                             self.marble[1].reset()
                         elif self.marble is not None:
                             from diffalign.balance import log_harmonized
 
-                            res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size)
+                            res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size,
+                                                                     self.scaler.scale)
                             finite = res is not None
                             for k, v in (log_harmonized(res, self.rewards.names) if finite else {}).items():
                                 stats_acc.setdefault(k, []).append(v)
@@ -418,6 +424,9 @@ class GRPOTrainer:
         grad_norms = step_stats.get("train/grad_norm", [])
         out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out["train/skipped_steps"] = len(step_stats.get("train/skipped_steps", []))
+        if self.scaler.enabled:  # float16: the loss scale, and steps skipped by an overflow while it settles
+            out["train/loss_scale"] = self.scaler.scale
+            out["train/overflow_steps"] = len(step_stats.get("train/overflow_steps", []))
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
@@ -427,9 +436,10 @@ class GRPOTrainer:
         the KL gradient straight into ``.grad`` (outside the QP)."""
         cfg = self.cfg
         if kl is not None:
-            (cfg.beta * kl.mean() / per_update).backward(retain_graph=True)
-        losses = [grpo_loss(log_prob, old, advantages[:, r], clip_range=cfg.clip_range,
-                            adv_clip_max=cfg.adv_clip_max)[0] / per_update for r in range(advantages.shape[1])]
+            self.scaler(cfg.beta * kl.mean() / per_update).backward(retain_graph=True)
+        losses = [self.scaler(grpo_loss(log_prob, old, advantages[:, r], clip_range=cfg.clip_range,
+                                        adv_clip_max=cfg.adv_clip_max)[0] / per_update)
+                  for r in range(advantages.shape[1])]
         self.marble[1].accumulate(losses)
 
     def _reference_kl(self, model_fn, schedule, sub, index, out) -> torch.Tensor:

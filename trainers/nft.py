@@ -237,7 +237,7 @@ class NFTTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from rewards import MultiReward
-        from trainers.common import (DTYPES, EMA, TrainingState, build_adapter, build_eval_only_rewards,
+        from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_eval_only_rewards,
                                      build_optimizer, image_size, open_run, resolve_device)
         from trainers.grpo import _reward_spec_dict
 
@@ -246,6 +246,7 @@ class NFTTrainer:
         self.device = resolve_device(run.model.device, self.accelerator)
         self.dtype = DTYPES[run.model.dtype]
         torch.manual_seed(run.seed)
+        self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)
         if self.adapter.kind != "flow":
             raise ValueError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a {self.adapter.kind!r} "
@@ -257,6 +258,7 @@ class NFTTrainer:
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+        self.scaler = LossScaler(self.dtype == torch.float16)
         self.old = OldPolicy(self.params)
         if not run.rewards:
             raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
@@ -270,7 +272,6 @@ class NFTTrainer:
         # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
         self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)
         self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
-        self.prompts = build_prompt_source(run.prompts, run.seed)
         self.moments = RunningMoments()
         self.epoch, self.global_step = 0, 0
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
@@ -284,6 +285,8 @@ class NFTTrainer:
             self.moments.load_state_dict(extra["moments"])
         if "harmonizer" in extra:
             self.harmonizer.load_state_dict(extra["harmonizer"])
+        if "loss_scaler" in extra:
+            self.scaler.load_state_dict(extra["loss_scaler"])
         return self.epoch
 
     def save_checkpoint(self) -> None:
@@ -291,7 +294,8 @@ class NFTTrainer:
 
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
                        optimizer=self.state, lr_scheduler=self.lr_scheduler,
-                       sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict()},
+                       sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict(),
+                                      "loss_scaler": self.scaler.state_dict()},
                        config=self.config_dict)
 
     # ------------------------------------------------------------------ one epoch
@@ -388,12 +392,13 @@ class NFTTrainer:
         k = self.num_rewards
         # the KL part (or, on plain steps, the whole gradient) is in .grad; averaged over ranks like GRPO's
         all_reduce_gradients(self.params, self.dist.world_size)
+        self.scaler.unscale_(self.params)
         if not grads_finite(self.params):  # before the QP or the diagnostics touch any state
             if refresh or diagnose:
                 self.reward_grads.reset()
             return optimizer_update(self, metrics, finite=False)
         if refresh:
-            res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size)
+            res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size, self.scaler.scale)
             if res is None:  # a non-finite per-reward gradient: no QP, the harmonizer's state untouched
                 return optimizer_update(self, metrics, finite=False)
         if refresh or diagnose:
@@ -401,7 +406,7 @@ class NFTTrainer:
                 self.alpha_history.append(res.alpha.cpu())
                 stats = log_harmonized(res, self.rewards.names)
             else:
-                self.reward_grads.all_reduce(self.dist.world_size)
+                self.reward_grads.all_reduce(self.dist.world_size, self.scaler.scale)
                 grads = self.reward_grads.buffer
                 if not bool(torch.isfinite(grads).all()):  # a diagnostic only: skip the step, log nothing
                     self.reward_grads.reset()
@@ -466,16 +471,17 @@ class NFTTrainer:
                     kl = velocity_kl(v, v_ref) if v_ref is not None else torch.zeros((), device=self.device)
                     if refresh or diagnose:
                         # one gradient per reward, each from the SAME samples, noise and timesteps (§6.2 step 2)
-                        losses = [nft_policy_loss(l_pos, l_neg, per[:, r], beta=cfg.beta,
-                                                  adv_clip_max=cfg.adv_clip_max) / per_update for r in range(k)]
+                        losses = [self.scaler(nft_policy_loss(l_pos, l_neg, per[:, r], beta=cfg.beta,
+                                                              adv_clip_max=cfg.adv_clip_max) / per_update)
+                                  for r in range(k)]
                         if diagnose:
-                            losses.append(policy / per_update)
+                            losses.append(self.scaler(policy / per_update))
                         if v_ref is not None:
                             # the KL gradient stays outside the QP (MARBLE §3.2 step 6): straight into .grad
-                            (cfg.kl_weight * kl / per_update).backward(retain_graph=True)
+                            self.scaler(cfg.kl_weight * kl / per_update).backward(retain_graph=True)
                         self.reward_grads.accumulate(losses, batched=cfg.marble_batched_backward)
                     else:
-                        ((policy + cfg.kl_weight * kl) / per_update).backward()
+                        self.scaler((policy + cfg.kl_weight * kl) / per_update).backward()
                     st = _loss_stats(policy, kl, cfg.kl_weight, v, v_old, l_pos, l_neg, applied, cfg.adv_clip_max)
                     micro += 1
                     for key, val in st.as_dict().items():
@@ -494,6 +500,9 @@ class NFTTrainer:
                                          start=cfg.old_decay_start))
         out = {key: float(np.mean(v)) for key, v in metrics.items()}
         out["train/skipped_steps"] = len(metrics.get("train/skipped_steps", []))
+        if self.scaler.enabled:  # float16: the loss scale, and steps skipped by an overflow while it settles
+            out["train/loss_scale"] = self.scaler.scale
+            out["train/overflow_steps"] = len(metrics.get("train/overflow_steps", []))
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         for kind, times in step_times.items():
