@@ -1,4 +1,5 @@
-"""A checkpoint is only loaded into the model it was trained as; a resumed run says which settings changed.
+"""A checkpoint is only loaded into the model it was trained as; a resumed run says which settings changed; run
+settings that cannot work together (KL without LoRA, a sharding backend) are refused before any work.
 
 ``model.lora`` rank / target modules / enabled decide whether the weights load at all, and alpha what they
 compute: a resume, ``diffalign eval`` or ``diffalign sample`` with other values stops with one error naming
@@ -88,3 +89,28 @@ def test_settings_a_checkpoint_does_not_record_or_cannot_matter_are_not_reported
                        "load")
     with pytest.raises(CheckpointError, match="model.lora.target_modules"):
         check_model_config(lora, SimpleNamespace(lora=LoraConfig(rank=4, alpha=8.0, target_modules=["to_q"])), "load")
+
+
+def test_kl_without_lora_is_refused_when_the_config_is_read(tmp_path):
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.beta: got 0.04 with model.lora.enabled=false"):
+        run_config(str(tmp_path), tmp_path / "run", train={"beta": 0.04},
+                   model={"path": str(tmp_path), "lora": {"enabled": False}})
+
+
+def test_sharding_backends_are_refused_not_bypassed(monkeypatch):
+    """The trainers average gradients themselves over full model copies; an accelerate FSDP / DeepSpeed setup
+    would be silently bypassed, so make_accelerator refuses it."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from trainers.run import make_accelerator
+
+    class FakeAccelerator:
+        def __init__(self, **kwargs):
+            self.distributed_type, self.num_processes = DistributedType.FSDP, 1
+
+    monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
+    with pytest.raises(RuntimeError, match="configured for FSDP, which diffalign's trainers do not support yet"):
+        make_accelerator("cpu")

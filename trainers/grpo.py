@@ -83,6 +83,9 @@ class GRPOConfig(TrainLoopConfig):
         check(self.marble_grad_ema == 0 or self.aggregation == "marble", "train.marble_grad_ema",
               f"got {self.marble_grad_ema} with aggregation={self.aggregation!r}; tracked reward gradients are "
               "MARBLE's: set train.aggregation=marble or train.marble_grad_ema=0")
+        check(self.beta == 0 or run.model.lora.enabled, "train.beta",
+              f"got {self.beta} with model.lora.enabled=false; the KL's reference is the adapter-disabled base "
+              "model, which full fine-tuning does not keep: enable LoRA or set train.beta=0")
 
 
 # ----------------------------------------------------------------------------------------- pure math

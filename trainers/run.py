@@ -26,6 +26,13 @@ def make_accelerator(device: str = "auto"):
 
     cpu = device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision="no")
+    kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        # the trainers keep a full model per process and average gradients themselves (DDP-style); a sharding
+        # backend would be set up by accelerate and then silently bypassed
+        raise RuntimeError(f"accelerate is configured for {kind}, which diffalign's trainers do not support yet; "
+                           "launch with plain multi-process data parallel (`accelerate launch --multi_gpu ...` with "
+                           "an accelerate config whose distributed_type is MULTI_GPU, or torchrun)")
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != expected:
         raise RuntimeError(
