@@ -115,8 +115,8 @@ def eval_main(cfg) -> int:
 
     train = dict(cfg.train or {})
     checkpoint = cfg.checkpoint.resume_from
+    prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
     adapter = _load_eval_adapter(cfg, checkpoint)
-    prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
     steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
     # the trainer's evaluation noise: a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed),
@@ -147,8 +147,8 @@ def sample_main(cfg) -> int:
     from diffalign.prompts import build_prompt_source
 
     checkpoint = cfg.checkpoint.resume_from
+    prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
     adapter = _load_eval_adapter(cfg, checkpoint)
-    prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:
         from rewards import MultiReward
