@@ -200,6 +200,9 @@ class TrainLoopConfig:
     on_nonfinite: Literal["skip", "raise"] = param(
         "skip", help="a NaN / inf gradient: skip that optimizer step (weights, optimizer, LR schedule and EMA "
         "untouched; logged as train/skipped_steps) or stop the run with an error")
+    loss_scale_growth_interval: int = param(
+        200, help="model.dtype=float16: double the loss scale after this many optimizer steps without overflow",
+        min=1)
     max_skipped_steps: int = param(
         3, help="with on_nonfinite=skip: stop with an error after more than this many skipped steps in a row", min=0)
     ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")

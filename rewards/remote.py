@@ -424,7 +424,7 @@ class RemoteReward:
                 headers={"Content-Type": "application/octet-stream"},
             )
             try:
-                deadline = time.monotonic() + self.timeout  # the whole answer, not each socket read
+                deadline = time.monotonic() + self.timeout  # the body as a whole, not each socket read
                 with self._opener.open(req, timeout=self.timeout) as resp:
                     raw = _read_until(resp, deadline)
             except urllib.error.HTTPError as exc:
@@ -492,12 +492,12 @@ class RemoteReward:
                 f"{len(scores) if isinstance(scores, list) else scores!r} "
                 f"scores for {len(prompts)} samples"
             )
-        bad = [i for i, v in enumerate(scores)
-               if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+        bad = [i for i, v in enumerate(scores) if v is not None and not _finite_number(v)]
         if bad:
             raise RewardError(
-                f"remote reward {self.name!r} at {self.url} answered non-numeric scores at indices {bad[:8]} (first: "
-                f"{scores[bad[0]]!r}); each score must be a number, or null for 'not applicable'")
+                f"remote reward {self.name!r} at {self.url} answered non-numeric or non-finite scores at indices "
+                f"{bad[:8]} (first: {scores[bad[0]]!r}); each score must be a finite number, or null for 'not "
+                "applicable'")
         values = torch.tensor([float("nan") if s is None else float(s) for s in scores], dtype=torch.float32)
         return RewardOutput(scores=values, details=answer.get("details"))
 
@@ -525,6 +525,15 @@ class RemoteReward:
         return f"RemoteReward({self.name!r}, url={self.url!r})"
 
 
+def _finite_number(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))  # 1e999 parses to inf; a huge int overflows float
+    except OverflowError:
+        return False
+
+
 def _reject_constant(name: str) -> float:
     """``json`` calls this for the non-standard ``NaN`` / ``Infinity`` literals: refuse them (null means NaN)."""
     raise ValueError(f"{name} is not valid JSON; send null for a sample the reward does not apply to")
@@ -532,7 +541,9 @@ def _reject_constant(name: str) -> float:
 
 def _read_until(resp: Any, deadline: float) -> bytes:
     """The body of ``resp``, read in pieces, failing with ``TimeoutError`` once ``deadline`` (monotonic) passes:
-    the socket timeout alone bounds each read, so a server trickling bytes could hold the caller indefinitely."""
+    the socket timeout alone bounds each read, so a server trickling bytes could hold the caller indefinitely.
+    The deadline is checked between reads (each bounded by the socket timeout), so an answer gives up after at
+    most about twice ``timeout`` (connection and headers, then the body)."""
     read = getattr(resp, "read1", None) or resp.read
     chunks = []
     while True:

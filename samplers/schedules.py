@@ -83,6 +83,12 @@ class Schedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0`` clamped as the DDIM step clamps its estimate (``clip_sample_range``; unchanged when ``None``), for
+        code that forms clean estimates outside the step (guided sampling's lookaheads)."""
+        r = self.clip_sample_range
+        return x0 if r is None else x0.clamp(-r, r)
+
     def to(self, device: torch.device | str) -> "Schedule":
         return replace(
             self,

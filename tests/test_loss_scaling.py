@@ -37,6 +37,9 @@ def test_loss_scaler_rules():
     restored = LossScaler(True)
     restored.load_state_dict(s.state_dict())
     assert restored.scale == 2.0 and restored.good_steps == 0
+    fresh = LossScaler(True)
+    fresh.load_state_dict(LossScaler(False).state_dict())  # a bfloat16 run resumed as float16: start scaling anew
+    assert fresh.scale == 2.0**16
 
 
 def _update_gradient(tmp_path, name, monkeypatch, factor: float, scaled: bool):
@@ -89,8 +92,6 @@ def test_float16_training_with_loss_scaling_keeps_small_gradients(tmp_path, monk
 
 
 def test_a_float16_overflow_halves_the_scale_and_skips_quietly(tmp_path, monkeypatch):
-    import warnings
-
     from diffalign.checkpoint import load_checkpoint, resolve_resume
     from diffalign.logging import read_metrics
 
@@ -106,13 +107,75 @@ def test_a_float16_overflow_halves_the_scale_and_skips_quietly(tmp_path, monkeyp
     cfg = run_config(save_tiny(tmp_path), out, train={"num_epochs": 3},
                      model={"path": save_tiny(tmp_path), "dtype": "float16",
                             "lora": {"enabled": True, "rank": 4, "alpha": 8.0}})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # an overflow is not a NaN run: no warning
+    with pytest.warns(RuntimeWarning) as record:
         trainer = train_run(cfg)
+    messages = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert any("float16 gradient overflow at optimizer step 2: step skipped, loss scale halved to 32768" in m
+               for m in messages)
+    assert not any("non-finite gradient" in m for m in messages)  # an overflow is not a NaN run
     assert trainer.global_step == 2 and trainer.scaler.scale == 2.0**15
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/updates" in r]
     assert [r["train/overflow_steps"] for r in rows] == [0, 1, 0]
     assert [r["train/skipped_steps"] for r in rows] == [0, 0, 0]
     assert [r["train/loss_scale"] for r in rows] == [2.0**16, 2.0**15, 2.0**15]
     saved = load_checkpoint(resolve_resume(out, "latest")).sampler_state["loss_scaler"]
-    assert saved == {"scale": 2.0**15, "good_steps": 1}  # a resume continues with the same scale
+    assert saved == {"enabled": True, "scale": 2.0**15, "good_steps": 1}  # a resume continues with the same scale
+
+
+@pytest.mark.parametrize("train", [
+    {"aggregation": "marble", "beta": 0.04},
+], ids=["grpo_marble_kl"])
+def test_every_gradient_path_is_unscaled_once_grpo(tmp_path, monkeypatch, train):
+    """MARBLE's per-reward buffers and the KL part are unscaled exactly once: the float16 update with scaling is
+    the one without it up to float16 rounding (a missing or doubled unscale would be 65536x off)."""
+    scaled = _first_gradient(tmp_path / "s", "grpo", train, scaled=True)
+    plain = _first_gradient(tmp_path / "p", "grpo", train, scaled=False)
+    ratio = float(scaled.norm() / plain.norm())
+    assert 0.5 < ratio < 2.0 and float(torch.nn.functional.cosine_similarity(scaled, plain, dim=0)) > 0.8
+
+
+@pytest.mark.parametrize("train", [
+    {"aggregation": "marble", "marble_mode": "full"},
+    {"aggregation": "weighted_sum", "grad_diagnostics_every": 1},
+], ids=["nft_marble_full", "nft_diagnostics"])
+def test_every_gradient_path_is_unscaled_once_nft(tmp_path, train):
+    scaled = _first_gradient(tmp_path / "s", "nft", train, scaled=True)
+    plain = _first_gradient(tmp_path / "p", "nft", train, scaled=False)
+    ratio = float(scaled.norm() / plain.norm())
+    assert 0.5 < ratio < 2.0 and float(torch.nn.functional.cosine_similarity(scaled, plain, dim=0)) > 0.8
+
+
+def _first_gradient(tmp_path, trainer_name, train, scaled):
+    from test_nft_trainer import REWARDS
+
+    from trainers.grpo import GRPOTrainer
+    from trainers.nft import NFTTrainer
+
+    model = {"path": save_tiny(tmp_path), "dtype": "float16", "lora": {"enabled": True, "rank": 4, "alpha": 8.0}}
+    if trainer_name == "nft":  # test_nft_trainer.nft_config's run, in float16
+        cfg = run_config(save_tiny(tmp_path), tmp_path / "run", trainer="nft", rewards=REWARDS, model=model,
+                         sample={"step": "flow_euler", "noise_level": 0.0, "group_size": 2, "num_batches_per_epoch": 1},
+                         train={"num_epochs": 1, "learning_rate": 1e-2, "batch_size": 4, "eval_every": 0,
+                                "gradient_accumulation_steps": 1, "kl_weight": 1e-2, "max_grad_norm": 0.0, **train})
+        trainer = NFTTrainer(cfg)
+    else:
+        rewards = [{"name": "jpeg_compressibility"}, {"name": "colorfulness"}]
+        cfg = run_config(save_tiny(tmp_path), tmp_path / "run", rewards=rewards, model=model,
+                         train={"num_epochs": 1, "max_grad_norm": 0.0, **train})
+        trainer = GRPOTrainer(cfg)
+    trainer.setup()
+    if not scaled:
+        trainer.scaler = LossScaler(False)
+    seen = []
+    step = trainer.optimizer.step
+
+    def record(*a, **k):
+        seen.append(torch.cat([p.grad.detach().flatten().float().clone() for p in trainer.params]))
+        return step(*a, **k)
+
+    trainer.optimizer.step = record
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return seen[0]

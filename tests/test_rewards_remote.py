@@ -199,9 +199,10 @@ class _BadServer:
     (b"[1, 2]", "answered a JSON list, expected an object"),
     (b'{"scores": [0.5, NaN]}', "NaN is not valid JSON; send null"),
     (b'{"scores": [0.5, Infinity]}', "Infinity is not valid JSON"),
-    (b'{"scores": [true, 0.5]}', r"non-numeric scores at indices \[0\] \(first: True\)"),
-    (b'{"scores": [[1], "high"]}', r"non-numeric scores at indices \[0, 1\]"),
-], ids=["not_json", "list", "nan", "inf", "bool", "nested"])
+    (b'{"scores": [true, 0.5]}', r"non-numeric or non-finite scores at indices \[0\] \(first: True\)"),
+    (b'{"scores": [[1], "high"]}', r"non-numeric or non-finite scores at indices \[0, 1\]"),
+    (b'{"scores": [1e999, 0.5]}', r"non-numeric or non-finite scores at indices \[0\]"),
+], ids=["not_json", "list", "nan", "inf", "bool", "nested", "overflow"])
 def test_malformed_answers_name_the_reward_and_the_url(body, message):
     server = _BadServer(body)
     try:

@@ -208,10 +208,16 @@ class LossScaler:
     Training", §3.2; torch's GradScaler rule): every loss is multiplied by ``scale`` before ``backward`` so that
     small gradients survive float16 activations, the gradients are divided by it after the all-reduce, a step
     whose gradient overflows is skipped and halves ``scale``, and ``growth_interval`` clean steps in a row
-    double it. Disabled (every method a no-op, ``scale == 1``) for float32 and bfloat16, whose exponent range
-    needs no scaling. Its state travels in the checkpoint, so a resume continues with the same scale."""
+    double it (torch's default interval is 2000 steps; an RL run makes few optimizer steps, hence 200,
+    ``train.loss_scale_growth_interval``). Disabled (every method a no-op, ``scale == 1``) for float32 and
+    bfloat16, whose exponent range needs no scaling. Its state travels in the checkpoint, so a resume continues
+    with the same scale.
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000,
+    A non-finite gradient under float16 is first taken for an overflow: the step is skipped and the scale halved
+    (``train/overflow_steps``, one warning per run); only at ``min_scale`` does ``train.on_nonfinite`` apply. A
+    NaN loss is thus skipped up to log2(init_scale) = 16 times before it counts as one."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 200,
                  min_scale: float = 1.0) -> None:
         self.enabled = bool(enabled)
         self.scale = float(init_scale) if self.enabled else 1.0
@@ -242,10 +248,12 @@ class LossScaler:
                 self.scale, self.good_steps = self.scale * 2, 0
 
     def state_dict(self) -> Dict[str, float]:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"enabled": self.enabled, "scale": self.scale, "good_steps": self.good_steps}
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
-        if self.enabled:
+        """Continue a float16 run's scale; a state written without scaling (a float32 / bfloat16 run resumed as
+        float16) is ignored, so the scale starts at ``init_scale`` rather than at 1."""
+        if self.enabled and state.get("enabled", True):
             self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
@@ -262,7 +270,8 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
     non-finite, e.g. MARBLE's per-reward gradients) never reaches the weights: with ``train.on_nonfinite: skip``
     the step is dropped (weights, optimizer moments, LR schedule and EMA untouched; counted in
     ``train/skipped_steps``, warned), and more than ``train.max_skipped_steps`` dropped in a row stop the run;
-    with ``raise`` the first one does. The count of skips in a row is not checkpointed (a resume starts it at 0).
+    with ``raise`` the first one does (under float16 loss scaling only once the scale is at its minimum:
+    :class:`LossScaler`). The count of skips in a row is not checkpointed (a resume starts it at 0).
     Returns whether the step was applied."""
     cfg = trainer.cfg
     norm = (float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0
@@ -274,6 +283,12 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
         trainer.optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.overflowed():  # float16 loss scaling: expected while the scale settles
             metrics.setdefault("train/overflow_steps", []).append(1.0)
+            if not getattr(trainer, "overflow_warned", False):
+                trainer.overflow_warned = True
+                warnings.warn(f"float16 gradient overflow at optimizer step {trainer.global_step + 1}: step skipped, "
+                              f"loss scale halved to {scaler.scale:g} (expected while the scale settles; warned "
+                              "once; train/overflow_steps counts them; a NaN that persists down to scale 1 is "
+                              "handled by train.on_nonfinite)", RuntimeWarning)
             return False
         streak = getattr(trainer, "skipped_streak", 0) + 1
         trainer.skipped_streak = streak

@@ -227,7 +227,7 @@ class GRPOTrainer:
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
-        self.scaler = LossScaler(self.dtype == torch.float16)
+        self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
         self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
         if not run.rewards:
             raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")

@@ -258,7 +258,7 @@ class NFTTrainer:
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
-        self.scaler = LossScaler(self.dtype == torch.float16)
+        self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
         self.old = OldPolicy(self.params)
         if not run.rewards:
             raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")

@@ -206,7 +206,7 @@ def fk_steering(
             t = sched.timesteps[i].expand(B)
             out = model_fn(x, t)
             if i in resample_at:
-                x0 = to_x0_eps(out, x, sched.alphas[i], sched.sigmas[i], sched.prediction_type)[0]
+                x0 = sched.clip_x0(to_x0_eps(out, x, sched.alphas[i], sched.sigmas[i], sched.prediction_type)[0])
                 r = _fill_nan(_score(reward_fn, x0, counter, reward_weights))
                 log_g = fk_log_potential(potential, lam, r, state)
                 log_w, log_prod = log_w + log_g, log_prod + log_g
@@ -301,7 +301,7 @@ def svdd_sample(
             if lookahead == "denoise" and i + 1 < T and float(sched.sigmas[i + 1]) > 0:
                 out_c = model_fn(flat, sched.timesteps[i + 1].expand(M * B))
                 a_n, s_n = sched.alphas[i + 1], sched.sigmas[i + 1]
-                x0_c = to_x0_eps(out_c, flat, a_n, s_n, sched.prediction_type)[0]
+                x0_c = sched.clip_x0(to_x0_eps(out_c, flat, a_n, s_n, sched.prediction_type)[0])
             else:
                 eps = to_x0_eps(out, x, sched.alphas[i], sched.sigmas[i], sched.prediction_type)[1]
                 x0_c = one_step_x0(model_fn, sched, i + 1, flat, eps.repeat(M, *lat_ones), "reuse_eps")

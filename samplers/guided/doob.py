@@ -132,12 +132,12 @@ def one_step_x0(
     if index_next >= schedule.num_steps or float(sigma) == 0.0:
         return x_next
     if lookahead == "reuse_eps":
-        return (x_next - float(sigma) * eps_hat) / float(alpha)
+        return schedule.clip_x0((x_next - float(sigma) * eps_hat) / float(alpha))
     if lookahead == "denoise":
         with torch.no_grad():
             t = schedule.timesteps[index_next].to(x_next.device).expand(x_next.shape[0])
             out = model_fn(x_next, t)
-        return to_x0_eps(out, x_next, alpha, sigma, schedule.prediction_type)[0]
+        return schedule.clip_x0(to_x0_eps(out, x_next, alpha, sigma, schedule.prediction_type)[0])
     if lookahead == "rollout":
         det = DETERMINISTIC_STEP[schedule.kind]
         x = x_next
