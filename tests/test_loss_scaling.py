@@ -57,6 +57,14 @@ def _update_gradient(tmp_path, name, monkeypatch, factor: float, scaled: bool):
     from trainers.grpo import GRPOTrainer
 
     trainer = GRPOTrainer(cfg)
+    gradient = _first_update_gradient(trainer, scaled)
+    monkeypatch.setattr(grpo_mod, "grpo_loss", orig)
+    return gradient, trainer
+
+
+def _first_update_gradient(trainer, scaled: bool) -> torch.Tensor:
+    """Set up and train ``trainer`` (loss scaling switched off unless ``scaled``); the gradient of its first update
+    as the optimizer sees it."""
     trainer.setup()
     if not scaled:
         trainer.scaler = LossScaler(False)
@@ -72,8 +80,7 @@ def _update_gradient(tmp_path, name, monkeypatch, factor: float, scaled: bool):
         trainer.train()
     finally:
         trainer.cleanup()
-    monkeypatch.setattr(grpo_mod, "grpo_loss", orig)
-    return seen[0], trainer
+    return seen[0]
 
 
 def test_float16_training_with_loss_scaling_keeps_small_gradients(tmp_path, monkeypatch):
@@ -163,19 +170,4 @@ def _first_gradient(tmp_path, trainer_name, train, scaled):
         cfg = run_config(save_tiny(tmp_path), tmp_path / "run", rewards=rewards, model=model,
                          train={"num_epochs": 1, "max_grad_norm": 0.0, **train})
         trainer = GRPOTrainer(cfg)
-    trainer.setup()
-    if not scaled:
-        trainer.scaler = LossScaler(False)
-    seen = []
-    step = trainer.optimizer.step
-
-    def record(*a, **k):
-        seen.append(torch.cat([p.grad.detach().flatten().float().clone() for p in trainer.params]))
-        return step(*a, **k)
-
-    trainer.optimizer.step = record
-    try:
-        trainer.train()
-    finally:
-        trainer.cleanup()
-    return seen[0]
+    return _first_update_gradient(trainer, scaled)
