@@ -228,15 +228,19 @@ def gdpo_advantages(
 
     Each reward is normalised within its group (``(r - mean_g) / (std_g + eps)``, group std), the columns are
     summed with ``weights``, and the sum is whitened over the batch (``(s - mean) / (std + eps)``; the paper
-    reports training failures without this step). Clipping comes last.
+    reports training failures without this step) over the rows with at least one reward (a row whose rewards
+    are all NaN gets 0 and is not in the statistics). Clipping comes last.
     """
     per = per_reward_advantages(rewards, group_ids, std_mode="group", eps=eps, clip=None).double()
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     if w.shape != (rewards.shape[1],):
         raise ValueError(f"need {rewards.shape[1]} weights for {rewards.shape[1]} reward columns, got {tuple(w.shape)}")
     summed = per @ w
-    std = summed.std(unbiased=False) if summed.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
-    adv = (summed - summed.mean()) / (std + eps)
+    valid = ~torch.isnan(rewards).all(dim=1)  # a row with no reward at all is not in the batch statistics
+    s = summed[valid]
+    std = s.std(unbiased=False) if s.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    mean = s.mean() if s.numel() else torch.tensor(0.0, dtype=torch.float64)
+    adv = torch.where(valid, (summed - mean) / (std + eps), torch.zeros_like(summed))
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     return adv.float()

@@ -320,9 +320,9 @@ def harmonize(
     """MARBLE's full harmonisation of ``grads`` ``[K, D]`` (seed_algorithms.md §6.2 steps 3-5).
 
     ``normalize``: solve on unit gradients (the ablation without it fails, MARBLE Table 3); ``rescale``:
-    multiply the min-norm point by the mean gradient norm. Rewards whose gradient norm is ``<= eps`` (no
-    signal in this batch) are left out of the QP with ``alpha_k = 0``; otherwise one zero gradient would make
-    the min-norm point 0 and stop training.
+    multiply the min-norm point by the mean gradient norm (of the rewards in the QP). Rewards whose gradient norm
+    is ``<= eps`` (no signal in this batch) are left out of the QP with ``alpha_k = 0`` and out of that mean;
+    otherwise one zero gradient would make the min-norm point 0 and stop training.
     """
     k = grads.shape[0]
     dt = _work_dtype(grads.device)
@@ -350,7 +350,8 @@ def harmonize(
 class Harmonizer:
     """MARBLE's coefficient state: runs :func:`harmonize` and keeps the EMA ``alpha_bar`` of the solutions.
 
-    ``alpha_bar`` starts uniform (``1/K``) so amortised steps before the first solve weight rewards equally.
+    ``alpha_bar`` starts uniform (``1/K``), so amortised steps before the first solve weight rewards equally, and
+    every solve, the first included, is blended into it (``rho * alpha_bar + (1 - rho) * alpha*``).
 
     ``grad_ema`` > 0 harmonises moving averages ``y_k <- grad_ema * y_k + (1 - grad_ema) * g_k`` of the
     per-reward gradients (started at the first gradients) instead of one batch's gradients, in the spirit of
@@ -397,8 +398,8 @@ class Harmonizer:
                                       tracked_cosines=tracked.cosines)
         else:
             res = harmonize(grads, normalize=self.normalize, rescale=self.rescale, method=self.method)
-        prev = self.alpha_bar if self.num_solves > 0 else None
-        self.alpha_bar = ema_coefficients(prev, res.alpha.detach().cpu().double(), self.rho)
+        # blended from the uniform start too (MARBLE §3.4: one batch must not zero a reward for a whole window)
+        self.alpha_bar = ema_coefficients(self.alpha_bar, res.alpha.detach().cpu().double(), self.rho)
         self.num_solves += 1
         return res
 

@@ -91,3 +91,33 @@ def test_std_mode_error_lists_choices():
     with pytest.raises(ValueError, match="std_mode must be one of"):
         group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long), std_mode="prompt")
     assert math.isfinite(group_advantages(torch.zeros(2), torch.zeros(2, dtype=torch.long)).advantages.sum().item())
+
+
+def test_gdpo_known_answer_with_an_all_nan_row():
+    """GDPO (seed_algorithms.md §7.1): normalise each reward within its group, weighted-sum, whiten over the
+    batch; a row without any reward is outside every statistic and gets 0."""
+    from diffalign.advantages import gdpo_advantages
+
+    nan = float("nan")
+    r = torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 1.0], [nan, nan], [0.0, 5.0], [4.0, 1.0]])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    w, eps = [1.0, 0.5], 1e-4
+
+    def norm(col, idx):  # group z-score over the non-NaN entries, population std
+        v = col[idx]
+        v = v[~torch.isnan(v)]
+        return (col[idx] - v.mean()) / (v.std(unbiased=False) + eps)
+
+    per = torch.zeros(6, 2, dtype=torch.float64)
+    for k in range(2):
+        col = r[:, k].double()
+        for g in (0, 1):
+            idx = (groups == g).nonzero().flatten()
+            per[idx, k] = torch.nan_to_num(norm(col, idx), nan=0.0)
+    s = per @ torch.tensor(w, dtype=torch.float64)
+    valid = torch.tensor([True, True, True, False, True, True])
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[valid] = (s[valid] - s[valid].mean()) / (s[valid].std(unbiased=False) + eps)
+    got = gdpo_advantages(r, groups, w, eps=eps, clip=None)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+    assert float(got[3]) == 0.0

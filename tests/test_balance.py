@@ -146,10 +146,10 @@ def test_harmonizer_ema_and_state_dict():
     h = Harmonizer(2, rho=0.5, normalize=False)  # unit vectors in K = 2 always give (1/2, 1/2)
     torch.testing.assert_close(h.alpha_bar, torch.tensor([0.5, 0.5], dtype=torch.float64))
     g = torch.tensor([[1.0, 0.0], [0.5, 0.0]])
-    h.step(g)  # alpha* = (0, 1); the first solve starts the average
-    torch.testing.assert_close(h.alpha_bar, torch.tensor([0.0, 1.0], dtype=torch.float64))
-    h.step(torch.eye(2))  # alpha* = (0.5, 0.5)
+    h.step(g)  # alpha* = (0, 1), blended into the uniform start (one batch does not zero a reward)
     torch.testing.assert_close(h.alpha_bar, torch.tensor([0.25, 0.75], dtype=torch.float64))
+    h.step(torch.eye(2))  # alpha* = (0.5, 0.5)
+    torch.testing.assert_close(h.alpha_bar, torch.tensor([0.375, 0.625], dtype=torch.float64))
     h2 = Harmonizer(2, rho=0.5, normalize=False)
     h2.load_state_dict(h.state_dict())
     assert h2.state_dict() == h.state_dict()

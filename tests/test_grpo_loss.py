@@ -70,3 +70,17 @@ def test_select_train_steps_never_last_and_random_subsets():
     assert select_train_steps(window, 1, fraction=1.0, mode="first")[0].tolist() == [2, 3, 4]
     with pytest.raises(ValueError, match="no stochastic steps"):
         select_train_steps(torch.zeros(4, dtype=torch.bool), 1, fraction=1.0, mode="first")
+
+
+def test_masked_samples_leave_the_average():
+    """drop_zero_std_groups (Flow-GRPO's zero-advantage filtering): the masked loss equals the loss of the kept
+    samples alone, policy and KL, instead of being diluted by the dropped ones."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(6, generator=g, requires_grad=True)
+    old, adv, kl = logp.detach() + 1e-5 * torch.randn(6, generator=g), torch.randn(6, generator=g), torch.rand(6)
+    keep = torch.tensor([True, False, True, True, False, True])
+    masked, _ = grpo_loss(logp, old, adv * keep, clip_range=1e-4, adv_clip_max=5.0, kl=kl, beta=0.1, mask=keep)
+    alone, _ = grpo_loss(logp[keep], old[keep], adv[keep], clip_range=1e-4, adv_clip_max=5.0, kl=kl[keep], beta=0.1)
+    torch.testing.assert_close(masked, alone)
+    none, _ = grpo_loss(logp, old, adv * 0, clip_range=1e-4, adv_clip_max=5.0, mask=torch.zeros(6, dtype=torch.bool))
+    assert float(none) == 0.0

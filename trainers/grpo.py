@@ -65,7 +65,9 @@ class GRPOConfig(TrainLoopConfig):
     marble_grad_ema: float = param(
         0.0, help="aggregation=marble: solve the QP on moving averages of the per-reward gradients with this decay "
         "(MoCo-style tracking, as trainer nft's knob); 0 = each update's gradients (MARBLE)", min=0.0, max=0.999)
-    drop_zero_std_groups: bool = param(False, help="do not train on groups whose rewards are all equal")
+    drop_zero_std_groups: bool = param(
+        False, help="do not train on groups whose rewards are all equal: they leave the loss's average (policy and "
+        "KL), as Flow-GRPO's zero-advantage filtering")
     tracker_buffer_size: int = param(16, help="per_prompt_tracker: rewards kept per prompt", min=1)
     tracker_min_count: int = param(16, help="per_prompt_tracker: below this use batch statistics", min=1)
 
@@ -100,19 +102,30 @@ def grpo_loss(
     adv_clip_max: float,
     kl: Optional[torch.Tensor] = None,
     beta: float = 0.0,
+    mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, LossStats]:
     """Clipped surrogate of one trained timestep (Flow-GRPO eq. (6); DDPO §4.3), averaged over the batch.
 
     ``ratio = exp(logp - logp_old)``; ``L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta KL``.
     Log-probs are the per-dim-mean convention of :mod:`diffalign.types`, which is why ``eps`` is ~1e-4.
+    ``mask`` (``[B]`` bool): average the policy and KL terms over these samples only (Flow-GRPO's zero-advantage
+    filtering removes the other samples from training: research/grpo_family.md §1.3); a minibatch with none
+    contributes 0.
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy = torch.maximum(unclipped, clipped).mean()
-    kl_loss = kl.mean() if kl is not None else torch.zeros((), device=log_prob.device)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        if mask is None:
+            return x.mean()
+        m = mask.to(x.dtype)
+        return (x * m).sum() / m.sum().clamp_min(1.0)
+
+    policy = mean(torch.maximum(unclipped, clipped))
+    kl_loss = mean(kl) if kl is not None else torch.zeros((), device=log_prob.device)
     loss = policy + beta * kl_loss
     with torch.no_grad():
         stats = LossStats(
@@ -398,8 +411,9 @@ class GRPOTrainer:
                     if cfg.beta > 0:
                         kl = self._reference_kl(model_fn, schedule, sub, index, out)
                     applied = adv if self.marble is None else adv @ self.marble[0].alpha_bar.to(adv)  # stats only
+                    mask = keep[mb].to(self.device) if cfg.drop_zero_std_groups else None
                     loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
-                                         adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta)
+                                         adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta, mask=mask)
                     if self.marble is None:
                         self.scaler(loss / per_update).backward()
                     else:
