@@ -32,8 +32,8 @@ effective temperature becomes ``tau * std(r)`` of that step: a heuristic that is
 exponential tilt. Its per-step pull shrinks like the kernel's std (the square root of the step) where the
 tilt's shrinks like its variance, so summed over the steps it grows with their number (on the
 Gaussian-mixture test, the guided mean drifts past the rewarded mode as the number of steps grows);
-compare settings at a fixed ``num_steps`` and window, or use ``standardize=False``
-when the target distribution matters.
+compare settings at a fixed ``num_steps`` and window, or use ``standardize=False`` when the target
+distribution matters.
 """
 
 from __future__ import annotations

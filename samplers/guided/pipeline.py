@@ -276,6 +276,6 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
         if judge_names:
             cells += [f"{float(torch.nanmean(judged[method][:, j])):.4f}" for j in range(len(judge_names))]
         if failed:
-            cells.append(", ".join(f"{n} {k}" for n, k in res.failures.items()) or "0")
+            cells.append(", ".join(f"{name} {k}" for name, k in res.failures.items()) or "0")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
