@@ -8,12 +8,17 @@ from typing import Dict
 
 import torch
 
+from diffalign.config import UserError
 from rewards.registry import check_reward_config
 
 __all__ = ["TRAINERS", "make_accelerator", "train_main", "sample_main", "eval_main"]
 
 #: trainer name -> "module:Class" (resolved lazily so `diffalign --help` stays fast)
 TRAINERS: Dict[str, str] = {"grpo": "trainers.grpo:GRPOTrainer", "nft": "trainers.nft:NFTTrainer"}
+
+
+class LaunchError(UserError, RuntimeError):
+    """A launch the trainers cannot run correctly (wrong process group, unsupported sharding backend)."""
 
 
 def make_accelerator(device: str = "auto"):
@@ -30,12 +35,12 @@ def make_accelerator(device: str = "auto"):
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
         # the trainers keep a full model per process and average gradients themselves (DDP-style); a sharding
         # backend would be set up by accelerate and then silently bypassed
-        raise RuntimeError(f"accelerate is configured for {kind}, which diffalign's trainers do not support yet; "
+        raise LaunchError(f"accelerate is configured for {kind}, which diffalign's trainers do not support yet; "
                            "launch with plain multi-process data parallel (`accelerate launch --multi_gpu ...` with "
                            "an accelerate config whose distributed_type is MULTI_GPU, or torchrun)")
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != expected:
-        raise RuntimeError(
+        raise LaunchError(
             f"launched with WORLD_SIZE={expected} but accelerate formed a group of {acc.num_processes}; on CPUs "
             "use `accelerate launch --multi_gpu --num_processes N` (not --cpu) or torchrun"
         )
