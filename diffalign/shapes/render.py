@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from diffalign.shapes.prompts import COLORS, HELD_OUT_PAIRS, PromptSpec, parse_prompt
+from diffalign.shapes.prompts import COLORS, HELD_OUT_COLOR_PAIRS, HELD_OUT_PAIRS, PromptSpec, parse_prompt
 
 __all__ = ["PALETTE", "BACKGROUNDS", "PlacedObject", "layout", "draw", "render", "render_batch"]
 
@@ -83,20 +83,25 @@ def layout(spec_or_text: Union[str, PromptSpec], size: int = 32,
            rng: Optional[np.random.Generator] = None) -> List[PlacedObject]:
     """Random non-overlapping placement of every object of the prompt (rejection sampling).
 
-    Groups without a colour get one random colour per group, avoiding held-out (colour, shape)
-    pairs so held-in pretraining images never show a held-out combination.
+    Groups without a colour get one random colour per group, avoiding held-out (colour, shape) pairs and
+    held-out colour pairs with the prompt's other groups, so held-in pretraining images never show a held-out
+    combination (the shipped models were pretrained before the colour-pair rule: in 13.5% of their held-in
+    two-object images the two groups had a held-out colour pair).
     """
     spec = _as_spec(spec_or_text)
     rng = np.random.default_rng() if rng is None else rng
     if size < 16:
         raise ValueError(f"size={size} is too small; the shapes world needs size >= 16")
-    colors = []
-    for o in spec.objects:
+    colors: List[str] = []
+    for g, o in enumerate(spec.objects):
         if o.color is not None:
             colors.append(o.color)
-        else:
-            allowed = [c for c in COLORS if (c, o.shape) not in HELD_OUT_PAIRS]
-            colors.append(allowed[rng.integers(len(allowed))])
+            continue
+        # the other groups' colours: chosen before this one, or given by the prompt
+        others = colors[:g] + [p.color for p in spec.objects[g + 1:] if p.color is not None]
+        allowed = [c for c in COLORS if (c, o.shape) not in HELD_OUT_PAIRS
+                   and all(frozenset({c, other}) not in HELD_OUT_COLOR_PAIRS for other in others)]
+        colors.append(allowed[rng.integers(len(allowed))])
     items = [(g, o.shape, colors[g]) for g, o in enumerate(spec.objects) for _ in range(o.count)]
     n = len(items)
     lo, hi = _SIZE_RANGE[min(n, 4)]
