@@ -31,7 +31,9 @@ _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def load_reference_images(references: Union[torch.Tensor, str, Sequence[str]], size: int) -> torch.Tensor:
-    """``[N, 3, size, size]`` float in [0, 1] from a tensor, a folder, or a list of image files."""
+    """``[N, 3, size, size]`` float in [0, 1] from a tensor, a folder, or a list of image files. Files get the
+    scored images' geometry (short side resized to ``size``, centre crop: :func:`preprocess_images` without its
+    normalisation), so an image scores 1 against itself whether given as a file or a tensor."""
     if isinstance(references, torch.Tensor):
         if references.ndim != 4 or references.shape[1] != 3:
             raise ValueError(
@@ -54,8 +56,9 @@ def load_reference_images(references: Union[torch.Tensor, str, Sequence[str]], s
     out = []
     for p in paths:
         with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
-        out.append(torch.from_numpy(arr).permute(2, 0, 1))
+            arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        img = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        out.append(preprocess_images(img, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0].clamp(0.0, 1.0))
     return torch.stack(out)
 
 

@@ -59,7 +59,9 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def _normalise(text: str) -> str:
-    return text.replace(" ", "").lower()
+    """Lower case without any whitespace: Flow-GRPO removes spaces; the line breaks tesseract puts between and
+    after lines are layout, not text, and would otherwise count as edits."""
+    return "".join(text.split()).lower()
 
 
 def ocr_score(read: str, target: str) -> float:

@@ -53,6 +53,8 @@ def test_ocr_definition_known_answers():
     assert ocr_score("HELLO", "hello") == 1.0
     assert ocr_score("xx Hello World!", "helloworld") == 1.0  # substring, spaces removed, lower-cased
     assert ocr_score("HELO", "hello") == pytest.approx(0.8)
+    # tesseract separates and ends lines with newlines: layout, not text
+    assert ocr_score("hello\nworld\n", "hello world") == 1.0 and ocr_score("helo\n", "hello") == pytest.approx(0.8)
     assert ocr_score("", "hello") == 0.0 and ocr_score("completely different text", "ab") == 0.0
 
 

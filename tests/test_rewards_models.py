@@ -246,5 +246,14 @@ def test_dino_references_from_files_and_missing_weights(tmp_path, images):
         }
     )
     assert reward.reference_features.shape == (2, 32)
+    # a non-square image scores 1 against itself whether the reference is its file or its tensor
+    wide = torch.rand(1, 3, 32, 64, generator=torch.Generator().manual_seed(4))
+    arr = (wide[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    wide = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255
+    kw = {"model_config": TINY_DINO, "allow_random_weights": True}
+    from_file = build_reward({"name": "dino_similarity", "device": "cpu",
+                              "kwargs": {**kw, "references": [str(tmp_path / "wide.png")]}})
+    assert float(from_file(wide, ["x"], None).scores[0]) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="never downloads"):
         build_reward({"name": "dino_similarity", "kwargs": {"references": str(tmp_path)}})
