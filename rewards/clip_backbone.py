@@ -236,7 +236,15 @@ def _build_transformers(
                 pp = json.load(fh)
             mean, std = pp.get("image_mean", mean), pp.get("image_std", std)
     else:
-        model = CLIPModel(CLIPConfig(**dict(model_config or {})))
+        cfg = dict(model_config or {})
+        if tokenizer_path is None:  # the offline BPE tokenizer below: its special tokens are the vocab's last two
+            text = dict(cfg.get("text_config") or {})
+            vocab = int(text.get("vocab_size", 49408))
+            text.setdefault("bos_token_id", vocab - 2)
+            text.setdefault("eos_token_id", vocab - 1)
+            text.setdefault("pad_token_id", vocab - 1)
+            cfg["text_config"] = text
+        model = CLIPModel(CLIPConfig(**cfg))
     tok_dir = tokenizer_path or weights
     max_length = int(model.config.text_config.max_position_embeddings)
     if tok_dir is not None and any(
@@ -252,6 +260,14 @@ def _build_transformers(
         )
     else:
         tokenizer = _clip_bpe_tokenizer(int(model.config.text_config.vocab_size), max_length)
+        # the text is pooled at the first end-of-text token; a config without this tokenizer's ids would pool at
+        # position 0 (the start token) and ignore the prompt
+        eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        bos = tokenizer.convert_tokens_to_ids("<|startoftext|>")
+        model.config.text_config.eos_token_id, model.config.text_config.bos_token_id = eos, bos
+        model.config.text_config.pad_token_id = eos
+        if hasattr(model.text_model, "eos_token_id"):
+            model.text_model.eos_token_id = eos
 
     def tokenize(prompts: List[str]) -> Dict[str, torch.Tensor]:
         enc = tokenizer(

@@ -257,3 +257,15 @@ def test_dino_references_from_files_and_missing_weights(tmp_path, images):
     assert float(from_file(wide, ["x"], None).scores[0]) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="never downloads"):
         build_reward({"name": "dino_similarity", "kwargs": {"references": str(tmp_path)}})
+
+
+def test_random_transformers_clip_without_special_ids_reads_the_prompt():
+    """A CLIP config without bos / eos ids (CLIPTextConfig's defaults point outside a small vocab) must still pool
+    the text at the offline tokenizer's end-of-text token: different prompts, different scores."""
+    text = {k: v for k, v in TINY_HF_CLIP["text_config"].items() if not k.endswith("token_id")}
+    reward = build_reward({"name": "pickscore", "device": "cpu", "kwargs": {
+        "backend": "transformers", "model_config": {**TINY_HF_CLIP, "text_config": text},
+        "allow_random_weights": True}})
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)).repeat(3, 1, 1, 1)
+    scores = reward(image, ["a red circle", "two blue squares", "a cat"], None).scores
+    assert len(set(scores.tolist())) == 3, scores
