@@ -122,7 +122,8 @@ class MetricsLogger:
 
     ``is_main=False`` (every process but the main one) makes every method a no-op that touches no file.
     ``resume_step``: the step of the checkpoint a resumed run starts from; records after it are removed
-    from the jsonl (and tensorboard purges its events from ``resume_step + 1`` on). ``wandb_config``: the
+    from the jsonl (and tensorboard purges its events from ``resume_step + 1`` on). A run that starts afresh in a
+    folder that already has logs passes ``-1``: everything is removed and a new W&B run begins. ``wandb_config``: the
     resolved run config shown in the W&B UI; the W&B run id is kept in ``run_dir`` so a resume continues it.
     """
 
@@ -154,7 +155,9 @@ class MetricsLogger:
             raise ImportError("logging.wandb=true needs the wandb package: pip install 'diffalign[wandb]' "
                               "(or pip install wandb), or set logging.wandb=false") from None
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else wandb.util.generate_id()
+        fresh = self.resume_step is not None and self.resume_step < 0
+        run_id = (id_file.read_text(encoding="utf-8").strip() if id_file.is_file() and not fresh
+                  else wandb.util.generate_id())
         id_file.write_text(run_id + "\n", encoding="utf-8")
         return wandb.init(project=project, id=run_id, resume="allow", dir=str(self.run_dir), name=run_name,
                           config=dict(config) if config is not None else None)

@@ -114,3 +114,17 @@ def test_sharding_backends_are_refused_not_bypassed(monkeypatch):
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
     with pytest.raises(RuntimeError, match="configured for FSDP, which diffalign's trainers do not support yet"):
         make_accelerator("cpu")
+
+
+def test_a_fresh_start_in_a_used_folder_replaces_its_metrics(tmp_path):
+    """checkpoint.resume_from=null (or 'latest' with no checkpoint yet) in a folder with an earlier run's logs:
+    the new run's metrics replace them instead of being appended (steps 0, 1, 2, 0, 1, 2)."""
+    from diffalign.logging import read_metrics
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 2, "eval_every": 1},
+                     checkpoint={"every": 1, "keep_last": 3, "resume_from": None})
+    train_run(cfg)
+    first = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    train_run(cfg)
+    second = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert second == first and sorted(set(first)) == [0, 1, 2]

@@ -148,9 +148,10 @@ def open_run(run, dist, restore) -> tuple:
                           f"continues with the new values; config.yaml is updated):\n  " + "\n  ".join(changed),
                           UserWarning)
         resumed_epoch = restore(state)
+    # a fresh start (no checkpoint resumed) in a folder with earlier logs replaces them: -1 drops every record
     logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                            wandb_project=run.logging.wandb_project, is_main=dist.is_main,
-                           resume_step=resumed_epoch)
+                           resume_step=resumed_epoch if resumed_epoch is not None else -1)
     if dist.is_main:
         save_config(run, f"{run.output_dir}/config.yaml")
     return ckpt, logger, to_dict(run)
