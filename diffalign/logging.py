@@ -123,7 +123,8 @@ class MetricsLogger:
     ``is_main=False`` (every process but the main one) makes every method a no-op that touches no file.
     ``resume_step``: the step of the checkpoint a resumed run starts from; records after it are removed
     from the jsonl (and tensorboard purges its events from ``resume_step + 1`` on). A run that starts afresh in a
-    folder that already has logs passes ``-1``: everything is removed and a new W&B run begins. ``wandb_config``: the
+    folder that already has a log passes ``-1``: the old jsonl is moved aside to ``metrics.<time>.jsonl`` (with a
+    warning), tensorboard appends, and a new W&B run begins. ``wandb_config``: the
     resolved run config shown in the W&B UI; the W&B run id is kept in ``run_dir`` so a resume continues it.
     """
 
@@ -141,7 +142,14 @@ class MetricsLogger:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
+        if resume_step is not None and resume_step < 0 and self.path.exists() and self.path.stat().st_size:
+            # a fresh start in a used folder: keep the earlier run's log beside it (it may be all that explains
+            # why that run stopped) instead of appending to it or deleting it
+            kept = self.path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(self.path, kept)
+            warnings.warn(f"{self.run_dir} already had a metrics log and this run starts afresh: the old log was "
+                          f"moved to {kept.name}", UserWarning)
+        elif resume_step is not None and self.path.exists():
             _truncate_after(self.path, int(resume_step))
         if wandb:  # before opening the jsonl, so a missing package leaves no open file behind
             self._wandb = self._init_wandb(wandb_project or "diffalign", wandb_config, run_name)
@@ -169,7 +177,8 @@ class MetricsLogger:
             except ImportError:
                 raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
                                   "or set logging.tensorboard=false") from None
-            purge = None if self.resume_step is None else int(self.resume_step) + 1
+            # a fresh start (-1) appends to earlier event files rather than deleting them
+            purge = None if self.resume_step is None or self.resume_step < 0 else int(self.resume_step) + 1
             self._tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
         return self._tb
 

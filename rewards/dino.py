@@ -58,7 +58,7 @@ def load_reference_images(references: Union[torch.Tensor, str, Sequence[str]], s
         with Image.open(p) as im:
             arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
         img = torch.from_numpy(arr).permute(2, 0, 1)[None]
-        out.append(preprocess_images(img, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0].clamp(0.0, 1.0))
+        out.append(preprocess_images(img, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))[0])  # exactly the scored path
     return torch.stack(out)
 
 

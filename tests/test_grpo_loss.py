@@ -84,3 +84,30 @@ def test_masked_samples_leave_the_average():
     torch.testing.assert_close(masked, alone)
     none, _ = grpo_loss(logp, old, adv * 0, clip_range=1e-4, adv_clip_max=5.0, mask=torch.zeros(6, dtype=torch.bool))
     assert float(none) == 0.0
+
+
+def test_drop_zero_std_groups_weighs_every_kept_sample_of_an_update_alike(tmp_path, monkeypatch):
+    """The trainer passes each minibatch its mask and the window's kept count: over an update's minibatches the
+    kept samples get equal weight 1 / (kept in the window), however they are spread over the minibatches."""
+    import trainers.grpo as grpo_mod
+    from grpo_helpers import run_config, save_tiny, train_run
+
+    calls = []
+    orig = grpo_mod.grpo_loss
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("mask"), kwargs.get("denominator")))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(grpo_mod, "grpo_loss", spy)
+    # binary-ish reward with groups of 2 so some groups tie; 2 minibatches of 4 per update, 3 trained steps
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", rewards=[{"name": "plugins.reward_plugins:red_minus_blue",
+                                                                      "kwargs": {"sign": 1}}],
+                     sample={"group_size": 2}, train={"num_epochs": 1, "drop_zero_std_groups": True})
+    train_run(cfg)
+    masks = [m for m, _ in calls[::3]]  # one call per trained step; the mask is per minibatch
+    assert len(masks) == 2 and all(m is not None for m in masks)
+    kept = sum(float(m.sum()) for m in masks)
+    accum = cfg.train["gradient_accumulation_steps"]
+    for m, den in calls:
+        assert den == pytest.approx(kept / accum)  # weight per kept sample: 1 / (den * accum) = 1 / kept

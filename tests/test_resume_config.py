@@ -118,13 +118,19 @@ def test_sharding_backends_are_refused_not_bypassed(monkeypatch):
 
 def test_a_fresh_start_in_a_used_folder_replaces_its_metrics(tmp_path):
     """checkpoint.resume_from=null (or 'latest' with no checkpoint yet) in a folder with an earlier run's logs:
-    the new run's metrics replace them instead of being appended (steps 0, 1, 2, 0, 1, 2)."""
+    the new run gets its own metrics log (not steps 0, 1, 2, 0, 1, 2 appended); the old one is moved aside, and
+    the stale checkpoints are warned about."""
     from diffalign.logging import read_metrics
 
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 2, "eval_every": 1},
                      checkpoint={"every": 1, "keep_last": 3, "resume_from": None})
     train_run(cfg)
     first = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
-    train_run(cfg)
+    with pytest.warns(UserWarning) as record:
+        train_run(cfg)
+    messages = " ".join(str(w.message) for w in record)
+    assert "the old log was moved to metrics." in messages and "holds an earlier run's checkpoints" in messages
     second = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert second == first and sorted(set(first)) == [0, 1, 2]
+    (moved,) = (tmp_path / "run").glob("metrics.*.jsonl")  # the first run's log, kept
+    assert [r["step"] for r in read_metrics(moved)] == first

@@ -225,7 +225,7 @@ def test_colourless_groups_avoid_held_out_colour_pairs():
     square and a red circle": two groups never get a held-out colour pair, also against a given colour."""
     from diffalign.shapes.prompts import HELD_OUT_COLOR_PAIRS
 
-    for text in ("a square and a circle", "a red square and a circle"):
+    for text in ("a square and a circle", "a red square and a circle", "a square and a red circle"):
         for i in range(300):
             colours = {p.group: p.color for p in layout(text, 32, np.random.default_rng(i))}
             assert frozenset(colours.values()) not in HELD_OUT_COLOR_PAIRS, (text, i, colours)

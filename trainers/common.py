@@ -131,7 +131,8 @@ def open_run(run, dist, restore) -> tuple:
     state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch and saves the
     resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
     """
-    from diffalign.checkpoint import CheckpointManager, check_model_config, config_changes, resolve_resume
+    from diffalign.checkpoint import (CheckpointManager, check_model_config, config_changes, list_checkpoints,
+                                      resolve_resume)
     from diffalign.config import save_config, to_dict
     from diffalign.logging import MetricsLogger
 
@@ -148,7 +149,11 @@ def open_run(run, dist, restore) -> tuple:
                           f"continues with the new values; config.yaml is updated):\n  " + "\n  ".join(changed),
                           UserWarning)
         resumed_epoch = restore(state)
-    # a fresh start (no checkpoint resumed) in a folder with earlier logs replaces them: -1 drops every record
+    # a fresh start (no checkpoint resumed) in a folder with an earlier log moves that log aside (-1)
+    if resume is None and dist.is_main and list_checkpoints(run.output_dir):
+        warnings.warn(f"{run.output_dir} holds an earlier run's checkpoints and this run starts afresh: until it "
+                      "writes its own, checkpoint.resume_from=latest would resume those; use a new output_dir to "
+                      "keep runs apart", UserWarning)
     logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                            wandb_project=run.logging.wandb_project, is_main=dist.is_main,
                            resume_step=resumed_epoch if resumed_epoch is not None else -1)

@@ -85,6 +85,9 @@ class GRPOConfig(TrainLoopConfig):
         check(self.marble_grad_ema == 0 or self.aggregation == "marble", "train.marble_grad_ema",
               f"got {self.marble_grad_ema} with aggregation={self.aggregation!r}; tracked reward gradients are "
               "MARBLE's: set train.aggregation=marble or train.marble_grad_ema=0")
+        check(not self.drop_zero_std_groups or (self.aggregation == "weighted_sum" and self.advantage == "group"),
+              "train.drop_zero_std_groups", f"dropping zero-std groups needs train.aggregation=weighted_sum and "
+              f"train.advantage=group (got {self.aggregation!r}, {self.advantage!r}); set it to false")
         check(self.beta == 0 or run.model.lora.enabled, "train.beta",
               f"got {self.beta} with model.lora.enabled=false; the KL's reference is the adapter-disabled base "
               "model, which full fine-tuning does not keep: enable LoRA or set train.beta=0")
@@ -103,14 +106,17 @@ def grpo_loss(
     kl: Optional[torch.Tensor] = None,
     beta: float = 0.0,
     mask: Optional[torch.Tensor] = None,
+    denominator: Optional[float] = None,
 ) -> Tuple[torch.Tensor, LossStats]:
     """Clipped surrogate of one trained timestep (Flow-GRPO eq. (6); DDPO §4.3), averaged over the batch.
 
     ``ratio = exp(logp - logp_old)``; ``L = mean(max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))) + beta KL``.
     Log-probs are the per-dim-mean convention of :mod:`diffalign.types`, which is why ``eps`` is ~1e-4.
-    ``mask`` (``[B]`` bool): average the policy and KL terms over these samples only (Flow-GRPO's zero-advantage
-    filtering removes the other samples from training: research/grpo_family.md §1.3); a minibatch with none
-    contributes 0.
+    ``mask`` (``[B]`` bool): sum the policy and KL terms over these samples only and divide by ``denominator``
+    (default: their number), so dropped samples do not dilute the average (Flow-GRPO's zero-advantage filtering
+    removes them from training: research/grpo_family.md §1.3); a minibatch with none contributes 0. The trainer
+    passes the kept count of the whole accumulation window (over its minibatches), so every kept sample of an
+    update weighs the same, as if the dropped ones had been removed and the rest re-batched.
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - old_log_prob
@@ -122,7 +128,8 @@ def grpo_loss(
         if mask is None:
             return x.mean()
         m = mask.to(x.dtype)
-        return (x * m).sum() / m.sum().clamp_min(1.0)
+        den = m.sum().clamp_min(1.0) if denominator is None else torch.as_tensor(max(float(denominator), 1e-12))
+        return (x * m).sum() / den
 
     policy = mean(torch.maximum(unclipped, clipped))
     kl_loss = mean(kl) if kl is not None else torch.zeros((), device=log_prob.device)
@@ -395,6 +402,11 @@ class GRPOTrainer:
                                        mode=cfg.timestep_selection, generators=sample_gens)
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             per_update = accum * steps.shape[1]
+            # drop_zero_std_groups: the kept samples of each accumulation window (its `accum` minibatches) share
+            # the update equally: each minibatch's masked sum is divided by window_kept / accum, then by per_update
+            window_kept: Dict[int, float] = {}
+            for i, mb_ in enumerate(minibatches):
+                window_kept[i // accum] = window_kept.get(i // accum, 0.0) + float(keep[mb_].sum())
             for mb_i, mb in enumerate(minibatches):
                 sub = traj.index_select(mb)
                 mb_cond = cond.index_select(mb)
@@ -413,7 +425,8 @@ class GRPOTrainer:
                     applied = adv if self.marble is None else adv @ self.marble[0].alpha_bar.to(adv)  # stats only
                     mask = keep[mb].to(self.device) if cfg.drop_zero_std_groups else None
                     loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
-                                         adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta, mask=mask)
+                                         adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta, mask=mask,
+                                         denominator=window_kept[mb_i // accum] / accum)
                     if self.marble is None:
                         self.scaler(loss / per_update).backward()
                     else:
