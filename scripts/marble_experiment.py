@@ -104,9 +104,9 @@ def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[st
     grads: List = []
     solve = trainer.reward_grads.harmonize_into_grad
 
-    def keep_and_solve(harmonizer, world_size):
+    def keep_and_solve(harmonizer, world_size, loss_scale=1.0):
         grads.append(trainer.reward_grads.buffer[:harmonizer.num_rewards].clone())
-        return solve(harmonizer, world_size)
+        return solve(harmonizer, world_size, loss_scale)
 
     trainer.reward_grads.harmonize_into_grad = keep_and_solve
     trainer.optimizer.step = lambda *a, **k: None  # the weights stay at the base model
