@@ -1047,6 +1047,16 @@ class SampleConfig:
                 f"got {list(self.window)}; must satisfy 0 <= start < end <= num_steps ({self.num_steps}); "
                 f"use e.g. [0, {min(self.num_steps, 3)}], or null for all steps",
             )
+        if self.random_window is not None:
+            lo, hi = self.random_window
+            k = (self.window[1] - self.window[0]) if self.window is not None else 1
+            check(
+                0 <= lo and lo + k <= hi <= self.num_steps,
+                "random_window",
+                f"got {list(self.random_window)}; windows of length {k} are drawn inside it, so it must satisfy "
+                f"0 <= lo, lo + {k} <= hi <= num_steps ({self.num_steps}); use e.g. "
+                f"[0, {max(k, self.num_steps // 2)}], or null",
+            )
 
 
 @dataclass

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRPO_CONFIG = ROOT / "configs" / "shapes" / "flow_grpo.yaml"
 #: --tiny shrinks the GRPO epoch (a smoke run of the harness, not the shipped model's workload): 8 samples in
 #: groups of 4, 4 sampler steps, one optimizer step per epoch. Later key=value arguments still win.
-TINY_OVERRIDES = ["sample.num_steps=4", "sample.batch_size=8",
+TINY_OVERRIDES = ["sample.num_steps=4", "sample.random_window=[0,4]", "sample.batch_size=8",
                   "sample.group_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=8",
                   "train.gradient_accumulation_steps=1"]
 

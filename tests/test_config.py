@@ -661,3 +661,12 @@ def test_trainer_module_is_imported_on_first_use(tmp_path, monkeypatch):
     assert cfg.train == {"steps": 7}
     assert "da_lazy_trainer" in C.TRAINER_CONFIGS
     sys.modules.pop("trainers.da_lazy_trainer", None)
+
+
+def test_random_window_must_fit_the_steps():
+    """A drawn window must fit: [0, 5) with windows of 3 over 4 steps used to fail mid-run in the sampler."""
+    err = _override_err(RunConfig, "sample.num_steps=4", "sample.window=[0,3]", "sample.random_window=[0,5]")
+    assert "sample.random_window: got [0, 5]; windows of length 3 are drawn inside it" in err
+    assert "random_window" in _override_err(RunConfig, "sample.window=[0,3]", "sample.random_window=[1,3]")
+    cfg = load_config(RunConfig, None, ["sample.num_steps=4", "sample.window=[0,3]", "sample.random_window=[0,4]"])
+    assert tuple(cfg.sample.random_window) == (0, 4)
