@@ -405,8 +405,9 @@ class GRPOTrainer:
             # drop_zero_std_groups: the kept samples of each accumulation window (its `accum` minibatches) share
             # the update equally: each minibatch's masked sum is divided by window_kept / accum, then by per_update
             window_kept: Dict[int, float] = {}
-            for i, mb_ in enumerate(minibatches):
-                window_kept[i // accum] = window_kept.get(i // accum, 0.0) + float(keep[mb_].sum())
+            if cfg.drop_zero_std_groups:
+                for i, mb_ in enumerate(minibatches):
+                    window_kept[i // accum] = window_kept.get(i // accum, 0.0) + float(keep[mb_].sum())
             for mb_i, mb in enumerate(minibatches):
                 sub = traj.index_select(mb)
                 mb_cond = cond.index_select(mb)
@@ -423,10 +424,12 @@ class GRPOTrainer:
                     if cfg.beta > 0:
                         kl = self._reference_kl(model_fn, schedule, sub, index, out)
                     applied = adv if self.marble is None else adv @ self.marble[0].alpha_bar.to(adv)  # stats only
-                    mask = keep[mb].to(self.device) if cfg.drop_zero_std_groups else None
+                    mask, den = None, None
+                    if cfg.drop_zero_std_groups:
+                        mask, den = keep[mb].to(self.device), window_kept[mb_i // accum] / accum
                     loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
                                          adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta, mask=mask,
-                                         denominator=window_kept[mb_i // accum] / accum)
+                                         denominator=den)
                     if self.marble is None:
                         self.scaler(loss / per_update).backward()
                     else:
@@ -437,8 +440,9 @@ class GRPOTrainer:
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
                         all_reduce_gradients(self.params, self.dist.world_size)
                         self.scaler.unscale_(self.params)
-                        finite = grads_finite(self.params)  # the KL part: checked before the QP moves its state
-                        if self.marble is not None and not finite:
+                        finite = True  # without MARBLE, optimizer_update checks the gradient itself
+                        if self.marble is not None and not grads_finite(self.params):
+                            finite = False  # the KL part: checked before the QP moves its state
                             self.marble[1].reset()
                         elif self.marble is not None:
                             from diffalign.balance import log_harmonized

@@ -393,9 +393,8 @@ class NFTTrainer:
         # the KL part (or, on plain steps, the whole gradient) is in .grad; averaged over ranks like GRPO's
         all_reduce_gradients(self.params, self.dist.world_size)
         self.scaler.unscale_(self.params)
-        if not grads_finite(self.params):  # before the QP or the diagnostics touch any state
-            if refresh or diagnose:
-                self.reward_grads.reset()
+        if (refresh or diagnose) and not grads_finite(self.params):  # before the QP or diagnostics touch any state
+            self.reward_grads.reset()  # (a plain step's gradient is checked by optimizer_update itself)
             return optimizer_update(self, metrics, finite=False)
         if refresh:
             res = self.reward_grads.harmonize_into_grad(self.harmonizer, self.dist.world_size, self.scaler.scale)
