@@ -99,6 +99,20 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
     assert _finite(_weights(resolve_resume(tmp_path / "run", "latest")))
 
 
+def test_a_resume_continues_the_count_of_skipped_steps(tmp_path, monkeypatch):
+    # every step from epoch 2 on is NaN: epoch 2 is skipped before the stop, epochs 3 and 4 after the resume make
+    # 3 in a row (> 2); a resume that restarted the count would see only 2
+    _nan_on(monkeypatch, grpo_mod, "grpo_loss", set(range(CALLS_PER_EPOCH + 1, 10 * CALLS_PER_EPOCH)))
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        first = train_run(run_config(save_tiny(tmp_path), out, train={"num_epochs": 2, "max_skipped_steps": 2}))
+    assert first.skipped_streak == 1
+    cfg = run_config(save_tiny(tmp_path), out, train={"num_epochs": 4, "max_skipped_steps": 2})
+    with pytest.warns(RuntimeWarning, match="step skipped"), \
+            pytest.raises(NonFiniteError, match="3 steps in a row > train.max_skipped_steps=2"):
+        train_run(cfg)
+
+
 def test_nft_marble_skip_keeps_the_qp_state_finite(tmp_path, monkeypatch):
     from test_nft_trainer import nft_config
 

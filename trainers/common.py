@@ -277,7 +277,8 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
     the step is dropped (weights, optimizer moments, LR schedule and EMA untouched; counted in
     ``train/skipped_steps``, warned), and more than ``train.max_skipped_steps`` dropped in a row stop the run;
     with ``raise`` the first one does (under float16 loss scaling only once the scale is at its minimum:
-    :class:`LossScaler`). The count of skips in a row is not checkpointed (a resume starts it at 0).
+    :class:`LossScaler`). The count of skips in a row (``trainer.skipped_streak``) is checkpointed by
+    the trainers, so a resume continues it.
     Returns whether the step was applied."""
     cfg = trainer.cfg
     norm = (float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0

@@ -283,13 +283,14 @@ class GRPOTrainer:
             self.moments.load_state_dict(extra["moments"])
         if "loss_scaler" in extra:
             self.scaler.load_state_dict(extra["loss_scaler"])
+        self.skipped_streak = int(extra.get("skipped_streak", 0))
         return self.epoch
 
     def save_checkpoint(self) -> None:
         from trainers.common import save_run_state
 
         extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(),
-                 "loss_scaler": self.scaler.state_dict()}
+                 "loss_scaler": self.scaler.state_dict(), "skipped_streak": getattr(self, "skipped_streak", 0)}
         if self.marble is not None:
             extra["harmonizer"] = self.marble[0].state_dict()
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,

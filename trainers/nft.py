@@ -287,6 +287,7 @@ class NFTTrainer:
             self.harmonizer.load_state_dict(extra["harmonizer"])
         if "loss_scaler" in extra:
             self.scaler.load_state_dict(extra["loss_scaler"])
+        self.skipped_streak = int(extra.get("skipped_streak", 0))
         return self.epoch
 
     def save_checkpoint(self) -> None:
@@ -295,7 +296,8 @@ class NFTTrainer:
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
                        optimizer=self.state, lr_scheduler=self.lr_scheduler,
                        sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict(),
-                                      "loss_scaler": self.scaler.state_dict()},
+                                      "loss_scaler": self.scaler.state_dict(),
+                                      "skipped_streak": getattr(self, "skipped_streak", 0)},
                        config=self.config_dict)
 
     # ------------------------------------------------------------------ one epoch
