@@ -419,9 +419,12 @@ def swap_in(params: Sequence[torch.nn.Parameter], shadow: Sequence[torch.Tensor]
 
 
 class EMA:
-    """Exponential moving average of trainable parameters (Flow-GRPO's ``EMAModuleWrapper`` idea).
+    """Exponential moving average of trainable parameters (Flow-GRPO's ``EMAModuleWrapper`` idea,
+    research/grpo_family.md §1.4).
 
-    ``decay_t = min(decay, (1 + t) / (10 + t))`` warms up from 0.1; updated every ``every`` calls.
+    :meth:`update` is called once per optimizer step; the average moves every ``every`` calls with
+    ``decay_t = min(decay, (1 + t) / (10 + t))``, ``t`` the number of optimizer steps so far (as Flow-GRPO's global
+    step), not of averaging moves: with ``every: 8`` the warm-up reaches 0.9 after 80 optimizer steps, not 640.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], decay: float = 0.9, every: int = 1) -> None:
@@ -435,7 +438,7 @@ class EMA:
         self.num_updates += 1
         if self.num_updates % self.every:
             return
-        t = self.num_updates // self.every
+        t = self.num_updates
         d = min(self.decay, (1 + t) / (10 + t))
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach().float(), 1 - d)
