@@ -206,7 +206,9 @@ class TrainLoopConfig:
     max_skipped_steps: int = param(
         3, help="with on_nonfinite=skip: stop with an error after more than this many skipped steps in a row", min=0)
     ema: bool = param(False, help="keep an EMA of the trained parameters (used for eval and export)")
-    ema_decay: float = param(0.9, help="EMA decay (the cap of a warm-up min(decay, (1 + step) / (10 + step)) on the optimizer step)", min=0.0, max=1.0)
+    ema_decay: float = param(
+        0.9, help="EMA decay (the cap of a warm-up min(decay, (1 + step) / (10 + step)), step = optimizer steps)",
+        min=0.0, max=1.0)
     ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
     eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
     eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
