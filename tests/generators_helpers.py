@@ -21,6 +21,7 @@ SEQ_LEN = 16
 BUILDERS = {
     "sd3": lambda: tiny_sd3_pipeline(),
     "sd3_t5": lambda: tiny_sd3_pipeline(with_t5=True),
+    "sd35m": lambda: tiny_sd3_pipeline(sd35_medium=True),
     "flux": lambda: tiny_flux_pipeline(),
     "flux_schnell": lambda: tiny_flux_pipeline(guidance_embeds=False),
     "sd15": lambda: tiny_sd15_pipeline(),

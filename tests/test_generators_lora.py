@@ -66,6 +66,31 @@ def test_lora_attach_and_disabled_reference(name):
     ]
 
 
+def test_default_targets_are_flow_grpos_joint_attention_only():
+    # SD3.5-Medium's blocks have a second, image-only attention (attn2) with the same projection names; Flow-GRPO
+    # adapts `attn.to_q`, ... only, so the default targets leave attn2 frozen
+    gen = adapter_for_pipeline(BUILDERS["sd35m"]())
+    assert any(".attn2.to_q" in n for n, _ in gen.denoiser.named_modules())
+    gen.add_lora(rank=2)
+    names = [n for n, p in gen.denoiser.named_parameters() if p.requires_grad]
+    assert names and not any(".attn2." in n for n in names)
+    adapted = {n.split(".lora_")[0] for n in names}
+    assert {f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                       "add_k_proj", "add_v_proj", "to_add_out")} <= adapted
+
+
+def test_lora_init_default_is_peft_kaiming():
+    gen, cond, x, t = _setup("sd3")
+    with torch.no_grad():
+        base = gen.predict(x, t, cond)
+    gen.add_lora(rank=2, init="default")  # peft's init_lora_weights=True: A random, B = 0
+    a = [p for n, p in gen.denoiser.named_parameters() if "lora_A" in n]
+    b = [p for n, p in gen.denoiser.named_parameters() if "lora_B" in n]
+    assert a and all(bool(p.abs().sum() > 0) for p in a) and all(bool((p == 0).all()) for p in b)
+    with torch.no_grad():
+        assert torch.equal(gen.predict(x, t, cond), base)
+
+
 def test_lora_errors_and_state_dict_round_trip():
     gen, cond, x, t = _setup("sd3")
     with pytest.raises(ValueError, match="frozen copy"):

@@ -30,16 +30,16 @@ class FluxAdapter(GeneratorAdapter):
 
     kind = "flow"
     denoiser_name = "transformer"
-    # Double-stream blocks have both streams' projections; single-stream blocks have to_q/k/v.
+    # Double-stream blocks have both streams' projections; single-stream blocks have to_q/k/v (all under `attn.`).
     default_lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
     )
 
     def __init__(self, pipeline: Any):

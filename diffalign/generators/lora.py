@@ -47,7 +47,10 @@ def add_lora(
     adapter_name: str = "default",
     dropout: float = 0.0,
 ) -> None:
-    """Attach a LoRA of ``rank`` (scale ``alpha / rank``) to ``target_modules``; freeze everything else."""
+    """Attach a LoRA of ``rank`` (scale ``alpha / rank``) to ``target_modules``; freeze everything else.
+
+    ``init``: ``"gaussian"`` (Flow-GRPO) or ``"default"`` (peft's Kaiming-uniform A, ``init_lora_weights=True``),
+    or any value peft's ``init_lora_weights`` takes; ``B`` starts at zero either way."""
     from peft import LoraConfig
 
     if rank < 1:
@@ -60,7 +63,7 @@ def add_lora(
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
-        init_lora_weights=init,
+        init_lora_weights=True if init == "default" else init,
         target_modules=list(target_modules),
         lora_dropout=dropout,
     )

@@ -21,16 +21,17 @@ class SD3Adapter(GeneratorAdapter):
 
     kind = "flow"
     denoiser_name = "transformer"
-    # Joint attention: image-stream and text-stream projections (Flow-GRPO's SD3 targets).
+    # Joint attention: image-stream and text-stream projections, Flow-GRPO's SD3 targets. Named under `attn.`, so
+    # SD3.5-Medium's second, image-only attention (`attn2`) is not adapted, as in Flow-GRPO.
     default_lora_targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
     )
 
     def _encode(

@@ -166,9 +166,13 @@ def _finish(pipe):
 
 
 def tiny_sd3_pipeline(
-    with_t5: bool = False, seed: int = 0, shift: float = 3.0, use_dynamic_shifting: bool = False
+    with_t5: bool = False, seed: int = 0, shift: float = 3.0, use_dynamic_shifting: bool = False,
+    sd35_medium: bool = False,
 ):
-    """A random ``StableDiffusion3Pipeline`` (0.22 M params; 0.26 M with T5), scheduler shift 3 as SD3."""
+    """A random ``StableDiffusion3Pipeline`` (0.22 M params; 0.26 M with T5), scheduler shift 3 as SD3.
+
+    ``sd35_medium``: SD3.5-Medium's block layout (a second, image-only attention ``attn2`` in the first block,
+    RMS q/k norm)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -191,6 +195,7 @@ def tiny_sd3_pipeline(
         caption_projection_dim=32,
         pooled_projection_dim=64,
         pos_embed_max_size=32,
+        **({"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if sd35_medium else {}),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=use_dynamic_shifting)
     pipe = StableDiffusion3Pipeline(
