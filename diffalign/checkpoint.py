@@ -781,16 +781,26 @@ def _fuse_lora(denoiser: torch.nn.Module) -> None:
     denoiser.unload_lora()
 
 
-def _absent_components_hint(folder: Path) -> str:
+def load_hint(folder: Path, dtype: torch.dtype) -> str:
+    """How to load an exported pipeline folder with plain diffusers: its dtype (without it diffusers loads
+    its own models in float32 while transformers keeps the text encoders' saved dtype, and a float16 / bfloat16
+    export fails at its first call), and the components the pipeline class requires but the folder lacks
+    (e.g. the shapes model's T5), which must be named as ``None``."""
+    import diffusers
+
+    from diffalign.generators import _dtype_keyword
+
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return ""
-    absent = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None]
-    if not absent:
-        return ""
-    kwargs = ", ".join(f"{k}=None" for k in absent)
-    return f" (this pipeline has no {', '.join(absent)}: load it with from_pretrained(path, {kwargs}))"
+    optional = set(getattr(getattr(diffusers, str(index.get("_class_name")), None), "_optional_components", []))
+    absent = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
+              and k not in optional]
+    args = [f"{k}=None" for k in absent]
+    if dtype != torch.float32:
+        args.append(f"{_dtype_keyword()}=torch.{str(dtype).replace('torch.', '')}")
+    return f"DiffusionPipeline.from_pretrained({str(folder)!r}{''.join(', ' + a for a in args)})"
 
 
 def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optional[str] = None,
@@ -852,14 +862,16 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
         _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
         adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
         written["merged"] = out_dir / "merged"
+    lora_info = ({"rank": model_cfg.lora.rank, "alpha": model_cfg.lora.alpha,
+                  "target_modules": model_cfg.lora.target_modules} if is_lora else None)
     info = {"checkpoint": str(state.path.resolve()), "step": state.step, "weights": weights,
-            "model_path": model_cfg.path, "lora": ({"rank": model_cfg.lora.rank, "alpha": model_cfg.lora.alpha,
-                                                    "target_modules": model_cfg.lora.target_modules}
-                                                   if is_lora else None),
+            "model_path": model_cfg.path, "lora": lora_info,
+            "merged_dtype": str(out_dtype).replace("torch.", "") if "merged" in written else None,
             "outputs": {k: str(v) for k, v in written.items()}}
     _write_text_atomic(out_dir / "export.json", _json_text(info, "export info"))
-    hint = _absent_components_hint(written["merged"]) if "merged" in written else ""
-    _say("done: " + ", ".join(f"{k} -> {v}" for k, v in written.items()) + hint)
+    _say("done: " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
+    if "merged" in written:
+        _say(f"load the merged pipeline with {load_hint(written['merged'], out_dtype)}")
     return written
 
 

@@ -356,6 +356,31 @@ def test_export_full_finetune_writes_merged(tmp_path, base_model):
     assert torch.allclose(_predict(merged, cond, x, t), _predict(gen, cond, x, t), atol=1e-5)
 
 
+def test_export_says_how_to_load_a_half_precision_merged_folder(tmp_path, base_model, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffalign.checkpoint import load_hint
+    from diffalign.generators import _dtype_keyword
+    from diffalign.testing.tiny import tiny_sd3_pipeline
+
+    _run_with_checkpoint(tmp_path, base_model, lora=True)
+    out = tmp_path / "export"
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--merged", "--dtype", "bfloat16"]) == 0
+    said = capsys.readouterr().out
+    kw = _dtype_keyword()  # diffusers' name: dtype (torch_dtype before 0.36)
+    assert f"DiffusionPipeline.from_pretrained({str(out / 'merged')!r}, {kw}=torch.bfloat16)" in said
+    assert json.loads((out / "export.json").read_text())["merged_dtype"] == "bfloat16"
+    pipe = DiffusionPipeline.from_pretrained(str(out / "merged"), **{kw: torch.bfloat16})  # as the hint says
+    latents = pipe(PROMPTS[0], num_inference_steps=1, height=32, width=32, max_sequence_length=SEQ_LEN,
+                   output_type="latent").images
+    assert latents.dtype == torch.bfloat16 and bool(torch.isfinite(latents.float()).all())
+    # a pipeline without a required component (the shapes model's T5) names it; optional ones are not named
+    no_t5 = tmp_path / "no_t5"
+    tiny_sd3_pipeline().save_pretrained(no_t5)
+    hint = load_hint(no_t5, torch.float32)
+    assert hint == f"DiffusionPipeline.from_pretrained({str(no_t5)!r}, text_encoder_3=None, tokenizer_3=None)"
+
+
 def test_export_errors(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
