@@ -111,3 +111,22 @@ def test_drop_zero_std_groups_weighs_every_kept_sample_of_an_update_alike(tmp_pa
     accum = cfg.train["gradient_accumulation_steps"]
     for m, den in calls:
         assert den == pytest.approx(kept / accum)  # weight per kept sample: 1 / (den * accum) = 1 / kept
+
+
+def test_an_update_whose_groups_all_tie_makes_no_optimizer_step(tmp_path):
+    """With every group tied (a reward constant on the batch, as OCR before the model writes any text), the
+    update has no kept sample: no optimizer step (AdamW's weight decay would still shrink the LoRA), no LR or
+    EMA move; counted as ``train/empty_updates``."""
+    from grpo_helpers import run_config, save_tiny, train_run
+
+    from diffalign.logging import read_metrics
+
+    out = tmp_path / "run"
+    cfg = run_config(save_tiny(tmp_path), out, rewards=[{"name": "plugins.reward_plugins:brightness",
+                                                         "kwargs": {"scale": 0.0}}],
+                     train={"num_epochs": 2, "drop_zero_std_groups": True, "ema": True, "weight_decay": 0.1})
+    trainer = train_run(cfg)
+    assert trainer.global_step == 0 and trainer.ema.num_updates == 0
+    assert all(not s for s in trainer.optimizer.state.values())  # Adam never stepped
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/updates" in r]
+    assert [(r["train/updates"], r["train/empty_updates"]) for r in rows] == [(0, 1), (0, 1)]

@@ -8,7 +8,9 @@ rank trains two runs with one optimizer step per epoch on the same global batch 
 computes in-process, and rank 0 saves its weights:
 
 * DiffusionNFT with MARBLE full mode (its QP coefficients are compared too);
-* GRPO with ``timestep_selection=random`` and ``shuffle=true``.
+* GRPO with ``timestep_selection=random`` and ``shuffle=true``;
+* GRPO with ``drop_zero_std_groups`` on a reward that ties some groups, where the ranks keep different numbers
+  of samples (epoch 2: 4 and 2): the kept samples are weighed over the global update, not per rank.
 
 Before per-sample streams the two sides differed by about the whole update (0.04 against update size 0.02).
 """
@@ -28,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 GLOBAL_SAMPLES = 8
+DROP_WORD = "circle"
 
 
 def _configs(model: str, out: Path, world_size: int):
@@ -49,7 +52,15 @@ def _configs(model: str, out: Path, world_size: int):
                       train={"num_epochs": 2, "batch_size": per // 2, "gradient_accumulation_steps": 2,
                              "timestep_selection": "random", "timestep_fraction": 0.5, "shuffle": True},
                       checkpoint=no_ckpt)
-    return {"nft": nft, "grpo": grpo}
+    # drop_zero_std_groups with groups of 2 and a reward that ties the groups of some prompts: the ranks keep
+    # different numbers of samples, and every kept sample of the global update must still weigh alike
+    drop = run_config(model, out / "grpo_drop", rewards=[{"name": "plugins.reward_plugins:brightness_if",
+                                                          "kwargs": {"word": DROP_WORD}}],
+                      sample={"batch_size": per, "num_batches_per_epoch": 1, "group_size": 2, "window": [0, 3]},
+                      train={"num_epochs": 2, "batch_size": per // 2, "gradient_accumulation_steps": 2,
+                             "shuffle": True, "drop_zero_std_groups": True},
+                      checkpoint=no_ckpt)
+    return {"nft": nft, "grpo": grpo, "grpo_drop": drop}
 
 
 def _train_all(model: str, out: Path, accelerator=None) -> dict:
@@ -98,7 +109,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert proc.returncode == 0, output[-4000:]
     two = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert two[0]["world_size"] == two[1]["world_size"] == 2
-    for name in ("nft", "grpo"):
+    for name in ("nft", "grpo", "grpo_drop"):
         assert one[name]["updates"] == two[0][name]["updates"] == 2, name  # one optimizer step per epoch
         lora1, lora2 = one[name]["lora"], two[0][name]["lora"]
         moved = max(float(v.abs().max()) for k, v in lora1.items() if "lora_B" in k)  # lora_B starts at 0

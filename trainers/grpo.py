@@ -67,7 +67,8 @@ class GRPOConfig(TrainLoopConfig):
         "(MoCo-style tracking, as trainer nft's knob); 0 = each update's gradients (MARBLE)", min=0.0, max=0.999)
     drop_zero_std_groups: bool = param(
         False, help="do not train on groups whose rewards are all equal: they leave the loss's average (policy and "
-        "KL), as Flow-GRPO's zero-advantage filtering")
+        "KL), as Flow-GRPO's zero-advantage filtering; an update with no other group makes no optimizer step "
+        "(train/empty_updates)")
     tracker_buffer_size: int = param(16, help="per_prompt_tracker: rewards kept per prompt", min=1)
     tracker_min_count: int = param(16, help="per_prompt_tracker: below this use batch statistics", min=1)
 
@@ -403,12 +404,11 @@ class GRPOTrainer:
                                        mode=cfg.timestep_selection, generators=sample_gens)
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             per_update = accum * steps.shape[1]
-            # drop_zero_std_groups: the kept samples of each accumulation window (its `accum` minibatches) share
-            # the update equally: each minibatch's masked sum is divided by window_kept / accum, then by per_update
-            window_kept: Dict[int, float] = {}
-            if cfg.drop_zero_std_groups:
-                for i, mb_ in enumerate(minibatches):
-                    window_kept[i // accum] = window_kept.get(i // accum, 0.0) + float(keep[mb_].sum())
+            # drop_zero_std_groups: the kept samples of each accumulation window (its `accum` minibatches on every
+            # rank) share the update equally: each minibatch's masked sum is divided by the window's kept count
+            # over all ranks / (world_size * accum), then by per_update (the gradient all-reduce averages ranks);
+            # a window that keeps no sample on any rank makes no optimizer step
+            window_kept = self._window_kept(minibatches, keep, accum) if cfg.drop_zero_std_groups else None
             for mb_i, mb in enumerate(minibatches):
                 sub = traj.index_select(mb)
                 mb_cond = cond.index_select(mb)
@@ -427,7 +427,8 @@ class GRPOTrainer:
                     applied = adv if self.marble is None else adv @ self.marble[0].alpha_bar.to(adv)  # stats only
                     mask, den = None, None
                     if cfg.drop_zero_std_groups:
-                        mask, den = keep[mb].to(self.device), window_kept[mb_i // accum] / accum
+                        mask = keep[mb].to(self.device)
+                        den = float(window_kept[mb_i // accum]) / (self.dist.world_size * accum)
                     loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
                                          adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta, mask=mask,
                                          denominator=den)
@@ -439,6 +440,13 @@ class GRPOTrainer:
                     for k, v in st.as_dict().items():
                         stats_acc.setdefault(k, []).append(v)
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
+                        micro = 0
+                        if window_kept is not None and float(window_kept[mb_i // accum]) == 0:
+                            # every group of the update tied: nothing to learn from (Flow-GRPO trains no such
+                            # sample); no step, so weight decay, Adam, the LR schedule and the EMA stay put
+                            self.optimizer.zero_grad(set_to_none=True)
+                            step_stats.setdefault("train/empty_updates", []).append(1.0)
+                            continue
                         all_reduce_gradients(self.params, self.dist.world_size)
                         self.scaler.unscale_(self.params)
                         finite = True  # without MARBLE, optimizer_update checks the gradient itself
@@ -454,7 +462,6 @@ class GRPOTrainer:
                             for k, v in (log_harmonized(res, self.rewards.names) if finite else {}).items():
                                 stats_acc.setdefault(k, []).append(v)
                         updates += int(optimizer_update(self, step_stats, finite=finite))
-                        micro = 0
         out = {f"train/{k}": float(np.mean(v)) for k, v in stats_acc.items()}
         grad_norms = step_stats.get("train/grad_norm", [])
         out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
@@ -463,8 +470,18 @@ class GRPOTrainer:
             out["train/loss_scale"] = self.scaler.scale
             out["train/overflow_steps"] = len(step_stats.get("train/overflow_steps", []))
         out["train/updates"] = updates
+        if cfg.drop_zero_std_groups:
+            out["train/empty_updates"] = len(step_stats.get("train/empty_updates", []))
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
+
+    def _window_kept(self, minibatches, keep: torch.Tensor, accum: int) -> torch.Tensor:
+        """``[W]`` kept samples of each accumulation window of ``accum`` minibatches, summed over all ranks (every
+        rank has the same number of windows, so the gather lines up)."""
+        counts = torch.zeros(-(-len(minibatches) // accum))
+        for i, mb in enumerate(minibatches):
+            counts[i // accum] += float(keep[mb].sum())
+        return self.dist.gather(counts[None].to(self.device)).sum(0).cpu()
 
     def _marble_backward(self, log_prob, old, advantages, kl, per_update) -> None:
         """MARBLE full mode (seed_algorithms.md §6.2): one gradient per reward column into the per-reward buffers,

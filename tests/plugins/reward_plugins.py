@@ -77,3 +77,12 @@ def red_minus_blue(images, prompts, metadata, sign=1.0):
 
 
 red_minus_blue.range = (-1.0, 1.0)
+
+
+def brightness_if(images, prompts, metadata, word="circle"):
+    """Brightness for prompts containing ``word``, 0 for the others: their groups tie (drop_zero_std_groups)."""
+    mask = torch.tensor([word in p for p in prompts], dtype=torch.float32)
+    return images.float().mean(dim=(1, 2, 3)) * mask
+
+
+brightness_if.range = (0.0, 1.0)
