@@ -843,7 +843,7 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     _say(f"checkpoint {state.path} (step {state.step}, {weights} weights, "
          f"{'LoRA' if is_lora else 'full fine-tune'})")
     _say(f"loading base model {model_path}")
-    adapter = load_generator(model_path, dtype=out_dtype, device=device)
+    adapter = load_generator(model_path, dtype=out_dtype, device=device, keep_safety_checker=True)
     # Merge in float32: bf16 rounding of W + BA would differ from the model that was trained.
     adapter.denoiser.to(torch.float32)
     if is_lora:

@@ -1120,8 +1120,9 @@ class LoggingConfig:
     tensorboard: bool = param(False, help="also write tensorboard event files")
     wandb: bool = param(False, help="also log to Weights & Biases (pip install diffalign[wandb])")
     wandb_project: str = param("diffalign", help="W&B project name")
-    log_every: int = param(1, help="log metrics every N steps", min=1)
-    image_every: int = param(10, help="log an image grid every N steps; 0 = never", min=0)
+    log_every: int = param(1, help="write a metrics row every N epochs (and at every evaluation, the last epoch and "
+                                   "a stop); rows in between are not written", min=1)
+    image_every: int = param(10, help="log an image grid every N epochs; 0 = never", min=0)
 
 
 @dataclass

@@ -149,6 +149,27 @@ def test_unet_non_ddim_scheduler_gets_ddim_schedule():
     assert torch.equal(other.timesteps, ddim_sched.timesteps) and torch.equal(other.alphas, ddim_sched.alphas)
 
 
+def test_load_generator_drops_the_unused_safety_checker(tmp_path):
+    """An SD1.x folder's safety checker (~0.6 GB in float16 at full size) is never run by the adapters: it is not
+    loaded onto the device, unless kept for the export of a complete folder."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from diffalign.testing.tiny import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline()
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=small, projection_dim=16,
+                                                      vision_config={**small, "image_size": 32, "patch_size": 8}))
+    pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    pipe.save_pretrained(tmp_path)
+    gen = load_generator(str(tmp_path))
+    assert gen.pipeline.safety_checker is None and "safety_checker" not in {
+        k for k, v in gen.pipeline.components.items() if v is not None}
+    kept = load_generator(str(tmp_path), keep_safety_checker=True)
+    assert isinstance(kept.pipeline.safety_checker, StableDiffusionSafetyChecker)
+
+
 # ----------------------------------------------------------------------------- ODE parity with the pipeline
 
 PARITY_CASES = [

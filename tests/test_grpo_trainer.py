@@ -264,3 +264,11 @@ def test_learning_rate_schedules(tmp_path):
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.5e-2)
     with pytest.raises(ConfigError, match="lr_decay_steps"):
         GRPOTrainer(run_config(save_tiny(tmp_path), tmp_path / "bad", train={"lr_schedule": "cosine"}))
+
+
+def test_log_every_writes_a_row_every_n_epochs_and_at_the_last(tmp_path):
+    out = tmp_path / "run"
+    train_run(run_config(save_tiny(tmp_path), out, train={"num_epochs": 5}, logging={"log_every": 2}))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    assert "eval/reward/jpeg_compressibility" in rows[-1] and "reward/combined" in rows[0]

@@ -574,15 +574,17 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
                    **_epoch_failures(trainer, failed_before)}
         ran += 1
         stop, timed_out = should_stop(cfg, ran, started, dist, trainer.device)
-        if (cfg.eval_every and trainer.epoch % cfg.eval_every == 0) or trainer.epoch == cfg.num_epochs \
-                or timed_out:
+        evaluated = bool(cfg.eval_every and trainer.epoch % cfg.eval_every == 0) or trainer.epoch == cfg.num_epochs \
+            or timed_out
+        if evaluated:
             last_eval = trainer.evaluate()
             metrics.update(last_eval)
         if dist.is_main:
             bar.set_postfix(reward=f"{stats['reward/combined']:.3f}")
             if run.logging.image_every and trainer.epoch % run.logging.image_every == 0:
                 trainer.logger.log_images(trainer.epoch, data["images"][:16], assignment.prompts[:16])
-        trainer.logger.log(trainer.epoch, metrics)
+        if trainer.epoch % run.logging.log_every == 0 or evaluated or stop:
+            trainer.logger.log(trainer.epoch, metrics)
         if (run.checkpoint.every and trainer.epoch % run.checkpoint.every == 0) or stop \
                 or trainer.epoch == cfg.num_epochs:
             trainer.save_checkpoint()

@@ -354,8 +354,7 @@ class GRPOTrainer:
         stats = {}
         if cfg.advantage == "per_prompt_tracker":
             adv = self.tracker.update(assignment.global_prompts, combined)
-            keep = ~torch.isnan(combined)
-            stats["zero_std_fraction"] = float("nan")
+            keep = ~torch.isnan(combined)  # (no group statistics: no zero_std_fraction)
         elif cfg.aggregation != "weighted_sum":
             from diffalign.advantages import multi_reward_advantages
 

@@ -85,13 +85,16 @@ def load_generator(
     *,
     dtype: torch.dtype = torch.float32,
     device: Union[str, torch.device] = "cpu",
+    keep_safety_checker: bool = False,
     **pipeline_kwargs: Any,
 ) -> GeneratorAdapter:
     """``DiffusionPipeline.from_pretrained(path_or_id, dtype=dtype, **pipeline_kwargs)`` wrapped in its
     adapter, moved to ``device`` and set to eval mode.
 
     Components saved as absent (SD3 without T5: ``text_encoder_3=None, tokenizer_3=None``) are passed as
-    ``None`` again automatically; explicit ``pipeline_kwargs`` win.
+    ``None`` again automatically; explicit ``pipeline_kwargs`` win. An SD1.x pipeline's safety checker (a CLIP
+    ViT-L, ~0.6 GB in float16) is dropped before the move to ``device``, as DDPO does: the adapters decode with
+    the VAE and never run it; ``keep_safety_checker`` keeps it (the export of a complete merged folder).
     """
     from diffusers import DiffusionPipeline
 
@@ -102,6 +105,8 @@ def load_generator(
     kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs), **pipeline_kwargs}
     kwargs[_dtype_keyword()] = dtype
     pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)
+    if not keep_safety_checker and getattr(pipeline, "safety_checker", None) is not None:
+        pipeline.register_modules(safety_checker=None)
     pipeline.to(device)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
