@@ -562,6 +562,33 @@ class CheckpointManager:
         if self._barrier_fn is not None:
             self._barrier_fn()
 
+    def set_aside_after(self, step: int) -> Optional[Path]:
+        """Move the checkpoints of a step above ``step`` (another timeline: a resume from an older checkpoint, or a
+        fresh start with ``step=-1``) into ``checkpoints/superseded-<time>/``, kept but out of the way: otherwise
+        ``keep_last`` pruning, which ranks by step, would delete the live run's checkpoints before those, and a
+        ``latest`` fallback could pick them. Main process; every rank returns after it. Returns the folder (or
+        ``None`` when nothing was above ``step``)."""
+        dest = None
+        if self.rank == 0:
+            above = [p for p in list_checkpoints(self.run_dir, complete_only=False) if _step_of(p) > step]
+            if above:
+                dest = self.checkpoints_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+                while dest.exists():
+                    dest = dest.with_name(dest.name + "x")
+                dest.mkdir()
+                for p in above:
+                    os.replace(p, dest / p.name)
+                pointer = self.checkpoints_dir / LATEST_FILE
+                if pointer.is_file() and (dest / pointer.read_text(encoding="utf-8").strip()).is_dir():
+                    kept = list_checkpoints(self.run_dir)  # `latest` named a moved one: the newest left, or none
+                    if kept:
+                        _write_text_atomic(pointer, kept[-1].name + "\n")
+                    else:
+                        pointer.unlink()
+                _fsync_dir(self.checkpoints_dir)
+        self._barrier()
+        return dest
+
     # ------------------------------------------------------------------ queries
     def checkpoints(self) -> List[Path]:
         """Complete checkpoints, oldest first."""

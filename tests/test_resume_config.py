@@ -119,7 +119,7 @@ def test_sharding_backends_are_refused_not_bypassed(monkeypatch):
 def test_a_fresh_start_in_a_used_folder_replaces_its_metrics(tmp_path):
     """checkpoint.resume_from=null (or 'latest' with no checkpoint yet) in a folder with an earlier run's logs:
     the new run gets its own metrics log (not steps 0, 1, 2, 0, 1, 2 appended); the old one is moved aside, and
-    the stale checkpoints are warned about."""
+    so are the earlier run's checkpoints (pruning and `latest` then see the new run's only)."""
     from diffalign.logging import read_metrics
 
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 2, "eval_every": 1},
@@ -129,8 +129,29 @@ def test_a_fresh_start_in_a_used_folder_replaces_its_metrics(tmp_path):
     with pytest.warns(UserWarning) as record:
         train_run(cfg)
     messages = " ".join(str(w.message) for w in record)
-    assert "the old log was moved to metrics." in messages and "holds an earlier run's checkpoints" in messages
+    assert "the old log was moved to metrics." in messages and "this run starts afresh" in messages
     second = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert second == first and sorted(set(first)) == [0, 1, 2]
     (moved,) = (tmp_path / "run").glob("metrics.*.jsonl")  # the first run's log, kept
     assert [r["step"] for r in read_metrics(moved)] == first
+
+    (aside,) = (tmp_path / "run" / "checkpoints").glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Resuming from step 2 of a 6-epoch run: steps 3-6 are the replaced timeline. Kept in superseded-*/, out of
+    keep_last's reach (by step number it would delete the live run's checkpoints first) and of `latest`."""
+    from diffalign.checkpoint import latest_checkpoint, list_checkpoints
+
+    out = tmp_path / "run"
+    model = save_tiny(tmp_path)
+    train_run(run_config(model, out, train={"num_epochs": 6}, checkpoint={"every": 1, "keep_last": None}))
+    older = out / "checkpoints" / "step-00000002"
+    with pytest.warns(UserWarning, match="this run resumes from step-00000002: .*later checkpoints"):
+        train_run(run_config(model, out, train={"num_epochs": 4},
+                             checkpoint={"every": 1, "keep_last": 2, "resume_from": str(older)}))
+    assert [p.name for p in list_checkpoints(out)] == ["step-00000003", "step-00000004"]
+    assert latest_checkpoint(out).name == "step-00000004"
+    (aside,) = (out / "checkpoints").glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == [f"step-0000000{i}" for i in range(3, 7)]

@@ -131,8 +131,7 @@ def open_run(run, dist, restore) -> tuple:
     state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch and saves the
     resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
     """
-    from diffalign.checkpoint import (CheckpointManager, check_model_config, config_changes, list_checkpoints,
-                                      resolve_resume)
+    from diffalign.checkpoint import CheckpointManager, check_model_config, config_changes, resolve_resume
     from diffalign.config import save_config, to_dict
     from diffalign.logging import MetricsLogger
 
@@ -149,11 +148,15 @@ def open_run(run, dist, restore) -> tuple:
                           f"continues with the new values; config.yaml is updated):\n  " + "\n  ".join(changed),
                           UserWarning)
         resumed_epoch = restore(state)
-    # a fresh start (no checkpoint resumed) in a folder with an earlier log moves that log aside (-1)
-    if resume is None and dist.is_main and list_checkpoints(run.output_dir):
-        warnings.warn(f"{run.output_dir} holds an earlier run's checkpoints and this run starts afresh: until it "
-                      "writes its own, checkpoint.resume_from=latest would resume those; use a new output_dir to "
-                      "keep runs apart", UserWarning)
+    # checkpoints above the resumed one (all of them on a fresh start) are another timeline: set aside, so that
+    # pruning and `latest` see this run's only; a fresh start also moves an earlier log aside (resume_step -1)
+    aside = ckpt.set_aside_after(resumed_epoch if resumed_epoch is not None else -1)
+    if aside is not None and dist.is_main:
+        what = (f"this run resumes from {resume.name}" if resume is not None
+                else "this run starts afresh (checkpoint.resume_from=null)")
+        warnings.warn(f"{what}: {run.output_dir}'s later checkpoints belong to the run it replaces and were moved to "
+                      f"{aside} ({', '.join(sorted(p.name for p in aside.iterdir()))}); use a new output_dir to keep "
+                      "runs apart", UserWarning)
     logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                            wandb_project=run.logging.wandb_project, is_main=dist.is_main,
                            resume_step=resumed_epoch if resumed_epoch is not None else -1)
