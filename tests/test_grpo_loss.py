@@ -100,14 +100,16 @@ def test_drop_zero_std_groups_weighs_every_kept_sample_of_an_update_alike(tmp_pa
         return orig(*args, **kwargs)
 
     monkeypatch.setattr(grpo_mod, "grpo_loss", spy)
-    # binary-ish reward with groups of 2 so some groups tie; 2 minibatches of 4 per update, 3 trained steps
-    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", rewards=[{"name": "plugins.reward_plugins:red_minus_blue",
-                                                                      "kwargs": {"sign": 1}}],
+    # a reward that is 0 (a tie) for prompts without "circle", groups of 2; 2 minibatches of 4 per update, 3 trained
+    # steps
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", rewards=[{"name": "plugins.reward_plugins:brightness_if",
+                                                                      "kwargs": {"word": "circle"}}],
                      sample={"group_size": 2}, train={"num_epochs": 1, "drop_zero_std_groups": True})
     train_run(cfg)
     masks = [m for m, _ in calls[::3]]  # one call per trained step; the mask is per minibatch
     assert len(masks) == 2 and all(m is not None for m in masks)
     kept = sum(float(m.sum()) for m in masks)
+    assert 0 < kept < 8  # some groups dropped, some kept: the test can tell the kept count from the batch size
     accum = cfg.train["gradient_accumulation_steps"]
     for m, den in calls:
         assert den == pytest.approx(kept / accum)  # weight per kept sample: 1 / (den * accum) = 1 / kept
