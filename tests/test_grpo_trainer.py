@@ -39,13 +39,26 @@ def test_second_update_in_an_epoch_is_off_policy(tmp_path):
     assert row["train/approx_kl"] > 0 and row["train/clip_frac"] > 0
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+# the per-prompt tracker's buffers (two prompts, so they fill) and the global std's running moments are state
+RESUMED_STATE = {"group": {}, "per_prompt_tracker": {"advantage": "per_prompt_tracker", "tracker_buffer_size": 8,
+                                                     "tracker_min_count": 2},
+                 "global_std": {"std_mode": "global"}}
+
+
+@pytest.mark.parametrize("state", list(RESUMED_STATE))
+def test_resume_equals_uninterrupted_run(tmp_path, state):
     model = save_tiny(tmp_path)
-    full = _train(run_config(model, tmp_path / "full", train={"num_epochs": 4}))
-    half_cfg = run_config(model, tmp_path / "split", train={"num_epochs": 4, "stop_after_epochs": 2})
-    _train(half_cfg)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    extra = {"prompts": {"source": "file", "path": str(tmp_path / "prompts.txt"), "eval_size": 2}} if state != "group" \
+        else {}
+
+    def cfg(out, **train):
+        return run_config(model, out, train={"num_epochs": 4, **RESUMED_STATE[state], **train}, **extra)
+
+    full = _train(cfg(tmp_path / "full"))
+    _train(cfg(tmp_path / "split", stop_after_epochs=2))
     assert resolve_resume(tmp_path / "split", "latest").name.endswith("00000002")
-    resumed = _train(run_config(model, tmp_path / "split", train={"num_epochs": 4}))
+    resumed = _train(cfg(tmp_path / "split"))
     a, b = full.adapter.lora_state_dict(), resumed.adapter.lora_state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
