@@ -132,3 +132,40 @@ def test_an_update_whose_groups_all_tie_makes_no_optimizer_step(tmp_path):
     assert all(not s for s in trainer.optimizer.state.values())  # Adam never stepped
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "train/updates" in r]
     assert [(r["train/updates"], r["train/empty_updates"]) for r in rows] == [(0, 1), (0, 1)]
+
+
+def test_velocity_kl_is_the_squared_velocity_difference_to_the_reference(tmp_path):
+    """``train.kl_form=velocity`` (the CFG-free recipe, flow_grpo#198): the trainer's KL of a step is
+    ``mean_dims (v - v_ref)^2``, v the adapted model's velocity and v_ref the base model's (adapter off), at the
+    stored state."""
+    from grpo_helpers import run_config, save_tiny
+
+    from samplers import rollout, score_steps
+    from trainers.grpo import GRPOTrainer
+
+    trainer = GRPOTrainer(run_config(save_tiny(tmp_path), tmp_path / "run",
+                                     train={"beta": 0.1, "kl_form": "velocity"}))
+    trainer.setup()
+    try:
+        adapter = trainer.adapter
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in trainer.params:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        cond = adapter.encode_prompts(["a red circle", "a blue square"], guidance_scale=1.0)
+        schedule = adapter.make_schedule(4, 32, 32)
+        model_fn = adapter.model_fn(cond, 1.0)
+        with torch.no_grad():
+            traj = rollout(model_fn, schedule, adapter.prepare_latents(2, 32, 32, g), step="flow_sde",
+                           noise_level=0.7, generator=g)
+            out = score_steps(model_fn, schedule, traj, 1)
+            kl = trainer._reference_kl(model_fn, schedule, traj, 1, out)
+            x_t, t = traj.latents[:, 1], schedule.timesteps[1].expand(2)
+            v = model_fn(x_t, t)
+            with adapter.disable_adapter():
+                v_ref = model_fn(x_t, t)
+        expected = ((v.float() - v_ref.float()) ** 2).mean(dim=(1, 2, 3))
+        assert float(expected.min()) > 1e-6  # the adapter moved the model
+        torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-8)
+    finally:
+        trainer.cleanup()
