@@ -160,6 +160,12 @@ def _as_list(prompts: Prompts) -> List[str]:
     return [prompts] if isinstance(prompts, str) else list(prompts)
 
 
+#: LoRA targets of the MMDiT joint attention (SD3, FLUX): the image- and text-stream projections under ``attn.``,
+#: Flow-GRPO's target list (research/grpo_family.md §1.4); SD3.5-Medium's second, image-only ``attn2`` is not adapted.
+JOINT_ATTENTION_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                                "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+
 class GeneratorAdapter:
     """Base adapter. Attributes: ``pipeline``, ``denoiser`` (transformer / UNet ``nn.Module``), ``kind``
     (``"flow"`` | ``"vp"``), ``prediction_type``, ``device``, ``dtype``.

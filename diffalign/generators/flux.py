@@ -8,7 +8,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
-from diffalign.generators.base import Conditioning, GeneratorAdapter
+from diffalign.generators.base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, GeneratorAdapter
 from samplers.schedules import Schedule, flow_schedule_from_scheduler_config
 
 __all__ = ["FluxAdapter"]
@@ -31,16 +31,7 @@ class FluxAdapter(GeneratorAdapter):
     kind = "flow"
     denoiser_name = "transformer"
     # Double-stream blocks have both streams' projections; single-stream blocks have to_q/k/v (all under `attn.`).
-    default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
 
     def __init__(self, pipeline: Any):
         super().__init__(pipeline)

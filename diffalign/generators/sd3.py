@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from diffalign.generators.base import Conditioning, GeneratorAdapter
+from diffalign.generators.base import JOINT_ATTENTION_LORA_TARGETS, Conditioning, GeneratorAdapter
 from samplers.schedules import Schedule, flow_schedule_from_scheduler_config
 
 __all__ = ["SD3Adapter"]
@@ -21,18 +21,8 @@ class SD3Adapter(GeneratorAdapter):
 
     kind = "flow"
     denoiser_name = "transformer"
-    # Joint attention: image-stream and text-stream projections, Flow-GRPO's SD3 targets. Named under `attn.`, so
-    # SD3.5-Medium's second, image-only attention (`attn2`) is not adapted, as in Flow-GRPO.
-    default_lora_targets = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    # Joint attention, Flow-GRPO's SD3 targets (SD3.5-Medium's image-only `attn2` is not adapted, as in Flow-GRPO)
+    default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
 
     def _encode(
         self,
