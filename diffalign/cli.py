@@ -52,7 +52,7 @@ COMMANDS: Dict[str, Command] = {
     "train": Command("trainers.run:train_main", "config", "train a generator with the config's trainer"),
     "sample": Command("trainers.run:sample_main", "config", "generate images with the config's model"),
     "eval": Command("trainers.run:eval_main", "config", "score generated images with the config's rewards"),
-    "export": Command("diffalign.checkpoint:export_main", "argv", "export a checkpoint to diffusers / peft"),
+    "export": Command("diffalign.export:export_main", "argv", "export a checkpoint to diffusers / peft"),
     "serve-reward": Command("rewards.remote:serve_main", "argv", "serve a reward model over HTTP"),
 }
 

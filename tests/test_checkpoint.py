@@ -16,12 +16,12 @@ import diffalign.checkpoint as ckpt_mod
 from diffalign.checkpoint import (
     CheckpointError,
     CheckpointManager,
-    export_main,
     load_checkpoint,
     resolve_resume,
     restore_rng,
     restore_training_state,
 )
+from diffalign.export import export_main
 
 PROMPTS = ["a red circle left of a blue square", "two green triangles"]
 SEQ_LEN = 16
@@ -362,7 +362,7 @@ def test_export_full_finetune_writes_merged(tmp_path, base_model):
 def test_export_says_how_to_load_a_half_precision_merged_folder(tmp_path, base_model, capsys):
     from diffusers import DiffusionPipeline
 
-    from diffalign.checkpoint import load_hint
+    from diffalign.export import load_hint
     from diffalign.generators import _dtype_keyword
     from diffalign.testing.tiny import tiny_sd3_pipeline
 

@@ -94,7 +94,7 @@ def test_flow_grpo_kl_with_window(tmp_path):
 def test_export_reproduces_trained_samples(tmp_path):
     from diffusers import DiffusionPipeline
 
-    from diffalign.checkpoint import export_checkpoint
+    from diffalign.export import export_checkpoint
     from diffalign.generators import adapter_for_pipeline
     from samplers import make_generators, rollout
 

@@ -1,0 +1,203 @@
+"""Export of a training checkpoint to the formats diffusers and peft load: the LoRA in diffusers format
+(``pipeline.load_lora_weights``) and a merged, complete pipeline folder (``DiffusionPipeline.from_pretrained``);
+``diffalign export RUN_DIR``. Checkpoints themselves: :mod:`diffalign.checkpoint`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from diffalign.checkpoint import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    STATE_FILE,
+    CheckpointError,
+    PathLike,
+    _json_text,
+    _write_text_atomic,
+    load_checkpoint,
+    resolve_resume,
+)
+
+
+def _say(message: str) -> None:
+    print(f"[export] {message}", flush=True)
+
+
+def _normalize_lora_keys(state: Mapping[str, torch.Tensor], adapter_name: str = "default") -> Dict[str, torch.Tensor]:
+    """Accept ``named_parameters``-style keys (``...lora_A.default.weight``) as well as peft's
+    ``get_peft_model_state_dict`` keys (``...lora_A.weight``)."""
+    return {k.replace(f".{adapter_name}.", "."): v for k, v in state.items()}
+
+
+def _load_weights_into(adapter: Any, weights: Mapping[str, torch.Tensor], is_lora: bool) -> None:
+    if is_lora:
+        weights = _normalize_lora_keys(weights)
+        expected = set(adapter.lora_state_dict())
+        got = set(weights)
+        if expected != got:
+            raise CheckpointError(
+                "the checkpoint's LoRA tensors do not match the adapter built from its config.yaml "
+                f"(model.lora.rank / target_modules): missing {sorted(expected - got)[:5]}, "
+                f"unexpected {sorted(got - expected)[:5]}"
+            )
+        adapter.load_lora_state_dict(dict(weights))
+        return
+    result = adapter.denoiser.load_state_dict(dict(weights), strict=False)
+    params = {n for n, _ in adapter.denoiser.named_parameters()}
+    missing = [k for k in result.missing_keys if k in params]
+    if result.unexpected_keys or missing:
+        raise CheckpointError(f"the checkpoint's weights do not fit the {type(adapter.denoiser).__name__} of "
+                              f"model.path: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def _fuse_lora(denoiser: torch.nn.Module) -> None:
+    """Merge every LoRA layer into its base weight and remove the peft wrappers (diffusers' fuse + unload)."""
+    denoiser.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    denoiser.unload_lora()
+
+
+def load_hint(folder: Path, dtype: torch.dtype) -> str:
+    """How to load an exported pipeline folder with plain diffusers: its dtype (without it diffusers loads
+    its own models in float32 while transformers keeps the text encoders' saved dtype, and a float16 / bfloat16
+    export fails at its first call), and the components the pipeline class requires but the folder lacks
+    (e.g. the shapes model's T5), which must be named as ``None``."""
+    import diffusers
+
+    from diffalign.generators import _dtype_keyword
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return ""
+    optional = set(getattr(getattr(diffusers, str(index.get("_class_name")), None), "_optional_components", []))
+    absent = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
+              and k not in optional]
+    args = [f"{k}=None" for k in absent]
+    if dtype != torch.float32:
+        args.append(f"{_dtype_keyword()}=torch.{str(dtype).replace('torch.', '')}")
+    return f"DiffusionPipeline.from_pretrained({str(folder)!r}{''.join(', ' + a for a in args)})"
+
+
+def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optional[str] = None,
+                      merged: bool = False, dtype: Optional[str] = None, device: str = "cpu") -> Dict[str, Path]:
+    """Export a checkpoint: the LoRA in diffusers format (``out_dir/lora``, loadable by
+    ``pipeline.load_lora_weights``) and, with ``merged`` or for a full fine-tune, a complete pipeline folder
+    (``out_dir/merged``) that ``DiffusionPipeline.from_pretrained`` loads.
+
+    ``weights``: ``"ema"`` | ``"trained"`` | ``None`` (EMA when the checkpoint has it). ``dtype``: dtype of the
+    merged pipeline (default: the config's ``model.dtype``); merging itself runs in float32.
+    Returns ``{"lora": path, "merged": path}`` (the ones written).
+    """
+    from diffalign.config import ModelConfig, from_dict
+    from diffalign.generators import load_generator
+    from diffalign.shapes.models import resolve_model_path
+
+    if weights not in (None, "ema", "trained"):
+        raise CheckpointError(f"weights={weights!r}; valid choices: 'ema', 'trained' (or None: EMA when present)")
+    state = load_checkpoint(checkpoint)
+    if "model" not in state.config:
+        raise CheckpointError(f"{state.path / CONFIG_FILE} has no 'model' section; export needs model.path and "
+                              "model.lora to rebuild the generator")
+    model_cfg = from_dict(ModelConfig, state.config["model"], prefix="model")
+    if weights is None:
+        weights = "ema" if state.ema_state is not None else "trained"
+    if weights == "ema" and state.ema_state is None:
+        raise CheckpointError(f"checkpoint {state.path.name} has no EMA weights (EMA was off); use --weights trained")
+    tensors = state.ema_state if weights == "ema" else state.trainable_state
+    is_lora = any(".lora_" in k for k in tensors)
+    if is_lora != model_cfg.lora.enabled:
+        raise CheckpointError(
+            f"checkpoint {state.path.name} holds {'LoRA' if is_lora else 'full denoiser'} weights but its config "
+            f"says model.lora.enabled={model_cfg.lora.enabled}; the config.yaml does not belong to these weights"
+        )
+    out_dtype = getattr(torch, dtype or model_cfg.dtype)
+    model_path = resolve_model_path(model_cfg.path)
+    out_dir = Path(out_dir)
+    written: Dict[str, Path] = {}
+
+    _say(f"checkpoint {state.path} (step {state.step}, {weights} weights, "
+         f"{'LoRA' if is_lora else 'full fine-tune'})")
+    _say(f"loading base model {model_path}")
+    adapter = load_generator(model_path, dtype=out_dtype, device=device, keep_safety_checker=True)
+    # Merge in float32: bf16 rounding of W + BA would differ from the model that was trained.
+    adapter.denoiser.to(torch.float32)
+    if is_lora:
+        lora = model_cfg.lora
+        adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+    _load_weights_into(adapter, tensors, is_lora)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_lora:
+        _say(f"writing LoRA (diffusers format) to {out_dir / 'lora'}")
+        adapter.save_lora(str(out_dir / "lora"))
+        written["lora"] = out_dir / "lora"
+    if merged or not is_lora:
+        if is_lora:
+            _fuse_lora(adapter.denoiser)
+        adapter.denoiser.to(out_dtype)
+        _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
+        adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
+        written["merged"] = out_dir / "merged"
+    lora_info = ({"rank": model_cfg.lora.rank, "alpha": model_cfg.lora.alpha,
+                  "target_modules": model_cfg.lora.target_modules} if is_lora else None)
+    info = {"checkpoint": str(state.path.resolve()), "step": state.step, "weights": weights,
+            "model_path": model_cfg.path, "lora": lora_info,
+            "merged_dtype": str(out_dtype).replace("torch.", "") if "merged" in written else None,
+            "outputs": {k: str(v) for k, v in written.items()}}
+    _write_text_atomic(out_dir / "export.json", _json_text(info, "export info"))
+    _say("done: " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
+    if "merged" in written:
+        _say(f"load the merged pipeline with {load_hint(written['merged'], out_dtype)}")
+    return written
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diffalign export",
+        description="Export a checkpoint of RUN_DIR: the LoRA in diffusers format (pipeline.load_lora_weights) "
+                    "and, with --merged, a full pipeline folder (DiffusionPipeline.from_pretrained).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir (holds checkpoints/)")
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (default), a checkpoint name (step-00000100) or a checkpoint folder")
+    p.add_argument("--weights", choices=["ema", "trained"], default=None,
+                   help="which weights to export (default: EMA when the checkpoint has it, else trained)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export/<checkpoint name>)")
+    p.add_argument("--merged", action="store_true", help="also write the LoRA merged into the base weights")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the merged pipeline (default: the config's model.dtype)")
+    p.add_argument("--device", default="cpu", help="device used for loading and merging (default: cpu)")
+    return p
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``diffalign export RUN_DIR [--checkpoint latest|PATH] [--weights ema|trained] [--out DIR] [--merged]``."""
+    from diffalign.config import ConfigError
+
+    args = _export_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    run_dir = Path(args.run_dir)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise CheckpointError(f"RUN_DIR {str(run_dir)!r} is a file; give the output_dir of a training run "
+                                  "(or one of its checkpoint folders)")
+        if not run_dir.is_dir():
+            raise CheckpointError(f"RUN_DIR {str(run_dir)!r} does not exist; give the output_dir of a training run")
+        if (run_dir / STATE_FILE).exists() and args.checkpoint == "latest":
+            # RUN_DIR is itself a checkpoint folder (run/checkpoints/step-N): export that one
+            run_dir, args.checkpoint = run_dir.parent.parent, str(run_dir)
+        checkpoint = resolve_resume(run_dir, args.checkpoint, key="--checkpoint")
+        if checkpoint is None:
+            raise CheckpointError(f"{run_dir} has no complete checkpoint yet ({run_dir / CHECKPOINTS_DIR} is empty "
+                                  "or missing); train with checkpoint.every > 0 or pass --checkpoint PATH")
+        out = Path(args.out) if args.out else run_dir / "export" / checkpoint.name
+        export_checkpoint(checkpoint, out, weights=args.weights, merged=args.merged, dtype=args.dtype,
+                          device=args.device)
+    except (CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
