@@ -547,6 +547,7 @@ class CheckpointManager:
                              "every rank can write its RNG state before rank 0 publishes the checkpoint")
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
+        self._aside_after: Optional[int] = None  # set_aside_after
         self.rank = int(rank)
         self.world_size = int(world_size)
         self._barrier_fn = barrier
@@ -559,15 +560,36 @@ class CheckpointManager:
         if self._barrier_fn is not None:
             self._barrier_fn()
 
-    def set_aside_after(self, step: int) -> Optional[Path]:
-        """Move the checkpoints of a step above ``step`` (another timeline: a resume from an older checkpoint, or a
-        fresh start with ``step=-1``) into ``checkpoints/superseded-<time>/``, kept but out of the way: otherwise
-        ``keep_last`` pruning, which ranks by step, would delete the live run's checkpoints before those, and a
-        ``latest`` fallback could pick them. Main process; every rank returns after it. Returns the folder (or
-        ``None`` when nothing was above ``step``)."""
-        dest = None
-        if self.rank == 0:
-            above = [p for p in list_checkpoints(self.run_dir, complete_only=False) if _step_of(p) > step]
+    def set_aside_after(self, step: int) -> List[str]:
+        """Mark the checkpoints of a step above ``step`` as another timeline (a resume from an older checkpoint, or
+        ``step=-1``: a fresh start or a resume from outside this folder): just before this run publishes its
+        first checkpoint, :meth:`save` moves them (and the leftovers of their interrupted saves) into
+        ``checkpoints/superseded-<time>/``, kept but out of the way. Otherwise ``keep_last`` pruning, which ranks
+        by step, would delete the live run's checkpoints before those, and a ``latest`` fallback could pick
+        them. Until then nothing moves, so a run that fails before its first checkpoint leaves the folder as it
+        was. Call on every rank; returns the names that will move (all ranks see the same folder)."""
+        self._aside_after = int(step)
+        return [p.name for p in self._above(self._aside_after)]
+
+    def _above(self, step: int) -> List[Path]:
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = []
+        for p in self.checkpoints_dir.iterdir():
+            bare = p.name[len(_OLD_PREFIX):] if p.name.startswith(_OLD_PREFIX) else p.name
+            n = _step_of(Path(bare))
+            if p.is_dir() and n is not None and n > step:
+                found.append(p)
+        return sorted(found, key=lambda p: p.name)
+
+    def _move_aside(self) -> None:
+        """The deferred move of :meth:`set_aside_after` (every rank calls it at the start of a save; rank 0 moves,
+        and every rank passes the barrier whatever happens)."""
+        step, self._aside_after = self._aside_after, None
+        if step is None:
+            return
+        try:
+            above = self._above(step) if self.rank == 0 else []
             if above:
                 dest = self.checkpoints_dir / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
                 while dest.exists():
@@ -583,8 +605,9 @@ class CheckpointManager:
                     else:
                         pointer.unlink()
                 _fsync_dir(self.checkpoints_dir)
-        self._barrier()
-        return dest
+                print(f"moved the replaced run's checkpoints {[p.name for p in above]} to {dest}", flush=True)
+        finally:
+            self._barrier()
 
     # ------------------------------------------------------------------ queries
     def checkpoints(self) -> List[Path]:
@@ -625,6 +648,7 @@ class CheckpointManager:
         raised on the rank where it happened (the other ranks raise a CheckpointError).
         """
         step = int(step)
+        self._move_aside()
         name = checkpoint_name(step)
         final = self.checkpoints_dir / name
         tmp = self.checkpoints_dir / f"{_TMP_PREFIX}{name}"

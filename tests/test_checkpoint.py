@@ -16,6 +16,7 @@ import diffalign.checkpoint as ckpt_mod
 from diffalign.checkpoint import (
     CheckpointError,
     CheckpointManager,
+    list_checkpoints,
     load_checkpoint,
     resolve_resume,
     restore_rng,
@@ -174,6 +175,27 @@ def test_retention_never_deletes_latest(tmp_path):
     for step in (5, 6, 7, 8):
         _save(keep_all, step, model, opt, sched)
     assert len(keep_all.checkpoints()) == 6
+
+
+def test_set_aside_moves_the_replaced_timeline_at_the_first_save(tmp_path):
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2, 3, 4):
+        _save(manager, step, model, opt, sched)
+    (tmp_path / "checkpoints" / ".old-step-00000004").mkdir()  # leftover of an interrupted same-step save
+    live = CheckpointManager(tmp_path, keep_last=2)  # a new run resuming from step 2
+    assert live.set_aside_after(2) == [".old-step-00000004", "step-00000003", "step-00000004"]
+    # nothing moves before the new run's first save: a run failing before it leaves the folder as it was
+    assert [p.name for p in list_checkpoints(tmp_path)][-1] == "step-00000004"
+    assert resolve_resume(tmp_path, "latest").name == "step-00000004"
+    _save(live, 3, model, opt, sched)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert resolve_resume(tmp_path, "latest").name == "step-00000003"
+    (aside,) = (tmp_path / "checkpoints").glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == [".old-step-00000004", "step-00000003", "step-00000004"]
+    _save(live, 4, model, opt, sched)  # once only: later saves move nothing
+    assert len(list((tmp_path / "checkpoints").glob("superseded-*"))) == 1
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000003", "step-00000004"]
 
 
 def test_resolve_resume(tmp_path):

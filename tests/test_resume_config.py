@@ -148,10 +148,23 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
     model = save_tiny(tmp_path)
     train_run(run_config(model, out, train={"num_epochs": 6}, checkpoint={"every": 1, "keep_last": None}))
     older = out / "checkpoints" / "step-00000002"
-    with pytest.warns(UserWarning, match="this run resumes from step-00000002: .*later checkpoints"):
+    with pytest.warns(UserWarning, match="this run resumes from .*step-00000002: .*belong to the run it replaces"):
         train_run(run_config(model, out, train={"num_epochs": 4},
                              checkpoint={"every": 1, "keep_last": 2, "resume_from": str(older)}))
     assert [p.name for p in list_checkpoints(out)] == ["step-00000003", "step-00000004"]
     assert latest_checkpoint(out).name == "step-00000004"
     (aside,) = (out / "checkpoints").glob("superseded-*")
     assert sorted(p.name for p in aside.iterdir()) == [f"step-0000000{i}" for i in range(3, 7)]
+
+
+def test_a_resume_from_another_folder_sets_all_of_this_folders_checkpoints_aside(tmp_path):
+    from diffalign.checkpoint import list_checkpoints
+
+    model = save_tiny(tmp_path)
+    train_run(run_config(model, tmp_path / "a", train={"num_epochs": 1}))
+    train_run(run_config(model, tmp_path / "b", train={"num_epochs": 2}))  # an unrelated run in b
+    with pytest.warns(UserWarning, match=r"checkpoints \['step-00000001', 'step-00000002'\] belong to the run"):
+        train_run(run_config(model, tmp_path / "b", train={"num_epochs": 2},
+                             checkpoint={"every": 1, "keep_last": 3,
+                                         "resume_from": str(tmp_path / "a" / "checkpoints" / "step-00000001")}))
+    assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000002"]  # this run's only

@@ -148,15 +148,18 @@ def open_run(run, dist, restore) -> tuple:
                           f"continues with the new values; config.yaml is updated):\n  " + "\n  ".join(changed),
                           UserWarning)
         resumed_epoch = restore(state)
-    # checkpoints above the resumed one (all of them on a fresh start) are another timeline: set aside, so that
-    # pruning and `latest` see this run's only; a fresh start also moves an earlier log aside (resume_step -1)
-    aside = ckpt.set_aside_after(resumed_epoch if resumed_epoch is not None else -1)
-    if aside is not None and dist.is_main:
-        what = (f"this run resumes from {resume.name}" if resume is not None
+    # checkpoints above the resumed one (all of them on a fresh start, or a resume from outside this run's
+    # folder) are another timeline: moved aside at this run's first checkpoint, so that pruning and `latest` see
+    # this run's only; a fresh start also moves an earlier log aside (resume_step -1)
+    inside = resume is not None and resume.resolve().parent == ckpt.checkpoints_dir.resolve()
+    moving = ckpt.set_aside_after(resumed_epoch if inside else -1)
+    if moving and dist.is_main:
+        what = (f"this run resumes from {resume}" if resume is not None
                 else "this run starts afresh (checkpoint.resume_from=null)")
-        warnings.warn(f"{what}: {run.output_dir}'s later checkpoints belong to the run it replaces and were moved to "
-                      f"{aside} ({', '.join(sorted(p.name for p in aside.iterdir()))}); use a new output_dir to keep "
-                      "runs apart", UserWarning)
+        warnings.warn(f"{what}: {run.output_dir}'s checkpoints {moving} belong to the run it replaces; they move to "
+                      f"{ckpt.checkpoints_dir}/superseded-<time>/ when this run writes its first checkpoint (until "
+                      "then resume_from=latest still finds them); use a new output_dir to keep runs apart",
+                      UserWarning)
     logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                            wandb_project=run.logging.wandb_project, is_main=dist.is_main,
                            resume_step=resumed_epoch if resumed_epoch is not None else -1)
