@@ -36,6 +36,8 @@ def _normalize_lora_keys(state: Mapping[str, torch.Tensor], adapter_name: str = 
 
 
 def _load_weights_into(adapter: Any, weights: Mapping[str, torch.Tensor], is_lora: bool) -> None:
+    from diffalign.generators.lora import earlier_default_hint
+
     if is_lora:
         weights = _normalize_lora_keys(weights)
         expected = set(adapter.lora_state_dict())
@@ -44,7 +46,7 @@ def _load_weights_into(adapter: Any, weights: Mapping[str, torch.Tensor], is_lor
             raise CheckpointError(
                 "the checkpoint's LoRA tensors do not match the adapter built from its config.yaml "
                 f"(model.lora.rank / target_modules): missing {sorted(expected - got)[:5]}, "
-                f"unexpected {sorted(got - expected)[:5]}"
+                f"unexpected {sorted(got - expected)[:5]}{earlier_default_hint(got - expected)}"
             )
         adapter.load_lora_state_dict(dict(weights))
         return

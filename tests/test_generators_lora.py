@@ -77,6 +77,15 @@ def test_default_targets_are_flow_grpos_joint_attention_only():
     adapted = {n.split(".lora_")[0] for n in names}
     assert {f"transformer_blocks.0.attn.{m}" for m in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
                                                        "add_k_proj", "add_v_proj", "to_add_out")} <= adapted
+    # a LoRA trained with the earlier bare-name default (attn2 adapted too) fails with the setting that loads it
+    old = adapter_for_pipeline(BUILDERS["sd35m"]())
+    bare = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    old.add_lora(rank=2, target_modules=bare)
+    with pytest.raises(ValueError, match=r"attn2.*model.lora.target_modules: \[to_q"):
+        gen.load_lora_state_dict(old.lora_state_dict())
+    again = adapter_for_pipeline(BUILDERS["sd35m"]())
+    again.add_lora(rank=2, target_modules=bare)
+    again.load_lora_state_dict(old.lora_state_dict())
 
 
 def test_lora_init_default_is_peft_kaiming():

@@ -83,13 +83,19 @@ def checkpoint_weights(adapter, ema: Optional["EMA"]) -> tuple:
 
 
 def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional["EMA"], state) -> None:
-    """Inverse of :func:`checkpoint_weights` from a loaded :class:`~diffalign.checkpoint.CheckpointState`."""
-    if ema is not None and state.ema_state:
-        # load the EMA weights into the live parameters, copy them as the shadow, then load the trained ones
-        load_trainable_state(adapter, state.ema_state, params)
-        ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
-                             "shadow": [p.detach().clone() for p in params]})
-    load_trainable_state(adapter, state.trainable_state, params)
+    """Inverse of :func:`checkpoint_weights` from a loaded :class:`~diffalign.checkpoint.CheckpointState`; weights
+    that do not fit the model are a :class:`~diffalign.checkpoint.CheckpointError` naming the fix."""
+    from diffalign.checkpoint import CheckpointError
+
+    try:
+        if ema is not None and state.ema_state:
+            # load the EMA weights into the live parameters, copy them as the shadow, then load the trained ones
+            load_trainable_state(adapter, state.ema_state, params)
+            ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
+                                 "shadow": [p.detach().clone() for p in params]})
+        load_trainable_state(adapter, state.trainable_state, params)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {state.path}: {exc}") from exc
 
 
 def lr_factor(step: int, warmup: int = 0, schedule: str = "constant", decay_steps: int = 0) -> float:

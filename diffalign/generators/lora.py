@@ -89,7 +89,18 @@ def load_lora_state_dict(
     result = set_peft_model_state_dict(denoiser, state_dict, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if unexpected:
-        raise ValueError(f"LoRA state dict has keys the adapter {adapter_name!r} does not: {unexpected[:5]}")
+        raise ValueError(f"LoRA state dict has keys the adapter {adapter_name!r} does not: {unexpected[:5]}"
+                         f"{earlier_default_hint(unexpected)}")
+
+
+def earlier_default_hint(unexpected_keys) -> str:
+    """The fix for LoRA keys on SD3.5-Medium's ``attn2``: a LoRA trained with diffalign's earlier default targets
+    (bare ``to_q``, ...; now Flow-GRPO's ``attn.*``), or ``""``."""
+    if not any(".attn2." in k for k in unexpected_keys):
+        return ""
+    return ("; a LoRA on SD3.5-Medium's `attn2` comes from diffalign's earlier default targets: set "
+            "model.lora.target_modules: [to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, "
+            "to_add_out] to load it")
 
 
 def save_lora(
