@@ -785,3 +785,12 @@ class CheckpointManager:
                 shutil.rmtree(old)
             except OSError as exc:  # the new checkpoint is safe; a failed cleanup must not fail the save
                 warnings.warn(f"could not delete old checkpoint {old}: {exc}", stacklevel=3)
+
+
+def __getattr__(name: str) -> Any:
+    # export_checkpoint / export_main lived here before diffalign.export; keep old imports working
+    if name in ("export_checkpoint", "export_main"):
+        from diffalign import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -81,9 +81,12 @@ def load_hint(folder: Path, dtype: torch.dtype) -> str:
     absent = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None
               and k not in optional]
     args = [f"{k}=None" for k in absent]
+    note = ""
     if dtype != torch.float32:
-        args.append(f"{_dtype_keyword()}=torch.{str(dtype).replace('torch.', '')}")
-    return f"DiffusionPipeline.from_pretrained({str(folder)!r}{''.join(', ' + a for a in args)})"
+        keyword = _dtype_keyword()  # this diffusers' name; the folder may be loaded with another version
+        args.append(f"{keyword}=torch.{str(dtype).replace('torch.', '')}")
+        note = " (torch_dtype= before diffusers 0.36)" if keyword == "dtype" else " (dtype= from diffusers 0.36)"
+    return f"DiffusionPipeline.from_pretrained({str(folder)!r}{''.join(', ' + a for a in args)}){note}"
 
 
 def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optional[str] = None,

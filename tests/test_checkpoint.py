@@ -393,7 +393,8 @@ def test_export_says_how_to_load_a_half_precision_merged_folder(tmp_path, base_m
     assert export_main([str(tmp_path / "run"), "--out", str(out), "--merged", "--dtype", "bfloat16"]) == 0
     said = capsys.readouterr().out
     kw = _dtype_keyword()  # diffusers' name: dtype (torch_dtype before 0.36)
-    assert f"DiffusionPipeline.from_pretrained({str(out / 'merged')!r}, {kw}=torch.bfloat16)" in said
+    assert f"DiffusionPipeline.from_pretrained({str(out / 'merged')!r}, {kw}=torch.bfloat16) (" in said
+    assert "diffusers 0.36)" in said  # the other versions' keyword
     assert json.loads((out / "export.json").read_text())["merged_dtype"] == "bfloat16"
     pipe = DiffusionPipeline.from_pretrained(str(out / "merged"), **{kw: torch.bfloat16})  # as the hint says
     latents = pipe(PROMPTS[0], num_inference_steps=1, height=32, width=32, max_sequence_length=SEQ_LEN,

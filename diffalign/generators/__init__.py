@@ -57,9 +57,11 @@ def adapter_for_pipeline(pipeline: Any) -> GeneratorAdapter:
     )
 
 
-def _absent_components(path_or_id: str, load_kwargs: Dict[str, Any]) -> Dict[str, None]:
+def _absent_components(path_or_id: str, load_kwargs: Dict[str, Any], keep_safety_checker: bool = True
+                       ) -> Dict[str, Any]:
     """Components saved as ``[null, null]`` in model_index.json (e.g. SD3 without T5): diffusers needs them
-    passed as ``None`` again on reload."""
+    passed as ``None`` again on reload; without ``keep_safety_checker``, a listed SD1.x safety checker is not
+    loaded either (``safety_checker=None, requires_safety_checker=False``)."""
     from diffusers import DiffusionPipeline
 
     keys = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
@@ -70,6 +72,8 @@ def _absent_components(path_or_id: str, load_kwargs: Dict[str, Any]) -> Dict[str
             continue
         if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is None and value[1] is None:
             absent[name] = None
+        elif name == "safety_checker" and not keep_safety_checker:
+            absent.update(safety_checker=None, requires_safety_checker=False)
     return absent
 
 
@@ -93,8 +97,9 @@ def load_generator(
 
     Components saved as absent (SD3 without T5: ``text_encoder_3=None, tokenizer_3=None``) are passed as
     ``None`` again automatically; explicit ``pipeline_kwargs`` win. An SD1.x pipeline's safety checker (a CLIP
-    ViT-L, ~0.6 GB in float16) is dropped before the move to ``device``, as DDPO does: the adapters decode with
-    the VAE and never run it; ``keep_safety_checker`` keeps it (the export of a complete merged folder).
+    ViT-L, ~0.6 GB in float16) is not loaded, as in DDPO: the adapters decode with the VAE and never run it (a
+    direct ``adapter.pipeline(...)`` call is therefore unfiltered); ``keep_safety_checker`` loads it (the export of
+    a complete merged folder).
     """
     from diffusers import DiffusionPipeline
 
@@ -102,11 +107,9 @@ def load_generator(
 
     # "builtin:shapes-flow" -> the shipped folder; a missing folder / uncached hub id offline fails with the fix
     path_or_id = resolve_model_path(path_or_id, cache_dir=pipeline_kwargs.get("cache_dir"))
-    kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs), **pipeline_kwargs}
+    kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs, keep_safety_checker), **pipeline_kwargs}
     kwargs[_dtype_keyword()] = dtype
     pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)
-    if not keep_safety_checker and getattr(pipeline, "safety_checker", None) is not None:
-        pipeline.register_modules(safety_checker=None)
     pipeline.to(device)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
