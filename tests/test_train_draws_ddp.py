@@ -71,6 +71,15 @@ def _train_all(model: str, out: Path, accelerator=None) -> dict:
     results = {}
     for name, cfg in _configs(model, out, world).items():
         trainer = (NFTTrainer if name == "nft" else GRPOTrainer)(cfg, accelerator)
+        kept_local = []
+        if name == "grpo_drop":  # record this rank's kept count per epoch (the test needs the ranks to differ)
+            window_kept = trainer._window_kept
+
+            def spy(minibatches, keep, accum):
+                kept_local.append(int(keep.sum()))
+                return window_kept(minibatches, keep, accum)
+
+            trainer._window_kept = spy
         trainer.setup()
         try:
             trainer.train()
@@ -80,6 +89,8 @@ def _train_all(model: str, out: Path, accelerator=None) -> dict:
                "updates": trainer.global_step}
         if name == "nft":
             rec["alpha"] = torch.stack(trainer.alpha_history)
+        if name == "grpo_drop":
+            rec["kept_local"] = kept_local
         results[name] = rec
     return results
 
@@ -119,6 +130,8 @@ def test_two_processes_train_like_one(tmp_path):
             # not bitwise: the gradient is summed in another order; a different draw moves it by ~moved
             torch.testing.assert_close(lora2[k], v, rtol=0, atol=moved * 1e-3, msg=f"{name} {k}: 2 vs 1 process")
     torch.testing.assert_close(two[0]["nft"]["alpha"], one["nft"]["alpha"], rtol=0, atol=1e-4)
+    # the drop run tests something only if the ranks kept different numbers of samples in some epoch
+    assert two[0]["grpo_drop"]["kept_local"] != two[1]["grpo_drop"]["kept_local"], two[0]["grpo_drop"]
 
 
 if __name__ == "__main__":
