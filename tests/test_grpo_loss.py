@@ -80,10 +80,18 @@ def test_masked_samples_leave_the_average():
     old, adv, kl = logp.detach() + 1e-5 * torch.randn(6, generator=g), torch.randn(6, generator=g), torch.rand(6)
     keep = torch.tensor([True, False, True, True, False, True])
     masked, _ = grpo_loss(logp, old, adv * keep, clip_range=1e-4, adv_clip_max=5.0, kl=kl, beta=0.1, mask=keep)
-    alone, _ = grpo_loss(logp[keep], old[keep], adv[keep], clip_range=1e-4, adv_clip_max=5.0, kl=kl[keep], beta=0.1)
+    alone, _ = grpo_loss(logp[keep], old[keep], adv[keep], clip_range=1e-4, adv_clip_max=5.0, kl=kl[keep],
+                         beta=0.1)
     torch.testing.assert_close(masked, alone)
-    none, _ = grpo_loss(logp, old, adv * 0, clip_range=1e-4, adv_clip_max=5.0, mask=torch.zeros(6, dtype=torch.bool))
-    assert float(none) == 0.0
+    # the diagnostics too are over the kept samples: log-ratios 0.2 and 0 kept, 0.6 and 0.4 dropped
+    lr, m = torch.tensor([0.2, 0.6, 0.0, 0.4]), torch.tensor([True, False, True, False])
+    _, d = grpo_loss(lr, torch.zeros(4), torch.ones(4) * m, clip_range=0.1, adv_clip_max=5.0, mask=m)
+    assert float(d.approx_kl) == pytest.approx(0.5 * 0.2**2 / 2)  # 0.07 over all four
+    assert float(d.clip_frac) == pytest.approx(0.5)  # |e^0.2 - 1| > 0.1, |e^0 - 1| = 0; 0.75 over all four
+    assert float(d.ratio_mean) == pytest.approx((math.exp(0.2) + 1) / 2)
+    none, st_none = grpo_loss(logp, old, adv * 0, clip_range=1e-4, adv_clip_max=5.0,
+                              mask=torch.zeros(6, dtype=torch.bool))
+    assert float(none) == 0.0 and math.isnan(float(st_none.ratio_mean))  # skipped by the trainer
 
 
 def test_drop_zero_std_groups_weighs_every_kept_sample_of_an_update_alike(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ All details and defaults: research/grpo_family.md §1.3, §1.7, §3.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -117,7 +118,8 @@ def grpo_loss(
     (default: their number), so dropped samples do not dilute the average (Flow-GRPO's zero-advantage filtering
     removes them from training: research/grpo_family.md §1.3); a minibatch with none contributes 0. The trainer
     passes the kept count of the whole accumulation window (over its minibatches), so every kept sample of an
-    update weighs the same, as if the dropped ones had been removed and the rest re-batched.
+    update weighs the same, as if the dropped ones had been removed and the rest re-batched. The diagnostics
+    (``approx_kl``, ``clip_frac``, ``ratio_mean``) are means over the kept samples as well (NaN when none).
     """
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)
     log_ratio = log_prob - old_log_prob
@@ -136,13 +138,19 @@ def grpo_loss(
     kl_loss = mean(kl) if kl is not None else torch.zeros((), device=log_prob.device)
     loss = policy + beta * kl_loss
     with torch.no_grad():
+        # diagnostics over the trained (kept) samples only; a minibatch without any gives NaN (skipped by the trainer)
+        kept = torch.ones_like(ratio) if mask is None else mask.to(ratio.dtype)
+
+        def diag(x: torch.Tensor) -> torch.Tensor:
+            return (x.detach() * kept).sum() / kept.sum() if bool(kept.sum() > 0) else torch.full_like(x[0], math.nan)
+
         stats = LossStats(
             loss=loss.detach(),
             policy_loss=policy.detach(),
             kl_loss=kl_loss.detach(),
-            approx_kl=0.5 * (log_ratio.detach() ** 2).mean(),
-            clip_frac=((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
-            ratio_mean=ratio.detach().mean(),
+            approx_kl=diag(0.5 * log_ratio ** 2),
+            clip_frac=diag(((ratio - 1.0).abs() > clip_range).to(ratio.dtype)),
+            ratio_mean=diag(ratio),
         )
     return loss, stats
 
@@ -437,7 +445,8 @@ class GRPOTrainer:
                         self._marble_backward(out.log_prob, old, adv * kept[:, None], kl, per_update)
                     micro += 1
                     for k, v in st.as_dict().items():
-                        stats_acc.setdefault(k, []).append(v)
+                        if not math.isnan(v):  # diagnostics of a minibatch whose samples were all dropped
+                            stats_acc.setdefault(k, []).append(v)
                     if micro % per_update == 0 or (mb_i == len(minibatches) - 1 and j == steps.shape[1] - 1):
                         micro = 0
                         if window_kept is not None and float(window_kept[mb_i // accum]) == 0:
