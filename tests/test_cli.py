@@ -148,6 +148,10 @@ def train_main(cfg):
 
 def export_main(argv):
     CALLS.append(argv)
+
+def user_error(cfg):
+    from diffalign.checkpoint import CheckpointError
+    raise CheckpointError("no usable checkpoint; train first")
 """
 
 
@@ -170,6 +174,21 @@ def test_config_style_command_gets_validated_run_config(plugin, run_yaml, monkey
 
     (cfg,) = da_test_plugin.CALLS
     assert isinstance(cfg, C.RunConfig) and cfg.sample.num_steps == 4 and cfg.seed == 3
+
+
+def test_exit_status_is_the_return_value_or_the_error_kind(plugin, run_yaml, monkeypatch, capsys):
+    run = str(run_yaml)
+    for name, target in (("train", "train_main"), ("sample", "train_main"), ("eval", "user_error")):
+        monkeypatch.setitem(cli.COMMANDS, name, cli.COMMANDS[name]._replace(target=f"da_test_plugin:{target}"))
+    assert cli.main(["train", run]) == 3  # the function's return value is the exit status
+    assert cli.main(["sample", run, "--guidance=fk"]) == 3  # the --flag=value form
+    import da_test_plugin
+
+    assert da_test_plugin.CALLS[-1].guidance.method == "fk"
+    assert cli.main(["eval", run]) == 1  # a UserError that is not a config error: status 1, one line
+    assert capsys.readouterr().err == "error: no usable checkpoint; train first\n"
+    assert cli.main(["train", run, "sample.num_steps=0"]) == 2  # config errors: status 2
+    assert capsys.readouterr().err.startswith("error: sample.num_steps: got 0; must be >= 1")
 
 
 def test_sample_guidance_flag_sets_the_method(plugin, run_yaml, monkeypatch):

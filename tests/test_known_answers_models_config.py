@@ -362,47 +362,6 @@ def test_seed_for_fits_63_bits_and_single_process_gather_is_identity():
 
 from diffalign import cli  # noqa: E402
 
-_PLUGIN = """
-CALLS = []
-
-def returns_5(cfg):
-    CALLS.append(cfg)
-    return 5
-
-def user_error(cfg):
-    from diffalign.checkpoint import CheckpointError
-    raise CheckpointError("no usable checkpoint; train first")
-"""
-
-
-@pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    import sys
-
-    (tmp_path / "da_ka_plugin.py").write_text(_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("da_ka_plugin", None)
-    yield
-    sys.modules.pop("da_ka_plugin", None)
-
-
-def test_cli_exit_status_and_guidance_equals_form(plugin, tmp_path, monkeypatch, capsys):
-    run = str(tmp_path / "run.yaml")
-    (tmp_path / "run.yaml").write_text("seed: 1\n")
-    monkeypatch.setitem(cli.COMMANDS, "train", cli.COMMANDS["train"]._replace(target="da_ka_plugin:returns_5"))
-    monkeypatch.setitem(cli.COMMANDS, "sample", cli.COMMANDS["sample"]._replace(target="da_ka_plugin:returns_5"))
-    monkeypatch.setitem(cli.COMMANDS, "eval", cli.COMMANDS["eval"]._replace(target="da_ka_plugin:user_error"))
-    assert cli.main(["train", run]) == 5  # the function's return value is the exit status
-    assert cli.main(["sample", run, "--guidance=fk"]) == 5
-    import da_ka_plugin
-
-    assert da_ka_plugin.CALLS[-1].guidance.method == "fk"
-    assert cli.main(["eval", run]) == 1  # a UserError that is not a config error: status 1, one line
-    assert capsys.readouterr().err == "error: no usable checkpoint; train first\n"
-    assert cli.main(["train", run, "sample.num_steps=0"]) == 2  # config errors: status 2
-    assert capsys.readouterr().err.startswith("error: sample.num_steps: got 0; must be >= 1")
-
-
 def test_cli_config_out_writes_the_resolved_yaml(tmp_path, capsys):
     out = tmp_path / "resolved.yaml"
     assert cli.main(["config", "sample.num_steps=7", "--out", str(out)]) == 0
