@@ -73,13 +73,18 @@ def load_state_dict_file(path: str) -> Dict[str, torch.Tensor]:
 def preprocess_images(
     images: torch.Tensor, image_size: Union[int, Tuple[int, int]], mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """Differentiable CLIP preprocessing of ``[B, 3, H, W]`` in [0, 1]: resize, centre crop, normalise."""
+    """Differentiable CLIP preprocessing of ``[B, 3, H, W]`` in [0, 1]: resize, centre crop, normalise.
+
+    The resize scales the binding side to the target and truncates the other (``int(th * w / h)``), as CLIP's
+    torchvision ``Resize(n)``; rounding it made a 70x100 image 46 columns wide where CLIP uses 45."""
     th, tw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     x = images.float()
     h, w = x.shape[-2:]
     if (h, w) != (th, tw):
-        scale = max(th / h, tw / w)
-        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        if th / h >= tw / w:  # the height binds: it becomes th, the width follows
+            nh, nw = th, max(tw, int(th * w / h))
+        else:
+            nh, nw = max(th, int(tw * h / w)), tw
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
         top, left = (nh - th) // 2, (nw - tw) // 2
