@@ -15,7 +15,7 @@ from diffalign.types import Trajectory
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
            "trainable_state", "load_trainable_state",
            "checkpoint_weights", "restore_weights", "TrainingState", "NonFiniteError", "grads_finite",
-           "optimizer_update", "LossScaler"]
+           "optimizer_update", "LossScaler", "loop_state", "restore_loop_state", "update_metrics"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -216,11 +216,6 @@ class NonFiniteError(UserError, RuntimeError):
     """A run met non-finite gradients (or weights) it was configured not to skip."""
 
 
-def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
 class LossScaler:
     """Dynamic loss scaling for ``model.dtype: float16`` training (Micikevicius et al. 2018, "Mixed Precision
     Training", §3.2; torch's GradScaler rule): every loss is multiplied by ``scale`` before ``backward`` so that
@@ -293,8 +288,9 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
     the trainers, so a resume continues it.
     Returns whether the step was applied."""
     cfg = trainer.cfg
+    grads = [p.grad for p in trainer.params if p.grad is not None]
     norm = (float(torch.nn.utils.clip_grad_norm_(trainer.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0
-            else _grad_norm(trainer.params))
+            else float(torch.nn.utils.get_total_norm(grads)))
     scaler = getattr(trainer, "scaler", None)
     if scaler is not None and scaler.enabled:
         metrics.setdefault("train/loss_scale", []).append(scaler.scale)
@@ -335,6 +331,29 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
         trainer.ema.update()
     trainer.global_step += 1
     return True
+
+
+def loop_state(trainer) -> Dict:
+    """The optimizer loop's own checkpoint state (a trainer's ``sampler_state`` entries): the float16 loss scale
+    and the count of steps :func:`optimizer_update` skipped in a row."""
+    return {"loss_scaler": trainer.scaler.state_dict(), "skipped_streak": getattr(trainer, "skipped_streak", 0)}
+
+
+def restore_loop_state(trainer, extra: Dict) -> None:
+    """Inverse of :func:`loop_state` (a checkpoint without the entries starts them afresh)."""
+    if "loss_scaler" in extra:
+        trainer.scaler.load_state_dict(extra["loss_scaler"])
+    trainer.skipped_streak = int(extra.get("skipped_streak", 0))
+
+
+def update_metrics(trainer, step_stats: Dict[str, List[float]]) -> Dict[str, float]:
+    """An epoch's counts from :func:`optimizer_update`'s ``step_stats``: skipped steps and, under float16, the loss
+    scale and the steps an overflow skipped while it settles."""
+    out = {"train/skipped_steps": len(step_stats.get("train/skipped_steps", []))}
+    if trainer.scaler.enabled:
+        out["train/loss_scale"] = trainer.scaler.scale
+        out["train/overflow_steps"] = len(step_stats.get("train/overflow_steps", []))
+    return out
 
 
 class TrainingState:

@@ -276,7 +276,7 @@ class GRPOTrainer:
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
 
     def _restore(self, state) -> int:
-        from trainers.common import restore_run_state
+        from trainers.common import restore_loop_state, restore_run_state
 
         self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
                                                                 self.state, self.lr_scheduler)
@@ -290,16 +290,13 @@ class GRPOTrainer:
             self.tracker.load_state_dict(extra["tracker"])
         if "moments" in extra:
             self.moments.load_state_dict(extra["moments"])
-        if "loss_scaler" in extra:
-            self.scaler.load_state_dict(extra["loss_scaler"])
-        self.skipped_streak = int(extra.get("skipped_streak", 0))
+        restore_loop_state(self, extra)
         return self.epoch
 
     def save_checkpoint(self) -> None:
-        from trainers.common import save_run_state
+        from trainers.common import loop_state, save_run_state
 
-        extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(),
-                 "loss_scaler": self.scaler.state_dict(), "skipped_streak": getattr(self, "skipped_streak", 0)}
+        extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(), **loop_state(self)}
         if self.marble is not None:
             extra["harmonizer"] = self.marble[0].state_dict()
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
@@ -392,7 +389,7 @@ class GRPOTrainer:
         from diffalign.distributed import all_reduce_gradients, seed_for
         from samplers import score_steps
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx, grads_finite, optimizer_update
+        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx, grads_finite, optimizer_update, update_metrics
 
         cfg, s = self.cfg, self.run.sample
         traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
@@ -473,10 +470,7 @@ class GRPOTrainer:
         out = {f"train/{k}": float(np.mean(v)) for k, v in stats_acc.items()}
         grad_norms = step_stats.get("train/grad_norm", [])
         out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
-        out["train/skipped_steps"] = len(step_stats.get("train/skipped_steps", []))
-        if self.scaler.enabled:  # float16: the loss scale, and steps skipped by an overflow while it settles
-            out["train/loss_scale"] = self.scaler.scale
-            out["train/overflow_steps"] = len(step_stats.get("train/overflow_steps", []))
+        out.update(update_metrics(self, step_stats))
         out["train/updates"] = updates
         if cfg.drop_zero_std_groups:
             out["train/empty_updates"] = len(step_stats.get("train/empty_updates", []))

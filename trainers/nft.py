@@ -277,7 +277,7 @@ class NFTTrainer:
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
 
     def _restore(self, state) -> int:
-        from trainers.common import restore_run_state
+        from trainers.common import restore_loop_state, restore_run_state
 
         self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
                                                                 self.state, self.lr_scheduler)
@@ -285,19 +285,16 @@ class NFTTrainer:
             self.moments.load_state_dict(extra["moments"])
         if "harmonizer" in extra:
             self.harmonizer.load_state_dict(extra["harmonizer"])
-        if "loss_scaler" in extra:
-            self.scaler.load_state_dict(extra["loss_scaler"])
-        self.skipped_streak = int(extra.get("skipped_streak", 0))
+        restore_loop_state(self, extra)
         return self.epoch
 
     def save_checkpoint(self) -> None:
-        from trainers.common import save_run_state
+        from trainers.common import loop_state, save_run_state
 
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
                        optimizer=self.state, lr_scheduler=self.lr_scheduler,
                        sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict(),
-                                      "loss_scaler": self.scaler.state_dict(),
-                                      "skipped_streak": getattr(self, "skipped_streak", 0)},
+                                      **loop_state(self)},
                        config=self.config_dict)
 
     # ------------------------------------------------------------------ one epoch
@@ -427,7 +424,7 @@ class NFTTrainer:
                      keep: torch.Tensor) -> Dict:
         from diffalign.distributed import seed_for
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM
+        from trainers.common import TRAIN_SEED_STREAM, update_metrics
 
         cfg = self.cfg
         x0_all, cond, schedule = data["x0"], data["cond"], data["schedule"]
@@ -500,10 +497,7 @@ class NFTTrainer:
         self.old.update(old_policy_decay(self.global_step, rate=cfg.old_decay_rate, cap=cfg.old_decay_max,
                                          start=cfg.old_decay_start))
         out = {key: float(np.mean(v)) for key, v in metrics.items()}
-        out["train/skipped_steps"] = len(metrics.get("train/skipped_steps", []))
-        if self.scaler.enabled:  # float16: the loss scale, and steps skipped by an overflow while it settles
-            out["train/loss_scale"] = self.scaler.scale
-            out["train/overflow_steps"] = len(metrics.get("train/overflow_steps", []))
+        out.update(update_metrics(self, metrics))
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         for kind, times in step_times.items():
