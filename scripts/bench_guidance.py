@@ -145,8 +145,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from diffalign.prompts import PromptSource
     from rewards import MultiReward
-    from samplers.guided.common import EvalCounter
-    from samplers.guided.pipeline import MethodResult, format_table, guided_sample_prompts, resolve_kernel
+    from samplers.guided.pipeline import compare_methods, format_table, resolve_kernel
 
     adapter, (h, w) = load(args)
     if adapter.kind == "flow" and args.doob_start < 1:
@@ -169,26 +168,17 @@ def main(argv=None) -> int:
     unknown = sorted(set(selected) - set(table_plans))
     if unknown:
         raise SystemExit(f"unknown --methods {unknown}; valid: {sorted(table_plans)}")
-    results = {}
-    for label in selected:
+    def progress(label, res):
         method, P, options = table_plans[label]
-        images, rows, counter, wall = [], [], EvalCounter(), 0.0
-        for i in range(0, len(prompts), args.batch_size):
-            batch = prompts[i:i + args.batch_size]
-            out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=range(i, i + len(batch)),
-                                        seed=args.seed, num_steps=T, guidance_scale=args.cfg,
-                                        negative_prompt="",
-                                        height=h, width=w, step=step, noise_level=level, group_size=P,
-                                        options=options)
-            images.append(out.images.cpu())
-            rows.append(out.rewards.cpu())
-            for k, v in out.counter.as_dict().items():
-                setattr(counter, k, getattr(counter, k) + v)
-            wall += out.wall_s
-        results[label] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall)
-        score = float(torch.nanmean(results[label].rewards[:, 0]))
-        print(f"{label:>13}: mean {reward_name} {score:.4f}  ({wall:.1f}s, options {options}, particles {P})",
+        score = float(torch.nanmean(res.rewards[:, 0]))
+        print(f"{label:>13}: mean {reward_name} {score:.4f}  ({res.wall_s:.1f}s, options {options}, particles {P})",
               file=sys.stderr, flush=True)
+
+    results = compare_methods(adapter, prompts, reward, selected, {k: table_plans[k][2] for k in selected},
+                              batch_size=args.batch_size, group_size={k: table_plans[k][1] for k in selected},
+                              method_of={k: table_plans[k][0] for k in selected}, on_result=progress,
+                              seed=args.seed, num_steps=T, guidance_scale=args.cfg, negative_prompt="", height=h,
+                              width=w, step=step, noise_level=level)
     # "mean score" is the first column (the one the methods are compared on); the others are shown beside it
     table = format_table(results, [1.0] + [0.0] * (len(specs) - 1), reward.names)
     composite = "" if len(specs) == 1 else f" (selected and guided on {args.reward})"

@@ -502,3 +502,33 @@ def test_bench_paired_difference_against_best_of_n():
     # differences 0.5, 0.0, 0.5 (the NaN prompt is left out): mean 1/3, s.e. = std([.5, 0, .5]) / sqrt(3)
     se = torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64).std().item() / 3 ** 0.5
     assert f"doob: +0.3333 +- {se:.4f} (n=3)" in text
+
+
+def test_bench_rows_spend_the_matched_budget(tmp_path):
+    """The benchmark's rows run through ``compare_methods`` by label: two DOIT rows with other lookaheads,
+    best-of-N at exactly DOIT's reward evaluations, and the unguided row is particle 0 of best-of-N (same
+    noise), so best-of-N is never below it on any prompt."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_guidance.py"
+    spec = importlib.util.spec_from_file_location("bench_guidance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    assert bench.main(["--model", "tiny", "--prompts", "2", "--batch-size", "2", "--budget", "10", "--steps", "4",
+                       "--doob-particles", "2", "--doob-candidates", "2",
+                       "--methods", "none,doob,doob_rollout_keep,best_of_n_matched", "--out", str(out)]) == 0
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    # P = 2 chains x (M = 2 candidates x k = 2 guided steps + 1 final) = 10 reward evaluations per prompt
+    assert rows["doob"]["options"]["window"] == [1, 3]
+    assert rows["doob"]["reward_evals"] == rows["doob_rollout_keep"]["reward_evals"] == 2 * 10
+    assert rows["best_of_n_matched"]["particles"] == 10 and rows["best_of_n_matched"]["reward_evals"] == 2 * 10
+    # the rollout lookahead completes every candidate (from the state after guided step 1 the sampler's steps
+    # 2 and 3, after step 2 step 3): 2 prompts x 2 chains x 2 candidates x (2 + 1) = 24 model evaluations more
+    assert rows["doob_rollout_keep"]["model_evals"] - rows["doob"]["model_evals"] == 24
+    assert rows["doob"]["model_evals"] == 2 * 2 * 4 and rows["none"]["model_evals"] == 2 * 4
+    assert rows["doob"]["options"] != rows["doob_rollout_keep"]["options"]
+    assert all(b >= n for b, n in zip(rows["best_of_n_matched"]["scores"], rows["none"]["scores"]))
+    assert rows["best_of_n_matched"]["scores"] != rows["none"]["scores"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -227,22 +227,28 @@ def compare_methods(
     *,
     batch_size: int,
     group_size: Dict[str, int],
+    method_of: Optional[Dict[str, str]] = None,
+    on_result: Optional[Callable[[str, MethodResult], None]] = None,
     **sample_kwargs: Any,
 ) -> Dict[str, MethodResult]:
     """Run every method on the same prompts (in batches of ``batch_size`` prompts) and the same noise.
 
-    ``options[method]`` and ``group_size[method]`` per method; ``sample_kwargs`` go to
-    :func:`guided_sample_prompts` (seed, num_steps, guidance_scale, negative_prompt, height, width, step,
-    noise_level).
+    ``methods`` are row labels: ``method_of[label]`` names the guidance method of a row (default: the label
+    itself), so one method can appear in several rows with other options (``scripts/bench_guidance.py``).
+    ``options[label]`` and ``group_size[label]`` per row; ``on_result(label, result)`` is called as each row
+    finishes (progress lines in long comparisons); ``sample_kwargs`` go to :func:`guided_sample_prompts`
+    (seed, num_steps, guidance_scale, negative_prompt, height, width, step, noise_level).
     """
     results: Dict[str, MethodResult] = {}
-    for method in methods:
+    method_of = method_of or {}
+    for label in methods:
+        method = method_of.get(label, label)
         images, rows, counter, wall = [], [], EvalCounter(), 0.0
         failed_before = dict(getattr(reward, "total_failures", {}))
         for i in range(0, len(prompts), batch_size):
             batch = list(prompts[i:i + batch_size])
             out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=range(i, i + len(batch)),
-                                        group_size=group_size.get(method, 1), options=options.get(method, {}),
+                                        group_size=group_size.get(label, 1), options=options.get(label, {}),
                                         **sample_kwargs)
             images.append(out.images)
             rows.append(out.rewards)
@@ -250,8 +256,10 @@ def compare_methods(
                 setattr(counter, k, getattr(counter, k) + v)
             wall += out.wall_s
         failures = {n: k - failed_before.get(n, 0) for n, k in getattr(reward, "total_failures", {}).items()}
-        results[method] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall, len(prompts),
-                                       {n: k for n, k in failures.items() if k})
+        results[label] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall, len(prompts),
+                                      {n: k for n, k in failures.items() if k})
+        if on_result is not None:
+            on_result(label, results[label])
     return results
 
 
