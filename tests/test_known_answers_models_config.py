@@ -100,6 +100,10 @@ def test_sd3_default_t5_length_is_256_and_folder_call_kwargs_win(sd3):
 def test_flux_default_t5_length_is_512(flux):
     cond = flux.encode_prompts(["a red circle"])
     assert cond.prompt_embeds.shape[1] == 512 and cond.text_ids.shape == (512, 3)
+    assert flux.encode_prompts(["a red circle"], max_sequence_length=7).prompt_embeds.shape[1] == 7
+    for bad in (0, 513):  # 0 was read as unset (512 tokens); FLUX has no prompt without T5 tokens
+        with pytest.raises(ValueError, match=f"max_sequence_length={bad}: FLUX .* 1..512"):
+            flux.encode_prompts(["a red circle"], max_sequence_length=bad)
 
 
 def test_negative_prompt_count_must_match(sd3):

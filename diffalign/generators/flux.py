@@ -53,7 +53,12 @@ class FluxAdapter(GeneratorAdapter):
         max_sequence_length: Optional[int] = None,
         **_: Any,
     ) -> Conditioning:
-        msl = max_sequence_length or 512
+        msl = 512 if max_sequence_length is None else int(max_sequence_length)
+        if not 1 <= msl <= 512:
+            # FLUX's only sequence encoder is T5: 0 tokens would leave the transformer no prompt (and 0 used to
+            # be read as "unset", silently encoding 512)
+            raise ValueError(f"max_sequence_length={max_sequence_length}: FLUX encodes prompts with T5 and needs "
+                             "1..512 T5 tokens; leave it unset for 512 (FLUX.1-dev) or use 256 (FLUX.1-schnell)")
         pe, pooled, text_ids = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
