@@ -45,13 +45,17 @@ class PromptSource:
         return list(self.eval_lines[: self.eval_size])
 
 
-def _read_lines(path: str) -> List[str]:
+def _read_lines(path: str, key: str = "prompts.path") -> List[str]:
+    from diffalign.config import ConfigError
+
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"prompt file {path!r} does not exist (prompts.path / prompts.eval_path)")
+    if not p.is_file():
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise ConfigError(f"prompt file {path!r} {what}; give a text file with one prompt per line", key=key)
     lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
     if not lines:
-        raise ValueError(f"prompt file {path!r} has no prompts")
+        raise ConfigError(f"prompt file {path!r} has no prompts (only empty lines); write one prompt per "
+                          "line", key=key)
     return lines
 
 
@@ -61,5 +65,5 @@ def build_prompt_source(cfg, seed: int) -> PromptSource:
         return PromptSource("shapes", seed, split=cfg.split, categories=cfg.categories, eval_size=cfg.eval_size,
                             eval_split=cfg.eval_split)
     lines = _read_lines(cfg.path)
-    eval_lines = _read_lines(cfg.eval_path) if cfg.eval_path else lines
+    eval_lines = _read_lines(cfg.eval_path, "prompts.eval_path") if cfg.eval_path else lines
     return PromptSource("file", seed, lines=lines, eval_lines=eval_lines, eval_size=cfg.eval_size)

@@ -238,6 +238,9 @@ def check_reward_config(run_cfg: Any) -> None:
     from diffalign.config import ConfigError
     from rewards.transforms import build_transform
 
+    if not run_cfg.rewards:
+        raise ConfigError("the run has no reward; add at least one, e.g. rewards: [{name: shapes}]",
+                          key="rewards")
     for section in ("rewards", "eval_rewards"):
         for i, spec in enumerate(getattr(run_cfg, section)):
             if ":" not in spec.name and spec.name not in REWARDS:

@@ -41,7 +41,7 @@ import torch
 
 from diffalign.types import RewardOutput
 from rewards.base import RewardError, as_reward_output, check_inputs, describe_batch
-from rewards.registry import RewardSpec, build_reward, register_reward
+from rewards.registry import RewardSpec, build_reward, get_factory, register_reward
 
 __all__ = [
     "RemoteReward",
@@ -330,6 +330,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}: {exc}") from None
     if not isinstance(kwargs, dict):
         raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    try:  # an unknown name or a dotted path that does not import: one line naming the valid names
+        get_factory(args.name)
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise SystemExit(f"error: serve-reward NAME: {exc}") from None
     spec = RewardSpec(name=args.name, kwargs=kwargs, batch_size=args.batch_size, device=args.device)
     serve_reward(spec, args.host, args.port, block=True, verbose=args.verbose)
     return 0

@@ -24,7 +24,7 @@ per-epoch time split of a GRPO run, and memory after epoch 2 against epoch 20.
    cannot hide), epoch 2 against epoch 20 (``--epochs``; the run trains one epoch more, since the last
    one also evaluates and checkpoints). Goal: growth under 5%.
 
-The GRPO run uses ``configs/shapes/flow_grpo.yaml`` (batch 16 x 2 per epoch, groups of 8, 10 steps,
+The GRPO run uses ``configs/shapes/flow_grpo.yaml`` (batch 16 x 4 per epoch, groups of 8, 10 steps,
 CFG 3.0, LoRA r16) with evaluation, images and periodic checkpoints off, in a temporary folder (``--tiny``
 shrinks the epoch, see ``TINY_OVERRIDES``).
 """

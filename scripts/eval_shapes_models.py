@@ -5,7 +5,8 @@ a sample grid per model, and the time to load a model and sample 64 images (32x3
     python scripts/eval_shapes_models.py                      # both models, 256 held-in + 256 held-out
     python scripts/eval_shapes_models.py --models shapes-flow --n 64
 
-Writes ``outputs/shapes_eval/<model>.json`` and ``docs/images/<model>-grid.png``; prints a markdown table.
+Writes ``OUT/<model>.json`` and ``GRID_DIR/<model>-grid.png`` (``--out``, default ``outputs/shapes_eval``;
+``--grid-dir``, default OUT; the README's grids: ``--grid-dir docs/images``); prints a markdown table.
 """
 
 from __future__ import annotations

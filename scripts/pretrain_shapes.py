@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pretrain the shapes world's two shipped models from a seed (CPU, no download).
 
-Stages (each resumable by rerunning with the same arguments; weights land in diffalign/shapes/models/):
+Stages (a rerun starts the stage over; weights land in ``--out``, by default diffalign/shapes/models/, replacing
+the shipped models: pass ``--out DIR`` to keep them; ``flow`` and ``ddpm`` need ``OUT/_vae`` from ``vae``):
 
 1. ``vae``  : a 2x-downsampling AutoencoderKL on renders of held-in prompts (MSE + tiny KL); its
    latent mean / std set ``shift_factor`` / ``scaling_factor``.
@@ -111,6 +112,9 @@ def drop_prompts(prompts, rng: np.random.Generator, p: float = 0.1):
 def train_denoiser(args, out: Path, kind: str) -> None:
     from diffusers import AutoencoderKL
 
+    if not (out / "_vae" / "config.json").exists():
+        raise SystemExit(f"error: --stage {kind} needs the VAE of --stage vae, and {out / '_vae'} does not exist; "
+                         f"run `python scripts/pretrain_shapes.py --stage vae --out {out}` first (or --stage all)")
     vae = AutoencoderKL.from_pretrained(out / "_vae").eval()
     vae.requires_grad_(False)
     if kind == "flow":

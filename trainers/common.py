@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from diffalign.config import UserError
+from diffalign.config import ConfigError, UserError
 from diffalign.types import Trajectory
 
 __all__ = ["DTYPES", "build_adapter", "EMA", "image_size", "sample_batch", "resolve_device", "autocast_ctx",
@@ -423,7 +423,17 @@ class TrainingState:
 def image_size(adapter, sample_cfg) -> tuple:
     """``(height, width)`` in pixels: the config's, or the model's native size."""
     native_h, native_w = adapter.default_image_size()
-    return int(sample_cfg.height or native_h), int(sample_cfg.width or native_w)
+    h, w = int(sample_cfg.height or native_h), int(sample_cfg.width or native_w)
+    # the VAE's downsampling times the transformer's patch (the multiple diffusers' pipelines check)
+    config = getattr(getattr(adapter, "denoiser", None), "config", None)
+    multiple = int(adapter.vae_scale_factor) * int(getattr(config, "patch_size", None) or 1)
+    for key, value in (("height", h), ("width", w)):
+        if value % multiple:
+            near = max(multiple, value // multiple * multiple)
+            raise ConfigError(f"got {value}; this model needs a multiple of {multiple} (VAE downsampling x "
+                              f"patch size), e.g. {near}, or null for the model's native size "
+                              f"{native_h}x{native_w}", key=f"sample.{key}")
+    return h, w
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype):
@@ -576,9 +586,12 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
     run, cfg, s, dist = trainer.run, trainer.cfg, trainer.run.sample, trainer.dist
     total = dist.world_size * s.batch_size * s.num_batches_per_epoch
     if total % s.group_size:
-        raise ValueError(
-            f"processes x sample.batch_size x sample.num_batches_per_epoch = {total} is not a multiple of "
-            f"sample.group_size={s.group_size}")
+        raise ConfigError(
+            f"got {s.group_size}, but processes x sample.batch_size x sample.num_batches_per_epoch = "
+            f"{dist.world_size} x {s.batch_size} x {s.num_batches_per_epoch} = {total} samples per epoch is "
+            "not a multiple of it; choose a group_size that divides it, or change batch_size / "
+            "num_batches_per_epoch",
+            key="sample.group_size")
     n_prompts = total // s.group_size
     started = time.time()
     ran = 0
@@ -676,8 +689,9 @@ def build_eval_only_rewards(run, training_rewards):
     extra = MultiReward([_reward_spec_dict(r) for r in run.eval_rewards])
     clash = sorted(set(extra.names) & set(training_rewards.names))
     if clash:
-        raise ValueError(f"eval_rewards: columns {clash} are already training rewards (evaluated anyway); remove "
-                         "them from eval_rewards, or give the extra column another name with label: NAME")
+        raise ConfigError(f"columns {clash} are already training rewards (evaluated anyway); remove "
+                          "them from eval_rewards, or give the extra column another name with label: NAME",
+                          key="eval_rewards")
     return extra
 
 

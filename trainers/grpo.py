@@ -23,7 +23,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from diffalign.config import TrainLoopConfig, check, param, register_trainer_config
+from diffalign.config import ConfigError, TrainLoopConfig, check, param, register_trainer_config
 from diffalign.types import LossStats
 
 __all__ = ["GRPOConfig", "grpo_loss", "kl_to_reference", "select_train_steps", "GRPOTrainer"]
@@ -252,6 +252,11 @@ class GRPOTrainer:
         torch.manual_seed(run.seed)
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)
+        if self.adapter.kind != "flow" and run.sample.step.startswith("flow_"):
+            raise ConfigError(f"got {run.sample.step!r}, a flow-matching step, but {run.model.path!r} is a "
+                              f"{self.adapter.kind!r} diffusion model; use sample.step=ddim (noise_level = "
+                              "eta)",
+                              key="sample.step")
         self.height, self.width = image_size(self.adapter, run.sample)
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)

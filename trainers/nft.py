@@ -24,7 +24,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from diffalign.config import TrainLoopConfig, check, param, register_trainer_config
+from diffalign.config import ConfigError, TrainLoopConfig, check, param, register_trainer_config
 from diffalign.types import LossStats
 
 __all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "nft_loss", "old_policy_decay", "OldPolicy",
@@ -249,11 +249,13 @@ class NFTTrainer:
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)
         if self.adapter.kind != "flow":
-            raise ValueError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a {self.adapter.kind!r} "
-                             "model; use a flow model (SD3, FLUX, builtin:shapes-flow) or trainer=grpo")
+            raise ConfigError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a "
+                              f"{self.adapter.kind!r} model; use a flow model (SD3, FLUX, builtin:shapes-flow) "
+                              "or trainer=grpo", key="model.path")
         if cfg.kl_weight > 0 and not self.adapter.has_lora:
-            raise ValueError("train.kl_weight > 0 needs model.lora.enabled (the reference is the adapter-disabled "
-                             "base model); enable LoRA or set train.kl_weight=0")
+            raise ConfigError(f"got {cfg.kl_weight}; a KL weight > 0 needs model.lora.enabled (the reference "
+                              "is the adapter-disabled base model); enable LoRA or set train.kl_weight=0",
+                              key="train.kl_weight")
         self.height, self.width = image_size(self.adapter, run.sample)
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)

@@ -8,7 +8,7 @@ from typing import Dict
 
 import torch
 
-from diffalign.config import UserError
+from diffalign.config import ConfigError, UserError
 from rewards.registry import check_reward_config
 
 __all__ = ["TRAINERS", "make_accelerator", "train_main", "sample_main", "eval_main"]
@@ -60,7 +60,8 @@ def train_main(cfg) -> int:
     """``diffalign train CONFIG [key=value ...]``: build the trainer named by ``cfg.trainer`` and run it."""
     check_reward_config(cfg)
     if cfg.trainer is None:
-        raise ValueError("trainer: the config names no trainer; add `trainer: grpo`")
+        raise ConfigError("the config names no trainer; add `trainer: grpo` (or nft), or the override "
+                          "trainer=grpo", key="trainer")
     accelerator = make_accelerator(cfg.model.device)
     trainer = _trainer_class(cfg.trainer)(cfg, accelerator)
     trainer.setup()

@@ -48,12 +48,14 @@ def resolve_model_path(path: str, cache_dir: Optional[str] = None) -> str:
     if isinstance(path, str) and path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
-            raise ValueError(f"unknown builtin model {name!r}; valid: {sorted(BUILTIN_MODELS)}")
+            valid = sorted("builtin:" + n for n in BUILTIN_MODELS)
+            raise ConfigError(f"got {path!r}: unknown built-in model; valid: {valid}", key="model.path")
         folder = BUILTIN_MODELS[name]
         if not (folder / "model_index.json").exists():
             raise FileNotFoundError(
                 f"builtin model {name!r} is missing at {folder}; rebuild it with "
-                f"`python scripts/pretrain_shapes.py --model {name.split('-')[1]}`"
+                f"`python scripts/pretrain_shapes.py --stage {name.split('-')[1]}` (after `--stage vae` when "
+                f"{folder.parent / '_vae'} does not exist)"
             )
         return str(folder)
     path = os.fspath(path)

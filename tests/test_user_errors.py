@@ -1,0 +1,99 @@
+"""Plausible user mistakes on the shipped configs stop with one line naming the key, the value and the fix
+(exit status 2, no traceback), before any training starts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from diffalign import cli
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW = str(REPO / "configs" / "shapes" / "flow_grpo.yaml")
+NFT = str(REPO / "configs" / "shapes" / "nft.yaml")
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        code = cli.main(argv)
+        raise SystemExit(code)
+    err = capsys.readouterr().err  # model loading may have drawn progress bars before the error
+    assert info.value.code == 2, err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1, err
+    return errors[0] + "\n"
+
+
+@pytest.fixture
+def safe(tmp_path):
+    """Overrides that keep a run short and out of the repo should a check ever let it start."""
+    return [f"output_dir={tmp_path / 'run'}", "train.num_epochs=1", "checkpoint.resume_from=null",
+            "prompts.eval_size=2"]
+
+
+def test_group_size_that_does_not_divide_the_epoch(capsys, safe):
+    err = _error(capsys, ["train", FLOW, "sample.group_size=5", *safe])
+    assert err.startswith("error: sample.group_size: got 5, but processes x sample.batch_size x "
+                          "sample.num_batches_per_epoch = 1 x 16 x 4 = 64 samples per epoch is not a multiple")
+
+
+def test_misspelt_builtin_model(capsys, safe):
+    err = _error(capsys, ["train", FLOW, "model.path=builtin:shapes-flo", *safe])
+    assert err.startswith("error: model.path: got 'builtin:shapes-flo': unknown built-in model; valid: "
+                          "['builtin:shapes-ddpm', 'builtin:shapes-flow']")
+
+
+@pytest.mark.parametrize("kind", ["folder", "empty", "missing"])
+def test_bad_prompt_file(kind, tmp_path, capsys, safe):
+    path = tmp_path / "prompts.txt"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_text("\n  \n")
+    err = _error(capsys, ["eval", FLOW, "prompts.source=file", f"prompts.path={path}", *safe])
+    expected = {"folder": "is a folder", "empty": "has no prompts", "missing": "does not exist"}[kind]
+    assert err.startswith(f"error: prompts.path: prompt file '{path}' {expected}")
+
+
+def test_image_size_the_model_cannot_patch(capsys, safe):
+    # the shapes flow model: VAE downsampling 2 x patch 2 = 4 (30 failed deep in the sampler's step math)
+    err = _error(capsys, ["sample", FLOW, "sample.height=30", *safe])
+    assert err.startswith("error: sample.height: got 30; this model needs a multiple of 4 (VAE downsampling x "
+                          "patch size), e.g. 28, or null for the model's native size 32x32")
+
+
+def test_flow_step_on_a_diffusion_model(capsys, safe):
+    err = _error(capsys, ["train", FLOW, "model.path=builtin:shapes-ddpm", *safe])
+    assert err.startswith("error: sample.step: got 'flow_sde', a flow-matching step, but 'builtin:shapes-ddpm' "
+                          "is a 'vp' diffusion model; use sample.step=ddim")
+
+
+def test_nft_on_a_diffusion_model(capsys, safe):
+    err = _error(capsys, ["train", NFT, "model.path=builtin:shapes-ddpm", *safe])
+    assert err.startswith("error: model.path: DiffusionNFT trains flow-matching models")
+
+
+def test_run_without_a_reward(capsys, safe):
+    err = _error(capsys, ["train", FLOW, "rewards=[]", *safe])
+    assert err == "error: rewards: the run has no reward; add at least one, e.g. rewards: [{name: shapes}]\n"
+
+
+def test_eval_reward_that_repeats_a_training_reward(capsys, safe):
+    err = _error(capsys, ["train", FLOW, "eval_rewards=[{name: shapes}]", *safe])
+    assert err.startswith("error: eval_rewards: columns ['shapes'] are already training rewards")
+
+
+def test_pretrain_stage_without_its_vae(tmp_path):
+    spec = importlib.util.spec_from_file_location("pretrain_shapes", REPO / "scripts" / "pretrain_shapes.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    with pytest.raises(SystemExit, match=r"--stage flow needs the VAE of --stage vae, and .*_vae does not exist"):
+        pretrain.main(["--stage", "flow", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_serve_reward_unknown_name():
+    with pytest.raises(SystemExit, match="error: serve-reward NAME: .*shapez"):
+        cli.main(["serve-reward", "shapez", "--port", "0"])
