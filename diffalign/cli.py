@@ -176,7 +176,7 @@ def _help_keys(args: argparse.Namespace) -> str:
             cls, prefix="train"
         )
     else:
-        names = ", ".join(sorted(TRAINER_CONFIGS)) or "see trainers/"
+        names = ", ".join(sorted(TRAINER_CONFIGS))
         text += f"\n\ntrain.*: add trainer=NAME to list a trainer's keys (trainers: {names})"
     return text
 

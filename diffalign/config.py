@@ -846,8 +846,11 @@ def describe(cls: type, prefix: str = "", width: int = 120) -> str:
 # trainer registry
 # ----------------------------------------------------------------------------------------------------
 
-#: trainer name -> its config dataclass (or a ``"module:Class"`` path imported on first use).
-TRAINER_CONFIGS: Dict[str, Union[type, str]] = {}
+#: trainer name -> its config dataclass (or a ``"module:Class"`` path imported on first use). The built-in
+#: trainers are listed as paths so that ``diffalign config --help-keys`` names them without importing torch;
+#: importing their module replaces the path with the class.
+BUILTIN_TRAINERS: Dict[str, str] = {"grpo": "trainers.grpo:GRPOConfig", "nft": "trainers.nft:NFTConfig"}
+TRAINER_CONFIGS: Dict[str, Union[type, str]] = dict(BUILTIN_TRAINERS)
 
 
 def register_trainer_config(name: str) -> Callable[[Type[T]], Type[T]]:

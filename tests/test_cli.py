@@ -82,6 +82,17 @@ def test_help_and_config_do_not_import_heavy_modules(run_yaml, tmp_path):
     result = _python("-c", code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
+    # the built-in trainers are named without importing them (it printed "see trainers/" before)
+    assert "add trainer=NAME to list a trainer's keys (trainers: grpo, nft)" in result.stdout
+
+
+def test_builtin_trainer_paths_resolve_to_the_registered_classes():
+    from trainers.grpo import GRPOConfig
+    from trainers.nft import NFTConfig
+
+    classes = {name: C._import_object(path, "trainer") for name, path in C.BUILTIN_TRAINERS.items()}
+    assert classes == {"grpo": GRPOConfig, "nft": NFTConfig}
+    assert C.trainer_config_class("grpo") is GRPOConfig and C.trainer_config_class("nft") is NFTConfig
 
 
 # --------------------------------------------------------------------------------------------------
