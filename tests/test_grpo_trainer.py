@@ -175,12 +175,13 @@ def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
 
 @pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "eval_guidance_scale": 0.0}], ids=["fp32", "bf16_cfg0"])
 def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_path, extra):
-    """`diffalign eval` samples the evaluation prompts like the trainer's evaluation (noise, dtype, CFG), so on
-    one process a checkpoint scores exactly what its run logged (and the base model what it logged at epoch 0)."""
+    """`diffalign eval` and `diffalign sample` sample the evaluation prompts like the trainer's evaluation (noise,
+    dtype, CFG), so on one process a checkpoint scores exactly what its run logged (and the base model what it
+    logged at epoch 0)."""
     import dataclasses
     import json
 
-    from trainers.run import eval_main
+    from trainers.run import eval_main, sample_main
 
     cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 1, "eval_every": 1})
     if extra:
@@ -198,6 +199,10 @@ def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_pat
         assert eval_main(eval_cfg) == 0
         out = json.loads((tmp_path / "run" / "eval.json").read_text())
         assert out["eval/reward/jpeg_compressibility"] == expected["eval/reward/jpeg_compressibility"]
+        # `diffalign sample` draws the images it scores (it used the run seed and the sample section's settings)
+        assert sample_main(eval_cfg) == 0
+        out = json.loads((tmp_path / "run" / "samples_rewards.json").read_text())
+        assert out["mean"]["jpeg_compressibility"] == expected["eval/reward/jpeg_compressibility"]
 
 
 def test_eval_rewards_are_scored_only_at_evaluation(tmp_path):

@@ -138,6 +138,9 @@ def eval_main(cfg) -> int:
 def sample_main(cfg) -> int:
     """``diffalign sample CONFIG [key=value ...]``: images for the evaluation prompts, saved as a grid.
 
+    Plain sampling uses the trainer's evaluation settings (``train.eval_num_steps`` / ``eval_guidance_scale``
+    when set) and evaluation noise, so the grid shows the images ``diffalign eval`` scores.
+
     With ``guidance.method=doob|fk|svdd|best_of_n`` (or ``guidance.compare=[...]``) the prompts are sampled
     with reward guidance (``samplers.guided``) using the config's ``rewards``: every method of
     ``compare + [method]`` runs on the same prompts and noise, and ``output_dir`` gets one grid per method
@@ -207,8 +210,13 @@ def sample_main(cfg) -> int:
             f.write(table + "\n")
         print(table)
         return 0
-    names, rows, images = _eval_rows(cfg, adapter, prompts, cfg.sample.eval_num_steps, cfg.sample.guidance_scale,
-                                     seed=cfg.seed, keep_images=True, with_eval_rewards=True)
+    from trainers.common import eval_seed, eval_settings
+
+    train = dict(cfg.train or {})
+    steps, cfg_scale = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
+    # the trainer's evaluation settings and noise, as `diffalign eval`: the grid shows the images it scores
+    names, rows, images = _eval_rows(cfg, adapter, prompts, steps, cfg_scale, seed=eval_seed(cfg.seed),
+                                     keep_images=True, with_eval_rewards=True)
     os.makedirs(cfg.output_dir, exist_ok=True)
     # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
     # columns come after them in rows and are marked in the json
