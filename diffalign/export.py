@@ -129,8 +129,10 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     _say(f"checkpoint {state.path} (step {state.step}, {weights} weights, "
          f"{'LoRA' if is_lora else 'full fine-tune'})")
     _say(f"loading base model {model_path}")
-    adapter = load_generator(model_path, dtype=out_dtype, device=device, keep_safety_checker=True)
-    # Merge in float32: bf16 rounding of W + BA would differ from the model that was trained.
+    # The base as it was trained (model.dtype), the merge in float32, then the export dtype: a float32 run exported
+    # in bf16 gets bf16(W + s B A), not bf16(bf16(W) + s B A), and a bf16 run's LoRA lands on the bf16 base it saw.
+    adapter = load_generator(model_path, dtype=getattr(torch, model_cfg.dtype), device=device,
+                             keep_safety_checker=True)
     adapter.denoiser.to(torch.float32)
     if is_lora:
         lora = model_cfg.lora
@@ -144,7 +146,7 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     if merged or not is_lora:
         if is_lora:
             _fuse_lora(adapter.denoiser)
-        adapter.denoiser.to(out_dtype)
+        adapter.pipeline.to(dtype=out_dtype)  # every component in the export dtype
         _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
         adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
         written["merged"] = out_dir / "merged"
