@@ -100,7 +100,7 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     Returns ``{"lora": path, "merged": path}`` (the ones written).
     """
     from diffalign.config import ModelConfig, from_dict
-    from diffalign.generators import load_generator
+    from diffalign.generators import _dtype_keyword, load_generator
     from diffalign.shapes.models import resolve_model_path
 
     if weights not in (None, "ema", "trained"):
@@ -129,11 +129,18 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     _say(f"checkpoint {state.path} (step {state.step}, {weights} weights, "
          f"{'LoRA' if is_lora else 'full fine-tune'})")
     _say(f"loading base model {model_path}")
-    # The base as it was trained (model.dtype), the merge in float32, then the export dtype: a float32 run exported
-    # in bf16 gets bf16(W + s B A), not bf16(bf16(W) + s B A), and a bf16 run's LoRA lands on the bf16 base it saw.
-    adapter = load_generator(model_path, dtype=getattr(torch, model_cfg.dtype), device=device,
-                             keep_safety_checker=True)
-    adapter.denoiser.to(torch.float32)
+    adapter = load_generator(model_path, dtype=out_dtype, device=device, keep_safety_checker=True)
+    adapter.denoiser.to(torch.float32)  # merge in float32: bf16 rounding of W + BA would differ from the trained model
+    run_dtype = getattr(torch, model_cfg.dtype)
+    if run_dtype != out_dtype:
+        # the denoiser's base as it was trained (model.dtype): a float32 run exported in bf16 gets bf16(W + s B A), not
+        # bf16(bf16(W) + s B A), and a bf16 run's LoRA lands on the bf16 base it saw. The other components stay as
+        # diffusers / transformers load them in the export dtype (T5 keeps its float32 `wo` layers in float16).
+        _say(f"loading the base denoiser in the run's {model_cfg.dtype}")
+        trained_base = type(adapter.denoiser).from_pretrained(
+            model_path, subfolder=adapter.denoiser_name, **{_dtype_keyword(): run_dtype})
+        adapter.denoiser.load_state_dict(trained_base.state_dict())
+        del trained_base
     if is_lora:
         lora = model_cfg.lora
         adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
@@ -146,7 +153,7 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     if merged or not is_lora:
         if is_lora:
             _fuse_lora(adapter.denoiser)
-        adapter.pipeline.to(dtype=out_dtype)  # every component in the export dtype
+        adapter.denoiser.to(out_dtype)
         _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
         adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
         written["merged"] = out_dir / "merged"

@@ -49,7 +49,7 @@ def _read_lines(path: str, key: str = "prompts.path") -> List[str]:
     from diffalign.config import ConfigError
 
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir() or not p.exists():  # a pipe or `<(grep red prompts.txt)` reads as a file
         what = "is a folder" if p.is_dir() else "does not exist"
         raise ConfigError(f"prompt file {path!r} {what}; give a text file with one prompt per line", key=key)
     lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]

@@ -292,7 +292,7 @@ def tiny_base(tmp_path_factory):
     return folder
 
 
-def _lora_run(run_dir, base, drop_key=False):
+def _lora_run(run_dir, base, drop_key=False, dtype="float32"):
     from diffalign.generators import load_generator
 
     gen = load_generator(str(base))
@@ -301,13 +301,13 @@ def _lora_run(run_dir, base, drop_key=False):
     state = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in gen.lora_state_dict().items()}
     if drop_key:
         state.pop(sorted(state)[0])
-    config = {"model": {"path": str(base), "dtype": "float32",
+    config = {"model": {"path": str(base), "dtype": dtype,
                         "lora": {"enabled": True, "rank": 4, "alpha": 8.0, "target_modules": None}}}
     return CheckpointManager(run_dir).save(1, trainable_state=state, config=config), gen
 
 
 def test_the_merge_adds_scale_times_b_a_in_float32_to_the_base_as_trained_then_casts(tmp_path, tiny_base):
-    """merged = (W + alpha / rank * B @ A) computed in float32 from the base as trained (the run's float32), then
+    """merged = (W + alpha / rank * B @ A) computed in float32 from the base as trained (in the run's dtype), then
     cast: a bfloat16 merge would round B @ A and the sum in bfloat16, and a base loaded in the export dtype would
     round W before the sum (bf16(bf16(W) + s B A) differed from bf16(W + s B A) in 2464 of 15360 elements)."""
     from safetensors.torch import load_file
@@ -315,21 +315,34 @@ def test_the_merge_adds_scale_times_b_a_in_float32_to_the_base_as_trained_then_c
     from diffalign.export import export_checkpoint
 
     path, _ = _lora_run(tmp_path / "run", tiny_base)
-    lora = load_checkpoint(path).trainable_state
     base = load_file(str(tiny_base / "transformer" / "diffusion_pytorch_model.safetensors"))
-    delta = {k.replace(".lora_A.weight", ".weight"): (lora[k.replace("lora_A", "lora_B")] @ lora[k]) * (8.0 / 4)
-             for k in lora if ".lora_A." in k}
-    assert len(delta) > 0 and set(delta) <= set(base)
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).replace("torch.", "")
-        written = export_checkpoint(path, tmp_path / name, merged=True, dtype=name)
+
+    def lora_delta(ckpt):
+        lora = load_checkpoint(ckpt).trainable_state
+        delta = {k.replace(".lora_A.weight", ".weight"): (lora[k.replace("lora_A", "lora_B")] @ lora[k]) * (8.0 / 4)
+                 for k in lora if ".lora_A." in k}
+        assert len(delta) > 0 and set(delta) <= set(base)
+        return delta
+
+    bf16_run, _ = _lora_run(tmp_path / "run_bf16", tiny_base, dtype="bfloat16")
+    # (run dtype, export dtype): the base enters the sum in the run's dtype, the sum is cast to the export's
+    for run_dtype, dtype, ckpt in ((torch.float32, torch.float32, path), (torch.float32, torch.bfloat16, path),
+                                   (torch.bfloat16, torch.float32, bf16_run)):
+        name = f"{run_dtype}-{dtype}".replace("torch.", "")
+        export_name = str(dtype).replace("torch.", "")
+        written = export_checkpoint(ckpt, tmp_path / name, merged=True, dtype=export_name)
         merged = load_file(str(written["merged"] / "transformer" / "diffusion_pytorch_model.safetensors"))
         info = json.loads((tmp_path / name / "export.json").read_text())
-        assert (info["weights"], info["merged_dtype"]) == ("trained", name)
+        assert (info["weights"], info["merged_dtype"]) == ("trained", export_name)
         assert merged.keys() == base.keys()
+        delta = lora_delta(ckpt)
         for k, w in base.items():
-            expected = (w.float() + delta[k]).to(dtype) if k in delta else w.to(dtype)
+            as_trained = w.to(run_dtype).float()  # the whole denoiser is the one the run trained against
+            expected = (as_trained + delta[k] if k in delta else as_trained).to(dtype)
             assert merged[k].dtype == dtype and torch.equal(merged[k], expected), (name, k)
+        # the other components as diffusers loads them in the export dtype
+        vae = load_file(str(written["merged"] / "vae" / "diffusion_pytorch_model.safetensors"))
+        assert {t.dtype for t in vae.values()} == {dtype}
 
 
 def test_a_lora_checkpoint_missing_a_tensor_is_refused(tmp_path, tiny_base):

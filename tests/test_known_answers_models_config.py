@@ -382,3 +382,17 @@ def test_run_refuses_an_unknown_trainer_with_the_valid_names():
 
     with pytest.raises(ValueError, match=r"unknown trainer 'nope'; valid trainers: \['grpo', 'nft'\]"):
         _trainer_class("nope")
+
+
+def test_image_sizes_must_fit_the_latent_packing(flux, sd3):
+    """FLUX packs 2x2 latents (transformer patch_size 1): VAE factor x 2; SD3: VAE factor x patch_size."""
+    from diffalign.config import ConfigError, SampleConfig
+    from trainers.common import image_size
+
+    assert flux.size_multiple == flux.vae_scale_factor * 2 and flux.denoiser.config.patch_size == 1
+    assert sd3.size_multiple == sd3.vae_scale_factor * sd3.denoiser.config.patch_size
+    m = flux.size_multiple
+    assert image_size(flux, SampleConfig(height=2 * m, width=3 * m)) == (2 * m, 3 * m)
+    # half a packing step used to pass and be rounded down silently
+    with pytest.raises(ConfigError, match=f"sample.width: got {3 * m + m // 2}; this model needs a multiple of {m}"):
+        image_size(flux, SampleConfig(height=2 * m, width=3 * m + m // 2))

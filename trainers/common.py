@@ -425,8 +425,7 @@ def image_size(adapter, sample_cfg) -> tuple:
     native_h, native_w = adapter.default_image_size()
     h, w = int(sample_cfg.height or native_h), int(sample_cfg.width or native_w)
     # the VAE's downsampling times the transformer's patch (the multiple diffusers' pipelines check)
-    config = getattr(getattr(adapter, "denoiser", None), "config", None)
-    multiple = int(adapter.vae_scale_factor) * int(getattr(config, "patch_size", None) or 1)
+    multiple = int(adapter.size_multiple)
     for key, value in (("height", h), ("width", w)):
         if value % multiple:
             near = max(multiple, value // multiple * multiple)

@@ -139,7 +139,9 @@ def sample_main(cfg) -> int:
     """``diffalign sample CONFIG [key=value ...]``: images for the evaluation prompts, saved as a grid.
 
     Plain sampling uses the trainer's evaluation settings (``train.eval_num_steps`` / ``eval_guidance_scale``
-    when set) and evaluation noise, so the grid shows the images ``diffalign eval`` scores.
+    when set) and evaluation noise, so the grid shows the images ``diffalign eval`` scores. Guided sampling
+    draws its own noise (the run seed) with ``guidance.num_steps`` (else ``sample.eval_num_steps``) and
+    ``sample.guidance_scale``: its ``none`` row is the guided sampler's unguided baseline, not that grid.
 
     With ``guidance.method=doob|fk|svdd|best_of_n`` (or ``guidance.compare=[...]``) the prompts are sampled
     with reward guidance (``samplers.guided``) using the config's ``rewards``: every method of
@@ -165,8 +167,6 @@ def sample_main(cfg) -> int:
         from trainers.common import build_eval_only_rewards, image_size
         from trainers.grpo import _reward_spec_dict
 
-        if not cfg.rewards:
-            raise ValueError("rewards: guided sampling needs a reward; add e.g. rewards: [{name: shapes}]")
         reward = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
         judges = build_eval_only_rewards(cfg, reward)
         h, w = image_size(adapter, cfg.sample)

@@ -207,6 +207,13 @@ class GeneratorAdapter:
     def vae_scale_factor(self) -> int:
         return int(self.pipeline.vae_scale_factor)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image heights and widths must be multiples of this: the VAE's downsampling times the denoiser's patch
+        (the multiple diffusers' pipelines check)."""
+        patch = getattr(getattr(self.denoiser, "config", None), "patch_size", None) or 1
+        return self.vae_scale_factor * int(patch)
+
     def to(
         self, device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None
     ) -> "GeneratorAdapter":

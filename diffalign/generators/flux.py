@@ -33,6 +33,11 @@ class FluxAdapter(GeneratorAdapter):
     # Double-stream blocks have both streams' projections; single-stream blocks have to_q/k/v (all under `attn.`).
     default_lora_targets = JOINT_ATTENTION_LORA_TARGETS
 
+    @property
+    def size_multiple(self) -> int:
+        """FLUX packs 2x2 latent patches (its transformer's ``patch_size`` is 1): the VAE's downsampling times 2."""
+        return self.vae_scale_factor * 2
+
     def __init__(self, pipeline: Any):
         super().__init__(pipeline)
         # Latent grid (h, w) of the last resolution seen; packed latents do not carry it.

@@ -250,8 +250,8 @@ def compare_methods(
             out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=range(i, i + len(batch)),
                                         group_size=group_size.get(label, 1), options=options.get(label, {}),
                                         **sample_kwargs)
-            images.append(out.images)
-            rows.append(out.rewards)
+            images.append(out.images.cpu())  # many rows of full-size images would fill an accelerator
+            rows.append(out.rewards.cpu())
             for k, v in out.counter.as_dict().items():
                 setattr(counter, k, getattr(counter, k) + v)
             wall += out.wall_s
