@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tupl
 
 import torch
 
+from diffalign.config import UserError
 from diffalign.types import RewardOutput
 
 __all__ = [
@@ -55,6 +56,29 @@ Metadata = List[Dict[str, Any]]
 
 class RewardError(RuntimeError):
     """A reward failed or returned something invalid; the message names the reward and the batch."""
+
+
+class RewardBuildError(UserError, TypeError):
+    """A reward could not be built from its spec (an option it does not take, a bad value): the user's config,
+    reported by the CLI as one line."""
+
+
+def check_bound_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], name: str, skip: int = 3) -> None:
+    """``TypeError`` naming the options ``fn`` does not take, when ``kwargs`` are bound to ``fn`` after its first
+    ``skip`` positional parameters (images, prompts, metadata); nothing when ``fn`` takes ``**kwargs``."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: cannot tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    named = [p.name for p in params[skip:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                          inspect.Parameter.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(named))
+    if unknown:
+        raise TypeError(f"reward {name!r} takes no option(s) {unknown}; its options are {named}")
 
 
 @runtime_checkable
@@ -198,6 +222,7 @@ class FunctionReward:
         self.fn = fn
         self.kwargs = kwargs
         self.name = name or getattr(fn, "name", None) or getattr(fn, "__name__", "reward")
+        check_bound_kwargs(fn, kwargs, self.name)  # an unknown option fails here, not on the first call
         self.differentiable = bool(getattr(fn, "differentiable", False))
         self.trainable = bool(getattr(fn, "trainable", False))
         self.range = tuple(getattr(fn, "range", UNBOUNDED))

@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from rewards.base import FunctionReward
+from rewards.base import FunctionReward, RewardBuildError
 
 __all__ = [
     "REWARDS",
@@ -211,9 +211,9 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
         try:
             reward = target(**spec.kwargs, **placement)
         except TypeError as exc:
-            raise TypeError(
-                f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r} {placement or ''}: {exc}"
-            ) from exc
+            where = f" {placement}" if placement else ""
+            message = f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r}{where}: {exc}"
+            raise RewardBuildError(message) from exc
         if not callable(reward):
             raise TypeError(
                 f"factory of reward {spec.name!r} returned a non-callable {type(reward).__name__}"
@@ -222,7 +222,10 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
             # A factory returning a bare function: add batching and the protocol attributes.
             reward = FunctionReward(reward, name=spec.label, **placement)
     else:
-        reward = FunctionReward(target, name=spec.label, **spec.kwargs, **placement)
+        try:
+            reward = FunctionReward(target, name=spec.label, **spec.kwargs, **placement)
+        except TypeError as exc:
+            raise RewardBuildError(f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r}: {exc}") from exc
     if spec.label:
         reward.name = spec.label
     elif not getattr(reward, "name", None):

@@ -9,7 +9,7 @@ imported inside the factory so that ``import rewards`` never depends on it. Not 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -35,8 +35,15 @@ class ShapesReward:
         batch_size: Optional[int] = None,
         device: Union[None, str, torch.device] = None,
         name: str = "shapes",
+        extra_options: Sequence[str] = (),
         **verifier_kwargs: Any,
     ) -> None:
+        from diffalign.shapes.verifier import DEFAULTS
+
+        valid = sorted(DEFAULTS) + list(extra_options)
+        unknown = sorted(set(verifier_kwargs) - set(valid))
+        if unknown:  # the verifier would raise it on the first scored batch, after the model has loaded
+            raise TypeError(f"unknown verifier option(s) {unknown}; valid: {valid} (and batch_size, device)")
         self._score_images = score_images
         self.verifier_kwargs = verifier_kwargs
         self.name = name
@@ -78,4 +85,4 @@ def shapes_soft(**kwargs: Any) -> ShapesReward:
     kwargs.setdefault("name", "shapes_soft")
     from diffalign.shapes.verifier import soft_score_images
 
-    return ShapesReward(soft_score_images, **kwargs)
+    return ShapesReward(soft_score_images, extra_options=("temperature",), **kwargs)

@@ -97,3 +97,31 @@ def test_pretrain_stage_without_its_vae(tmp_path):
 def test_serve_reward_unknown_name():
     with pytest.raises(SystemExit, match="error: serve-reward NAME: .*shapez"):
         cli.main(["serve-reward", "shapez", "--port", "0"])
+
+
+def test_reward_option_the_reward_does_not_take(capsys, safe):
+    """An unknown reward option stops when the rewards are built (it failed on the first scored batch, after
+    sampling, with a traceback); a UserError: exit status 1, one line."""
+    with pytest.raises(SystemExit) as info:
+        raise SystemExit(cli.main(["train", FLOW, "rewards=[{name: shapes, kwargs: {foo: 1}}]", *safe]))
+    err = capsys.readouterr().err
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert info.value.code == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0] == ("error: could not build reward 'shapes' with kwargs {'foo': 1}: unknown verifier option(s) "
+                         "['foo']; valid: ['chroma_threshold', 'min_area_frac', 'relation_margin_frac'] (and "
+                         "batch_size, device)")
+    assert not (Path(safe[0].split("=", 1)[1]) / "metrics.jsonl").exists()  # no epoch ran
+
+
+def test_plain_function_reward_options_are_checked_when_built():
+    from rewards.base import RewardBuildError
+    from rewards.registry import build_reward
+
+    with pytest.raises(RewardBuildError, match=r"takes no option\(s\) \['sgn'\]; its options are \['sign'\]"):
+        build_reward({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sgn": -1}})
+    plugin = build_reward({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sign": -1}})
+    assert plugin.kwargs == {"sign": -1}
+    soft = build_reward({"name": "shapes_soft", "kwargs": {"temperature": 0.5}})  # the shaped verifier's own option
+    assert soft.verifier_kwargs == {"temperature": 0.5}
+    with pytest.raises(RewardBuildError, match=r"unknown verifier option\(s\) \['temperature'\]"):
+        build_reward({"name": "shapes", "kwargs": {"temperature": 0.5}})
