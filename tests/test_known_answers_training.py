@@ -274,3 +274,24 @@ def test_nft_trainer_timesteps_old_velocity_and_old_update(tiny_sd3, tmp_path, m
         assert any((p - b).abs().max() > 0 for p, b in zip(params, before))  # the update moved the weights
         for b, p, a in zip(before, params, after):
             torch.testing.assert_close(a, d * b + (1 - d) * p.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_eval_shard_gives_ranks_whole_batches_of_the_one_process_run():
+    """Every evaluation image is sampled in the same batch on 1 or N processes (batched kernels round by shape)."""
+    from trainers.common import eval_shard
+
+    # 10 prompts in batches of 4 on one process: [0..3] [4..7] [8, 9]
+    assert eval_shard(10, 4, 0, 1) == (list(range(10)), 12)
+    # two processes: rank 0 the first two batches, rank 1 the last (halves of 5 cut the second batch apart)
+    assert eval_shard(10, 4, 0, 2) == (list(range(8)), 8)
+    assert eval_shard(10, 4, 1, 2) == ([8, 9], 8)
+    # more ranks than batches: the last rank gets nothing (padded in the gather)
+    assert [eval_shard(6, 4, r, 3)[0] for r in range(3)] == [[0, 1, 2, 3], [4, 5], []]
+    for n, bs, world in ((96, 16, 2), (97, 16, 3), (5, 8, 4), (33, 4, 5)):
+        shards = [eval_shard(n, bs, r, world) for r in range(world)]
+        assert sum((idx for idx, _ in shards), []) == list(range(n))  # disjoint, in order, complete
+        for idx, per in shards:
+            assert len(idx) <= per and per % bs == 0
+            one_process_batches = [list(range(i, min(n, i + bs))) for i in range(0, n, bs)]
+            assert all([idx[i:i + bs] for i in range(0, len(idx), bs)][j] in one_process_batches
+                       for j in range(math.ceil(len(idx) / bs)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -737,6 +737,18 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
     return out, (torch.cat(images) if keep_images and images else None)
 
 
+def eval_shard(num_prompts: int, batch_size: int, rank: int, world_size: int) -> Tuple[List[int], int]:
+    """``(indices, per)``: the evaluation prompts of ``rank`` and the most any rank gets (the gather's padding).
+
+    Ranks get whole batches of ``batch_size`` consecutive prompts, the batches one process samples, so every
+    image is computed in the same batch on any number of processes (batched kernels round differently for other
+    batch shapes: a bf16 run logged 0.6080 on two processes against 0.6076 on one when the ranks' halves cut
+    batches apart)."""
+    num_batches = math.ceil(num_prompts / batch_size)
+    per = math.ceil(num_batches / world_size) * batch_size
+    return list(range(min(num_prompts, rank * per), min(num_prompts, (rank + 1) * per))), per
+
+
 @torch.no_grad()
 def evaluate_run(trainer) -> Dict[str, float]:
     """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), deterministic sampler, the
@@ -747,8 +759,7 @@ def evaluate_run(trainer) -> Dict[str, float]:
     after the training ones, or None), ``height`` and ``width``."""
     s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
     prompts = trainer.prompts.eval_prompts()
-    per = math.ceil(len(prompts) / dist.world_size)
-    mine = list(range(dist.rank * per, min(len(prompts), (dist.rank + 1) * per)))
+    mine, per = eval_shard(len(prompts), s.batch_size, dist.rank, dist.world_size)
     steps, gs = eval_settings(s, cfg.eval_num_steps, cfg.eval_guidance_scale)
     ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
     with ctx:
