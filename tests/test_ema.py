@@ -38,3 +38,22 @@ def test_interval_uses_the_optimizer_step_not_the_number_of_moves():
 def test_the_decay_is_capped():
     # at step 200 the warm-up value 201/210 exceeds the cap: one move with every=200 uses decay 0.9
     assert abs(_run([0.0] * 199 + [10.0], 0.9, 200) - 1.0) < 1e-5
+
+
+def test_ema_turned_on_at_a_resume_starts_from_the_restored_weights():
+    """A checkpoint written with ``ema: false`` resumed with ``ema: true``: the shadow is the restored weights (it
+    kept the freshly built ones, so an evaluation or export before the next update showed the base model)."""
+    from types import SimpleNamespace as NS
+
+    from trainers.common import EMA, restore_weights
+
+    den = torch.nn.Linear(1, 1, bias=False)
+    den.weight.data.fill_(0.0)
+    params = list(den.parameters())
+    ema = EMA(params, decay=0.9)
+    state = NS(ema_state=None, trainable_state={"weight": torch.tensor([[1.0]])}, counters={"ema_updates": 0},
+               path="step-1")
+    restore_weights(NS(has_lora=False, denoiser=den), params, ema, state)
+    assert den.weight.item() == 1.0 and ema.shadow[0].item() == 1.0 and ema.num_updates == 0
+    with ema.swapped_in():
+        assert den.weight.item() == 1.0

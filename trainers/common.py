@@ -94,6 +94,10 @@ def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional
             ema.load_state_dict({"num_updates": state.counters.get("ema_updates", 0),
                                  "shadow": [p.detach().clone() for p in params]})
         load_trainable_state(adapter, state.trainable_state, params)
+        if ema is not None and not state.ema_state:
+            # written without an EMA (train.ema turned on at the resume): a fresh EMA of the restored weights, not
+            # of the weights the model was built with
+            ema.load_state_dict({"num_updates": 0, "shadow": [p.detach().clone() for p in params]})
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {state.path}: {exc}") from exc
 
