@@ -59,26 +59,28 @@ class RewardError(RuntimeError):
 
 
 class RewardBuildError(UserError, TypeError):
-    """A reward could not be built from its spec (an option it does not take, a bad value): the user's config,
-    reported by the CLI as one line."""
+    """A reward's spec names an option the reward does not take: the user's config, reported by the CLI as one
+    line. (Other errors while a reward is built are not the user's and keep their traceback.)"""
 
 
-def check_bound_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], name: str, skip: int = 3) -> None:
-    """``TypeError`` naming the options ``fn`` does not take, when ``kwargs`` are bound to ``fn`` after its first
-    ``skip`` positional parameters (images, prompts, metadata); nothing when ``fn`` takes ``**kwargs``."""
+def check_bound_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], name: str) -> None:
+    """:class:`RewardBuildError` naming the options ``fn`` does not take, when ``kwargs`` are bound to a call
+    ``fn(images, prompts, metadata, **kwargs)`` (:class:`FunctionReward`'s); nothing when ``fn``'s signature cannot
+    be read (a builtin)."""
     import inspect
 
     try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # a builtin or C callable: cannot tell
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    named = [p.name for p in params[skip:] if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                          inspect.Parameter.KEYWORD_ONLY)]
-    unknown = sorted(set(kwargs) - set(named))
-    if unknown:
-        raise TypeError(f"reward {name!r} takes no option(s) {unknown}; its options are {named}")
+    try:
+        signature.bind(None, None, None, **kwargs)
+    except TypeError as exc:
+        options = [p.name for p in list(signature.parameters.values())
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("images", "prompts",
+                                                                                              "metadata")]
+        raise RewardBuildError(f"reward {name!r} cannot take options {sorted(kwargs)} ({exc}); its options are "
+                               f"{options}") from None
 
 
 @runtime_checkable

@@ -210,10 +210,11 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
     if _is_factory(target):
         try:
             reward = target(**spec.kwargs, **placement)
+        except RewardBuildError:  # an option the reward does not take: the user's, one line
+            raise
         except TypeError as exc:
             where = f" {placement}" if placement else ""
-            message = f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r}{where}: {exc}"
-            raise RewardBuildError(message) from exc
+            raise TypeError(f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r}{where}: {exc}") from exc
         if not callable(reward):
             raise TypeError(
                 f"factory of reward {spec.name!r} returned a non-callable {type(reward).__name__}"
@@ -222,10 +223,7 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
             # A factory returning a bare function: add batching and the protocol attributes.
             reward = FunctionReward(reward, name=spec.label, **placement)
     else:
-        try:
-            reward = FunctionReward(target, name=spec.label, **spec.kwargs, **placement)
-        except TypeError as exc:
-            raise RewardBuildError(f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r}: {exc}") from exc
+        reward = FunctionReward(target, name=spec.label, **spec.kwargs, **placement)  # checks the options
     if spec.label:
         reward.name = spec.label
     elif not getattr(reward, "name", None):

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from diffalign.types import RewardOutput
-from rewards.base import call_batched
+from rewards.base import RewardBuildError, call_batched
 from rewards.registry import register_reward
 
 __all__ = ["ShapesReward"]
@@ -43,7 +43,8 @@ class ShapesReward:
         valid = sorted(DEFAULTS) + list(extra_options)
         unknown = sorted(set(verifier_kwargs) - set(valid))
         if unknown:  # the verifier would raise it on the first scored batch, after the model has loaded
-            raise TypeError(f"unknown verifier option(s) {unknown}; valid: {valid} (and batch_size, device)")
+            raise RewardBuildError(f"reward {name!r}: unknown verifier option(s) {unknown}; valid: {valid} (and "
+                                   "batch_size, device)")
         self._score_images = score_images
         self.verifier_kwargs = verifier_kwargs
         self.name = name

@@ -235,6 +235,27 @@ def test_evaluation_scores_the_ema_weights_then_restores_the_trained_ones(monkey
     assert calls == [(["a", "b"], [0, 1], 7, 4.5, common.eval_seed(3))]
 
 
+def test_evaluation_pads_the_gather_on_the_scores_device(monkeypatch):
+    """10 prompts in batches of 4 on one process: the gather is padded to 12 rows with NaN on the device the scores
+    are on (on a GPU the NaN rows were made on the CPU and the concatenation failed); the padding is left out of
+    the mean. ``meta`` stands in for an accelerator."""
+    gathered = []
+    monkeypatch.setattr(common, "score_prompts", lambda adapter, sets, prompts, ids, **kw: (
+        torch.ones(len(prompts), 1, device="meta"), None))
+
+    def gather(t):
+        gathered.append((t.device.type, tuple(t.shape)))
+        return torch.cat([torch.arange(10, dtype=torch.float32), torch.full((2,), float("nan"))])[:, None]
+
+    trainer = NS(run=NS(sample=NS(eval_num_steps=3, guidance_scale=4.5, batch_size=4), seed=3),
+                 cfg=NS(eval_num_steps=None, eval_guidance_scale=None), dist=NS(rank=0, world_size=1, gather=gather),
+                 device=torch.device("meta"), adapter=None, ema=None,
+                 prompts=NS(eval_prompts=lambda: [str(i) for i in range(10)]), rewards=NS(names=["r"]),
+                 eval_only_rewards=None, height=32, width=32, dtype=torch.float32)
+    assert common.evaluate_run(trainer) == {"eval/reward/r": 4.5}  # mean of 0..9, the two NaN rows left out
+    assert gathered == [("meta", (12, 1))]
+
+
 def _linear_adapter():
     den = torch.nn.Linear(1, 1, bias=False)
     return NS(has_lora=False, denoiser=den), list(den.parameters())

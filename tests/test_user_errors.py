@@ -107,20 +107,32 @@ def test_reward_option_the_reward_does_not_take(capsys, safe):
     err = capsys.readouterr().err
     errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
     assert info.value.code == 1 and "Traceback" not in err and len(errors) == 1, err
-    assert errors[0] == ("error: could not build reward 'shapes' with kwargs {'foo': 1}: unknown verifier option(s) "
-                         "['foo']; valid: ['chroma_threshold', 'min_area_frac', 'relation_margin_frac'] (and "
-                         "batch_size, device)")
+    assert errors[0] == ("error: reward 'shapes': unknown verifier option(s) ['foo']; valid: ['chroma_threshold', "
+                         "'min_area_frac', 'relation_margin_frac'] (and batch_size, device)")
     assert not (Path(safe[0].split("=", 1)[1]) / "metrics.jsonl").exists()  # no epoch ran
 
 
-def test_plain_function_reward_options_are_checked_when_built():
-    from rewards.base import RewardBuildError
-    from rewards.registry import build_reward
+def test_plain_function_reward_options_are_checked_when_built(monkeypatch):
+    import torch
 
-    with pytest.raises(RewardBuildError, match=r"takes no option\(s\) \['sgn'\]; its options are \['sign'\]"):
+    from rewards.base import RewardBuildError, check_bound_kwargs
+    from rewards.registry import REWARDS, build_reward, reward_factory
+
+    with pytest.raises(RewardBuildError, match=r"cannot take options \['sgn'\] .*; its options are \['sign'\]"):
         build_reward({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sgn": -1}})
+    # what the call accepts is accepted: *args before a keyword-only option, **kwargs (a review found *args refused)
+    for fn, ok in ((lambda *args, sign=1.0: None, {"sign": -1}), (lambda images, *rest, sign=1: None, {"sign": 2}),
+                   (lambda images, prompts, metadata, **kw: None, {"anything": 1})):
+        check_bound_kwargs(fn, ok, "plugin")
+    with pytest.raises(RewardBuildError, match=r"cannot take options \['sgn'\]"):
+        check_bound_kwargs(lambda *args, sign=1.0: None, {"sgn": 1}, "plugin")
     plugin = build_reward({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sign": -1}})
     assert plugin.kwargs == {"sign": -1}
+    # a TypeError inside a reward's factory is a bug, not the user's config: it keeps its type and traceback
+    monkeypatch.setitem(REWARDS, "buggy_factory", reward_factory(lambda **kwargs: torch.zeros("3")))
+    with pytest.raises(TypeError, match="could not build reward 'buggy_factory'") as info:
+        build_reward({"name": "buggy_factory"})
+    assert not isinstance(info.value, RewardBuildError)
     soft = build_reward({"name": "shapes_soft", "kwargs": {"temperature": 0.5}})  # the shaped verifier's own option
     assert soft.verifier_kwargs == {"temperature": 0.5}
     with pytest.raises(RewardBuildError, match=r"unknown verifier option\(s\) \['temperature'\]"):

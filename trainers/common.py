@@ -772,7 +772,7 @@ def evaluate_run(trainer) -> Dict[str, float]:
                                  height=trainer.height, width=trainer.width, dtype=trainer.dtype)
     pad = per - local.shape[0]
     if pad:
-        local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"))])
+        local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"), device=local.device)])
     allr = dist.gather(local.to(trainer.device)).cpu()
     names = eval_reward_names(trainer)
     return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}
