@@ -137,3 +137,23 @@ def test_plain_function_reward_options_are_checked_when_built(monkeypatch):
     assert soft.verifier_kwargs == {"temperature": 0.5}
     with pytest.raises(RewardBuildError, match=r"unknown verifier option\(s\) \['temperature'\]"):
         build_reward({"name": "shapes", "kwargs": {"temperature": 0.5}})
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes need os.mkfifo")
+def test_a_pipe_is_read_as_a_prompt_file(tmp_path):
+    """Only folders and missing paths are refused: a pipe (``prompts.path=<(grep red prompts.txt)``) is a file."""
+    import os
+    import threading
+
+    from diffalign.prompts import _read_lines
+
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a red circle\n\na blue square\n"), daemon=True)
+    writer.start()
+    try:
+        assert _read_lines(str(fifo)) == ["a red circle", "a blue square"]
+    finally:
+        if writer.is_alive():  # the read never opened the pipe: open it once so that the writer returns
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=10)
