@@ -76,9 +76,9 @@ def check_bound_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], name: str
     try:
         signature.bind(None, None, None, **kwargs)
     except TypeError as exc:
-        options = [p.name for p in list(signature.parameters.values())
-                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in ("images", "prompts",
-                                                                                              "metadata")]
+        options = [p.name for p in signature.parameters.values()
+                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                   and p.name not in ("images", "prompts", "metadata")]
         raise RewardBuildError(f"reward {name!r} cannot take options {sorted(kwargs)} ({exc}); its options are "
                                f"{options}") from None
 

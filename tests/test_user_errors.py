@@ -15,12 +15,14 @@ FLOW = str(REPO / "configs" / "shapes" / "flow_grpo.yaml")
 NFT = str(REPO / "configs" / "shapes" / "nft.yaml")
 
 
-def _error(capsys, argv):
+def _error(capsys, argv, status=2):
+    """The one ``error:`` line of a command that must exit with ``status`` (2: a config error; 1: another user
+    error) and no traceback."""
     with pytest.raises(SystemExit) as info:
         code = cli.main(argv)
         raise SystemExit(code)
     err = capsys.readouterr().err  # model loading may have drawn progress bars before the error
-    assert info.value.code == 2, err
+    assert info.value.code == status, err
     errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
     assert "Traceback" not in err and len(errors) == 1, err
     return errors[0] + "\n"
@@ -102,13 +104,9 @@ def test_serve_reward_unknown_name():
 def test_reward_option_the_reward_does_not_take(capsys, safe):
     """An unknown reward option stops when the rewards are built (it failed on the first scored batch, after
     sampling, with a traceback); a UserError: exit status 1, one line."""
-    with pytest.raises(SystemExit) as info:
-        raise SystemExit(cli.main(["train", FLOW, "rewards=[{name: shapes, kwargs: {foo: 1}}]", *safe]))
-    err = capsys.readouterr().err
-    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
-    assert info.value.code == 1 and "Traceback" not in err and len(errors) == 1, err
-    assert errors[0] == ("error: reward 'shapes': unknown verifier option(s) ['foo']; valid: ['chroma_threshold', "
-                         "'min_area_frac', 'relation_margin_frac'] (and batch_size, device)")
+    err = _error(capsys, ["train", FLOW, "rewards=[{name: shapes, kwargs: {foo: 1}}]", *safe], status=1)
+    assert err == ("error: reward 'shapes': unknown verifier option(s) ['foo']; valid: ['chroma_threshold', "
+                   "'min_area_frac', 'relation_margin_frac'] (and batch_size, device)\n")
     assert not (Path(safe[0].split("=", 1)[1]) / "metrics.jsonl").exists()  # no epoch ran
 
 

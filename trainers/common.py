@@ -428,8 +428,7 @@ def image_size(adapter, sample_cfg) -> tuple:
     """``(height, width)`` in pixels: the config's, or the model's native size."""
     native_h, native_w = adapter.default_image_size()
     h, w = int(sample_cfg.height or native_h), int(sample_cfg.width or native_w)
-    # the VAE's downsampling times the transformer's patch (the multiple diffusers' pipelines check)
-    multiple = int(adapter.size_multiple)
+    multiple = int(adapter.size_multiple)  # the multiple diffusers' pipelines check (FLUX: its 2x2 packing)
     for key, value in (("height", h), ("width", w)):
         if value % multiple:
             near = max(multiple, value // multiple * multiple)

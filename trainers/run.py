@@ -95,20 +95,25 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
     return adapter
 
 
-def _eval_rows(cfg, adapter, prompts, num_steps: int, guidance: float, seed: int, keep_images: bool = False,
-               with_eval_rewards: bool = False):
+def _eval_rows(cfg, adapter, prompts, keep_images: bool = False):
+    """``(names, rows [n, R], images or None)`` of ``prompts`` sampled as the trainer's evaluation samples them
+    (its ``eval_num_steps`` / ``eval_guidance_scale`` when set, and its evaluation noise), so ``diffalign eval``
+    and ``sample`` reproduce what a run logged; columns: the training rewards, then ``eval_rewards``."""
     from rewards import MultiReward
-    from trainers.common import DTYPES, build_eval_only_rewards, image_size, score_prompts
+    from trainers.common import (DTYPES, build_eval_only_rewards, eval_seed, eval_settings, image_size,
+                                 score_prompts)
     from trainers.grpo import _reward_spec_dict
 
+    train = dict(cfg.train or {})
+    steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
     rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
     # the training columns, then eval_rewards (the trainers' rule: a name already training is an error)
-    extra = build_eval_only_rewards(cfg, rewards) if with_eval_rewards else None
+    extra = build_eval_only_rewards(cfg, rewards)
     reward_sets = [r for r in (rewards, extra) if r is not None]
     h, w = image_size(adapter, cfg.sample)
-    rows, images = score_prompts(adapter, reward_sets, prompts, range(len(prompts)), sample_cfg=cfg.sample, seed=seed,
-                                 num_steps=num_steps, guidance_scale=guidance, height=h, width=w,
-                                 dtype=DTYPES[cfg.model.dtype], keep_images=keep_images)
+    rows, images = score_prompts(adapter, reward_sets, prompts, range(len(prompts)), sample_cfg=cfg.sample,
+                                 seed=eval_seed(cfg.seed), num_steps=steps, guidance_scale=guidance, height=h,
+                                 width=w, dtype=DTYPES[cfg.model.dtype], keep_images=keep_images)
     return [n for r in reward_sets for n in r.names], rows, images
 
 
@@ -117,16 +122,11 @@ def eval_main(cfg) -> int:
     evaluation prompts for the base model (no checkpoint) or a trained checkpoint; writes ``eval.json``."""
     check_reward_config(cfg)
     from diffalign.prompts import build_prompt_source
-    from trainers.common import eval_seed, eval_settings
 
-    train = dict(cfg.train or {})
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
     adapter = _load_eval_adapter(cfg, checkpoint)
-    steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
-    # the trainer's evaluation noise: a checkpoint scores here what its run logged for it
-    names, rows, _ = _eval_rows(cfg, adapter, prompts, steps, guidance, seed=eval_seed(cfg.seed),
-                                with_eval_rewards=True)
+    names, rows, _ = _eval_rows(cfg, adapter, prompts)  # a checkpoint scores here what its run logged for it
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
@@ -210,13 +210,7 @@ def sample_main(cfg) -> int:
             f.write(table + "\n")
         print(table)
         return 0
-    from trainers.common import eval_seed, eval_settings
-
-    train = dict(cfg.train or {})
-    steps, cfg_scale = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
-    # the trainer's evaluation settings and noise, as `diffalign eval`: the grid shows the images it scores
-    names, rows, images = _eval_rows(cfg, adapter, prompts, steps, cfg_scale, seed=eval_seed(cfg.seed),
-                                     keep_images=True, with_eval_rewards=True)
+    names, rows, images = _eval_rows(cfg, adapter, prompts, keep_images=True)  # the images `diffalign eval` scores
     os.makedirs(cfg.output_dir, exist_ok=True)
     # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
     # columns come after them in rows and are marked in the json
