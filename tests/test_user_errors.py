@@ -101,10 +101,16 @@ def test_serve_reward_unknown_name():
         cli.main(["serve-reward", "shapez", "--port", "0"])
 
 
-def test_reward_option_the_reward_does_not_take(capsys, safe):
+@pytest.mark.parametrize("command,config", [("train", FLOW), ("train", NFT), ("eval", FLOW), ("sample", FLOW)])
+def test_reward_option_the_reward_does_not_take(capsys, safe, monkeypatch, command, config):
     """An unknown reward option stops when the rewards are built (it failed on the first scored batch, after
-    sampling, with a traceback); a UserError: exit status 1, one line."""
-    err = _error(capsys, ["train", FLOW, "rewards=[{name: shapes, kwargs: {foo: 1}}]", *safe], status=1)
+    sampling, with a traceback), before the model is loaded (minutes for a real checkpoint); a UserError: exit
+    status 1, one line."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rewards were checked")
+
+    monkeypatch.setattr("trainers.common.build_adapter", no_model)
+    err = _error(capsys, [command, config, "rewards=[{name: shapes, kwargs: {foo: 1}}]", *safe], status=1)
     assert err == ("error: reward 'shapes': unknown verifier option(s) ['foo']; valid: ['chroma_threshold', "
                    "'min_area_frac', 'relation_margin_frac'] (and batch_size, device)\n")
     assert not (Path(safe[0].split("=", 1)[1]) / "metrics.jsonl").exists()  # no epoch ran

@@ -249,7 +249,13 @@ class GRPOTrainer:
         self.dist = DistContext.from_accelerator(self.accelerator)
         self.device = resolve_device(run.model.device, self.accelerator)
         self.dtype = DTYPES[run.model.dtype]
+        if not run.rewards:
+            raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
         torch.manual_seed(run.seed)
+        # rewards are built before the model, so that a misspelt reward option fails before a long model load
+        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
+        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
+        torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)
         if self.adapter.kind != "flow" and run.sample.step.startswith("flow_"):
@@ -262,10 +268,6 @@ class GRPOTrainer:
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
         self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
-        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
-        if not run.rewards:
-            raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
-        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
         self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
         self.moments = RunningMoments()
         self.kl_form = resolve_kl_form(cfg.kl_form, run.sample.step)

@@ -245,7 +245,13 @@ class NFTTrainer:
         self.dist = DistContext.from_accelerator(self.accelerator)
         self.device = resolve_device(run.model.device, self.accelerator)
         self.dtype = DTYPES[run.model.dtype]
+        if not run.rewards:
+            raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
         torch.manual_seed(run.seed)
+        # rewards are built before the model, so that a misspelt reward option fails before a long model load
+        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
+        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
+        torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)
         if self.adapter.kind != "flow":
@@ -262,10 +268,6 @@ class NFTTrainer:
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
         self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
         self.old = OldPolicy(self.params)
-        if not run.rewards:
-            raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
-        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
-        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
         self.num_rewards = len(self.rewards.names)
         self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
                                      method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)

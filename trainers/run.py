@@ -95,21 +95,28 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
     return adapter
 
 
-def _eval_rows(cfg, adapter, prompts, keep_images: bool = False):
+def _build_rewards(cfg) -> tuple:
+    """``(rewards, eval_only)``: the config's ``rewards`` and its ``eval_rewards`` columns (``None`` without any;
+    the trainers' rule: a name already training is an error). Built before the model, so that a misspelt reward
+    option fails before a long model load."""
+    from rewards import MultiReward
+    from trainers.common import build_eval_only_rewards
+    from trainers.grpo import _reward_spec_dict
+
+    rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
+    return rewards, build_eval_only_rewards(cfg, rewards)
+
+
+def _eval_rows(cfg, adapter, prompts, built, keep_images: bool = False):
     """``(names, rows [n, R], images or None)`` of ``prompts`` sampled as the trainer's evaluation samples them
     (its ``eval_num_steps`` / ``eval_guidance_scale`` when set, and its evaluation noise), so ``diffalign eval``
-    and ``sample`` reproduce what a run logged; columns: the training rewards, then ``eval_rewards``."""
-    from rewards import MultiReward
-    from trainers.common import (DTYPES, build_eval_only_rewards, eval_seed, eval_settings, image_size,
-                                 score_prompts)
-    from trainers.grpo import _reward_spec_dict
+    and ``sample`` reproduce what a run logged; columns: the training rewards, then ``eval_rewards``
+    (``built``: :func:`_build_rewards`)."""
+    from trainers.common import DTYPES, eval_seed, eval_settings, image_size, score_prompts
 
     train = dict(cfg.train or {})
     steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
-    rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
-    # the training columns, then eval_rewards (the trainers' rule: a name already training is an error)
-    extra = build_eval_only_rewards(cfg, rewards)
-    reward_sets = [r for r in (rewards, extra) if r is not None]
+    reward_sets = [r for r in built if r is not None]
     h, w = image_size(adapter, cfg.sample)
     rows, images = score_prompts(adapter, reward_sets, prompts, range(len(prompts)), sample_cfg=cfg.sample,
                                  seed=eval_seed(cfg.seed), num_steps=steps, guidance_scale=guidance, height=h,
@@ -125,8 +132,9 @@ def eval_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
+    built = _build_rewards(cfg)
     adapter = _load_eval_adapter(cfg, checkpoint)
-    names, rows, _ = _eval_rows(cfg, adapter, prompts)  # a checkpoint scores here what its run logged for it
+    names, rows, _ = _eval_rows(cfg, adapter, prompts, built)  # a checkpoint scores here what its run logged for it
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
@@ -159,16 +167,14 @@ def sample_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
+    built = _build_rewards(cfg)
     adapter = _load_eval_adapter(cfg, checkpoint)
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:
-        from rewards import MultiReward
         from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
-        from trainers.common import build_eval_only_rewards, image_size
-        from trainers.grpo import _reward_spec_dict
+        from trainers.common import image_size
 
-        reward = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
-        judges = build_eval_only_rewards(cfg, reward)
+        reward, judges = built
         h, w = image_size(adapter, cfg.sample)
         step, level = resolve_kernel(adapter.kind, guidance.step, guidance.noise_level, cfg.sample.step,
                                      cfg.sample.noise_level)
@@ -210,7 +216,7 @@ def sample_main(cfg) -> int:
             f.write(table + "\n")
         print(table)
         return 0
-    names, rows, images = _eval_rows(cfg, adapter, prompts, keep_images=True)  # the images `diffalign eval` scores
+    names, rows, images = _eval_rows(cfg, adapter, prompts, built, keep_images=True)  # the images `diffalign eval` scores
     os.makedirs(cfg.output_dir, exist_ok=True)
     # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
     # columns come after them in rows and are marked in the json
