@@ -114,18 +114,36 @@ def instrument(trainer) -> Dict:
         trainer._advantages = orig_adv
 
 
-def train_recorded(cfg, accelerator=None):
-    """Set up and train a GRPO trainer under :func:`instrument`; returns ``(trainer, record)``."""
+def train_recorded(cfg, accelerator=None, sigterm_rank=None):
+    """Set up and train a GRPO trainer under :func:`instrument`; returns ``(trainer, record)``.
+
+    ``sigterm_rank``: train under :class:`diffalign.interrupt.GracefulStop` (as ``diffalign train`` does), and
+    that rank sends itself SIGTERM in its first epoch (after sampling); ``record["stopped_by"]`` / ``["epoch"]``
+    say where each rank stopped."""
+    import signal
+
+    from diffalign.interrupt import GracefulStop
     from trainers.grpo import GRPOTrainer
 
     trainer = GRPOTrainer(cfg, accelerator)
     trainer.setup()
-    with instrument(trainer) as record:
+    stop = GracefulStop(announce=False) if sigterm_rank is not None else contextlib.nullcontext()
+    with instrument(trainer) as record, stop:
+        if sigterm_rank == trainer.dist.rank:
+            recorded = trainer._advantages
+
+            def advantages(*args):
+                if not record["epochs"]:
+                    signal.raise_signal(signal.SIGTERM)
+                return recorded(*args)
+
+            trainer._advantages = advantages
         try:
             trainer.train()
         finally:
             trainer.cleanup()
     record["lora"] = {k: v.detach().cpu().clone() for k, v in trainer.adapter.lora_state_dict().items()}
+    record.update(stopped_by=getattr(trainer, "stopped_by", None), epoch=trainer.epoch)
     return trainer, record
 
 
@@ -138,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--num-batches", type=int, default=2)
     p.add_argument("--num-epochs", type=int, default=2)
+    p.add_argument("--sigterm-rank", type=int, default=None, help="this rank sends itself SIGTERM in epoch 1")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -163,7 +182,7 @@ def main(argv=None) -> int:
 
     cfg = config(args.model, args.out, batch_size=args.batch_size, num_batches=args.num_batches,
                  num_epochs=args.num_epochs)
-    trainer, record = train_recorded(cfg, acc)
+    trainer, record = train_recorded(cfg, acc, sigterm_rank=args.sigterm_rank)
     for ep in record["epochs"]:
         ep.pop("assignment")  # plain tensors and lists only in the file
     record.update(group=group, seconds=time.perf_counter() - t0,

@@ -65,9 +65,9 @@ def _env() -> dict:
     return env
 
 
-def _start(launcher: str, model: str, out: Path, results: Path) -> subprocess.Popen:
+def _start(launcher: str, model: str, out: Path, results: Path, extra=()) -> subprocess.Popen:
     args = ["--model", model, "--out", str(out), "--results", str(results), "--world-size", str(WORLD),
-            "--batch-size", "4", "--num-batches", "2", "--num-epochs", "2"]
+            "--batch-size", "4", "--num-batches", "2", "--num-epochs", "2", *extra]
     return subprocess.Popen(_launch_cmd(launcher, _free_port(), args), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -82,14 +82,14 @@ def _finish(proc: subprocess.Popen) -> tuple:
     return proc.returncode, output
 
 
-def _run_distributed(launcher: str, model: str, tmp: Path, reference):
+def _run_distributed(launcher: str, model: str, tmp: Path, reference, extra=()):
     """Launch the 2-process run, compute ``reference()`` (the 1-process run) while it runs, and return
     ``(rank records, reference result)``. A launch that dies by a signal or fails to bind its port is retried
     once (research/environment.md §4.1 saw one SIGABRT in 9 gloo launches on this machine)."""
     ref = None
     for attempt in range(2):
         results = tmp / f"results-{launcher}-{attempt}"
-        proc = _start(launcher, model, tmp / f"run-{launcher}-{attempt}", results)
+        proc = _start(launcher, model, tmp / f"run-{launcher}-{attempt}", results, extra)
         if attempt == 0:
             ref = reference()
         rc, output = _finish(proc)
@@ -193,6 +193,22 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     records, (trainer1, rec1) = _run_distributed("torchrun", model, tmp_path,
                                                  lambda: _reference_run(model, tmp_path / "run-1proc"))
     _check(records, trainer1, rec1)
+
+
+def test_sigterm_to_one_rank_stops_both_after_the_same_epoch(tmp_path):
+    """Under diffalign.interrupt.GracefulStop (``diffalign train``) rank 1 alone gets SIGTERM in epoch 1 of 3:
+    both ranks stop after epoch 1 with the checkpoint of that epoch (no rank waits alone in a collective)."""
+    from diffalign.checkpoint import load_checkpoint, resolve_resume
+
+    model = save_tiny(tmp_path)
+    records, _ = _run_distributed("torchrun", model, tmp_path, lambda: None,
+                                  extra=["--num-epochs", "3", "--sigterm-rank", "1"])
+    assert [rec["group"]["num_processes"] for rec in records] == [WORLD, WORLD]
+    assert [(rec["stopped_by"], rec["epoch"], len(rec["epochs"])) for rec in records] == [(15, 1, 1)] * WORLD
+    assert all(torch.equal(v, records[1]["lora"][k]) for k, v in records[0]["lora"].items())
+    run = next(p for p in sorted(tmp_path.glob("run-torchrun-*")) if (p / "checkpoints").is_dir())
+    state = load_checkpoint(resolve_resume(run, "latest"), rank=1, world_size=WORLD)
+    assert state.counters["epoch"] == 1 and state.rng_state is not None  # rank 1's RNG file was written too
 
 
 @pytest.mark.slow

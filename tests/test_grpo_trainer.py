@@ -254,13 +254,45 @@ def test_time_limit_decision_is_shared_by_all_ranks():
     from trainers.common import should_stop
 
     cfg = SimpleNamespace(max_minutes=10.0, stop_after_epochs=None)
-    other_timed_out = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.ones(1)]))
-    nobody = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.zeros(1)]))
     now = time.time()
-    assert should_stop(cfg, 1, now, other_timed_out) == (True, True)
-    assert should_stop(cfg, 1, now, nobody) == (False, False)
-    assert should_stop(cfg, 1, now - 601, nobody) == (True, True)
-    assert should_stop(SimpleNamespace(max_minutes=None, stop_after_epochs=2), 2, now) == (True, False)
+    other_timed_out = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.tensor([[1.0, 0]])]))
+    nobody = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.zeros(1, 2)]))
+    assert should_stop(cfg, 1, now, other_timed_out) == (True, True, 0)
+    assert should_stop(cfg, 1, now, nobody) == (False, False, 0)
+    assert should_stop(cfg, 1, now - 601, nobody) == (True, True, 0)
+    assert should_stop(SimpleNamespace(max_minutes=None, stop_after_epochs=2), 2, now) == (True, False, 0)
+
+
+def test_a_signal_on_one_rank_stops_every_rank(monkeypatch):
+    """SIGTERM / SIGINT under diffalign.interrupt.GracefulStop: the first only requests a stop (shared by all
+    ranks, also without a time limit), a second SIGINT stops at once, a second SIGTERM changes nothing."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from diffalign.distributed import DistContext
+    from diffalign.interrupt import GracefulStop, stop_active, stop_requested
+    from trainers.common import should_stop
+
+    cfg = SimpleNamespace(max_minutes=None, stop_after_epochs=None)
+    other_got_term = DistContext(rank=0, world_size=2,
+                                 gather_fn=lambda t: torch.cat([t, torch.tensor([[0.0, float(signal.SIGTERM)]])]))
+    nobody = DistContext(rank=0, world_size=2, gather_fn=lambda t: torch.cat([t, torch.zeros(1, 2)]))
+    now = time.time()
+    assert should_stop(cfg, 1, now, other_got_term) == (False, False, 0)  # no GracefulStop: no collective
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop(announce=False) as stop:
+        assert stop_active() and stop_requested() is None
+        assert should_stop(cfg, 1, now, nobody) == (False, False, 0)
+        assert should_stop(cfg, 1, now, other_got_term) == (True, False, signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # the process is not terminated: a stop is requested
+        assert stop.requested == signal.SIGTERM == stop_requested()
+        assert should_stop(cfg, 1, now) == (True, False, signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # repeated SIGTERM: still only the request
+        assert stop.requested == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="second interrupt"):
+            signal.raise_signal(signal.SIGINT)
+    assert not stop_active() and stop_requested() is None and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_learning_rate_schedules(tmp_path):

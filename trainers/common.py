@@ -543,17 +543,23 @@ def sample_batch(
 
 
 def should_stop(cfg, ran: int, started: float, dist=None, device="cpu") -> tuple:
-    """``(stop, timed_out)`` after ``ran`` epochs in this process: ``train.stop_after_epochs`` reached, or
-    ``train.max_minutes`` of wall time since ``started`` (``time.time()``) spent. A timed-out run ends with an
-    evaluation (outside its time budget), like a finished one. With a multi-process ``dist``
-    (:class:`diffalign.distributed.DistContext`) every rank takes the decision of any rank whose clock ran
-    out, so no rank waits alone in a collective."""
+    """``(stop, timed_out, signalled)`` after ``ran`` epochs in this process: ``train.stop_after_epochs``
+    reached, ``train.max_minutes`` of wall time since ``started`` (``time.time()``) spent, or a stop requested by
+    SIGTERM / SIGINT (:mod:`diffalign.interrupt`; ``signalled`` is the signal number, else 0). A timed-out run
+    ends with an evaluation (outside its time budget), like a finished one; a signalled run only with its
+    checkpoint. With a multi-process ``dist`` (:class:`diffalign.distributed.DistContext`) every rank takes the
+    decision of any rank whose clock ran out or that got a signal, so no rank waits alone in a collective."""
     import time
 
+    from diffalign.interrupt import stop_active, stop_requested
+
     timed_out = cfg.max_minutes is not None and (time.time() - started) / 60 >= cfg.max_minutes
-    if cfg.max_minutes is not None and dist is not None and dist.world_size > 1:
-        timed_out = bool(dist.gather(torch.tensor([float(timed_out)], device=device)).max() > 0)
-    return timed_out or (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs), timed_out
+    signalled = stop_requested() or 0
+    if dist is not None and dist.world_size > 1 and (cfg.max_minutes is not None or stop_active()):
+        flags = dist.gather(torch.tensor([[float(timed_out), float(signalled)]], device=device)).amax(dim=0)
+        timed_out, signalled = bool(flags[0] > 0), int(flags[1])
+    stop = timed_out or bool(signalled) or (cfg.stop_after_epochs is not None and ran >= cfg.stop_after_epochs)
+    return stop, timed_out, signalled
 
 
 def _epoch_failures(trainer, before: Dict[str, int]) -> Dict[str, float]:
@@ -619,7 +625,8 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
                    "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": trainer.epoch,
                    **_epoch_failures(trainer, failed_before)}
         ran += 1
-        stop, timed_out = should_stop(cfg, ran, started, dist, trainer.device)
+        stop, timed_out, signalled = should_stop(cfg, ran, started, dist, trainer.device)
+        trainer.stopped_by = signalled or None  # no extra evaluation for a signal (a grace period is short)
         evaluated = bool(cfg.eval_every and trainer.epoch % cfg.eval_every == 0) or trainer.epoch == cfg.num_epochs \
             or timed_out
         if evaluated:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Dict
 
 import torch
@@ -62,13 +63,25 @@ def train_main(cfg) -> int:
     if cfg.trainer is None:
         raise ConfigError("the config names no trainer; add `trainer: grpo` (or nft), or the override "
                           "trainer=grpo", key="trainer")
+    import signal
+
+    from diffalign.interrupt import GracefulStop
+
     accelerator = make_accelerator(cfg.model.device)
     trainer = _trainer_class(cfg.trainer)(cfg, accelerator)
     trainer.setup()
     try:
-        result = trainer.train()
+        with GracefulStop(announce=accelerator.is_main_process):  # SIGTERM / Ctrl-C: checkpoint, then stop
+            result = trainer.train()
     finally:
         trainer.cleanup()
+    stopped_by = getattr(trainer, "stopped_by", None)
+    if stopped_by:
+        if accelerator.is_main_process:
+            print(f"stopped by {signal.Signals(stopped_by).name} after epoch {trainer.epoch}, with a checkpoint in "
+                  f"{cfg.output_dir}; run the same command with checkpoint.resume_from=latest to continue",
+                  file=sys.stderr)
+        return 128 + stopped_by
     if accelerator.is_main_process and result:
         print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
     return 0
@@ -216,7 +229,7 @@ def sample_main(cfg) -> int:
             f.write(table + "\n")
         print(table)
         return 0
-    names, rows, images = _eval_rows(cfg, adapter, prompts, built, keep_images=True)  # the images `diffalign eval` scores
+    names, rows, images = _eval_rows(cfg, adapter, prompts, built, keep_images=True)  # what `diffalign eval` scores
     os.makedirs(cfg.output_dir, exist_ok=True)
     # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
     # columns come after them in rows and are marked in the json
