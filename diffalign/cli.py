@@ -222,6 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `diffalign config x.yaml | head`: not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at interpreter exit
         return 0
+    except KeyboardInterrupt as exc:  # Ctrl-C outside a training loop, or twice inside one (diffalign.interrupt)
+        print(f"\ninterrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
     except UserError as exc:
         # a message that names the value, the rule and the fix (a checkpoint that cannot be used, a run stopped by
         # non-finite gradients): one line, no traceback; anything else is a bug and keeps its traceback

@@ -163,6 +163,9 @@ def export_main(argv):
 def user_error(cfg):
     from diffalign.checkpoint import CheckpointError
     raise CheckpointError("no usable checkpoint; train first")
+
+def interrupted(cfg):
+    raise KeyboardInterrupt("second interrupt: stopped at once")
 """
 
 
@@ -200,6 +203,9 @@ def test_exit_status_is_the_return_value_or_the_error_kind(plugin, run_yaml, mon
     assert capsys.readouterr().err == "error: no usable checkpoint; train first\n"
     assert cli.main(["train", run, "sample.num_steps=0"]) == 2  # config errors: status 2
     assert capsys.readouterr().err.startswith("error: sample.num_steps: got 0; must be >= 1")
+    monkeypatch.setitem(cli.COMMANDS, "eval", cli.COMMANDS["eval"]._replace(target="da_test_plugin:interrupted"))
+    assert cli.main(["eval", run]) == 130  # Ctrl-C: the shell's status for SIGINT, one line, no traceback
+    assert capsys.readouterr().err == "\ninterrupted: second interrupt: stopped at once\n"
 
 
 def test_sample_guidance_flag_sets_the_method(plugin, run_yaml, monkeypatch):
