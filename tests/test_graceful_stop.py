@@ -68,3 +68,46 @@ def test_sigterm_checkpoints_the_epoch_then_resume_equals_an_unstopped_run(tmp_p
     ra = [r["reward/shapes"] for r in read_metrics(split / "metrics.jsonl") if "epoch" in r]
     rb = [r["reward/shapes"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "epoch" in r]
     assert ra == rb and len(ra) == stopped + 1
+
+
+@pytest.mark.parametrize("when", ["first_evaluation", "checkpoint"])
+def test_a_signal_between_epochs_stops_before_the_next_one(tmp_path, when):
+    """A signal that arrives after an epoch's stop decision (during the epoch-0 evaluation, or while a
+    checkpoint is written) stops the run before the next epoch samples, without a second checkpoint."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from grpo_helpers import run_config, save_tiny
+
+    from diffalign.interrupt import GracefulStop
+    from trainers.grpo import GRPOTrainer
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 5, "eval_every": 2},
+                     checkpoint={"every": 1, "keep_last": 5, "resume_from": None})
+    trainer = GRPOTrainer(cfg)
+    trainer.setup()
+    saves = []
+    evaluate, save = trainer.evaluate, trainer.save_checkpoint
+
+    def evaluate_then_signal():
+        out = evaluate()
+        if when == "first_evaluation" and trainer.epoch == 0:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    def save_then_signal():
+        save()
+        saves.append(trainer.epoch)
+        if when == "checkpoint" and trainer.epoch == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer.evaluate, trainer.save_checkpoint = evaluate_then_signal, save_then_signal
+    try:
+        with GracefulStop(announce=False):
+            trainer.train()
+    finally:
+        trainer.cleanup()
+    assert trainer.stopped_by == signal.SIGTERM
+    trained = [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
+    if when == "first_evaluation":  # nothing trained, nothing to save
+        assert trainer.epoch == 0 and saves == [] and trained == []
+    else:
+        assert trainer.epoch == 1 and saves == [1] and trained == [1]

@@ -562,6 +562,18 @@ def should_stop(cfg, ran: int, started: float, dist=None, device="cpu") -> tuple
     return stop, timed_out, signalled
 
 
+def shared_signal(dist=None, device="cpu") -> int:
+    """The signal number of a stop request of any rank (:mod:`diffalign.interrupt`), else 0; one collective per
+    call when a :class:`~diffalign.interrupt.GracefulStop` is active on a multi-process run (it is on every
+    rank or none)."""
+    from diffalign.interrupt import stop_active, stop_requested
+
+    signalled = stop_requested() or 0
+    if dist is not None and dist.world_size > 1 and stop_active():
+        signalled = int(dist.gather(torch.tensor([float(signalled)], device=device)).max())
+    return signalled
+
+
 def _epoch_failures(trainer, before: Dict[str, int]) -> Dict[str, float]:
     """``reward_failures/NAME``: samples of this epoch (all ranks) whose reward failed under ``on_error: skip``;
     only rewards with a skip policy are logged (a failure under ``raise`` stops the run)."""
@@ -613,7 +625,14 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
         trainer.logger.log(0, last_eval)
     bar = progress(range(trainer.epoch, cfg.num_epochs), desc=desc, disable=not dist.is_main,
                    initial=trainer.epoch, total=cfg.num_epochs)
+    saved_at = trainer.epoch  # a resumed run's checkpoint is this epoch's
     for epoch in bar:
+        signalled = shared_signal(dist, trainer.device)
+        if signalled:  # a signal during the last evaluation or checkpoint (or the first evaluation): stop now
+            trainer.stopped_by = signalled
+            if saved_at != trainer.epoch:
+                trainer.save_checkpoint()
+            break
         t0 = time.perf_counter()
         assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts), s.group_size,
                                        epoch=epoch, seed=run.seed, rank=dist.rank, world_size=dist.world_size)
@@ -641,6 +660,7 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
         if (run.checkpoint.every and trainer.epoch % run.checkpoint.every == 0) or stop \
                 or trainer.epoch == cfg.num_epochs:
             trainer.save_checkpoint()
+            saved_at = trainer.epoch
         if stop:
             break
     return last_eval
