@@ -51,7 +51,7 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         global _active
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         self._previous.clear()
         _active = None
 
