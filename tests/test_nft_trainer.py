@@ -23,7 +23,7 @@ def nft_config(model, out, train=None, **overrides):
     t.update(train or {})
     return run_config(model, out, trainer="nft",
                       sample={"step": "flow_euler", "noise_level": 0.0, "group_size": 2, "num_batches_per_epoch": 1},
-                      rewards=REWARDS, train=t, **overrides)
+                      rewards=overrides.pop("rewards", REWARDS), train=t, **overrides)
 
 
 def _train(cfg):

@@ -165,3 +165,31 @@ def test_a_nan_kl_gradient_skips_the_step_before_marble_moves(tmp_path, monkeypa
         trainer = train_run(cfg, nft_mod.NFTTrainer)
     assert trainer.global_step == 2 and len(trainer.alpha_history) == 2
     assert bool(torch.isfinite(trainer.harmonizer.alpha_bar).all())
+
+
+@pytest.mark.parametrize("trainer", ["grpo", "nft"])
+def test_an_epoch_without_any_finite_reward_makes_no_update(tmp_path, trainer):
+    """A reward that works for the first epoch, then fails on every sample under ``on_error: skip`` (a remote
+    server that went down): the later epochs make no optimizer step, so Adam's momentum, weight decay and
+    regularizers do not move the weights of a run that has no reward (they did: about one real update's size)."""
+    rewards = [{"name": "plugins.reward_plugins:works_then_fails", "on_error": "skip",
+                "kwargs": {"key": str(tmp_path), "calls": 2 if trainer == "grpo" else 1}}]  # calls: epoch 1's
+    train = {"num_epochs": 3, "weight_decay": 0.1, "ema": True}
+    if trainer == "grpo":
+        cfg, cls = run_config(save_tiny(tmp_path), tmp_path / "run", rewards=rewards, train=train), None
+    else:
+        from test_nft_trainer import nft_config
+
+        cfg, cls = nft_config(save_tiny(tmp_path), tmp_path / "run", train, rewards=rewards), nft_mod.NFTTrainer
+    with pytest.warns(UserWarning, match="epoch 2: no sample has a finite reward .*: no update this epoch"):
+        train_run(cfg, cls)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/updates" in r]
+    assert [r["train/updates"] for r in rows] == [1, 0, 0]
+    assert [r.get("train/no_reward_epochs", 0) for r in rows] == [0, 1, 1]
+    first, last = (load_checkpoint(p) for p in (list_checkpoints(tmp_path / "run")[0],
+                                                list_checkpoints(tmp_path / "run")[-1]))
+    assert first.counters["epoch"] == 1 and last.counters["epoch"] == 3
+    assert last.counters["step"] == first.counters["step"] == 1
+    for a, b in ((first.trainable_state, last.trainable_state), (first.ema_state, last.ema_state)):
+        assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in first.trainable_state.items() if "lora_B" in k)  # epoch 1 learned

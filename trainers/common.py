@@ -350,6 +350,22 @@ def restore_loop_state(trainer, extra: Dict) -> None:
     trainer.skipped_streak = int(extra.get("skipped_streak", 0))
 
 
+def no_reward_epoch(trainer, combined: torch.Tensor, epoch: int) -> Optional[Dict[str, float]]:
+    """The training metrics of an epoch in which no sample of the global batch has a finite combined reward
+    (every reward failed under ``on_error: skip``, e.g. a remote server that is down), else ``None``.
+
+    Such an epoch makes no optimizer step: with no reward there is nothing to learn, and a step on a zero policy
+    gradient would still move the weights (Adam's momentum, weight decay, a KL or NFT regularizer). The weights,
+    optimizer, LR schedule, EMA and (NFT) old policy stay put; every rank decides alike (the rewards are
+    gathered). Logged as ``train/no_reward_epochs``, with a warning."""
+    if bool(torch.isfinite(combined).any()):
+        return None
+    if trainer.dist.is_main:
+        warnings.warn(f"epoch {epoch + 1}: no sample has a finite reward (every reward failed or was NaN; see "
+                      "reward_failures/* in the log): no update this epoch", UserWarning, stacklevel=2)
+    return {"train/updates": 0, "train/no_reward_epochs": 1}
+
+
 def update_metrics(trainer, step_stats: Dict[str, List[float]]) -> Dict[str, float]:
     """An epoch's counts from :func:`optimizer_update`'s ``step_stats``: skipped steps and, under float16, the loss
     scale and the steps an overflow skipped while it settles."""

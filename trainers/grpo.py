@@ -390,6 +390,7 @@ class GRPOTrainer:
         stats["reward/combined"] = float(torch.nanmean(combined))
         stats["advantage/abs_mean"] = float(adv.abs().mean())
         stats["advantage/std"] = float(adv.std())
+        self._combined = combined  # the global batch's (trainers.common.no_reward_epoch)
         return adv[sl], keep[sl], stats
 
     def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, keep: torch.Tensor) -> Dict:
@@ -535,7 +536,10 @@ class GRPOTrainer:
         data = self._sample(epoch, assignment)
         t_sampled = time.perf_counter()
         adv, keep, adv_stats = self._advantages(data["rewards"], assignment)
-        return data, {**adv_stats, **self._train_epoch(epoch, data, adv, keep)}, t_sampled
+        from trainers.common import no_reward_epoch
+
+        train_stats = no_reward_epoch(self, self._combined, epoch) or self._train_epoch(epoch, data, adv, keep)
+        return data, {**adv_stats, **train_stats}, t_sampled
 
     def cleanup(self) -> None:
         from trainers.common import close_run

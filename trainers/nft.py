@@ -353,6 +353,7 @@ class NFTTrainer:
             stats[f"reward/{name}"] = float(torch.nanmean(col))
         stats["reward/combined"] = float(torch.nanmean(res.combined))
         stats["advantage/abs_mean"] = float(res.advantages.abs().mean())
+        self._combined = res.combined  # the global batch's (trainers.common.no_reward_epoch)
         sl = slice(assignment.start, assignment.end)
         return res.advantages[sl], per[sl], res.keep[sl], stats
 
@@ -530,7 +531,10 @@ class NFTTrainer:
         data = self._sample(assignment)
         t_sampled = time.perf_counter()
         adv, per, keep, adv_stats = self._advantages(data["rewards"], assignment)
-        return data, {**adv_stats, **self._train_epoch(epoch, data, adv, per, keep)}, t_sampled
+        from trainers.common import no_reward_epoch
+
+        train_stats = no_reward_epoch(self, self._combined, epoch) or self._train_epoch(epoch, data, adv, per, keep)
+        return data, {**adv_stats, **train_stats}, t_sampled
 
     def cleanup(self) -> None:
         from trainers.common import close_run

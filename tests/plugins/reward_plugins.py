@@ -86,3 +86,15 @@ def brightness_if(images, prompts, metadata, word="circle"):
 
 
 brightness_if.range = (0.0, 1.0)
+
+
+_CALLS: dict = {}
+
+
+def works_then_fails(images, prompts, metadata, key="", calls=1):
+    """Mean brightness for the first ``calls`` calls under ``key``, then a ``ConnectionError`` (a reward server
+    that went down)."""
+    _CALLS[key] = _CALLS.get(key, 0) + 1
+    if _CALLS[key] > calls:
+        raise ConnectionError("reward server went away")
+    return images.float().mean(dim=(1, 2, 3))
