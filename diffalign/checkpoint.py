@@ -325,18 +325,29 @@ def list_checkpoints(run_dir: PathLike, complete_only: bool = True) -> List[Path
 
 
 def latest_checkpoint(run_dir: PathLike) -> Optional[Path]:
-    """The complete checkpoint ``latest`` names; if that file is absent or names an incomplete folder (a crash
-    between the two renames of a save), the newest complete checkpoint; ``None`` if there is none."""
+    """The complete checkpoint ``latest`` names, or a newer one written after it: ``latest`` is rewritten just
+    after a new folder is renamed into place, so a kill between the two leaves it one checkpoint behind; a complete
+    checkpoint of a higher step whose ``state.json`` is newer than the ``latest`` file is that interrupted save's,
+    and is used (with a warning). (A higher step that is older than ``latest`` belongs to a replaced timeline, when
+    ``latest`` was deliberately pointed back by a save of a lower step.) If ``latest`` is absent or names an
+    incomplete folder, the newest complete checkpoint; ``None`` if there is none."""
     root = Path(run_dir) / CHECKPOINTS_DIR
     pointer = root / LATEST_FILE
+    found = list_checkpoints(run_dir)
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8").strip()
         target = root / name
         if name and not missing_files(target):
+            written = pointer.stat().st_mtime
+            after = [p for p in found if _step_of(p) > _step_of(target) and (p / STATE_FILE).stat().st_mtime > written]
+            if after:
+                warnings.warn(f"{pointer} names {name!r}, but the complete {after[-1].name} was written after it (a "
+                              f"save was interrupted before it updated {LATEST_FILE}); using {after[-1].name}",
+                              stacklevel=2)
+                return after[-1]
             return target
         warnings.warn(f"{pointer} names {name!r}, which is not a complete checkpoint; using the newest complete "
                       "one instead", stacklevel=2)
-    found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 

@@ -25,6 +25,7 @@ from diffalign.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    resolve_resume,
     restore_training_state,
 )
 
@@ -188,6 +189,25 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step-00000009\n")
     with pytest.warns(UserWarning, match="not a complete checkpoint"):
         assert latest_checkpoint(tmp_path).name == "step-00000002"
+
+
+def test_latest_one_behind_after_a_kill_between_publish_and_pointer(tmp_path):
+    """A kill after step 3's folder is renamed into place but before ``latest`` is rewritten: the resume takes the
+    complete step 3 (it used step 2, then set step 3 aside as another run's, and kept it on disk for good)."""
+    manager = CheckpointManager(tmp_path, keep_last=None)
+    for step in (1, 2, 3):
+        _save(manager, step)
+    pointer = tmp_path / "checkpoints" / "latest"
+    pointer.write_text("step-00000002\n")  # as step 2's save left it ...
+    state3 = tmp_path / "checkpoints" / "step-00000003" / "state.json"
+    os.utime(pointer, (state3.stat().st_mtime - 5,) * 2)  # ... before step 3 was written
+    with pytest.warns(UserWarning, match="names 'step-00000002', but the complete step-00000003 was written after"):
+        assert latest_checkpoint(tmp_path).name == "step-00000003"
+    with pytest.warns(UserWarning, match="was written after it"):
+        assert resolve_resume(tmp_path, "latest").name == "step-00000003"
+    # pointed back on purpose (a save of a lower step after step 3): the pointer wins
+    os.utime(pointer, (state3.stat().st_mtime + 5,) * 2)
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
 
 
 def test_an_incomplete_old_copy_is_removed_not_restored(tmp_path):
