@@ -67,6 +67,7 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "LATEST_FILE",
     "CheckpointError",
+    "CheckpointWriteError",
     "CheckpointManager",
     "CheckpointState",
     "checkpoint_name",
@@ -99,6 +100,11 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete, or does not fit what it is loaded into."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder): nothing was published and the
+    previous checkpoint is intact. An :class:`OSError` too, for callers that catch the underlying error."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -717,6 +723,12 @@ class CheckpointManager:
             if self.rank == 0 and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
+        if isinstance(error, OSError) and not isinstance(error, CheckpointError):
+            previous = latest_checkpoint(self.run_dir)
+            raise CheckpointWriteError(
+                f"could not write checkpoint {name} in {self.checkpoints_dir}: {error.strerror or error}; nothing "
+                f"was published and {previous.name if previous else 'no earlier checkpoint'} is intact: free disk "
+                "space (or fix the folder's permissions), then run the same command to resume from it") from error
         if error is not None:
             raise error
         if self.rank != 0:

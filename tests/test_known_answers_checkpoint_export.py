@@ -210,6 +210,30 @@ def test_latest_one_behind_after_a_kill_between_publish_and_pointer(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step-00000002"
 
 
+def test_a_full_disk_is_one_clear_error_and_the_previous_checkpoint_stays(tmp_path, monkeypatch):
+    """``diffalign train`` on a full disk ended in three chained tracebacks; it is now one user error (the CLI
+    prints it as one line) naming the checkpoint, the reason, the intact previous one and the fix."""
+    import errno
+
+    manager = CheckpointManager(tmp_path, keep_last=None)
+    _save(manager, 1)
+    original = ckpt_mod._save_safetensors
+
+    def full_disk(tensors, path, metadata):
+        original(tensors, path, metadata)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "_save_safetensors", full_disk)
+    with pytest.raises(ckpt_mod.CheckpointWriteError) as info:
+        _save(manager, 2)
+    assert str(info.value) == (
+        f"could not write checkpoint step-00000002 in {tmp_path / 'checkpoints'}: No space left on device; nothing "
+        "was published and step-00000001 is intact: free disk space (or fix the folder's permissions), then run "
+        "the same command to resume from it")
+    assert isinstance(info.value, OSError) and isinstance(info.value.__cause__, OSError)
+    assert _names(tmp_path) == ["latest", "step-00000001"] and latest_checkpoint(tmp_path).name == "step-00000001"
+
+
 def test_an_incomplete_old_copy_is_removed_not_restored(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=None)
     _save(manager, 1)
