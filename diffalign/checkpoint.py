@@ -68,6 +68,8 @@ __all__ = [
     "LATEST_FILE",
     "CheckpointError",
     "CheckpointWriteError",
+    "RunDirInUseError",
+    "lock_run_dir",
     "CheckpointManager",
     "CheckpointState",
     "checkpoint_name",
@@ -105,6 +107,50 @@ class CheckpointError(UserError, ValueError):
 class CheckpointWriteError(CheckpointError, OSError):
     """A checkpoint could not be written (a full disk, a read-only folder): nothing was published and the
     previous checkpoint is intact. An :class:`OSError` too, for callers that catch the underlying error."""
+
+
+class RunDirInUseError(UserError, RuntimeError):
+    """Another training run holds the run folder's lock (:func:`lock_run_dir`)."""
+
+
+#: The lock file of a run folder (:func:`lock_run_dir`); it stays after the run, naming its last holder.
+LOCK_FILE = ".diffalign.lock"
+
+
+def lock_run_dir(run_dir: PathLike) -> Optional[Any]:
+    """Take the exclusive lock of ``run_dir`` for one training run; returns the open lock file (the lock lasts
+    until it is closed or the process ends, also by a kill) or ``None`` where locks are unavailable (no
+    ``fcntl`` on Windows, or a filesystem without locks: a warning).
+
+    Two runs writing one folder delete each other's temporary checkpoints, move each other's checkpoints aside as
+    a replaced run and truncate each other's metrics log; the second is refused with
+    :class:`RunDirInUseError` naming the holder (its pid, host and start time, written into the file)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    import socket
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(run_dir) / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "holder unknown"
+        handle.close()
+        raise RunDirInUseError(f"{run_dir} is in use by another training run ({holder}); wait for it to finish or "
+                               "stop it, or give this run another output_dir") from None
+    except OSError as exc:  # e.g. a network filesystem without lock support: run unprotected
+        handle.close()
+        warnings.warn(f"could not lock {run_dir} ({exc}); nothing stops a second run from writing to it",
+                      stacklevel=2)
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 def checkpoint_name(step: int) -> str:
@@ -565,6 +611,7 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
         self._aside_after: Optional[int] = None  # set_aside_after
+        self.run_lock: Optional[Any] = None  # the run folder's lock file while a trainer holds it (lock_run_dir)
         self.rank = int(rank)
         self.world_size = int(world_size)
         self._barrier_fn = barrier

@@ -42,6 +42,11 @@ def test_sigterm_checkpoints_the_epoch_then_resume_equals_an_unstopped_run(tmp_p
         while not (log.is_file() and any("epoch" in r for r in read_metrics(log))):  # an epoch has finished
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.2)
+        # a second run on the same folder is refused while this one holds it
+        second = subprocess.run(_command(split, 1000), cwd=REPO, env=_env(), capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"error: {split} is in use by another training run (pid {proc.pid} on " in second.stderr
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
     finally:

@@ -706,3 +706,36 @@ def test_ema_coefficients_start_from_a_copy_and_refuse_rho_one():
     for rho in (1.0, -0.1):
         with pytest.raises(ValueError, match=r"rho must be in \[0, 1\)"):
             ema_coefficients(start, current, rho)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fcntl locks")
+def test_a_run_folder_is_locked_by_one_run_at_a_time(tmp_path):
+    """Two runs in one output_dir deleted each other's temporary checkpoints and set each other's checkpoints
+    aside; the second is refused, naming the holder, until the first lets go (also on a kill: the OS drops it)."""
+    import os
+    import socket
+
+    first = ckpt_mod.lock_run_dir(tmp_path / "run")
+    assert (tmp_path / "run" / ckpt_mod.LOCK_FILE).read_text().startswith(
+        f"pid {os.getpid()} on {socket.gethostname()} since ")
+    with pytest.raises(ckpt_mod.RunDirInUseError,
+                       match=rf"run is in use by another training run \(pid {os.getpid()} on .* since .*\); wait for"):
+        ckpt_mod.lock_run_dir(tmp_path / "run")
+    first.close()
+    ckpt_mod.lock_run_dir(tmp_path / "run").close()
+
+
+def test_a_trainer_holds_the_lock_from_setup_to_cleanup(tmp_path):
+    from grpo_helpers import run_config, save_tiny
+
+    from trainers.grpo import GRPOTrainer
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", train={"num_epochs": 1})
+    first, second = GRPOTrainer(cfg), GRPOTrainer(cfg)
+    first.setup()
+    with pytest.raises(ckpt_mod.RunDirInUseError, match="is in use by another training run"):
+        second.setup()
+    first.train()
+    first.cleanup()
+    second.setup()  # free again
+    second.cleanup()

@@ -134,12 +134,33 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], cfg) -> tuple:
     return optimizer, lr_scheduler
 
 
-def open_run(run, dist, restore) -> tuple:
+def _lock_run_dir(output_dir, dist, device):
+    """The main process's lock of the run folder (:func:`diffalign.checkpoint.lock_run_dir`); every rank stops
+    when it cannot be taken (one collective on a multi-process run, so no rank goes on alone)."""
+    from diffalign.checkpoint import RunDirInUseError, lock_run_dir
+
+    handle, error = None, None
+    if dist.is_main:
+        try:
+            handle = lock_run_dir(output_dir)
+        except RunDirInUseError as exc:
+            error = exc
+    if dist.world_size > 1:
+        refused = float(dist.gather(torch.tensor([float(error is not None)], device=device)).max())
+        if refused and error is None:
+            error = RunDirInUseError(f"{output_dir} is in use by another training run (see the main process's error)")
+    if error is not None:
+        raise error
+    return handle
+
+
+def open_run(run, dist, restore, device="cpu") -> tuple:
     """A trainer's checkpoint manager, metrics logger and config record (GRPO, NFT).
 
-    Resumes from ``run.checkpoint.resume_from`` through ``restore(state) -> epoch`` (the trainer loads its own
-    state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch and saves the
-    resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
+    Takes the run folder's lock first (a second run on the same ``output_dir`` is refused), released by
+    :func:`close_run`. Resumes from ``run.checkpoint.resume_from`` through ``restore(state) -> epoch`` (the
+    trainer loads its own state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch
+    and saves the resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
     """
     from diffalign.checkpoint import CheckpointManager, check_model_config, config_changes, resolve_resume
     from diffalign.config import save_config, to_dict
@@ -147,6 +168,7 @@ def open_run(run, dist, restore) -> tuple:
 
     ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=dist.rank,
                              world_size=dist.world_size, barrier=dist.barrier)
+    ckpt.run_lock = _lock_run_dir(run.output_dir, dist, device)
     resumed_epoch = None
     resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
     if resume is not None:
@@ -350,15 +372,16 @@ def restore_loop_state(trainer, extra: Dict) -> None:
     trainer.skipped_streak = int(extra.get("skipped_streak", 0))
 
 
-def no_reward_epoch(trainer, combined: torch.Tensor, epoch: int) -> Optional[Dict[str, float]]:
+def no_reward_epoch(trainer, stats: Dict[str, float], epoch: int) -> Optional[Dict[str, float]]:
     """The training metrics of an epoch in which no sample of the global batch has a finite combined reward
-    (every reward failed under ``on_error: skip``, e.g. a remote server that is down), else ``None``.
+    (every reward failed under ``on_error: skip``, e.g. a remote server that is down; ``stats`` are the epoch's
+    advantage statistics, whose ``reward/combined`` is then the NaN mean of no value), else ``None``.
 
     Such an epoch makes no optimizer step: with no reward there is nothing to learn, and a step on a zero policy
     gradient would still move the weights (Adam's momentum, weight decay, a KL or NFT regularizer). The weights,
     optimizer, LR schedule, EMA and (NFT) old policy stay put; every rank decides alike (the rewards are
     gathered). Logged as ``train/no_reward_epochs``, with a warning."""
-    if bool(torch.isfinite(combined).any()):
+    if not math.isnan(stats["reward/combined"]):
         return None
     if trainer.dist.is_main:
         warnings.warn(f"epoch {epoch + 1}: no sample has a finite reward (every reward failed or was NaN; see "
@@ -697,6 +720,10 @@ def close_run(trainer, title: str) -> None:
         except Exception as exc:  # a plot must never fail a finished run
             print(f"warning: could not plot reward curves: {exc}")
     trainer.logger.close()
+    lock = trainer.ckpt.run_lock
+    if lock is not None:
+        lock.close()  # the run folder is free for the next run (also in this process)
+        trainer.ckpt.run_lock = None
 
 
 #: Seed stream of the trainers' per-sample training draws (``make_generators(seed_for(run seed,

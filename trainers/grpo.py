@@ -280,7 +280,7 @@ class GRPOTrainer:
         # the optimizer slot also carries MARBLE's tracked reward gradients
         self.state = TrainingState("grpo", self.optimizer, self.params, self.marble[0] if self.marble else None)
         self.epoch, self.global_step = 0, 0
-        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
+        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device)
 
     def _restore(self, state) -> int:
         from trainers.common import restore_loop_state, restore_run_state
@@ -390,7 +390,6 @@ class GRPOTrainer:
         stats["reward/combined"] = float(torch.nanmean(combined))
         stats["advantage/abs_mean"] = float(adv.abs().mean())
         stats["advantage/std"] = float(adv.std())
-        self._combined = combined  # the global batch's (trainers.common.no_reward_epoch)
         return adv[sl], keep[sl], stats
 
     def _train_epoch(self, epoch: int, data: Dict, advantages: torch.Tensor, keep: torch.Tensor) -> Dict:
@@ -538,7 +537,7 @@ class GRPOTrainer:
         adv, keep, adv_stats = self._advantages(data["rewards"], assignment)
         from trainers.common import no_reward_epoch
 
-        train_stats = no_reward_epoch(self, self._combined, epoch) or self._train_epoch(epoch, data, adv, keep)
+        train_stats = no_reward_epoch(self, adv_stats, epoch) or self._train_epoch(epoch, data, adv, keep)
         return data, {**adv_stats, **train_stats}, t_sampled
 
     def cleanup(self) -> None:

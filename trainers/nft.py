@@ -278,7 +278,7 @@ class NFTTrainer:
         self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
         self.moments = RunningMoments()
         self.epoch, self.global_step = 0, 0
-        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore)
+        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device)
 
     def _restore(self, state) -> int:
         from trainers.common import restore_loop_state, restore_run_state
@@ -353,7 +353,6 @@ class NFTTrainer:
             stats[f"reward/{name}"] = float(torch.nanmean(col))
         stats["reward/combined"] = float(torch.nanmean(res.combined))
         stats["advantage/abs_mean"] = float(res.advantages.abs().mean())
-        self._combined = res.combined  # the global batch's (trainers.common.no_reward_epoch)
         sl = slice(assignment.start, assignment.end)
         return res.advantages[sl], per[sl], res.keep[sl], stats
 
@@ -533,7 +532,7 @@ class NFTTrainer:
         adv, per, keep, adv_stats = self._advantages(data["rewards"], assignment)
         from trainers.common import no_reward_epoch
 
-        train_stats = no_reward_epoch(self, self._combined, epoch) or self._train_epoch(epoch, data, adv, per, keep)
+        train_stats = no_reward_epoch(self, adv_stats, epoch) or self._train_epoch(epoch, data, adv, per, keep)
         return data, {**adv_stats, **train_stats}, t_sampled
 
     def cleanup(self) -> None:
