@@ -464,7 +464,8 @@ def from_dict(cls: Type[T], data: Optional[Mapping[str, Any]], prefix: str = "")
     """Build dataclass ``cls`` from ``data`` (missing keys keep their defaults).
 
     Values are coerced by the field types, declared choices and bounds are checked, then
-    ``__post_init__`` runs and ``validate()`` (when the class defines one) is called. ``prefix`` is the
+    ``__post_init__`` runs and ``validate()`` (when the class defines one) is called. A class may define a
+    classmethod ``prepare_data(data, prefix) -> data`` that rewrites shorthand forms first. ``prefix`` is the
     dotted key of this section, used in every error message (``from_dict(GRPOConfig, raw, "train")``).
     """
     if not _is_dataclass_type(cls):
@@ -478,6 +479,9 @@ def from_dict(cls: Type[T], data: Optional[Mapping[str, Any]], prefix: str = "")
             f"expected a section (mapping of keys to values), got {data!r} ({type(data).__name__})",
             key=prefix,
         )
+    prepare = getattr(cls, "prepare_data", None)
+    if callable(prepare):  # a section's shorthand forms, normalised to the declared one (RunConfig's rewards)
+        data = prepare(data, prefix)
     hints = _hints(cls)
     by_name = {f.name: f for f in _init_fields(cls)}
     for name, value in data.items():
@@ -768,7 +772,13 @@ def load_config(
 ) -> T:
     """YAML file (optional) + ``key=value`` overrides -> validated dataclass ``cls``."""
     data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides, cls)
+    prepare = getattr(cls, "prepare_data", None)
+    if not callable(prepare):
+        return from_dict(cls, apply_overrides(data, overrides, cls))
+    # shorthands are normalised before each override, so that rewards.0.weight=2 applies to the list form
+    data = prepare(data, "")
+    for override in overrides:
+        data = prepare(apply_overrides(data, [override], cls), "")
     return from_dict(cls, data)
 
 
@@ -1249,6 +1259,22 @@ class GuidanceConfig:
         )
 
 
+def _weights_mapping_to_specs(value: Mapping[Any, Any], key: str) -> List[Dict[str, Any]]:
+    """Flow-GRPO's reward section ``{name: weight}`` -> ``[{name: name, weight: weight}, ...]``."""
+    if "name" in value:
+        raise ConfigError(f"got a single spec {dict(value)!r}; write a list of specs, e.g. [{{name: ..., "
+                          "weight: 1.0}], or Flow-GRPO's {name: weight} mapping", key=key)
+    specs = []
+    for name, weight in value.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"expected a number (the weight of reward {name!r} in the {{name: weight}} form), got "
+                              f"{weight!r} ({type(weight).__name__}); for kwargs, transforms or other options write "
+                              f"the list form, e.g. [{{name: {name}, weight: 1.0, kwargs: {{...}}}}]",
+                              key=_join(key, name))
+        specs.append({"name": str(name), "weight": float(weight)})
+    return specs
+
+
 @dataclass
 class RunConfig:
     """A whole run: shared sections plus the chosen trainer's raw ``train`` section."""
@@ -1263,7 +1289,8 @@ class RunConfig:
     model: ModelConfig = param(default_factory=ModelConfig, help="generator")
     sample: SampleConfig = param(default_factory=SampleConfig, help="sampling")
     prompts: PromptsConfig = param(default_factory=PromptsConfig, help="prompt source")
-    rewards: List[RewardSpec] = param([], help="reward columns, in order")
+    rewards: List[RewardSpec] = param(
+        [], help="reward columns, in order (Flow-GRPO's {name: weight} mapping is read as that list)")
     eval_rewards: List[RewardSpec] = param(
         [], help="extra reward columns scored only at evaluation (the trainers' eval_every and diffalign eval), "
         "after the training columns: e.g. train on a shaped or cheap proxy, evaluate on the target metric")
@@ -1277,6 +1304,17 @@ class RunConfig:
     guidance: GuidanceConfig = param(
         default_factory=GuidanceConfig, help="reward-guided sampling (diffalign sample)"
     )
+
+    @classmethod
+    def prepare_data(cls, data: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+        """``rewards`` / ``eval_rewards`` given as Flow-GRPO's ``{name: weight}`` mapping become the list form
+        ``[{name: ..., weight: ...}, ...]`` (in the mapping's order)."""
+        data = dict(data)
+        for section in ("rewards", "eval_rewards"):
+            value = data.get(section)
+            if isinstance(value, Mapping):
+                data[section] = _weights_mapping_to_specs(value, _join(prefix, section))
+        return data
 
     def validate(self) -> None:
         """Parse the train section with the trainer's dataclass and keep it resolved (defaults filled in),

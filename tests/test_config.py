@@ -670,3 +670,20 @@ def test_random_window_must_fit_the_steps():
     assert "random_window" in _override_err(RunConfig, "sample.window=[0,3]", "sample.random_window=[1,3]")
     cfg = load_config(RunConfig, None, ["sample.num_steps=4", "sample.window=[0,3]", "sample.random_window=[0,4]"])
     assert tuple(cfg.sample.random_window) == (0, 4)
+
+
+def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
+    """``rewards: {name: weight}`` (Flow-GRPO's form, rewards/README.md) is read as the list form, in order, for
+    rewards and eval_rewards, in a file, in an override, and before index overrides; other mappings say the fix."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("rewards: {shapes: 1.0, jpeg_compressibility: 0.1}\neval_rewards: {shapes: 2}\n")
+    cfg = load_config(RunConfig, path, ["rewards.1.weight=0.5"])
+    assert [(r.name, r.weight) for r in cfg.rewards] == [("shapes", 1.0), ("jpeg_compressibility", 0.5)]
+    assert [(r.name, r.weight) for r in cfg.eval_rewards] == [("shapes", 2.0)]
+    assert to_dict(cfg)["rewards"][0] == to_dict(from_dict(RunConfig, {"rewards": [{"name": "shapes"}]}))["rewards"][0]
+    cfg = load_config(RunConfig, None, ["rewards={a: 1, b: -1}", "rewards.0.label=x"])
+    assert [(r.name, r.weight, r.label) for r in cfg.rewards] == [("a", 1.0, "x"), ("b", -1.0, None)]
+    assert [r.name for r in from_dict(RunConfig, {"rewards": {"c": 3}}).rewards] == ["c"]
+    message = _override_err(RunConfig, "rewards={shapes: {weight: 1}}")
+    assert message.startswith("rewards.shapes: expected a number") and "list form" in message
+    assert _override_err(RunConfig, "rewards={name: shapes}").startswith("rewards: got a single spec")
