@@ -155,22 +155,36 @@ def parse_reward_specs(config: Any) -> List[RewardSpec]:
 
 
 def _import_dotted(path: str) -> Any:
+    """The object at ``my_pkg.my_module:attr``; a ValueError that names what is missing and the fix: the module
+    (not on PYTHONPATH), an import inside it failing (its original message kept) or the attribute (close names)."""
+    import difflib
+
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ValueError(f"dotted reward path {path!r} must look like 'my_pkg.my_module:my_reward'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        parents = {".".join(module_name.split(".")[: i + 1]) for i in range(module_name.count(".") + 1)}
+        if isinstance(exc, ModuleNotFoundError) and exc.name in parents:
+            raise ValueError(
+                f"cannot import module {module_name!r} for reward {path!r}: {exc}; put the folder that holds "
+                f"{exc.name.replace('.', '/')}.py (or the package) on PYTHONPATH, or install the package"
+            ) from exc
         raise ValueError(
-            f"cannot import module {module_name!r} for reward {path!r}: {exc}. "
-            "Make sure the package is installed or on PYTHONPATH."
+            f"importing module {module_name!r} for reward {path!r} failed inside the module: "
+            f"{type(exc).__name__}: {exc}; install what it imports or fix the import in {module_name}"
         ) from exc
     obj = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (reward {path!r})") from None
+            names = [n for n in dir(obj) if not n.startswith("_") and callable(getattr(obj, n, None))]
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+            hint = f"did you mean {module_name}:{close[0]}? " if close and obj is module else ""
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (reward {path!r}); {hint}"
+                             f"its callables are {names[:20]}") from None
     return obj
 
 
@@ -234,8 +248,10 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
 def check_reward_config(run_cfg: Any) -> None:
     """Registered names and transforms of a run config's ``rewards`` and ``eval_rewards``, so a typo stops a
     command before any model loads, naming the key and the valid choices (:class:`diffalign.config.ConfigError`).
-    Dotted ``module:function`` paths are imported only when the run builds them. Called by ``diffalign train``,
-    ``eval`` and ``sample``; ``diffalign config`` stays free of torch and does not check them."""
+    Dotted ``module:function`` paths are imported and resolved here too (a missing module or attribute is a
+    ConfigError on ``<section>.<i>.name``; an import failing inside the user's module keeps its message); the
+    reward is built only when the run builds it. Called by ``diffalign train``, ``eval`` and ``sample``;
+    ``diffalign config`` stays free of torch and does not check them."""
     from diffalign.config import ConfigError
     from rewards.transforms import build_transform
 
@@ -247,6 +263,15 @@ def check_reward_config(run_cfg: Any) -> None:
             if ":" not in spec.name and spec.name not in REWARDS:
                 raise ConfigError(f"unknown reward {spec.name!r}; registered rewards are {sorted(REWARDS)} (or give "
                                   "a dotted path my_pkg.my_module:my_reward)", key=f"{section}.{i}.name")
+            if spec.name not in REWARDS:
+                try:
+                    target = _import_dotted(spec.name)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), key=f"{section}.{i}.name") from None
+                if not callable(target):
+                    raise ConfigError(f"{spec.name!r} is a {type(target).__name__}, not a reward function or factory; "
+                                      "point the path at a function fn(images, prompts, metadata, **kw) or a factory",
+                                      key=f"{section}.{i}.name")
             try:
                 build_transform(spec.registry_kwargs()["transform"])
             except (ValueError, TypeError) as exc:

@@ -161,3 +161,32 @@ def test_a_pipe_is_read_as_a_prompt_file(tmp_path):
         if writer.is_alive():  # the read never opened the pipe: open it once so that the writer returns
             os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
         writer.join(timeout=10)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("plugins.reward_plugins:brightnes", "error: rewards.0.name: module 'plugins.reward_plugins' has no attribute "
+     "'brightnes' (reward 'plugins.reward_plugins:brightnes'); did you mean plugins.reward_plugins:brightness? "),
+    ("da_no_such_module:x", "error: rewards.0.name: cannot import module 'da_no_such_module' for reward "
+     "'da_no_such_module:x': No module named 'da_no_such_module'; put the folder that holds da_no_such_module.py"),
+    ("da_broken_plugin:fn", "error: rewards.0.name: importing module 'da_broken_plugin' for reward "
+     "'da_broken_plugin:fn' failed inside the module: ModuleNotFoundError: No module named 'da_missing_dep'; "
+     "install what it imports"),
+])
+@pytest.mark.parametrize("section", ["rewards", "eval_rewards"])
+def test_plugin_reward_path_typo_stops_before_the_model(name, expected, section, capsys, safe, monkeypatch, tmp_path):
+    """A dotted reward path whose module or attribute does not exist is a one-line config error on its key before
+    any model loads (it was a traceback after the model load); an import failing inside the user's module keeps
+    its message."""
+    (tmp_path / "da_broken_plugin.py").write_text("import da_missing_dep\n\ndef fn(images, prompts, metadata):\n"
+                                                  "    return images.mean(dim=(1, 2, 3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    monkeypatch.delitem(__import__("sys").modules, "da_broken_plugin", raising=False)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rewards were checked")
+
+    monkeypatch.setattr("trainers.common.build_adapter", no_model)
+    spec = f"[{{name: '{name}'}}]" if section == "rewards" else f"[{{name: '{name}', label: judge}}]"
+    err = _error(capsys, ["train", FLOW, f"{section}={spec}", *safe])
+    assert err.startswith(expected.replace("rewards.0", f"{section}.0")), err
