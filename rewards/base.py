@@ -147,13 +147,23 @@ def check_inputs(name: str, images: Any, prompts: Any, metadata: Any) -> Metadat
     return list(metadata)
 
 
-def as_reward_output(out: Union[RewardOutput, torch.Tensor]) -> RewardOutput:
-    """Normalise a reward's return value to a :class:`RewardOutput` (no validation of shape/values)."""
+def returned_type_message(name: str, out: Any) -> str:
+    """What a reward that returned neither a Tensor[B] nor a RewardOutput did wrong, and the fix."""
+    hint = ("return torch.as_tensor(scores, dtype=torch.float32)" if isinstance(out, (list, tuple))
+            or hasattr(out, "__array__") else "return a Tensor[B] of scores, e.g. torch.as_tensor(scores)")
+    return (f"reward {name!r} returned a {type(out).__name__}, not a Tensor[B] or RewardOutput (the reward "
+            f"protocol, rewards/base.py); {hint}")
+
+
+def as_reward_output(out: Union[RewardOutput, torch.Tensor], name: str = "reward") -> RewardOutput:
+    """Normalise a reward's return value to a :class:`RewardOutput` (no validation of shape/values). The protocol
+    is strict: a list or numpy array is a TypeError that says the reward returned it and how to return a tensor
+    (a silent conversion would drop a differentiable reward's graph and guess a dtype and device)."""
     if isinstance(out, RewardOutput):
         return out
     if isinstance(out, torch.Tensor):
         return RewardOutput(scores=out, details=None)
-    raise TypeError(f"expected RewardOutput or Tensor[B], got {type(out).__name__}")
+    raise TypeError(returned_type_message(name, out))
 
 
 def score_in_batches(
@@ -183,7 +193,7 @@ def score_in_batches(
         if device is not None and chunk.device != device:
             chunk = chunk.to(device)
         try:
-            out = as_reward_output(fn(chunk, prompts[start:stop], metadata[start:stop]))
+            raw = fn(chunk, prompts[start:stop], metadata[start:stop])
         except RewardError:
             raise
         except Exception as exc:  # re-raised with the reward and the chunk named
@@ -191,6 +201,9 @@ def score_in_batches(
                 f"reward {name!r} raised {type(exc).__name__}: {exc} "
                 f"(on {describe_batch(prompts[start:stop], start)})"
             ) from exc
+        if not isinstance(raw, (RewardOutput, torch.Tensor)):  # the reward raised nothing: it returned this
+            raise RewardError(f"{returned_type_message(name, raw)} (on {describe_batch(prompts[start:stop], start)})")
+        out = as_reward_output(raw)
         s = out.scores
         if not isinstance(s, torch.Tensor):
             s = torch.as_tensor(s)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from diffalign.types import RewardOutput
-from rewards.base import RewardError, check_inputs, describe_batch
+from rewards.base import RewardError, check_inputs, describe_batch, returned_type_message
 from rewards.registry import RewardSpec, build_reward
 from rewards.transforms import build_transform
 
@@ -186,10 +186,7 @@ class MultiReward:
             )
             return fail(f"{msg} (on {where})" if "(on batch" not in msg else msg, exc)
         if not isinstance(out, (RewardOutput, torch.Tensor)):
-            return fail(
-                f"reward {name!r} returned {type(out).__name__}; "
-                f"expected Tensor[{b}] or RewardOutput (on {where})"
-            )
+            return fail(f"{returned_type_message(name, out)} (on {where})")
         out_scores = out.scores if isinstance(out, RewardOutput) else out
         if not isinstance(out_scores, torch.Tensor) or tuple(out_scores.shape) != (b,):
             shape = (

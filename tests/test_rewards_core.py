@@ -186,7 +186,8 @@ def test_multi_reward_duplicate_columns_need_labels():
         ("wrong_shape", "shape (4, 2); expected [4]"),
         ("nan_second", "NaN at indices [1]"),
         ("inf_first", "inf at indices [0]"),
-        ("not_a_tensor", "expected RewardOutput or Tensor"),
+        ("not_a_tensor", "returned a list, not a Tensor[B] or RewardOutput (the reward protocol, rewards/base.py); "
+                         "return torch.as_tensor(scores, dtype=torch.float32)"),
     ],
 )
 def test_failure_policy_raise_names_reward_and_batch(fn, what):
@@ -354,3 +355,23 @@ def test_transform_in_multi_reward_with_per_prompt_reference():
 def test_package_exports():
     for name in rewards.__all__:
         assert hasattr(rewards, name), name
+
+
+@pytest.mark.parametrize("returned", [[0.5] * 4, (0.5,) * 4, "0.5"])
+def test_a_reward_returning_a_non_tensor_is_told_it_returned_it(returned):
+    """A reward object (not wrapped in FunctionReward) that returns a list or numpy array: the error says it
+    *returned* that (it raised nothing) and how to return a tensor; under on_error=skip the column is NaN."""
+
+    class Returns:
+        name, differentiable, trainable, range, allows_nan = "as_list", False, False, (0.0, 1.0), False
+
+        def __call__(self, images, prompts, metadata):
+            return returned
+
+    images, prompts, md = _batch()
+    multi = MultiReward([Returns()])
+    with pytest.raises(RewardError) as err:
+        multi(images, prompts, md)
+    msg = str(err.value)
+    assert msg.startswith(f"reward 'as_list' returned a {type(returned).__name__}, not a Tensor[B] or RewardOutput")
+    assert "raised" not in msg and "torch.as_tensor(scores" in msg and "batch of 4 sample(s)" in msg
