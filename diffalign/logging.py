@@ -356,8 +356,10 @@ def save_image_grid(images: Any, captions: Optional[Sequence[str]], path: PathLi
 def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, keys: Sequence[str], title: Optional[str] = None) -> Path:
     """Plot ``keys`` (e.g. ``"reward/shapes"``, ``"eval/reward/shapes"``) against ``step`` into a PNG.
 
-    Records without a key, or with a null (non-finite) value, are skipped. A key with no values at all is
-    an error that lists the keys the file has. Uses matplotlib's Agg canvas (no display, no pyplot state).
+    Records without a key, or with a null (non-finite) value, are skipped. A key with no values at all (a reward
+    that always failed under ``on_error: skip``) is left out with a warning and named in the legend as
+    ``<key>: no values``; the other keys are plotted. When no key has a value it is an error that lists the keys
+    the file has. Uses matplotlib's Agg canvas (no display, no pyplot state).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -368,12 +370,20 @@ def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, keys: Sequence[str],
     available = sorted({k for r in records for k, v in r.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"step", "time"})
     series = {}
+    empty = []
     for key in keys:
         points = [(r["step"], r[key]) for r in records
                   if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and "step" in r]
-        if not points:
-            raise ValueError(f"metric {key!r} has no values in {metrics_jsonl}; available: {available}")
-        series[key] = points
+        if points:
+            series[key] = points
+        else:
+            empty.append(key)
+    if not series:
+        which = f"metric {empty[0]!r} has" if len(empty) == 1 else f"metrics {empty} have"
+        raise ValueError(f"{which} no values in {metrics_jsonl}; available: {available}")
+    if empty:
+        warnings.warn(f"{metrics_jsonl}: metric(s) {empty} have no values (every logged value null / non-finite); "
+                      f"plotted without them in {out_png}", RuntimeWarning, stacklevel=2)
 
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -381,6 +391,8 @@ def plot_curves(metrics_jsonl: PathLike, out_png: PathLike, keys: Sequence[str],
     for key, points in series.items():
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=key)
+    for key in empty:  # named in the legend, without a line
+        ax.plot([], [], linestyle="none", label=f"{key}: no values")
     ax.set_xlabel("step")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best")

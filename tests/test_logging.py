@@ -160,6 +160,32 @@ def test_plot_curves_with_given_keys(tmp_path, monkeypatch):
         plot_curves(tmp_path, tmp_path / "x.png", ["missing"])
 
 
+def test_plot_curves_skips_a_metric_without_values_and_plots_the_rest(tmp_path, monkeypatch):
+    """A reward column that never had a value (always failing under on_error=skip: logged as null) is named in the
+    legend and warned about; the other columns are still plotted (the whole plot failed before)."""
+    from matplotlib.figure import Figure
+
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        for step in range(1, 4):
+            logger.log(step, {"reward/shapes": step / 4, "reward/boom": math.nan})
+    seen = {}
+    original = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        seen["points"] = [list(line.get_ydata()) for line in ax.get_lines()]
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    with pytest.warns(RuntimeWarning, match=r"metric\(s\) \['reward/boom'\] have no values"):
+        out = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curve.png", ["reward/shapes", "reward/boom"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seen == {"legend": ["reward/shapes", "reward/boom: no values"], "points": [[0.25, 0.5, 0.75], []]}
+    with pytest.raises(ValueError, match=r"metrics \['reward/boom', 'x'\] have no values"):
+        plot_curves(tmp_path / "metrics.jsonl", tmp_path / "none.png", ["reward/boom", "x"])
+
+
 def test_non_main_rank_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     logger = MetricsLogger(run_dir, tensorboard=True, is_main=False, resume_step=3)
