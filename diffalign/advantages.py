@@ -11,6 +11,7 @@ advantage 0, so they neither push nor pull the policy.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
@@ -43,8 +44,10 @@ class GroupAdvantages:
         advantages: ``[N]`` float32, clipped to ``[-clip, clip]``; 0 for NaN rewards and (optionally)
             for samples of zero-std groups.
         keep: ``[N]`` bool, False for samples a trainer should drop (zero-std groups when requested).
-        zero_std_fraction: fraction of groups whose rewards are all equal.
-        group_std_mean: mean within-group std (a diagnostic of reward resolution).
+        zero_std_fraction: fraction of groups whose rewards are all equal, over the groups with at least one finite
+            reward; NaN when no group has one (all rewards NaN: there is nothing to call equal or not).
+        group_std_mean: mean within-group std (a diagnostic of reward resolution), over the same groups; NaN when
+            there is none. (NaN metrics are logged as null in metrics.jsonl and left out of plots.)
     """
 
     advantages: torch.Tensor
@@ -117,8 +120,8 @@ def group_advantages(
     return GroupAdvantages(
         advantages=adv.float(),
         keep=keep,
-        zero_std_fraction=n_zero / max(n_groups, 1),
-        group_std_mean=float(np.mean(stds)) if stds else 0.0,
+        zero_std_fraction=n_zero / n_groups if n_groups else math.nan,
+        group_std_mean=float(np.mean(stds)) if stds else math.nan,
     )
 
 

@@ -36,6 +36,23 @@ def test_nan_rewards_are_excluded_and_get_zero_advantage():
     torch.testing.assert_close(res.advantages[[0, 2]], torch.tensor([-1.0, 1.0]))
 
 
+def test_zero_std_fraction_counts_only_groups_with_a_finite_reward(tmp_path):
+    """A group whose rewards are all NaN is neither zero-std nor not; with no finite reward at all the fraction
+    (and the mean group std) is NaN, not 0.0 ("no zero-std groups"), and it is logged as null."""
+    from diffalign.logging import MetricsLogger, read_metrics
+
+    nan = float("nan")
+    res = group_advantages(torch.tensor([1.0, 1.0, nan, nan, 1.0, 3.0]), torch.tensor([0, 0, 1, 1, 2, 2]),
+                           std_mode="group", eps=0.0, clip=None)
+    assert res.zero_std_fraction == 0.5 and res.group_std_mean == 0.5
+    res = group_advantages(torch.full((4,), nan), torch.tensor([0, 0, 1, 1]), std_mode="batch")
+    assert math.isnan(res.zero_std_fraction) and math.isnan(res.group_std_mean)
+    assert res.advantages.tolist() == [0.0] * 4 and not res.keep.any()
+    with MetricsLogger(tmp_path, tensorboard=False) as logger:
+        logger.log(1, {"zero_std_fraction": res.zero_std_fraction})
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["zero_std_fraction"] is None
+
+
 def test_clip_and_drop_zero_std():
     r = torch.tensor([0.0, 100.0, 1.0, 1.0])
     g = torch.tensor([0, 0, 1, 1])
