@@ -16,7 +16,9 @@ The run config (:class:`RunConfig`) holds the shared sections. The trainer-speci
 kept raw here and parsed by the chosen trainer's dataclass, looked up in :data:`TRAINER_CONFIGS`
 (trainers register into it with :func:`register_trainer_config`), so its errors still say ``train.lr``.
 
-A trainer plugs in like this (its module is imported on first use of ``trainer: grpo``)::
+A trainer plugs in like this (its module is imported on first use of ``trainer: grpo``; a trainer outside the
+``trainers`` package is named by its config class, ``trainer: my_pkg.my_module:MyConfig``, whose class attribute
+``trainer_class = "my_pkg.my_module:MyTrainer"`` names the trainer ``diffalign train`` builds)::
 
     @register_trainer_config("grpo")
     @dataclass
@@ -933,7 +935,8 @@ def trainer_config_class(name: Optional[str]) -> type:
         raise ConfigError(
             f"invalid choice {name!r}; {_suggest(name, valid)}"
             f"valid choices: {_choices_text(valid) or '(none registered)'}"
-            " (or a 'module:ConfigClass' path)",
+            " (or a 'module:ConfigClass' path: a trainer registered with register_trainer_config in your own module "
+            "is known only once that module is imported, so name it as my_module:MyConfig)",
             key="trainer",
         )
     cls = _import_object(entry, "trainer") if isinstance(entry, str) else entry

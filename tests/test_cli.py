@@ -273,3 +273,58 @@ def test_missing_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main([])
     assert info.value.code == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# in process: a trainer plugged in from outside the trainers package
+# --------------------------------------------------------------------------------------------------
+
+FLOW = str(REPO / "configs" / "shapes" / "flow_grpo.yaml")
+TINY_RUN = ["sample.batch_size=4", "sample.group_size=2", "sample.num_steps=2", "sample.eval_num_steps=2",
+            "sample.window=null", "sample.random_window=null", "train.batch_size=4",
+            "train.gradient_accumulation_steps=1", "train.num_epochs=1", "train.eval_every=0", "prompts.eval_size=2",
+            "checkpoint.resume_from=null",
+            "logging.image_every=0"]
+
+
+def test_trainer_plugged_in_by_its_config_class_trains(tmp_path, monkeypatch, capsys):
+    """``trainer: module:ConfigClass`` (the documented plug-in) runs ``diffalign train`` with the trainer its config
+    names in ``trainer_class`` (it failed with 'unknown trainer'), and its own train keys are parsed."""
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    from plugins import trainer_plugins
+
+    monkeypatch.setattr(trainer_plugins, "INSTANCES", [])
+    out = tmp_path / "run"
+    argv = ["train", FLOW, "trainer=plugins.trainer_plugins:MyGRPOConfig", "train.tag=mine", f"output_dir={out}",
+            *TINY_RUN]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    (trainer,) = trainer_plugins.INSTANCES
+    assert type(trainer).__name__ == "MyGRPOTrainer" and trainer.epoch == 1
+    assert type(trainer.cfg) is trainer_plugins.MyGRPOConfig and trainer.cfg.tag == "mine"
+    assert "final eval: eval/reward/shapes=" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["tag"] == "mine"
+
+
+@pytest.mark.parametrize("config_class, expected", [
+    ("NoTrainerConfig", "error: trainer: 'plugins.trainer_plugins:NoTrainerConfig' resolves to the config class "
+     "plugins.trainer_plugins.NoTrainerConfig, which names no trainer; give it a class attribute trainer_class = "),
+    ("BadTrainerConfig", "error: trainer: BadTrainerConfig.trainer_class: cannot import "
+     "'plugins.trainer_plugins:MyGRPOTrainr'"),
+])
+def test_trainer_config_class_without_a_usable_trainer_is_one_line(config_class, expected, tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the trainer was resolved")
+
+    monkeypatch.setattr("trainers.common.build_adapter", no_model)
+    argv = ["train", FLOW, f"trainer=plugins.trainer_plugins:{config_class}", f"output_dir={tmp_path}", *TINY_RUN]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_trainer_registered_in_an_unimported_module_names_the_path_form(capsys):
+    assert cli.main(["config", FLOW, "trainer=mygrpo"]) == 2
+    assert "so name it as my_module:MyConfig" in capsys.readouterr().err

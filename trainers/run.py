@@ -49,12 +49,36 @@ def make_accelerator(device: str = "auto"):
 
 
 def _trainer_class(name: str):
+    """The trainer class of ``trainer: NAME``: a built-in (:data:`TRAINERS`), else the ``trainer_class`` attribute
+    (``"module:Class"`` or the class) of the trainer's config class (registered under NAME, or NAME a
+    ``module:ConfigClass`` path). A ConfigError on ``trainer`` says what is missing and the fix."""
     import importlib
 
-    if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; valid trainers: {sorted(TRAINERS)}")
-    module, cls = TRAINERS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    from diffalign.config import _import_object, trainer_config_class
+
+    if name in TRAINERS:
+        module, cls = TRAINERS[name].split(":")
+        return getattr(importlib.import_module(module), cls)
+    config_cls = trainer_config_class(name)  # unknown names and bad paths: ConfigError on `trainer`
+    target = getattr(config_cls, "trainer_class", None)
+    if target is None:
+        builtin = [n for n in TRAINERS if trainer_config_class(n) is config_cls]
+        if builtin:  # e.g. trainer: trainers.grpo:GRPOConfig
+            return _trainer_class(builtin[0])
+        raise ConfigError(
+            f"{name!r} resolves to the config class {config_cls.__module__}.{config_cls.__qualname__}, which names no "
+            "trainer; give it a class attribute trainer_class = 'my_pkg.my_module:MyTrainer' (a class built as "
+            "MyTrainer(run_cfg, accelerator) with setup(), train() and cleanup(), e.g. a GRPOTrainer subclass)",
+            key="trainer")
+    if isinstance(target, str):
+        try:
+            target = _import_object(target, "trainer")
+        except ConfigError as exc:
+            raise ConfigError(f"{config_cls.__qualname__}.trainer_class: {exc.detail}", key="trainer") from None
+    if not isinstance(target, type):
+        raise ConfigError(f"{config_cls.__qualname__}.trainer_class is {target!r}, not a class; set it to "
+                          "'my_pkg.my_module:MyTrainer' or the trainer class itself", key="trainer")
+    return target
 
 
 def train_main(cfg) -> int:
