@@ -56,7 +56,25 @@ def _read_lines(path: str, key: str = "prompts.path") -> List[str]:
     if not lines:
         raise ConfigError(f"prompt file {path!r} has no prompts (only empty lines); write one prompt per "
                           "line", key=key)
+    if _is_json_object(lines[0]):
+        raise ConfigError(
+            f"prompt file {path!r} starts with a JSON object ({lines[0][:60]!r}...), as in Flow-GRPO's GenEval "
+            "metadata .jsonl; a prompt file is plain text, one prompt per line, and JSON lines would be trained on as "
+            "prompts: extract the prompts, e.g. jq -r .prompt FILE.jsonl > prompts.txt, and let the reward look up "
+            "the metadata by prompt (see configs/gpu/sd35m_geneval_flow_grpo.yaml)", key=key)
     return lines
+
+
+def _is_json_object(line: str) -> bool:
+    """True when ``line`` is a JSON object (a jsonl record, not a prompt)."""
+    if not line.startswith("{"):
+        return False
+    import json
+
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def build_prompt_source(cfg, seed: int) -> PromptSource:

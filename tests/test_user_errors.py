@@ -59,6 +59,20 @@ def test_bad_prompt_file(kind, tmp_path, capsys, safe):
     assert err.startswith(f"error: prompts.path: prompt file '{path}' {expected}")
 
 
+def test_jsonl_metadata_given_as_prompt_file(tmp_path, capsys, safe):
+    """Flow-GRPO's GenEval metadata .jsonl read as a plain-text prompt file would train on JSON lines as prompts."""
+    path = tmp_path / "geneval.jsonl"
+    path.write_text('{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of '
+                    'a bench"}\n')
+    err = _error(capsys, ["eval", FLOW, "prompts.source=file", f"prompts.path={path}", *safe])
+    assert err.startswith(f"error: prompts.path: prompt file '{path}' starts with a JSON object ")
+    assert "jq -r .prompt FILE.jsonl > prompts.txt" in err
+    path.write_text("{curly} braces in a prompt\na red circle\n")  # not JSON: a prompt
+    from diffalign.prompts import _read_lines
+
+    assert _read_lines(str(path)) == ["{curly} braces in a prompt", "a red circle"]
+
+
 def test_image_size_the_model_cannot_patch(capsys, safe):
     # the shapes flow model: VAE downsampling 2 x patch 2 = 4 (30 failed deep in the sampler's step math)
     err = _error(capsys, ["sample", FLOW, "sample.height=30", *safe])
