@@ -262,7 +262,9 @@ def check_reward_config(run_cfg: Any) -> None:
         for i, spec in enumerate(getattr(run_cfg, section)):
             if ":" not in spec.name and spec.name not in REWARDS:
                 raise ConfigError(f"unknown reward {spec.name!r}; registered rewards are {sorted(REWARDS)} (or give "
-                                  "a dotted path my_pkg.my_module:my_reward)", key=f"{section}.{i}.name")
+                                  "a dotted path my_pkg.my_module:my_reward; a name registered with @register_reward "
+                                  "in your own module is known only once that module is imported, so give its "
+                                  "factory's path my_module:my_factory)", key=f"{section}.{i}.name")
             if spec.name not in REWARDS:
                 try:
                     target = _import_dotted(spec.name)

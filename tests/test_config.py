@@ -436,10 +436,13 @@ def test_unknown_reward_or_transform_fails_before_a_command_loads_a_model():
 
     e = err("rewards.0.name=shape")
     assert "rewards.0.name: unknown reward 'shape'; registered rewards are [" in e and "'shapes'" in e
+    assert "registered with @register_reward in your own module is known only once that module is imported" in e
     e = err("rewards.0.name=shapes", "eval_rewards.0.name=shapes", "eval_rewards.0.transform=rnk")
     assert "eval_rewards.0.transform: unknown reward transform 'rnk'; valid transforms are [" in e
-    # a dotted path is imported only when the run builds it
-    check_reward_config(load_config(RunConfig, None, ["rewards.0.name=my_pkg.not_installed:fn"]))
+    # a dotted path is imported (not built) here: a missing module is a config error on its key
+    e = err("rewards.0.name=my_pkg.not_installed:fn")
+    assert e.startswith("rewards.0.name: cannot import module 'my_pkg.not_installed' for reward")
+    check_reward_config(load_config(RunConfig, None, ["rewards.0.name=plugins.reward_plugins:brightness"]))
 
 
 @dataclass
