@@ -380,7 +380,7 @@ def test_cli_config_out_writes_the_resolved_yaml(tmp_path, capsys):
 def test_run_refuses_an_unknown_trainer_with_the_valid_names():
     from trainers.run import _trainer_class
 
-    with pytest.raises(ValueError, match=r"unknown trainer 'nope'; valid trainers: \['grpo', 'nft'\]"):
+    with pytest.raises(C.ConfigError, match=r"^trainer: invalid choice 'nope'; valid choices: 'grpo', 'nft'"):
         _trainer_class("nope")
 
 
