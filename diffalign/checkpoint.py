@@ -139,6 +139,8 @@ def lock_run_dir(run_dir: PathLike) -> Optional[Any]:
         handle.seek(0)
         holder = handle.read().strip() or "holder unknown"
         handle.close()
+        if holder.startswith(f"pid {os.getpid()} on {socket.gethostname()} "):
+            holder += ": an earlier trainer in this process, whose cleanup() was not called"
         raise RunDirInUseError(f"{run_dir} is in use by another training run ({holder}); wait for it to finish or "
                                "stop it, or give this run another output_dir") from None
     except OSError as exc:  # e.g. a network filesystem without lock support: run unprotected

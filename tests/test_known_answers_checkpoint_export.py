@@ -719,7 +719,8 @@ def test_a_run_folder_is_locked_by_one_run_at_a_time(tmp_path):
     assert (tmp_path / "run" / ckpt_mod.LOCK_FILE).read_text().startswith(
         f"pid {os.getpid()} on {socket.gethostname()} since ")
     with pytest.raises(ckpt_mod.RunDirInUseError,
-                       match=rf"run is in use by another training run \(pid {os.getpid()} on .* since .*\); wait for"):
+                       match=rf"run is in use by another training run \(pid {os.getpid()} on .* since .*: an earlier "
+                             r"trainer in this process, whose cleanup\(\) was not called\); wait for"):
         ckpt_mod.lock_run_dir(tmp_path / "run")
     first.close()
     ckpt_mod.lock_run_dir(tmp_path / "run").close()
@@ -739,3 +740,12 @@ def test_a_trainer_holds_the_lock_from_setup_to_cleanup(tmp_path):
     first.cleanup()
     second.setup()  # free again
     second.cleanup()
+    # a resume that fails in setup (a checkpoint of other LoRA settings) lets go of the folder
+    other = run_config(cfg.model.path, tmp_path / "run", train={"num_epochs": 2},
+                       model={"path": cfg.model.path, "lora": {"enabled": True, "rank": 2, "alpha": 8.0}})
+    with pytest.raises(ckpt_mod.CheckpointError, match="rank") as failed:  # its traceback holds the frames alive
+        GRPOTrainer(other).setup()
+    third = GRPOTrainer(cfg)
+    third.setup()
+    third.cleanup()
+    assert failed.traceback  # (kept alive up to here: the lock was let go explicitly, not by garbage collection)

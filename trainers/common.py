@@ -162,13 +162,25 @@ def open_run(run, dist, restore, device="cpu") -> tuple:
     trainer loads its own state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch
     and saves the resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
     """
-    from diffalign.checkpoint import CheckpointManager, check_model_config, config_changes, resolve_resume
-    from diffalign.config import save_config, to_dict
-    from diffalign.logging import MetricsLogger
+    from diffalign.checkpoint import CheckpointManager
 
     ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=dist.rank,
                              world_size=dist.world_size, barrier=dist.barrier)
     ckpt.run_lock = _lock_run_dir(run.output_dir, dist, device)
+    try:
+        return _open_locked_run(run, dist, restore, ckpt)
+    except BaseException:
+        if ckpt.run_lock is not None:  # a resume that fails lets go of the folder
+            ckpt.run_lock.close()
+            ckpt.run_lock = None
+        raise
+
+
+def _open_locked_run(run, dist, restore, ckpt) -> tuple:
+    from diffalign.checkpoint import check_model_config, config_changes, resolve_resume
+    from diffalign.config import save_config, to_dict
+    from diffalign.logging import MetricsLogger
+
     resumed_epoch = None
     resume = resolve_resume(run.output_dir, run.checkpoint.resume_from)
     if resume is not None:
