@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
@@ -64,11 +65,12 @@ def _fuse_lora(denoiser: torch.nn.Module) -> None:
     denoiser.unload_lora()
 
 
-def load_hint(folder: Path, dtype: torch.dtype) -> str:
+def load_hint(folder: Path, dtype: torch.dtype, call_kwargs: Optional[Mapping[str, Any]] = None) -> str:
     """How to load an exported pipeline folder with plain diffusers: its dtype (without it diffusers loads
     its own models in float32 while transformers keeps the text encoders' saved dtype, and a float16 / bfloat16
-    export fails at its first call), and the components the pipeline class requires but the folder lacks
-    (e.g. the shapes model's T5), which must be named as ``None``."""
+    export fails at its first call), the components the pipeline class requires but the folder lacks
+    (e.g. the shapes model's T5), which must be named as ``None``, and the keyword arguments every call needs
+    (``call_kwargs``, the model folder's ``diffalign.json``: the shapes model's ``max_sequence_length=0``)."""
     import diffusers
 
     from diffalign.generators import _dtype_keyword
@@ -86,7 +88,8 @@ def load_hint(folder: Path, dtype: torch.dtype) -> str:
         keyword = _dtype_keyword()  # this diffusers' name; the folder may be loaded with another version
         args.append(f"{keyword}=torch.{str(dtype).replace('torch.', '')}")
         note = " (torch_dtype= before diffusers 0.36)" if keyword == "dtype" else " (dtype= from diffusers 0.36)"
-    return f"DiffusionPipeline.from_pretrained({str(folder)!r}{''.join(', ' + a for a in args)}){note}"
+    call = ("; call it with " + ", ".join(f"{k}={v!r}" for k, v in call_kwargs.items())) if call_kwargs else ""
+    return f"DiffusionPipeline.from_pretrained({str(folder)!r}{''.join(', ' + a for a in args)}){note}{call}"
 
 
 def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optional[str] = None,
@@ -156,7 +159,15 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
         adapter.denoiser.to(out_dtype)
         _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
         adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
+        if adapter.call_kwargs:  # what the base folder's diffalign.json says every call needs (diffalign reads it)
+            _write_text_atomic(out_dir / "merged" / "diffalign.json",
+                               _json_text({"call_kwargs": adapter.call_kwargs}, "call_kwargs"))
         written["merged"] = out_dir / "merged"
+    if (out_dir / "export.json").is_file():  # an earlier export into this folder: drop what this one replaces
+        for name in ("lora", "merged"):
+            if name not in written and (out_dir / name).is_dir():
+                shutil.rmtree(out_dir / name)
+                _say(f"removed the earlier export's {out_dir / name} (this export does not write it)")
     lora_info = ({"rank": model_cfg.lora.rank, "alpha": model_cfg.lora.alpha,
                   "target_modules": model_cfg.lora.target_modules} if is_lora else None)
     info = {"checkpoint": str(state.path.resolve()), "step": state.step, "weights": weights,
@@ -166,7 +177,7 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     _write_text_atomic(out_dir / "export.json", _json_text(info, "export info"))
     _say("done: " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
     if "merged" in written:
-        _say(f"load the merged pipeline with {load_hint(written['merged'], out_dtype)}")
+        _say(f"load the merged pipeline with {load_hint(written['merged'], out_dtype, adapter.call_kwargs)}")
     return written
 
 
@@ -209,6 +220,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
             raise CheckpointError(f"{run_dir} has no complete checkpoint yet ({run_dir / CHECKPOINTS_DIR} is empty "
                                   "or missing); train with checkpoint.every > 0 or pass --checkpoint PATH")
         out = Path(args.out) if args.out else run_dir / "export" / checkpoint.name
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"--out {str(out)!r} is a file; give a folder (it is created if missing)")
         export_checkpoint(checkpoint, out, weights=args.weights, merged=args.merged, dtype=args.dtype,
                           device=args.device)
     except (CheckpointError, ConfigError) as exc:

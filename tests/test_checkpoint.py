@@ -407,6 +407,45 @@ def test_export_says_how_to_load_a_half_precision_merged_folder(tmp_path, base_m
     assert hint == f"DiffusionPipeline.from_pretrained({str(no_t5)!r}, text_encoder_3=None, tokenizer_3=None)"
 
 
+def test_export_of_the_shapes_model_keeps_its_call_kwargs_and_replaces_an_earlier_export(tmp_path, capsys):
+    """The merged folder of a model whose diffalign.json says how to call it (the shapes flow model: no T5 tokens)
+    keeps that file, so diffalign samples the merged folder as it sampled the run (it appended 256 T5 tokens);
+    the printed load call says it too. Re-exporting into the folder drops the outputs it does not rewrite."""
+    from diffalign.generators import load_generator
+    from diffalign.shapes.models import FLOW_CALL_KWARGS, resolve_model_path
+
+    base = resolve_model_path("builtin:shapes-flow")
+    gen = load_generator(base)
+    gen.add_lora(rank=2, alpha=4.0)
+    trained = _perturbed(gen.lora_state_dict(), 1)
+    config = {"model": {"path": "builtin:shapes-flow", "dtype": "float32",
+                        "lora": {"enabled": True, "rank": 2, "alpha": 4.0, "target_modules": None}}}
+    CheckpointManager(tmp_path / "run").save(1, trainable_state=trained, counters={"step": 1}, config=config)
+    out = tmp_path / "export"
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--merged"]) == 0
+    assert json.loads((out / "merged" / "diffalign.json").read_text()) == {"call_kwargs": FLOW_CALL_KWARGS}
+    assert "; call it with max_sequence_length=0" in capsys.readouterr().out
+    merged = load_generator(str(out / "merged"))
+    assert merged.call_kwargs == FLOW_CALL_KWARGS
+    gen.load_lora_state_dict(trained)
+    prompts = ["a red circle", "two blue squares"]
+    x = gen.prepare_latents(2, 32, 32, torch.Generator().manual_seed(0))
+    t = gen.make_schedule(4, 32, 32).timesteps[1].expand(2)
+    with torch.no_grad():
+        want = gen.predict(x, t, gen.encode_prompts(prompts))
+        got = merged.predict(x, t, merged.encode_prompts(prompts))
+        with_t5_tokens = merged.predict(x, t, merged.encode_prompts(prompts, max_sequence_length=256))
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-4)  # float32 merge of a large random LoRA
+    assert (with_t5_tokens - want).abs().max() > 1e-2  # what the folder gave without its diffalign.json
+
+    assert export_main([str(tmp_path / "run"), "--out", str(out)]) == 0  # LoRA only, into the same folder
+    assert "removed the earlier export's" in capsys.readouterr().out
+    assert not (out / "merged").exists() and (out / "lora").is_dir()
+    (tmp_path / "a_file").write_text("")
+    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "a_file")]) == 2
+    assert "--out " in capsys.readouterr().err
+
+
 def test_export_errors(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
