@@ -447,6 +447,29 @@ def test_multiple_weighted_rewards():
     assert torch.allclose(two.samples, one.samples, atol=1e-5)
 
 
+def test_a_failed_reward_column_never_lets_a_sample_win_by_its_other_columns():
+    """Rows compared with each other are scored on the same columns: a column NaN in some rows of a group is left
+    out for the group (a failed reward), one NaN in all of them as before (a reward that does not apply)."""
+    nan = float("nan")
+    m = torch.tensor([[0.75, 0.0], [0.75, nan],      # group 0: column 1 failed on row 1
+                      [0.5, 0.2], [0.25, 0.9],       # group 1: all finite
+                      [0.5, nan], [0.25, nan],       # group 2: column 1 NaN for the whole group
+                      [nan, 0.3], [0.5, nan]])       # group 3: no column finite in both rows
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    out = combine_rewards(m, [1.0, 1.0], groups)
+    torch.testing.assert_close(out[:6], torch.tensor([1.5, 1.5, 0.7, 1.15, 1.0, 0.5]))
+    assert torch.isnan(out[6:]).all()  # neither row has every column: neither can win
+    assert combine_rewards(m, [1.0, 1.0])[1] == 1.5 > combine_rewards(m, [1.0, 1.0])[0]  # without groups it won
+    # best-of-N end to end: particle 1's second reward fails; compared on the first column, particle 0 wins (it
+    # lost 0.95 to 1.4 when particle 1's first column was scaled up to the total weight)
+    rewards = {0: [0.75, 0.2], 1: [0.7, nan]}
+    sched = make_schedule("flow", 3)
+    model = gmm_model(sched, *TWO_MODES)
+    out = guided_sample("best_of_n", model, sched, _noise(2), lambda x0, i: torch.tensor([rewards[int(j)] for j in i]),
+                        group_size=2, reward_weights=[1.0, 1.0], step="flow_sde", noise_level=0.7)
+    assert out.extras["index"].tolist() == [0] and out.rewards.tolist() == pytest.approx([1.5])
+
+
 def test_candidate_noise_and_selection():
     x = torch.zeros(3, 2, 2)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]

@@ -57,10 +57,17 @@ def _groups(B: int, group_size: int) -> int:
 
 
 def _score(reward_fn: LatentReward, x0: torch.Tensor, counter: EvalCounter,
-           reward_weights: Optional[Sequence[float]], index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[N]`` combined rewards; ``index`` maps rows to batch samples (default: row ``n`` is sample ``n``)."""
+           reward_weights: Optional[Sequence[float]], index: Optional[torch.Tensor] = None,
+           groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[N]`` combined rewards; ``index`` maps rows to batch samples (default: row ``n`` is sample ``n``);
+    ``groups`` the rows compared with each other (:func:`combine_rewards`)."""
     index = torch.arange(x0.shape[0], device=x0.device) if index is None else index
-    return combine_rewards(evaluate_reward(reward_fn, x0, index, counter), reward_weights)
+    return combine_rewards(evaluate_reward(reward_fn, x0, index, counter), reward_weights, groups)
+
+
+def _prompt_groups(n: int, group_size: int, device) -> torch.Tensor:
+    """``[n]`` prompt of each row (``group_size`` contiguous particles per prompt)."""
+    return torch.arange(n, device=device) // group_size
 
 
 def best_of_n(
@@ -83,7 +90,8 @@ def best_of_n(
     traj = rollout(model_fn, schedule, initial_latents, step=step, noise_level=noise_level,
                    generator=generator)
     final = traj.final
-    r = _score(reward_fn, final, counter, reward_weights)
+    r = _score(reward_fn, final, counter, reward_weights,
+               groups=_prompt_groups(final.shape[0], group_size, final.device))
     best, best_r, idx = select_best(final, r, group_size)
     return GuidedOutput(best, best_r, counter, final, r, {"index": idx})
 
@@ -207,7 +215,8 @@ def fk_steering(
             out = model_fn(x, t)
             if i in resample_at:
                 x0 = sched.clip_x0(to_x0_eps(out, x, sched.alphas[i], sched.sigmas[i], sched.prediction_type)[0])
-                r = _fill_nan(_score(reward_fn, x0, counter, reward_weights))
+                r = _fill_nan(_score(reward_fn, x0, counter, reward_weights,
+                                     groups=_prompt_groups(B, group_size, x.device)))
                 log_g = fk_log_potential(potential, lam, r, state)
                 log_w, log_prod = log_w + log_g, log_prod + log_g
                 mask = _ess(log_w, group_size) < ess_threshold * group_size
@@ -219,7 +228,7 @@ def fk_steering(
                     n_resampled += int(mask.sum())
             res = scheduled_step(kind, out, x, sched, i, noise_level=noise_level, generator=generator)
             x = res.prev_sample
-        r_final = _score(reward_fn, x, counter, reward_weights)
+        r_final = _score(reward_fn, x, counter, reward_weights, groups=_prompt_groups(B, group_size, x.device))
     # terminal potential exp(lambda r_T) / prod(past potentials): the target is p0 exp(lambda r).
     log_w = log_w + lam * _fill_nan(r_final) - log_prod
     extras = {"num_resampled_groups": n_resampled, "log_weights": log_w}
@@ -305,7 +314,7 @@ def svdd_sample(
             else:
                 eps = to_x0_eps(out, x, sched.alphas[i], sched.sigmas[i], sched.prediction_type)[1]
                 x0_c = one_step_x0(model_fn, sched, i + 1, flat, eps.repeat(M, *lat_ones), "reuse_eps")
-            v = _score(reward_fn, x0_c, counter, reward_weights, rows.repeat(M)).view(M, B)
+            v = _score(reward_fn, x0_c, counter, reward_weights, rows.repeat(M), groups=rows.repeat(M)).view(M, B)
             logits = torch.nan_to_num(v, nan=-float("inf"))
             if alpha == 0:
                 choice = logits.argmax(dim=0)
@@ -318,6 +327,6 @@ def svdd_sample(
             r_last = v[choice, rows]
             out = None if out_c is None else out_c.view(M, B, *out_c.shape[1:])[choice, rows]
     if end < T or bool(torch.isnan(r_last).any()):
-        r_last = _score(reward_fn, x, counter, reward_weights)
+        r_last = _score(reward_fn, x, counter, reward_weights, groups=_prompt_groups(B, group_size, x.device))
     best, best_r, idx = select_best(x, r_last, group_size)
     return GuidedOutput(best, best_r, counter, x, r_last, {"index": idx})

@@ -92,7 +92,8 @@ def doob_weights(
         # a column whose candidates tie carries no signal: 0 (NaN entries stay NaN, as centred * 0 is NaN)
         r = torch.where(std > 1e-12, centred / std.clamp_min(1e-12), centred * 0)
     M, B, R = r.shape
-    score = combine_rewards(r.reshape(M * B, R), reward_weights).view(M, B)
+    per_sample = torch.arange(M * B, device=r.device) % B  # each sample's M candidates are compared
+    score = combine_rewards(r.reshape(M * B, R), reward_weights, per_sample).view(M, B)
     logits = torch.nan_to_num(score / temperature, nan=-float("inf"))
     all_nan = torch.isinf(logits).all(dim=0, keepdim=True)
     logits = torch.where(all_nan, torch.zeros_like(logits), logits)
@@ -269,7 +270,7 @@ def doob_model_fn(
             x0_c = one_step_x0(model_fn, sched, i + 1, flat, eps_rep, lookahead)
             sample_index = torch.arange(B, device=x.device).repeat(M)
             raw = evaluate_reward(reward_fn, x0_c, sample_index, counter)
-            combined = combine_rewards(raw, reward_weights).view(M, B)
+            combined = combine_rewards(raw, reward_weights, sample_index).view(M, B)
             if pool is not None:
                 _update_pool(pool, x0_c.view(M, B, *x.shape[1:]), combined)
             if twist is not None:

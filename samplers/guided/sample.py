@@ -148,7 +148,7 @@ def guided_sample(
                    before_step=before)
     final = traj.final
     index = torch.arange(B, device=final.device)
-    r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights)
+    r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights, index // group_size)
     if pool:
         # keep_simulated: a particle is replaced by the best completed candidate it simulated, if better
         better = pick_better(pool["reward"].to(r.device), r)
