@@ -290,7 +290,7 @@ def multi_reward_advantages(
 
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    combined = weighted_sum(rewards, torch.as_tensor(list(weights), dtype=torch.float32))
+    combined = weighted_sum(rewards, torch.as_tensor(list(weights), dtype=torch.float32), groups=group_ids)
     if aggregation == "weighted_sum":
         res = group_advantages(combined, group_ids, std_mode=std_mode, eps=eps, clip=clip,
                                drop_zero_std=drop_zero_std, global_std=global_std)

@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import difflib
 import importlib
+import math
 import os
 import pkgutil
 import re
@@ -184,10 +185,10 @@ class TrainLoopConfig:
     its ``validate_run`` calls :meth:`validate_loop`."""
 
     learning_rate: float = param(3e-4, help="AdamW learning rate", min=0.0)
-    adam_beta1: float = param(0.9, help="AdamW beta1")
-    adam_beta2: float = param(0.999, help="AdamW beta2")
-    weight_decay: float = param(1e-4, help="AdamW weight decay")
-    adam_eps: float = param(1e-8, help="AdamW epsilon")
+    adam_beta1: float = param(0.9, help="AdamW beta1, in [0, 1)", min=0.0, max=0.999999)
+    adam_beta2: float = param(0.999, help="AdamW beta2, in [0, 1)", min=0.0, max=0.999999)
+    weight_decay: float = param(1e-4, help="AdamW weight decay", min=0.0)
+    adam_eps: float = param(1e-8, help="AdamW epsilon", min=0.0)
     warmup_steps: int = param(0, help="linear LR warmup in optimizer steps", min=0)
     lr_schedule: Literal["constant", "linear", "cosine"] = param(
         "constant", help="learning rate after warmup: constant, or decayed to 0 (linear / cosine) over lr_decay_steps")
@@ -213,8 +214,9 @@ class TrainLoopConfig:
         min=0.0, max=1.0)
     ema_every: int = param(1, help="EMA update every N optimizer steps", min=1)
     eval_every: int = param(10, help="evaluate every N epochs (and at the end); 0 = only at the end", min=0)
-    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps")
-    eval_guidance_scale: Optional[float] = param(None, help="CFG for eval; null = sample.guidance_scale")
+    eval_num_steps: Optional[int] = param(None, help="sampler steps for eval; null = sample.eval_num_steps", min=1)
+    eval_guidance_scale: Optional[float] = param(
+        None, help="CFG for eval (1 = no CFG); null = sample.guidance_scale", min=1.0)
     stop_after_epochs: Optional[int] = param(
         None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)"
     )
@@ -389,14 +391,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise _type_error(key, value, tp)
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise _type_error(key, value, tp)
+        if number is None:
+            raise _type_error(key, value, tp)
+        if not math.isfinite(number):  # NaN passes every bound check (each comparison is False): refused here
+            raise ConfigError(f"got {value!r}; must be a finite number", key=key)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -1260,6 +1267,14 @@ class GuidanceConfig:
             f"got {self.num_candidates}; antithetic DOIT needs an even number, use {self.num_candidates + 1} "
             "or antithetic=false",
         )
+        check(not (doob and self.gamma > 0 and self.num_candidates < 2), "num_candidates",
+              f"got {self.num_candidates}; DOIT weighs its candidates against each other and needs at least 2")
+        if self.window is not None:
+            check(0 <= self.window[0] < self.window[1], "window",
+                  f"got {list(self.window)}; must be [start, end) with 0 <= start < end (sampler steps)")
+            if self.num_steps is not None:
+                check(self.window[1] <= self.num_steps, "window",
+                      f"got {list(self.window)}; end must be <= guidance.num_steps={self.num_steps}")
 
 
 def _weights_mapping_to_specs(value: Mapping[Any, Any], key: str) -> List[Dict[str, Any]]:
@@ -1282,7 +1297,7 @@ def _weights_mapping_to_specs(value: Mapping[Any, Any], key: str) -> List[Dict[s
 class RunConfig:
     """A whole run: shared sections plus the chosen trainer's raw ``train`` section."""
 
-    seed: int = param(0, help="global seed; a run is reproducible from its config and seed")
+    seed: int = param(0, help="global seed; a run is reproducible from its config and seed", min=0, max=2**32 - 1)
     output_dir: str = param(
         "outputs/run", help="folder for checkpoints, logs, images and the resolved config"
     )
@@ -1322,6 +1337,16 @@ class RunConfig:
     def validate(self) -> None:
         """Parse the train section with the trainer's dataclass and keep it resolved (defaults filled in),
         so the saved config is complete. This imports the trainer's module."""
+        check(not self.rewards or any(r.weight != 0 for r in self.rewards), "rewards",
+              "every reward has weight 0, so the combined reward is undefined (0 / 0) and nothing is learned; give "
+              "at least one reward a non-zero weight (an extra score to watch belongs in eval_rewards)")
+        check(self.output_dir.strip() != "", "output_dir",
+              "got ''; a run needs a folder for its checkpoints and logs, e.g. output_dir=outputs/my_run")
+        g = self.guidance
+        steps = g.num_steps or self.sample.eval_num_steps
+        check(g.window is None or g.window[1] <= steps, "guidance.window",
+              f"got {list(g.window or ())}; end must be <= the guided sampler's {steps} steps (guidance.num_steps, "
+              "else sample.eval_num_steps)")
         if self.trainer is None:
             check(
                 not self.train,

@@ -72,10 +72,33 @@ class MultiRewardOutput:
         return weighted_sum(self.rewards, self.weights, nan_policy=nan_policy)
 
 
+def common_columns(values: torch.Tensor, groups: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
+    """``values`` ``[N, R]`` with every column that is NaN in some row of a group set to NaN in all rows of that
+    group (``groups`` ``[N]``: the rows compared with each other, e.g. a prompt's samples); in a group left without
+    such a ``weighted`` column, the rows with a NaN weighted column become all NaN. Rows compared with each other
+    are so combined from the same columns: a sample whose reward failed cannot rank above the others by its
+    remaining columns being rescaled to the total weight."""
+    groups = groups.to(values.device).long()
+    nan = torch.isnan(values)
+    num_groups = int(groups.max()) + 1 if groups.numel() else 0
+    nan_count = torch.zeros(num_groups, values.shape[1], device=values.device).index_add_(0, groups, nan.float())
+    common = (nan_count == 0)[groups]  # [N, R]: finite in every row of the row's group
+    weighted = weighted.to(values.device)
+    has_common = (common & weighted[None, :]).any(dim=1, keepdim=True)
+    row_ok = ~(nan & weighted[None, :]).any(dim=1, keepdim=True)
+    keep = torch.where(has_common, common, row_ok.expand_as(common))
+    return torch.where(keep, values, torch.full_like(values, float("nan")))
+
+
 def weighted_sum(
-    matrix: torch.Tensor, weights: Union[torch.Tensor, Sequence[float]], nan_policy: str = "renormalize"
+    matrix: torch.Tensor, weights: Union[torch.Tensor, Sequence[float]], nan_policy: str = "renormalize",
+    groups: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Combine a ``[B, R]`` reward matrix into ``[B]`` with weights ``[R]``, handling NaN explicitly.
+
+    ``groups`` ``[B]`` (``renormalize`` only): rows compared with each other (a prompt's group) are combined from
+    the columns finite in all of them (:func:`common_columns`): a column NaN in only some rows of a group (a reward
+    that failed under ``on_error: skip``) is left out for the whole group.
 
     ``nan_policy``:
 
@@ -102,6 +125,8 @@ def weighted_sum(
         )
     x = matrix.float()
     active = w != 0
+    if groups is not None and nan_policy == "renormalize":
+        x = common_columns(x, groups, active)
     # Zero-weight columns never matter (not even their NaN).
     x = torch.where(active[None, :], x, torch.zeros_like(x))
     if nan_policy == "propagate":

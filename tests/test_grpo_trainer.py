@@ -173,7 +173,7 @@ def test_shared_group_noise_starts_a_group_from_one_noise(tmp_path):
     trainer.cleanup()
 
 
-@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "eval_guidance_scale": 0.0}], ids=["fp32", "bf16_cfg0"])
+@pytest.mark.parametrize("extra", [{}, {"dtype": "bfloat16", "eval_guidance_scale": 2.0}], ids=["fp32", "bf16_cfg2"])
 def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_path, extra):
     """`diffalign eval` and `diffalign sample` sample the evaluation prompts like the trainer's evaluation (noise,
     dtype, CFG), so on one process a checkpoint scores exactly what its run logged (and the base model what it
@@ -187,7 +187,7 @@ def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_pat
     if extra:
         model = dataclasses.replace(cfg.model, dtype=extra["dtype"])
         train = {**cfg.train, "eval_guidance_scale": extra["eval_guidance_scale"]}  # RunConfig.train is a dict
-        sample = dataclasses.replace(cfg.sample, guidance_scale=3.0)  # the eval's CFG 0 must not fall back to it
+        sample = dataclasses.replace(cfg.sample, guidance_scale=3.0)  # the eval CFG (2) must not fall back to it
         cfg = dataclasses.replace(cfg, model=model, train=train, sample=sample)
     _train(cfg)
     logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reward/jpeg_compressibility" in r]

@@ -375,3 +375,23 @@ def test_a_reward_returning_a_non_tensor_is_told_it_returned_it(returned):
     msg = str(err.value)
     assert msg.startswith(f"reward 'as_list' returned a {type(returned).__name__}, not a Tensor[B] or RewardOutput")
     assert "raised" not in msg and "torch.as_tensor(scores" in msg and "batch of 4 sample(s)" in msg
+
+
+def test_weighted_sum_over_groups_uses_the_columns_every_row_of_a_group_has():
+    """A reward that failed (NaN under on_error: skip) on one sample of a prompt's group is left out for the whole
+    group, so that sample's advantage is not computed from its other columns rescaled to the total weight (it
+    scored 1.5 against its group's 0.95 below); a column NaN for the whole group (not applicable) is left out as
+    before, and a group without a common column scores only its fully scored rows."""
+    from rewards import weighted_sum
+
+    nan = float("nan")
+    m = torch.tensor([[0.75, 0.2], [0.75, nan], [0.5, nan], [0.25, nan], [nan, 0.3], [0.5, nan], [0.4, 0.6],
+                      [nan, nan]])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    torch.testing.assert_close(weighted_sum(m, [1.0, 1.0])[:2], torch.tensor([0.95, 1.5]))
+    out = weighted_sum(m, [1.0, 1.0], groups=groups)
+    torch.testing.assert_close(out[:4], torch.tensor([1.5, 1.5, 1.0, 0.5]))
+    assert torch.isnan(out[4:6]).all()
+    assert out[6] == pytest.approx(1.0) and torch.isnan(out[7])
+    assert torch.equal(weighted_sum(m, [1.0, 0.0], groups=groups).isnan(), torch.tensor([False] * 4 + [True, False,
+                                                                                          False, True]))

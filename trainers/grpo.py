@@ -76,6 +76,12 @@ class GRPOConfig(TrainLoopConfig):
     def validate_run(self, run) -> None:
         s = run.sample
         self.validate_loop()
+        check(self.clip_range > 0, "train.clip_range",
+              f"got {self.clip_range}; the PPO clip range must be > 0 (Flow-GRPO: 1e-4, DDPO: 1e-4)")
+        check(self.adv_clip_max > 0, "train.adv_clip_max",
+              f"got {self.adv_clip_max}; 0 clips every advantage to 0 and nothing is learned: use e.g. 5")
+        check(self.timestep_fraction > 0, "train.timestep_fraction",
+              f"got {self.timestep_fraction}; a fraction > 0 of the stochastic steps is trained (e.g. 0.99 or 1.0)")
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
         check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
               f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")
@@ -361,7 +367,7 @@ class GRPOTrainer:
         from rewards import weighted_sum
 
         all_rewards = self.dist.gather(local_rewards.to(self.device)).cpu()
-        combined = weighted_sum(all_rewards, self.rewards.weights)
+        combined = weighted_sum(all_rewards, self.rewards.weights, groups=assignment.global_groups)
         cfg = self.cfg
         stats = {}
         if cfg.advantage == "per_prompt_tracker":

@@ -340,7 +340,7 @@ class NFTTrainer:
         groups = assignment.global_groups
         if cfg.std_mode == "global":
             from rewards import weighted_sum
-            self.moments.update(weighted_sum(all_rewards, self.rewards.weights))
+            self.moments.update(weighted_sum(all_rewards, self.rewards.weights, groups=groups))
         res = multi_reward_advantages(all_rewards, groups, self.rewards.weights, aggregation=cfg.aggregation,
                                       std_mode=cfg.std_mode, eps=cfg.adv_eps, clip=cfg.adv_clip_max,
                                       global_std=self.moments.std)

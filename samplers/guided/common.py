@@ -112,25 +112,14 @@ def combine_rewards(values: torch.Tensor, weights: Optional[Sequence[float]] = N
         raise ValueError(f"got {w.numel()} reward weights for {R} reward columns; give one weight per column")
     w = w.to(values.device)
     if groups is not None:
-        values = _common_columns(values, groups.to(values.device).long(), w != 0)
+        from rewards.multi import common_columns
+
+        values = common_columns(values, groups, w != 0)
     valid = ~torch.isnan(values) & (w != 0)[None, :]
     contrib = torch.where(valid, values * w, torch.zeros_like(values)).sum(dim=1)
     mass = (valid.float() * w.abs()).sum(dim=1)
     out = contrib * w.abs().sum() / mass.clamp_min(torch.finfo(torch.float32).tiny)
     return torch.where(mass > 0, out, torch.full_like(out, float("nan")))
-
-
-def _common_columns(values: torch.Tensor, groups: torch.Tensor, weighted: torch.Tensor) -> torch.Tensor:
-    """``values`` with every column that is NaN in some row of a group set to NaN in all rows of that group;
-    in a group left without such a (weighted) column, rows with a NaN weighted column become all NaN."""
-    nan = torch.isnan(values)
-    num_groups = int(groups.max()) + 1 if groups.numel() else 0
-    nan_count = torch.zeros(num_groups, values.shape[1], device=values.device).index_add_(0, groups, nan.float())
-    common = (nan_count == 0)[groups]  # [N, R]: finite in every row of the row's group
-    has_common = (common & weighted[None, :]).any(dim=1, keepdim=True)
-    row_ok = ~(nan & weighted[None, :]).any(dim=1, keepdim=True)
-    keep = torch.where(has_common, common, row_ok.expand_as(common))
-    return torch.where(keep, values, torch.full_like(values, float("nan")))
 
 
 def evaluate_reward(
