@@ -1240,7 +1240,9 @@ class GuidanceConfig:
     svdd_lookahead: Literal["reuse_eps", "denoise"] = param(
         "denoise", help="SVDD candidate value: denoise (SVDD-PM, M forwards per step) or reuse_eps"
     )
-    select: Literal["best", "all"] = param("best", help="keep the best particle per prompt, or all particles")
+    select: Literal["best", "all"] = param(
+        "best", help="doob / fk: keep the best particle per prompt, or all particles (best_of_n and svdd always "
+        "keep the best)")
 
     def __post_init__(self) -> None:
         check(self.temperature > 0, "temperature", f"got {self.temperature!r}; must be > 0")

@@ -555,3 +555,29 @@ def test_bench_rows_spend_the_matched_budget(tmp_path):
     assert rows["doob"]["options"] != rows["doob_rollout_keep"]["options"]
     assert all(b >= n for b, n in zip(rows["best_of_n_matched"]["scores"], rows["none"]["scores"]))
     assert rows["best_of_n_matched"]["scores"] != rows["none"]["scores"]
+
+
+def test_svdd_and_doob_pool_compare_a_prompts_particles_on_common_columns():
+    """A reward column that failed on one of a particle's candidates is dropped for that particle's choice, but the
+    prompt's particles are then compared on the columns all of them have (a review found SVDD comparing particle
+    0's rescaled 0.7 -> 1.4 against particle 1's 0.6 + 0.5 = 1.1 and keeping the worse one)."""
+    nan = float("nan")
+    # rows m * B + b: particle 0's candidates (0.1, nan), (0.7, 0.0); particle 1's (0.6, 0.5), (0.5, 0.5)
+    pattern = torch.tensor([[0.1, nan], [0.6, 0.5], [0.7, 0.0], [0.5, 0.5]])
+
+    def reward(x0, index):
+        return pattern.clone() if x0.shape[0] == 4 else torch.tensor([[0.7, 0.0], [0.6, 0.5]])
+
+    sched = make_schedule("flow", 3)
+    model = gmm_model(sched, *TWO_MODES)
+    out = guided_sample("svdd", model, sched, _noise(2), reward, group_size=2, reward_weights=[1.0, 1.0],
+                        step="flow_sde", noise_level=0.7, options=dict(num_candidates=2, alpha=0.0))
+    assert out.extras["index"].tolist() == [1] and out.rewards.tolist() == pytest.approx([1.1])
+
+    # DOIT's keep_simulated pool against the particle's own final: compared on their common columns
+    from samplers.guided.doob import _update_pool
+
+    pool = {}
+    raw = torch.tensor([[[0.9, nan]], [[0.2, 0.1]]])  # one particle, its 2 candidates
+    _update_pool(pool, torch.zeros(2, 1, 3), torch.tensor([[1.8], [0.3]]), raw)
+    assert torch.equal(pool["raw"].isnan(), torch.tensor([[False, True]])) and pool["raw"][0, 0] == 0.9

@@ -289,6 +289,7 @@ def svdd_sample(
     rows = torch.arange(B, device=x.device)
     lat_ones = [1] * (x.ndim - 1)
     r_last = torch.full((B,), float("nan"), device=x.device)
+    raw_last = None  # the chosen candidates' raw reward rows, recombined per prompt for the final choice
     out = None
     with torch.no_grad():
         for i in range(T):
@@ -314,7 +315,8 @@ def svdd_sample(
             else:
                 eps = to_x0_eps(out, x, sched.alphas[i], sched.sigmas[i], sched.prediction_type)[1]
                 x0_c = one_step_x0(model_fn, sched, i + 1, flat, eps.repeat(M, *lat_ones), "reuse_eps")
-            v = _score(reward_fn, x0_c, counter, reward_weights, rows.repeat(M), groups=rows.repeat(M)).view(M, B)
+            raw = evaluate_reward(reward_fn, x0_c, rows.repeat(M), counter)
+            v = combine_rewards(raw, reward_weights, rows.repeat(M)).view(M, B)  # a particle's candidates
             logits = torch.nan_to_num(v, nan=-float("inf"))
             if alpha == 0:
                 choice = logits.argmax(dim=0)
@@ -325,8 +327,11 @@ def svdd_sample(
                 choice = torch.multinomial(probs, 1, generator=select_generator).view(B).to(x.device)
             x = cand[choice, rows]
             r_last = v[choice, rows]
+            raw_last = raw.view(M, B, *raw.shape[1:])[choice, rows]
             out = None if out_c is None else out_c.view(M, B, *out_c.shape[1:])[choice, rows]
     if end < T or bool(torch.isnan(r_last).any()):
         r_last = _score(reward_fn, x, counter, reward_weights, groups=_prompt_groups(B, group_size, x.device))
+    else:  # the prompt's particles compared on their common reward columns (not each particle's own)
+        r_last = combine_rewards(raw_last, reward_weights, _prompt_groups(B, group_size, x.device))
     best, best_r, idx = select_best(x, r_last, group_size)
     return GuidedOutput(best, best_r, counter, x, r_last, {"index": idx})

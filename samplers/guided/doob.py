@@ -150,21 +150,29 @@ def one_step_x0(
     raise ValueError(f"lookahead must be one of {sorted(LOOKAHEADS)}, got {lookahead!r}")
 
 
-def _update_pool(pool: dict, x: torch.Tensor, r: torch.Tensor) -> None:
-    """Keep per sample the best of candidates ``x`` ``[M, B, *L]`` with combined rewards ``r`` ``[M, B]``.
+def _update_pool(pool: dict, x: torch.Tensor, r: torch.Tensor, raw: Optional[torch.Tensor] = None) -> None:
+    """Keep per sample the best of candidates ``x`` ``[M, B, *L]`` with combined rewards ``r`` ``[M, B]`` (and
+    their raw reward rows ``raw`` ``[M, B]`` or ``[M, B, R]``, kept as ``pool["raw"]`` so that the final choice
+    can compare the pool with the particles on common reward columns, see ``guided_sample``).
 
     NaN rewards (not applicable) never enter the pool: a sample whose candidates are all NaN keeps NaN, and
     NaN never compares as better (``pick_better``)."""
     r = r.float()
     best_r, m = torch.where(r.isnan(), -float("inf"), r).max(dim=0)
     best_r = torch.where(r.isnan().all(dim=0), float("nan"), best_r)
-    best_x = x[m, torch.arange(x.shape[1], device=x.device)]
+    cols = torch.arange(x.shape[1], device=x.device)
+    best_x = x[m, cols]
+    best_raw = raw[m.to(raw.device), cols.to(raw.device)].float() if raw is not None else None
     if "x" not in pool:
         pool["x"], pool["reward"] = best_x.detach().clone(), best_r.clone()
+        if best_raw is not None:
+            pool["raw"] = best_raw.clone()
         return
     better = pick_better(best_r, pool["reward"])
     pool["x"][better] = best_x[better].detach()
     pool["reward"] = torch.where(better, best_r, pool["reward"])
+    if best_raw is not None:
+        pool["raw"][better.to(best_raw.device)] = best_raw[better.to(best_raw.device)]
 
 
 def pick_better(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -272,7 +280,7 @@ def doob_model_fn(
             raw = evaluate_reward(reward_fn, x0_c, sample_index, counter)
             combined = combine_rewards(raw, reward_weights, sample_index).view(M, B)
             if pool is not None:
-                _update_pool(pool, x0_c.view(M, B, *x.shape[1:]), combined)
+                _update_pool(pool, x0_c.view(M, B, *x.shape[1:]), combined, raw.view(M, B, *raw.shape[1:]))
             if twist is not None:
                 twist["step"], twist["rewards"] = i, combined.detach()
             w = doob_weights(raw.view(M, B, *raw.shape[1:]), temperature, standardize=standardize,

@@ -148,12 +148,16 @@ def guided_sample(
                    before_step=before)
     final = traj.final
     index = torch.arange(B, device=final.device)
-    r = combine_rewards(evaluate_reward(reward_fn, final, index, counter), reward_weights, index // group_size)
+    raw = evaluate_reward(reward_fn, final, index, counter)
     if pool:
-        # keep_simulated: a particle is replaced by the best completed candidate it simulated, if better
-        better = pick_better(pool["reward"].to(r.device), r)
+        # keep_simulated: a particle is replaced by the best completed candidate it simulated, if better; the
+        # two are compared on their common reward columns, then the prompt's particles on theirs
+        pooled = pool["raw"].to(raw)
+        pair = combine_rewards(torch.cat([raw, pooled]), reward_weights, torch.cat([index, index])).view(2, B)
+        better = pick_better(pair[1], pair[0])
         final = torch.where(expand_like(better, final).bool(), pool["x"].to(final), final)
-        r = torch.where(better, pool["reward"].to(r), r)
+        raw = torch.where(expand_like(better, raw).bool(), pooled, raw)
+    r = combine_rewards(raw, reward_weights, index // group_size)
     if select == "all" or group_size == 1:
         return GuidedOutput(final, r, counter, final, r, extras)
     best, best_r, idx = select_best(final, r, group_size)
