@@ -148,10 +148,14 @@ def lock_run_dir(run_dir: PathLike) -> Optional[Any]:
         warnings.warn(f"could not lock {run_dir} ({exc}); nothing stops a second run from writing to it",
                       stacklevel=2)
         return None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+    except OSError:  # e.g. a full disk: let go of the lock before the error surfaces
+        handle.close()
+        raise
     return handle
 
 

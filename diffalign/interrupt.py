@@ -16,6 +16,7 @@ its workers); a scheduler that wants the process gone follows with SIGKILL after
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -58,9 +59,13 @@ class GracefulStop:
     def _handle(self, signum: int, frame) -> None:
         if self.requested is None:
             self.requested = signum
-            if self.announce:
-                print(f"\ndiffalign: got {signal.Signals(signum).name}: stopping after this epoch with a checkpoint "
-                      "(Ctrl-C again stops now and loses the epoch)", file=sys.stderr, flush=True)
+            if self.announce:  # os.write, not print: a handler that prints while a progress bar writes can raise
+                message = (f"\ndiffalign: got {signal.Signals(signum).name}: stopping after this epoch with a "
+                           "checkpoint (Ctrl-C again stops now and loses the epoch)\n")
+                try:
+                    os.write(sys.stderr.fileno(), message.encode())
+                except (OSError, ValueError, AttributeError):  # no usable stderr descriptor: stop quietly
+                    pass
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt("second interrupt: stopped at once; the checkpoints on disk are intact")
 

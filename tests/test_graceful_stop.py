@@ -111,6 +111,7 @@ def test_a_signal_between_epochs_stops_before_the_next_one(tmp_path, when):
     finally:
         trainer.cleanup()
     assert trainer.stopped_by == signal.SIGTERM
+    assert trainer.saved_any is (when == "checkpoint")  # train_main says "nothing was saved" otherwise
     trained = [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "epoch" in r]
     if when == "first_evaluation":  # nothing trained, nothing to save
         assert trainer.epoch == 0 and saves == [] and trained == []

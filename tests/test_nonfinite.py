@@ -181,7 +181,7 @@ def test_an_epoch_without_any_finite_reward_makes_no_update(tmp_path, trainer):
         from test_nft_trainer import nft_config
 
         cfg, cls = nft_config(save_tiny(tmp_path), tmp_path / "run", train, rewards=rewards), nft_mod.NFTTrainer
-    with pytest.warns(UserWarning, match="epoch 2: no sample has a finite reward .*: no update this epoch"):
+    with pytest.warns(UserWarning, match="epoch 2: no sample has a finite combined reward .*: no update this epoch"):
         train_run(cfg, cls)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/updates" in r]
     assert [r["train/updates"] for r in rows] == [1, 0, 0]

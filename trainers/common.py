@@ -143,12 +143,12 @@ def _lock_run_dir(output_dir, dist, device):
     if dist.is_main:
         try:
             handle = lock_run_dir(output_dir)
-        except RunDirInUseError as exc:
+        except Exception as exc:  # noqa: BLE001 - raised below, after every rank has heard of it
             error = exc
     if dist.world_size > 1:
         refused = float(dist.gather(torch.tensor([float(error is not None)], device=device)).max())
         if refused and error is None:
-            error = RunDirInUseError(f"{output_dir} is in use by another training run (see the main process's error)")
+            error = RunDirInUseError(f"the main process could not take {output_dir} (see its error)")
     if error is not None:
         raise error
     return handle
@@ -387,17 +387,22 @@ def restore_loop_state(trainer, extra: Dict) -> None:
 def no_reward_epoch(trainer, stats: Dict[str, float], epoch: int) -> Optional[Dict[str, float]]:
     """The training metrics of an epoch in which no sample of the global batch has a finite combined reward
     (every reward failed under ``on_error: skip``, e.g. a remote server that is down; ``stats`` are the epoch's
-    advantage statistics, whose ``reward/combined`` is then the NaN mean of no value), else ``None``.
+    advantage statistics, whose ``reward/combined`` is then the NaN mean of no value; with per-column advantages,
+    ``train.aggregation`` gdpo or marble, no finite value in any column), else ``None``.
 
     Such an epoch makes no optimizer step: with no reward there is nothing to learn, and a step on a zero policy
     gradient would still move the weights (Adam's momentum, weight decay, a KL or NFT regularizer). The weights,
     optimizer, LR schedule, EMA and (NFT) old policy stay put; every rank decides alike (the rewards are
     gathered). Logged as ``train/no_reward_epochs``, with a warning."""
-    if not math.isnan(stats["reward/combined"]):
+    columns = [v for k, v in stats.items() if k.startswith("reward/") and k != "reward/combined"]
+    if getattr(trainer.cfg, "aggregation", "weighted_sum") != "weighted_sum":  # per-column advantages (gdpo, marble)
+        if any(not math.isnan(v) for v in columns):
+            return None
+    elif not math.isnan(stats["reward/combined"]):
         return None
     if trainer.dist.is_main:
-        warnings.warn(f"epoch {epoch + 1}: no sample has a finite reward (every reward failed or was NaN; see "
-                      "reward_failures/* in the log): no update this epoch", UserWarning, stacklevel=2)
+        warnings.warn(f"epoch {epoch + 1}: no sample has a finite combined reward (every reward failed or was NaN; "
+                      "see reward_failures/* in the log): no update this epoch", UserWarning, stacklevel=2)
     return {"train/updates": 0, "train/no_reward_epochs": 1}
 
 
@@ -677,12 +682,14 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
     bar = progress(range(trainer.epoch, cfg.num_epochs), desc=desc, disable=not dist.is_main,
                    initial=trainer.epoch, total=cfg.num_epochs)
     saved_at = trainer.epoch  # a resumed run's checkpoint is this epoch's
+    trainer.saved_any = trainer.epoch > 0  # resumed: its checkpoint is on disk
     for epoch in bar:
         signalled = shared_signal(dist, trainer.device)
         if signalled:  # a signal during the last evaluation or checkpoint (or the first evaluation): stop now
             trainer.stopped_by = signalled
             if saved_at != trainer.epoch:
                 trainer.save_checkpoint()
+                saved_at = trainer.epoch
             break
         t0 = time.perf_counter()
         assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts), s.group_size,
@@ -714,6 +721,7 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
             saved_at = trainer.epoch
         if stop:
             break
+    trainer.saved_any = trainer.saved_any or saved_at > 0
     return last_eval
 
 

@@ -101,10 +101,13 @@ def train_main(cfg) -> int:
         trainer.cleanup()
     stopped_by = getattr(trainer, "stopped_by", None)
     if stopped_by:
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and getattr(trainer, "saved_any", True):
             print(f"stopped by {signal.Signals(stopped_by).name} after epoch {trainer.epoch}, with a checkpoint in "
                   f"{cfg.output_dir}; run the same command with checkpoint.resume_from=latest to continue",
                   file=sys.stderr)
+        elif accelerator.is_main_process:
+            print(f"stopped by {signal.Signals(stopped_by).name} before the first epoch finished: nothing was "
+                  "saved; run the same command to start again", file=sys.stderr)
         return 128 + stopped_by
     if accelerator.is_main_process and result:
         print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
