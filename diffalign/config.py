@@ -1186,6 +1186,8 @@ class PromptsConfig:
 
             bad = [c for c in self.categories if c not in CATEGORIES]
             check(not bad, "categories", f"unknown shapes categories {bad}; valid categories are {list(CATEGORIES)}")
+            check(bool(self.categories), "categories",
+                  f"got []; name at least one of {list(CATEGORIES)}, or null for all of the split")
 
 
 _GUIDANCE_METHODS = ("none", "doob", "fk", "svdd", "best_of_n")

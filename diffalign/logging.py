@@ -22,12 +22,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from diffalign.config import UserError
+
 __all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics", "save_image_grid", "plot_curves", "progress"]
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+class _MissingLogger(UserError, ImportError):
+    """A logger the config asks for is not installed: a user error (one line from the CLI), and an ImportError."""
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,7 +166,7 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError:
-            raise ImportError("logging.wandb=true needs the wandb package: pip install 'diffalign[wandb]' "
+            raise _MissingLogger("logging.wandb=true needs the wandb package: pip install 'diffalign[wandb]' "
                               "(or pip install wandb), or set logging.wandb=false") from None
         id_file = self.run_dir / WANDB_ID_FILE
         fresh = self.resume_step is not None and self.resume_step < 0
@@ -175,7 +181,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                raise _MissingLogger("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
                                   "or set logging.tensorboard=false") from None
             # a fresh start (-1) appends to earlier event files rather than deleting them
             purge = None if self.resume_step is None or self.resume_step < 0 else int(self.resume_step) + 1

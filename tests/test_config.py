@@ -706,6 +706,7 @@ def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
     ("train.adv_clip_max=0", "train.adv_clip_max: got 0.0; 0 clips every advantage to 0"),
     ("train.timestep_fraction=0", "train.timestep_fraction: got 0.0; a fraction > 0"),
     ("output_dir=", "output_dir: got ''; a run needs a folder"),
+    ("prompts.categories=[]", "prompts.categories: got []; name at least one of"),
     ("rewards.0.weight=0", "rewards: every reward has weight 0"),
     ("guidance.window=[5,3]", "guidance.window: got [5, 3]; must be [start, end) with 0 <= start < end"),
     ("guidance.window=[0,100]", "guidance.window: got [0, 100]; end must be <= the guided sampler's 20 steps"),

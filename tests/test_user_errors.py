@@ -204,3 +204,19 @@ def test_plugin_reward_path_typo_stops_before_the_model(name, expected, section,
     spec = f"[{{name: '{name}'}}]" if section == "rewards" else f"[{{name: '{name}', label: judge}}]"
     err = _error(capsys, ["train", FLOW, f"{section}={spec}", *safe])
     assert err.startswith(expected.replace("rewards.0", f"{section}.0")), err
+
+
+def test_a_logger_that_is_not_installed_stops_before_the_model(capsys, safe, monkeypatch):
+    """logging.wandb=true without wandb was an ImportError traceback after the model loaded."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the loggers were checked")
+
+    monkeypatch.setattr("trainers.common.build_adapter", no_model)
+    err = _error(capsys, ["train", FLOW, "logging.wandb=true", *safe])
+    assert err == ("error: logging.wandb: got true, but the wandb package is not installed; pip install wandb, or "
+                   "set logging.wandb=false\n")

@@ -81,12 +81,23 @@ def _trainer_class(name: str):
     return target
 
 
+def _check_loggers(logging_cfg) -> None:
+    """A logger the config turns on must be installed: checked before the model loads."""
+    import importlib.util
+
+    for key in ("wandb", "tensorboard"):
+        if getattr(logging_cfg, key) and importlib.util.find_spec(key) is None:
+            raise ConfigError(f"got true, but the {key} package is not installed; pip install {key}, or set "
+                              f"logging.{key}=false", key=f"logging.{key}")
+
+
 def train_main(cfg) -> int:
     """``diffalign train CONFIG [key=value ...]``: build the trainer named by ``cfg.trainer`` and run it."""
     check_reward_config(cfg)
     if cfg.trainer is None:
         raise ConfigError("the config names no trainer; add `trainer: grpo` (or nft), or the override "
                           "trainer=grpo", key="trainer")
+    _check_loggers(cfg.logging)
     import signal
 
     from diffalign.interrupt import GracefulStop
