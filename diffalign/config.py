@@ -218,11 +218,11 @@ class TrainLoopConfig:
     eval_guidance_scale: Optional[float] = param(
         None, help="CFG for eval (1 = no CFG); null = sample.guidance_scale", min=1.0)
     stop_after_epochs: Optional[int] = param(
-        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)"
+        None, help="stop (after checkpointing) once this many epochs ran in this process (tests, time limits)", min=1
     )
     max_minutes: Optional[float] = param(
         None, help="stop after this many minutes of wall time (then a final evaluation, outside the budget, and "
-        "a checkpoint)")
+        "a checkpoint)", min=0.0)
 
     def validate_loop(self) -> None:
         check_lr_schedule(self)

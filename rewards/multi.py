@@ -167,9 +167,10 @@ class MultiReward:
         self.names = [getattr(r, "name", None) or s.column for s, r in zip(self.specs, self.rewards)]
         dup = sorted({n for n in self.names if self.names.count(n) > 1})
         if dup:
-            raise ValueError(
-                f"reward columns {dup} appear more than once; give each a distinct 'label' in its spec"
-            )
+            from diffalign.config import ConfigError  # a ValueError: one line from the CLI, before the model loads
+
+            raise ConfigError(f"reward columns {dup} appear more than once; give each a distinct 'label' in its spec",
+                              key="rewards")
         self.transforms = [build_transform(s.transform) for s in self.specs]
         self.weights = torch.tensor([s.weight for s in self.specs], dtype=torch.float32)
         self.grad = grad

@@ -707,6 +707,8 @@ def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
     ("train.timestep_fraction=0", "train.timestep_fraction: got 0.0; a fraction > 0"),
     ("output_dir=", "output_dir: got ''; a run needs a folder"),
     ("prompts.categories=[]", "prompts.categories: got []; name at least one of"),
+    ("train.stop_after_epochs=0", "train.stop_after_epochs: got 0; must be >= 1"),
+    ("train.max_minutes=-1", "train.max_minutes: got -1.0; must be >= 0"),
     ("rewards.0.weight=0", "rewards: every reward has weight 0"),
     ("guidance.window=[5,3]", "guidance.window: got [5, 3]; must be [start, end) with 0 <= start < end"),
     ("guidance.window=[0,100]", "guidance.window: got [0, 100]; end must be <= the guided sampler's 20 steps"),
@@ -730,3 +732,12 @@ def test_doob_needs_two_candidates(capsys):
     assert cli.main(["config", flow, "guidance.method=doob", "guidance.num_candidates=1",
                      "guidance.antithetic=false"]) == 2
     assert capsys.readouterr().err.startswith("error: guidance.num_candidates: got 1; DOIT weighs its candidates")
+
+
+def test_nft_refuses_an_sde_window_it_would_ignore(capsys):
+    from diffalign import cli
+
+    nft = str(Path(__file__).resolve().parents[1] / "configs" / "shapes" / "nft.yaml")
+    assert cli.main(["config", nft, "sample.window=[0,3]"]) == 2
+    assert capsys.readouterr().err.startswith("error: sample.window: got window=(0, 3), random_window=None; "
+                                              "DiffusionNFT samples with the deterministic ODE")

@@ -220,3 +220,13 @@ def test_a_logger_that_is_not_installed_stops_before_the_model(capsys, safe, mon
     err = _error(capsys, ["train", FLOW, "logging.wandb=true", *safe])
     assert err == ("error: logging.wandb: got true, but the wandb package is not installed; pip install wandb, or "
                    "set logging.wandb=false\n")
+
+
+def test_two_reward_columns_of_one_name_stop_before_the_model(capsys, safe, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rewards were checked")
+
+    monkeypatch.setattr("trainers.common.build_adapter", no_model)
+    err = _error(capsys, ["train", FLOW, "rewards=[{name: shapes}, {name: shapes}]", *safe])
+    assert err == ("error: rewards: reward columns ['shapes'] appear more than once; give each a distinct 'label' "
+                   "in its spec\n")

@@ -85,6 +85,9 @@ class NFTConfig(TrainLoopConfig):
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; DiffusionNFT needs >= 2 images per prompt")
         check(s.step == "flow_euler", "sample.step",
               f"got {s.step!r}; DiffusionNFT samples with the deterministic ODE: set sample.step=flow_euler")
+        check(s.window is None and s.random_window is None, "sample.window",
+              f"got window={s.window}, random_window={s.random_window}; DiffusionNFT samples with the deterministic "
+              "ODE and trains on forward-noised clean samples, so an SDE window has no effect: set both to null")
         check(not s.shared_group_noise, "sample.shared_group_noise",
               "got true; with deterministic ODE sampling a group sharing its initial noise would hold identical "
               "images: set sample.shared_group_noise=false")
