@@ -193,6 +193,18 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     records, (trainer1, rec1) = _run_distributed("torchrun", model, tmp_path,
                                                  lambda: _reference_run(model, tmp_path / "run-1proc"))
     _check(records, trainer1, rec1)
+    # ---- 6. the logged loss statistics are over every rank's minibatches (they were rank 0's), so both runs log
+    # the same values: the same 16 samples per epoch in minibatches of equal size
+    from diffalign.logging import read_metrics
+
+    two = next(p for p in sorted(tmp_path.glob("run-torchrun-*")) if (p / "metrics.jsonl").is_file())
+    rows1 = [r for r in read_metrics(tmp_path / "run-1proc" / "metrics.jsonl") if "train/loss" in r]
+    rows2 = [r for r in read_metrics(two / "metrics.jsonl") if "train/loss" in r]
+    assert len(rows1) == len(rows2) == 2
+    for a, b in zip(rows1, rows2):
+        for k in ("train/loss", "train/policy_loss", "train/ratio_mean", "train/clip_frac", "train/approx_kl"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+    # (on-policy, the loss's mean over all 16 samples is 0; rank 0's two minibatches alone logged about -0.06)
 
 
 def test_sigterm_to_one_rank_stops_both_after_the_same_epoch(tmp_path):

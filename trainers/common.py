@@ -406,6 +406,28 @@ def no_reward_epoch(trainer, stats: Dict[str, float], epoch: int) -> Optional[Di
     return {"train/updates": 0, "train/no_reward_epochs": 1}
 
 
+#: The per-minibatch loss statistics (:class:`diffalign.types.LossStats`) a trainer logs as ``train/KEY``
+LOSS_STAT_KEYS = ("loss", "policy_loss", "kl_loss", "approx_kl", "clip_frac", "ratio_mean")
+
+
+def epoch_means(trainer, values: Dict[str, List[float]], prefix: str = "") -> Dict[str, float]:
+    """An epoch's mean of each ``values[KEY]`` list (per-minibatch statistics). The loss statistics
+    (``prefix + KEY`` for KEY in :data:`LOSS_STAT_KEYS`) are averaged over every rank's minibatches, one collective
+    on a multi-process run (the keys are fixed, so the ranks line up; a rank without a value counts none), so a
+    run logs the same loss on one process or many; the other keys are this rank's."""
+    import numpy as np
+
+    out = {k: float(np.mean(v)) for k, v in values.items() if len(v)}
+    if trainer.dist.world_size > 1:
+        keys = [prefix + k for k in LOSS_STAT_KEYS]
+        local = torch.tensor([[float(np.sum(values.get(k, []))), float(len(values.get(k, [])))] for k in keys])
+        total = trainer.dist.gather(local.flatten()[None].to(trainer.device)).sum(dim=0).view(len(keys), 2).cpu()
+        for k, (sum_, count) in zip(keys, total.tolist()):
+            if count:
+                out[k] = sum_ / count
+    return out
+
+
 def update_metrics(trainer, step_stats: Dict[str, List[float]]) -> Dict[str, float]:
     """An epoch's counts from :func:`optimizer_update`'s ``step_stats``: skipped steps and, under float16, the loss
     scale and the steps an overflow skipped while it settles."""

@@ -402,7 +402,8 @@ class GRPOTrainer:
         from diffalign.distributed import all_reduce_gradients, seed_for
         from samplers import score_steps
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM, autocast_ctx, grads_finite, optimizer_update, update_metrics
+        from trainers.common import (TRAIN_SEED_STREAM, autocast_ctx, epoch_means, grads_finite, optimizer_update,
+                                     update_metrics)
 
         cfg, s = self.cfg, self.run.sample
         traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
@@ -480,7 +481,7 @@ class GRPOTrainer:
                             for k, v in (log_harmonized(res, self.rewards.names) if finite else {}).items():
                                 stats_acc.setdefault(k, []).append(v)
                         updates += int(optimizer_update(self, step_stats, finite=finite))
-        out = {f"train/{k}": float(np.mean(v)) for k, v in stats_acc.items()}
+        out = {f"train/{k}": v for k, v in epoch_means(self, stats_acc).items()}  # loss stats: all ranks'
         grad_norms = step_stats.get("train/grad_norm", [])
         out["train/grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         out.update(update_metrics(self, step_stats))

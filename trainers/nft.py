@@ -431,7 +431,7 @@ class NFTTrainer:
                      keep: torch.Tensor) -> Dict:
         from diffalign.distributed import seed_for
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM, update_metrics
+        from trainers.common import TRAIN_SEED_STREAM, epoch_means, update_metrics
 
         cfg = self.cfg
         x0_all, cond, schedule = data["x0"], data["cond"], data["schedule"]
@@ -503,7 +503,7 @@ class NFTTrainer:
                         t_step, c_step = time.perf_counter(), time.process_time()
         self.old.update(old_policy_decay(self.global_step, rate=cfg.old_decay_rate, cap=cfg.old_decay_max,
                                          start=cfg.old_decay_start))
-        out = {key: float(np.mean(v)) for key, v in metrics.items()}
+        out = epoch_means(self, metrics, prefix="train/")  # loss stats: all ranks'
         out.update(update_metrics(self, metrics))
         out["train/updates"] = updates
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
