@@ -54,6 +54,55 @@ def test_resume_lists_changed_settings_and_continues(trained):
     assert "sample.noise_level: checkpoint 0.7 -> now 0.5" in text
     assert "num_epochs" not in text  # a longer run is what resuming is for
     assert trainer.epoch == 2
+    # ... and the changed AdamW settings are the ones used (the checkpoint's optimizer and schedule restored the
+    # old rate and weight decay, so the run went on at 0.01 while the warning said 0.001)
+    from diffalign.logging import read_metrics
+
+    assert [r["train/lr"] for r in read_metrics(cfg.output_dir) if "epoch" in r] == [1e-2, 1e-3]
+
+
+def test_resumed_adamw_settings_apply_and_unchanged_ones_resume_exactly(trained, tmp_path):
+    import shutil
+
+    import torch
+
+    from diffalign.checkpoint import load_checkpoint, resolve_resume
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.output_dir, copy)
+    same = dataclasses.replace(trained, output_dir=str(copy), train={**trained.train, "num_epochs": 2})
+    changed = dataclasses.replace(trained, train={**trained.train, "num_epochs": 2, "learning_rate": 1e-3,
+                                                  "weight_decay": 0.05, "adam_beta2": 0.99, "adam_eps": 1e-6})
+    with pytest.warns(UserWarning, match="differs from the checkpoint"):
+        trainer = train_run(changed)
+    group = trainer.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"], group["eps"]) == (1e-3, 0.05, (0.9, 0.99), 1e-6)
+    assert trainer.lr_scheduler.base_lrs == [1e-3]
+    train_run(same)
+    a = load_checkpoint(resolve_resume(copy, "latest"))
+    assert a.optimizer_state["optimizer"]["param_groups"][0]["lr"] == trained.train["learning_rate"]
+    b = load_checkpoint(resolve_resume(trained.output_dir, "latest"))
+    assert any(not torch.equal(a.trainable_state[k], b.trainable_state[k]) for k in a.trainable_state)
+
+
+def test_a_resume_with_other_rewards_restarts_marble_coefficients(tmp_path):
+    """NFT saves MARBLE's coefficients in every checkpoint; a resume with another number of rewards stopped with a
+    traceback (they restart uniform, with a warning)."""
+    from test_nft_trainer import nft_config
+
+    model = save_tiny(tmp_path)
+    train_run(nft_config(model, tmp_path / "run", {"num_epochs": 1}, rewards=[{"name": "jpeg_compressibility"}]),
+              _nft())
+    two = [{"name": "jpeg_compressibility"}, {"name": "jpeg_incompressibility", "weight": 0.5}]
+    with pytest.warns(UserWarning, match="MARBLE coefficients are for 1 rewards, this run has 2"):
+        trainer = train_run(nft_config(model, tmp_path / "run", {"num_epochs": 2}, rewards=two), _nft())
+    assert trainer.epoch == 2
+
+
+def _nft():
+    from trainers.nft import NFTTrainer
+
+    return NFTTrainer
 
 
 def test_cli_prints_checkpoint_errors_as_one_line(tmp_path, capsys):

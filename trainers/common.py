@@ -428,6 +428,35 @@ def epoch_means(trainer, values: Dict[str, List[float]], prefix: str = "") -> Di
     return out
 
 
+def restore_harmonizer(harmonizer, saved: Optional[Dict]) -> None:
+    """Load MARBLE's coefficients from a checkpoint's ``extra["harmonizer"]`` (``saved``; ``None``: none saved).
+    Coefficients saved for another number of rewards (the rewards changed at a resume) restart uniform, with a
+    warning, as when none were saved."""
+    if saved is None:
+        return
+    if len(saved["alpha_bar"]) != harmonizer.num_rewards:
+        warnings.warn(f"the checkpoint's MARBLE coefficients are for {len(saved['alpha_bar'])} rewards, this run has "
+                      f"{harmonizer.num_rewards} (the rewards changed): they restart uniform", stacklevel=2)
+        return
+    harmonizer.load_state_dict(saved)
+
+
+def reapply_optimizer_settings(optimizer, lr_scheduler, cfg) -> None:
+    """The ``train`` section's AdamW settings after a resume: loading a checkpoint's optimizer and LR schedule
+    restores the learning rate, weight decay, betas and eps it was saved with, so a value changed for the resume
+    (listed in its warning as applied) was silently ignored. The schedule's position is kept: the rate is the new
+    ``learning_rate`` times the schedule's factor at the restored step (unchanged settings give the same values)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+        group["weight_decay"] = cfg.weight_decay
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["eps"] = cfg.adam_eps
+    lr_scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+        group["lr"] = cfg.learning_rate * factor(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def update_metrics(trainer, step_stats: Dict[str, List[float]]) -> Dict[str, float]:
     """An epoch's counts from :func:`optimizer_update`'s ``step_stats``: skipped steps and, under float16, the loss
     scale and the steps an overflow skipped while it settles."""
@@ -496,6 +525,10 @@ class TrainingState:
                 t.copy_(v)
         if self.harmonizer is not None:
             tracked = state.get("marble_tracked")
+            if tracked is not None and tracked.shape[0] != self.harmonizer.num_rewards:
+                warnings.warn(f"the checkpoint's tracked reward gradients are for {tracked.shape[0]} rewards, this run "
+                              f"has {self.harmonizer.num_rewards}: tracking restarts", stacklevel=2)
+                tracked = None
             if tracked is None and self.harmonizer.grad_ema > 0:
                 warnings.warn("train.marble_grad_ema > 0 but the checkpoint holds no tracked reward gradients (saved "
                               "without tracking): tracking restarts from the next batch's gradients", stacklevel=2)

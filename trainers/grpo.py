@@ -289,13 +289,15 @@ class GRPOTrainer:
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device)
 
     def _restore(self, state) -> int:
-        from trainers.common import restore_loop_state, restore_run_state
+        from trainers.common import (reapply_optimizer_settings, restore_harmonizer, restore_loop_state,
+                                     restore_run_state)
 
         self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
                                                                 self.state, self.lr_scheduler)
+        reapply_optimizer_settings(self.optimizer, self.lr_scheduler, self.cfg)
         if self.marble is not None:
             if "harmonizer" in extra:
-                self.marble[0].load_state_dict(extra["harmonizer"])
+                restore_harmonizer(self.marble[0], extra["harmonizer"])
             else:
                 warnings.warn("train.aggregation=marble but the checkpoint holds no MARBLE coefficients (written "
                               "without MARBLE or by an older version): they restart uniform", stacklevel=2)

@@ -284,14 +284,15 @@ class NFTTrainer:
         self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device)
 
     def _restore(self, state) -> int:
-        from trainers.common import restore_loop_state, restore_run_state
+        from trainers.common import (reapply_optimizer_settings, restore_harmonizer, restore_loop_state,
+                                     restore_run_state)
 
         self.epoch, self.global_step, extra = restore_run_state(state, self.adapter, self.params, self.ema,
                                                                 self.state, self.lr_scheduler)
+        reapply_optimizer_settings(self.optimizer, self.lr_scheduler, self.cfg)
         if "moments" in extra:
             self.moments.load_state_dict(extra["moments"])
-        if "harmonizer" in extra:
-            self.harmonizer.load_state_dict(extra["harmonizer"])
+        restore_harmonizer(self.harmonizer, extra.get("harmonizer"))
         restore_loop_state(self, extra)
         return self.epoch
 
