@@ -99,10 +99,12 @@ def repeat_assignment(
     rank: int,
     world_size: int,
     shuffle: bool = True,
+    first_id: Optional[int] = None,
 ) -> EpochAssignment:
     """Repeat each prompt ``group_size`` times, shuffle globally with ``(seed, epoch)``, slice for ``rank``.
 
-    ``len(epoch_prompts) * group_size`` must be divisible by ``world_size``.
+    ``len(epoch_prompts) * group_size`` must be divisible by ``world_size``. The epoch's global sample ids are
+    ``first_id ..`` (default ``epoch x samples per epoch``; the trainers continue from the previous epoch's last).
     """
     n = len(epoch_prompts) * group_size
     if n % world_size:
@@ -117,7 +119,8 @@ def repeat_assignment(
     return EpochAssignment(
         global_prompts=[epoch_prompts[g] for g in groups],
         global_groups=torch.from_numpy(groups).long(),
-        global_ids=torch.arange(epoch * n, (epoch + 1) * n, dtype=torch.long),
+        global_ids=torch.arange(epoch * n if first_id is None else first_id,
+                                (epoch * n if first_id is None else first_id) + n, dtype=torch.long),
         start=rank * per_rank,
         end=(rank + 1) * per_rank,
     )

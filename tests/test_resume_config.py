@@ -217,3 +217,27 @@ def test_a_resume_from_another_folder_sets_all_of_this_folders_checkpoints_aside
                              checkpoint={"every": 1, "keep_last": 3,
                                          "resume_from": str(tmp_path / "a" / "checkpoints" / "step-00000001")}))
     assert [p.name for p in list_checkpoints(tmp_path / "b")] == ["step-00000002"]  # this run's only
+
+
+def test_a_resume_with_fewer_samples_per_epoch_draws_fresh_sample_ids(tmp_path, monkeypatch):
+    """Sample ids (they key every sample's initial, SDE and training noise) were epoch x samples per epoch, so a
+    resume with fewer samples per epoch reused earlier epochs' ids and repeated their noise; they now run on."""
+    import diffalign.distributed as dist_mod
+
+    seen, orig = [], dist_mod.repeat_assignment
+
+    def record(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        seen.append(out.global_ids.tolist())
+        return out
+
+    monkeypatch.setattr(dist_mod, "repeat_assignment", record)
+    model = save_tiny(tmp_path)
+    train_run(run_config(model, tmp_path / "run", train={"num_epochs": 2}))  # 8 samples per epoch
+    first = [i for ids in seen for i in ids]
+    seen.clear()
+    fewer = run_config(model, tmp_path / "run", train={"num_epochs": 4, "gradient_accumulation_steps": 1},
+                       sample={"num_batches_per_epoch": 1})  # 4 samples per epoch
+    with pytest.warns(UserWarning, match="differs from the checkpoint"):
+        train_run(fewer)
+    assert first == list(range(16)) and seen == [list(range(16, 20)), list(range(20, 24))]

@@ -372,16 +372,21 @@ def optimizer_update(trainer, metrics: Dict[str, List[float]], *, finite: bool =
 
 
 def loop_state(trainer) -> Dict:
-    """The optimizer loop's own checkpoint state (a trainer's ``sampler_state`` entries): the float16 loss scale
-    and the count of steps :func:`optimizer_update` skipped in a row."""
-    return {"loss_scaler": trainer.scaler.state_dict(), "skipped_streak": getattr(trainer, "skipped_streak", 0)}
+    """The optimizer loop's own checkpoint state (a trainer's ``sampler_state`` entries): the float16 loss scale,
+    the count of steps :func:`optimizer_update` skipped in a row, and the next global sample id."""
+    out = {"loss_scaler": trainer.scaler.state_dict(), "skipped_streak": getattr(trainer, "skipped_streak", 0)}
+    if getattr(trainer, "next_sample_id", None) is not None:
+        out["next_sample_id"] = int(trainer.next_sample_id)
+    return out
 
 
 def restore_loop_state(trainer, extra: Dict) -> None:
-    """Inverse of :func:`loop_state` (a checkpoint without the entries starts them afresh)."""
+    """Inverse of :func:`loop_state` (a checkpoint without the entries starts them afresh; without
+    ``next_sample_id``, an older checkpoint, the ids continue as ``epoch x samples per epoch``)."""
     if "loss_scaler" in extra:
         trainer.scaler.load_state_dict(extra["loss_scaler"])
     trainer.skipped_streak = int(extra.get("skipped_streak", 0))
+    trainer.next_sample_id = int(extra["next_sample_id"]) if "next_sample_id" in extra else None
 
 
 def no_reward_epoch(trainer, stats: Dict[str, float], epoch: int) -> Optional[Dict[str, float]]:
@@ -747,8 +752,13 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
                 saved_at = trainer.epoch
             break
         t0 = time.perf_counter()
+        # global sample ids (they key every sample's noise) run on from the last epoch's, so a resume that changes
+        # the samples per epoch draws fresh noise (epoch x samples per epoch would repeat earlier epochs' ids)
+        first_id = trainer.next_sample_id if getattr(trainer, "next_sample_id", None) is not None else epoch * total
         assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts), s.group_size,
-                                       epoch=epoch, seed=run.seed, rank=dist.rank, world_size=dist.world_size)
+                                       epoch=epoch, seed=run.seed, rank=dist.rank, world_size=dist.world_size,
+                                       first_id=first_id)
+        trainer.next_sample_id = first_id + total
         failed_before = dict(trainer.rewards.total_failures)
         data, stats, t1 = one_epoch(epoch, assignment)
         t2 = time.perf_counter()
