@@ -29,6 +29,15 @@ def _error(capsys, argv, status=2):
 
 
 @pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the command loads a model (the checks under test must stop it before)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr("trainers.common.build_adapter", refuse)
+
+
+@pytest.fixture
 def safe(tmp_path):
     """Overrides that keep a run short and out of the repo should a check ever let it start."""
     return [f"output_dir={tmp_path / 'run'}", "train.num_epochs=1", "checkpoint.resume_from=null",
@@ -116,14 +125,10 @@ def test_serve_reward_unknown_name():
 
 
 @pytest.mark.parametrize("command,config", [("train", FLOW), ("train", NFT), ("eval", FLOW), ("sample", FLOW)])
-def test_reward_option_the_reward_does_not_take(capsys, safe, monkeypatch, command, config):
+def test_reward_option_the_reward_does_not_take(capsys, safe, no_model, command, config):
     """An unknown reward option stops when the rewards are built (it failed on the first scored batch, after
     sampling, with a traceback), before the model is loaded (minutes for a real checkpoint); a UserError: exit
     status 1, one line."""
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the rewards were checked")
-
-    monkeypatch.setattr("trainers.common.build_adapter", no_model)
     err = _error(capsys, [command, config, "rewards=[{name: shapes, kwargs: {foo: 1}}]", *safe], status=1)
     assert err == ("error: reward 'shapes': unknown verifier option(s) ['foo']; valid: ['chroma_threshold', "
                    "'min_area_frac', 'relation_margin_frac'] (and batch_size, device)\n")
@@ -187,7 +192,8 @@ def test_a_pipe_is_read_as_a_prompt_file(tmp_path):
      "install what it imports"),
 ])
 @pytest.mark.parametrize("section", ["rewards", "eval_rewards"])
-def test_plugin_reward_path_typo_stops_before_the_model(name, expected, section, capsys, safe, monkeypatch, tmp_path):
+def test_plugin_reward_path_typo_stops_before_the_model(name, expected, section, capsys, safe, monkeypatch, tmp_path,
+                                                         no_model):
     """A dotted reward path whose module or attribute does not exist is a one-line config error on its key before
     any model loads (it was a traceback after the model load); an import failing inside the user's module keeps
     its message."""
@@ -197,36 +203,24 @@ def test_plugin_reward_path_typo_stops_before_the_model(name, expected, section,
     monkeypatch.syspath_prepend(str(REPO / "tests"))
     monkeypatch.delitem(__import__("sys").modules, "da_broken_plugin", raising=False)
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the rewards were checked")
-
-    monkeypatch.setattr("trainers.common.build_adapter", no_model)
     spec = f"[{{name: '{name}'}}]" if section == "rewards" else f"[{{name: '{name}', label: judge}}]"
     err = _error(capsys, ["train", FLOW, f"{section}={spec}", *safe])
     assert err.startswith(expected.replace("rewards.0", f"{section}.0")), err
 
 
-def test_a_logger_that_is_not_installed_stops_before_the_model(capsys, safe, monkeypatch):
+def test_a_logger_that_is_not_installed_stops_before_the_model(capsys, safe, monkeypatch, no_model):
     """logging.wandb=true without wandb was an ImportError traceback after the model loaded."""
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the loggers were checked")
-
-    monkeypatch.setattr("trainers.common.build_adapter", no_model)
     err = _error(capsys, ["train", FLOW, "logging.wandb=true", *safe])
     assert err == ("error: logging.wandb: got true, but the wandb package is not installed; pip install wandb, or "
                    "set logging.wandb=false\n")
 
 
-def test_two_reward_columns_of_one_name_stop_before_the_model(capsys, safe, monkeypatch):
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the rewards were checked")
-
-    monkeypatch.setattr("trainers.common.build_adapter", no_model)
+def test_two_reward_columns_of_one_name_stop_before_the_model(capsys, safe, no_model):
     err = _error(capsys, ["train", FLOW, "rewards=[{name: shapes}, {name: shapes}]", *safe])
     assert err == ("error: rewards: reward columns ['shapes'] appear more than once; give each a distinct 'label' "
                    "in its spec\n")
