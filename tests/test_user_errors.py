@@ -224,3 +224,12 @@ def test_two_reward_columns_of_one_name_stop_before_the_model(capsys, safe, no_m
     err = _error(capsys, ["train", FLOW, "rewards=[{name: shapes}, {name: shapes}]", *safe])
     assert err == ("error: rewards: reward columns ['shapes'] appear more than once; give each a distinct 'label' "
                    "in its spec\n")
+
+
+def test_a_lora_target_that_names_no_module(capsys, safe):
+    """One misspelt target among valid ones was skipped silently by peft (fewer layers trained than asked), and a
+    list of only misspelt ones was a long peft traceback."""
+    err = _error(capsys, ["train", FLOW, "model.lora.target_modules=[attn.to_q,attn.to_kk]", *safe])
+    assert err.startswith("error: model.lora.target_modules: ['attn.to_kk'] name no module of the "
+                          "SD3Transformer2DModel; targets are module names or their ends, e.g. [")
+    assert "'attn.to_k'" in err

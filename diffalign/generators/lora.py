@@ -60,6 +60,7 @@ def add_lora(
             f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another "
             "adapter_name or load its weights with load_lora_state_dict"
         )
+    _check_targets(denoiser, target_modules)
     config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
@@ -69,6 +70,21 @@ def add_lora(
     )
     denoiser.add_adapter(config, adapter_name=adapter_name)
     _train_only(denoiser, adapter_name)
+
+
+def _check_targets(denoiser: torch.nn.Module, target_modules: Sequence[str]) -> None:
+    """Every target must name some module (peft matches a module whose name is the target or ends with
+    ``.target``): peft refuses a list that matches nothing with a long error, and silently skips one misspelt
+    name among valid ones, which then trains fewer layers than asked."""
+    from diffalign.config import ConfigError
+
+    names = [n for n, _ in denoiser.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({".".join(n.split(".")[-2:]) for n, m in denoiser.named_modules()
+                         if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"{missing} name no module of the {type(denoiser).__name__}; targets are module names or "
+                          f"their ends, e.g. {linear[:12]}", key="model.lora.target_modules")
 
 
 def lora_state_dict(denoiser: torch.nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
