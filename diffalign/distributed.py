@@ -67,7 +67,8 @@ class EpochAssignment:
     Attributes:
         global_prompts: ``[N]`` prompts of every sample in global (shuffled) order, identical on all ranks.
         global_groups: ``[N]`` long group id of every sample (index of its prompt in the epoch).
-        global_ids: ``[N]`` long global sample ids (unique across epochs: ``epoch * N + position``).
+        global_ids: ``[N]`` long global sample ids, unique across epochs (``first_id + position``; the trainers
+            run them on from the previous epoch, ``epoch * N + position`` while ``N`` does not change).
         start, end: this rank's slice of the global order.
     """
 

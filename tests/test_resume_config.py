@@ -241,3 +241,27 @@ def test_a_resume_with_fewer_samples_per_epoch_draws_fresh_sample_ids(tmp_path, 
     with pytest.warns(UserWarning, match="differs from the checkpoint"):
         train_run(fewer)
     assert first == list(range(16)) and seen == [list(range(16, 20)), list(range(20, 24))]
+
+
+def test_shared_group_noise_ids_run_on_after_a_resume_with_fewer_samples(tmp_path, monkeypatch):
+    """With sample.shared_group_noise a group's initial noise is keyed by the epoch's first sample id plus the group
+    (it was epoch x samples per epoch + group, which a resume with fewer samples per epoch repeated)."""
+    import trainers.common as common
+
+    seen, orig = [], common.sample_batch
+
+    def record(*args, noise_ids=None, **kwargs):
+        seen.extend(list(noise_ids) if noise_ids is not None else [])  # (evaluation samples have none)
+        return orig(*args, noise_ids=noise_ids, **kwargs)
+
+    monkeypatch.setattr(common, "sample_batch", record)
+    model = save_tiny(tmp_path)
+    shared = {"shared_group_noise": True}
+    train_run(run_config(model, tmp_path / "run", train={"num_epochs": 2}, sample=shared))  # 2 groups of 4
+    first = set(seen)
+    seen.clear()
+    fewer = run_config(model, tmp_path / "run", train={"num_epochs": 4, "gradient_accumulation_steps": 1},
+                       sample={"num_batches_per_epoch": 1, **shared})  # 1 group of 4 per epoch
+    with pytest.warns(UserWarning, match="differs from the checkpoint"):
+        train_run(fewer)
+    assert first == {0, 1, 8, 9} and set(seen) == {16, 20}  # the epochs' first sample ids, + group 0

@@ -411,8 +411,9 @@ def no_reward_epoch(trainer, stats: Dict[str, float], epoch: int) -> Optional[Di
     return {"train/updates": 0, "train/no_reward_epochs": 1}
 
 
-#: The per-minibatch loss statistics (:class:`diffalign.types.LossStats`) a trainer logs as ``train/KEY``
-LOSS_STAT_KEYS = ("loss", "policy_loss", "kl_loss", "approx_kl", "clip_frac", "ratio_mean")
+#: The per-minibatch loss statistics (:class:`diffalign.types.LossStats`, and DiffusionNFT's two implicit-policy
+#: losses) a trainer logs as ``train/KEY``
+LOSS_STAT_KEYS = ("loss", "policy_loss", "kl_loss", "approx_kl", "clip_frac", "ratio_mean", "loss_pos", "loss_neg")
 
 
 def epoch_means(trainer, values: Dict[str, List[float]], prefix: str = "") -> Dict[str, float]:
@@ -425,7 +426,8 @@ def epoch_means(trainer, values: Dict[str, List[float]], prefix: str = "") -> Di
     out = {k: float(np.mean(v)) for k, v in values.items() if len(v)}
     if trainer.dist.world_size > 1:
         keys = [prefix + k for k in LOSS_STAT_KEYS]
-        local = torch.tensor([[float(np.sum(values.get(k, []))), float(len(values.get(k, [])))] for k in keys])
+        local = torch.tensor([[float(np.sum(values.get(k, []))), float(len(values.get(k, [])))] for k in keys],
+                             dtype=torch.float64)
         total = trainer.dist.gather(local.flatten()[None].to(trainer.device)).sum(dim=0).view(len(keys), 2).cpu()
         for k, (sum_, count) in zip(keys, total.tolist()):
             if count:

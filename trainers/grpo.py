@@ -337,9 +337,11 @@ class GRPOTrainer:
         s = self.run.sample
         trajs, conds, rewards, images = [], [], [], []
         prompts_all, ids_all = assignment.prompts, assignment.sample_ids
-        # shared_group_noise: one initial noise per (epoch, prompt group), unique across epochs
-        n_total = len(assignment.global_ids)
-        noise_all = ((epoch * n_total + assignment.groups).tolist() if s.shared_group_noise else None)
+        # shared_group_noise: one initial noise per (epoch, prompt group), unique across epochs: the epoch's first
+        # sample id plus the group (an epoch has fewer groups than samples; epoch x N + group for a run whose
+        # samples per epoch never changed)
+        first_id = int(assignment.global_ids[0])
+        noise_all = ((first_id + assignment.groups).tolist() if s.shared_group_noise else None)
         window = self._window(epoch)
         t_reward = 0.0
         for b in range(s.num_batches_per_epoch):
