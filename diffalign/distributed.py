@@ -117,11 +117,11 @@ def repeat_assignment(
     order = np.random.default_rng(seed_for(seed, epoch, 17)).permutation(n) if shuffle else np.arange(n)
     groups = groups[order]
     per_rank = n // world_size
+    first = epoch * n if first_id is None else first_id
     return EpochAssignment(
         global_prompts=[epoch_prompts[g] for g in groups],
         global_groups=torch.from_numpy(groups).long(),
-        global_ids=torch.arange(epoch * n if first_id is None else first_id,
-                                (epoch * n if first_id is None else first_id) + n, dtype=torch.long),
+        global_ids=torch.arange(first, first + n, dtype=torch.long),
         start=rank * per_rank,
         end=(rank + 1) * per_rank,
     )

@@ -35,6 +35,7 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 class _MissingLogger(UserError, ImportError):
     """A logger the config asks for is not installed: a user error (one line from the CLI), and an ImportError."""
 
+
 PathLike = Union[str, os.PathLike]
 
 

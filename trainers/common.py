@@ -744,7 +744,6 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
     bar = progress(range(trainer.epoch, cfg.num_epochs), desc=desc, disable=not dist.is_main,
                    initial=trainer.epoch, total=cfg.num_epochs)
     saved_at = trainer.epoch  # a resumed run's checkpoint is this epoch's
-    trainer.saved_any = trainer.epoch > 0  # resumed: its checkpoint is on disk
     for epoch in bar:
         signalled = shared_signal(dist, trainer.device)
         if signalled:  # a signal during the last evaluation or checkpoint (or the first evaluation): stop now
@@ -788,7 +787,7 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
             saved_at = trainer.epoch
         if stop:
             break
-    trainer.saved_any = trainer.saved_any or saved_at > 0
+    trainer.saved_any = saved_at > 0  # a checkpoint of this run is on disk (resumed from, or written)
     return last_eval
 
 
@@ -852,6 +851,17 @@ def build_eval_only_rewards(run, training_rewards):
                           "them from eval_rewards, or give the extra column another name with label: NAME",
                           key="eval_rewards")
     return extra
+
+
+def build_run_rewards(run) -> tuple:
+    """``(rewards, eval_only)``: ``run``'s ``rewards`` as a :class:`rewards.MultiReward` and its ``eval_rewards``
+    columns (:func:`build_eval_only_rewards`, ``None`` without any). The trainers, ``diffalign eval`` and ``sample``
+    build them before the model, so that a misspelt reward option fails before a long model load."""
+    from rewards import MultiReward
+    from trainers.grpo import _reward_spec_dict
+
+    rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
+    return rewards, build_eval_only_rewards(run, rewards)
 
 
 def eval_reward_sets(trainer) -> List:

@@ -239,10 +239,8 @@ class NFTTrainer:
         from diffalign.balance import Harmonizer, RewardGradients
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
-        from rewards import MultiReward
-        from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_eval_only_rewards,
+        from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_run_rewards,
                                      build_optimizer, image_size, open_run, resolve_device)
-        from trainers.grpo import _reward_spec_dict
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -251,9 +249,7 @@ class NFTTrainer:
         if not run.rewards:
             raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
         torch.manual_seed(run.seed)
-        # rewards are built before the model, so that a misspelt reward option fails before a long model load
-        self.rewards = MultiReward([_reward_spec_dict(r) for r in run.rewards])
-        self.eval_only_rewards = build_eval_only_rewards(run, self.rewards)
+        self.rewards, self.eval_only_rewards = build_run_rewards(run)  # before the model: a misspelt option fails fast
         torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
         self.adapter = build_adapter(run.model, self.device)

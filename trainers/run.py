@@ -146,23 +146,11 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
     return adapter
 
 
-def _build_rewards(cfg) -> tuple:
-    """``(rewards, eval_only)``: the config's ``rewards`` and its ``eval_rewards`` columns (``None`` without any;
-    the trainers' rule: a name already training is an error). Built before the model, so that a misspelt reward
-    option fails before a long model load."""
-    from rewards import MultiReward
-    from trainers.common import build_eval_only_rewards
-    from trainers.grpo import _reward_spec_dict
-
-    rewards = MultiReward([_reward_spec_dict(r) for r in cfg.rewards])
-    return rewards, build_eval_only_rewards(cfg, rewards)
-
-
 def _eval_rows(cfg, adapter, prompts, built, keep_images: bool = False):
     """``(names, rows [n, R], images or None)`` of ``prompts`` sampled as the trainer's evaluation samples them
     (its ``eval_num_steps`` / ``eval_guidance_scale`` when set, and its evaluation noise), so ``diffalign eval``
     and ``sample`` reproduce what a run logged; columns: the training rewards, then ``eval_rewards``
-    (``built``: :func:`_build_rewards`)."""
+    (``built``: :func:`trainers.common.build_run_rewards`)."""
     from trainers.common import DTYPES, eval_seed, eval_settings, image_size, score_prompts
 
     train = dict(cfg.train or {})
@@ -183,7 +171,9 @@ def eval_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    built = _build_rewards(cfg)
+    from trainers.common import build_run_rewards
+
+    built = build_run_rewards(cfg)
     adapter = _load_eval_adapter(cfg, checkpoint)
     names, rows, _ = _eval_rows(cfg, adapter, prompts, built)  # a checkpoint scores here what its run logged for it
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
@@ -218,7 +208,9 @@ def sample_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    built = _build_rewards(cfg)
+    from trainers.common import build_run_rewards
+
+    built = build_run_rewards(cfg)
     adapter = _load_eval_adapter(cfg, checkpoint)
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:

@@ -110,16 +110,9 @@ def combine_rewards(values: torch.Tensor, weights: Optional[Sequence[float]] = N
     w = torch.ones(R) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     if w.shape != (R,):
         raise ValueError(f"got {w.numel()} reward weights for {R} reward columns; give one weight per column")
-    w = w.to(values.device)
-    if groups is not None:
-        from rewards.multi import common_columns
+    from rewards.multi import weighted_sum  # the trainers' combination (NaN renormalised, groups' common columns)
 
-        values = common_columns(values, groups, w != 0)
-    valid = ~torch.isnan(values) & (w != 0)[None, :]
-    contrib = torch.where(valid, values * w, torch.zeros_like(values)).sum(dim=1)
-    mass = (valid.float() * w.abs()).sum(dim=1)
-    out = contrib * w.abs().sum() / mass.clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(mass > 0, out, torch.full_like(out, float("nan")))
+    return weighted_sum(values, w.to(values.device), groups=groups)
 
 
 def evaluate_reward(
