@@ -195,7 +195,8 @@ class TrainLoopConfig:
     lr_decay_steps: int = param(
         0, help="optimizer steps of the decay after warmup (then the rate stays 0); needed by linear / cosine", min=0)
     gradient_accumulation_steps: int = param(
-        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps", min=1
+        1, help="minibatches per optimizer step; each also accumulates over its trained timesteps (every step is the "
+           "mean over its own minibatches, a shorter last window included)", min=1
     )
     num_inner_epochs: int = param(1, help="passes over the epoch's samples", min=1)
     max_grad_norm: float = param(1.0, help="gradient clipping norm; 0 = off", min=0.0)

@@ -341,7 +341,8 @@ def _sum_loss(params):
 
 def test_grpo_epoch_minibatches_accumulation_and_counts(tiny_sd3, tmp_path, monkeypatch):
     """12 samples, minibatches of 4, accumulation 2, 2 inner epochs, 3 trained steps: per inner epoch a full
-    window (2 minibatches: gradient exactly 1) and the last minibatch alone (3 of 6 micro-steps: 0.5)."""
+    window (2 minibatches) and the last minibatch alone; each update is the mean over its own micro-steps, so both
+    gradients are exactly 1 (a partial last window is not a half step)."""
     import trainers.grpo as grpo_mod
     from diffalign.types import Trajectory
     from trainers.grpo import GRPOTrainer
@@ -376,7 +377,7 @@ def test_grpo_epoch_minibatches_accumulation_and_counts(tiny_sd3, tmp_path, monk
         trainer.train()
     finally:
         trainer.cleanup()
-    assert grads == [[1.0], [0.5], [1.0], [0.5]] * 2
+    assert grads == [[1.0], [1.0], [1.0], [1.0]] * 2
     want = []
     for epoch in range(2):
         gen = torch.Generator().manual_seed(seed_for(3, epoch, 0, 11))
@@ -388,9 +389,9 @@ def test_grpo_epoch_minibatches_accumulation_and_counts(tiny_sd3, tmp_path, monk
     assert [r["train/updates"] for r in rows] == [4, 4]
     assert [r["train/lr"] for r in rows] == pytest.approx([1e-2 * 12 / 16, 1e-2 * 8 / 16])
     assert [r["train/kl_loss"] for r in rows] == [0.0, 0.0]  # beta 0: no KL computed although the policy moved
-    # the epoch's mean gradient norm (max_grad_norm 1e9 logs it without clipping): (1 + 0.5 + 1 + 0.5) / 4 x sqrt(D)
+    # the epoch's mean gradient norm (max_grad_norm 1e9 logs it without clipping): sqrt(D) for every update
     d = sum(p.numel() for p in trainer.params)
-    assert [r["train/grad_norm"] for r in rows] == pytest.approx([0.75 * math.sqrt(d)] * 2, rel=1e-5)
+    assert [r["train/grad_norm"] for r in rows] == pytest.approx([math.sqrt(d)] * 2, rel=1e-5)
     assert trainer.global_step == 8
 
 
@@ -489,7 +490,7 @@ def test_nft_epoch_timesteps_minibatches_accumulation_and_old_policy_sampling(ti
         trainer.train()
     finally:
         trainer.cleanup()
-    assert grads == [[1.0], [0.5]] * 2  # per_update = 2 x 3 micro-steps; the last window holds one minibatch
+    assert grads == [[1.0], [1.0]] * 2  # the last window holds one minibatch: divided by 1 x 3 micro-steps, not 2 x 3
     assert trainer.global_step == 4
     sched = trainer.adapter.make_schedule(4, 32, 32)
     want_mb, want_t = [], []

@@ -308,6 +308,15 @@ class LossScaler:
             self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
+def accumulation_window(index: int, count: int, accum: int) -> int:
+    """Minibatches in the gradient-accumulation window of minibatch ``index`` (of ``count``, ``accum`` per window):
+    ``accum``, or fewer for the last window when ``count`` is not a multiple of ``accum``. Each micro-loss is divided
+    by it (times the trained steps), so every optimizer step takes the *mean* over its own micro-batches and a
+    partial last window is not a proportionally smaller step (the fix transformers made to its Trainer in 4.46;
+    accelerate's ``accumulate`` divides by the nominal count)."""
+    return min(accum, count - (index // accum) * accum)
+
+
 def grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     """Whether every ``.grad`` of ``params`` is finite (call after the all-reduce: then every rank agrees)."""
     return all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)

@@ -403,8 +403,8 @@ class GRPOTrainer:
         from diffalign.distributed import all_reduce_gradients, seed_for
         from samplers import score_steps
         from samplers.rollout import make_generators
-        from trainers.common import (TRAIN_SEED_STREAM, autocast_ctx, epoch_means, grads_finite, optimizer_update,
-                                     update_metrics)
+        from trainers.common import (TRAIN_SEED_STREAM, accumulation_window, autocast_ctx, epoch_means, grads_finite,
+                                     optimizer_update, update_metrics)
 
         cfg, s = self.cfg, self.run.sample
         traj, cond, schedule = data["traj"], data["cond"], data["schedule"]
@@ -422,13 +422,14 @@ class GRPOTrainer:
             steps = select_train_steps(traj.stochastic, n, fraction=cfg.timestep_fraction,
                                        mode=cfg.timestep_selection, generators=sample_gens)
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            per_update = accum * steps.shape[1]
-            # drop_zero_std_groups: the kept samples of each accumulation window (its `accum` minibatches on every
-            # rank) share the update equally: each minibatch's masked sum is divided by the window's kept count
-            # over all ranks / (world_size * accum), then by per_update (the gradient all-reduce averages ranks);
-            # a window that keeps no sample on any rank makes no optimizer step
+            # drop_zero_std_groups: the kept samples of each accumulation window (its minibatches on every rank)
+            # share the update equally: each minibatch's masked sum is divided by the window's kept count over all
+            # ranks / (world_size * window), then by per_update (the gradient all-reduce averages ranks); a window
+            # that keeps no sample on any rank makes no optimizer step
             window_kept = self._window_kept(minibatches, keep, accum) if cfg.drop_zero_std_groups else None
             for mb_i, mb in enumerate(minibatches):
+                window = accumulation_window(mb_i, len(minibatches), accum)
+                per_update = window * steps.shape[1]
                 sub = traj.index_select(mb)
                 mb_cond = cond.index_select(mb)
                 model_fn = self.adapter.model_fn(mb_cond, s.guidance_scale)
@@ -447,7 +448,7 @@ class GRPOTrainer:
                     mask, den = None, None
                     if cfg.drop_zero_std_groups:
                         mask = keep[mb].to(self.device)
-                        den = float(window_kept[mb_i // accum]) / (self.dist.world_size * accum)
+                        den = float(window_kept[mb_i // accum]) / (self.dist.world_size * window)
                     loss, st = grpo_loss(out.log_prob, old, applied * kept, clip_range=cfg.clip_range,
                                          adv_clip_max=cfg.adv_clip_max, kl=kl, beta=cfg.beta, mask=mask,
                                          denominator=den)

@@ -428,7 +428,7 @@ class NFTTrainer:
                      keep: torch.Tensor) -> Dict:
         from diffalign.distributed import seed_for
         from samplers.rollout import make_generators
-        from trainers.common import TRAIN_SEED_STREAM, epoch_means, update_metrics
+        from trainers.common import TRAIN_SEED_STREAM, accumulation_window, epoch_means, update_metrics
 
         cfg = self.cfg
         x0_all, cond, schedule = data["x0"], data["cond"], data["schedule"]
@@ -441,7 +441,6 @@ class NFTTrainer:
         # id), so a sample is trained the same way on any number of processes
         gen = torch.Generator().manual_seed(seed_for(self.run.seed, epoch, self.dist.rank, 11))
         sample_gens = make_generators(seed_for(self.run.seed, TRAIN_SEED_STREAM), data["sample_ids"])
-        per_update = cfg.gradient_accumulation_steps * num_train_t
         metrics: Dict[str, List[float]] = {}
         step_times: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}
         step_cpu: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}  # robust on shared CPUs
@@ -453,6 +452,7 @@ class NFTTrainer:
             t_idx = torch.stack([torch.randperm(num_t, generator=g)[:num_train_t] for g in sample_gens])
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             for mb_i, mb in enumerate(minibatches):
+                per_update = accumulation_window(mb_i, len(minibatches), cfg.gradient_accumulation_steps) * num_train_t
                 model_fn = self.adapter.model_fn(cond.index_select(mb), 1.0)
                 x0 = x0_all[mb].to(self.device)
                 kept = keep[mb].to(self.device).float()
