@@ -109,6 +109,20 @@ def drop_prompts(prompts, rng: np.random.Generator, p: float = 0.1):
     return [("" if rng.random() < p else q) for q in prompts]
 
 
+def meta(args, kind: str, steps: int, t0: float) -> dict:
+    """What a saved model records of its pretraining (``diffalign_pretrain.json``)."""
+    return {"seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
+            "vae_steps": args.vae_steps, "seconds": round(time.time() - t0),
+            "call_kwargs": FLOW_CALL_KWARGS if kind == "flow" else {}}
+
+
+def write_meta(folder: Path, info: dict) -> None:
+    """``diffalign_pretrain.json`` and ``diffalign.json`` (the keyword arguments every call of this pipeline needs,
+    read by diffalign's adapters: without it the flow model's prompts get 256 extra T5 positions it never saw)."""
+    (folder / "diffalign_pretrain.json").write_text(json.dumps(info, indent=2))
+    (folder / "diffalign.json").write_text(json.dumps({"call_kwargs": info["call_kwargs"]}, indent=2))
+
+
 def train_denoiser(args, out: Path, kind: str) -> None:
     from diffusers import AutoencoderKL
 
@@ -171,7 +185,10 @@ def train_denoiser(args, out: Path, kind: str) -> None:
             ema_snapshot = EMA([getattr(snapshot, n) for n in names], 0.0)
             for dst, src in zip(ema_snapshot.params, ema.shadow):
                 dst.data.copy_(src)
-            snapshot.save_pretrained(out / f".shapes-{kind}.step{step}", safe_serialization=True)
+            snap_dir = out / f".shapes-{kind}.step{step}"
+            snapshot.save_pretrained(snap_dir, safe_serialization=True)
+            # the EMA after step + 1 updates: what `--{kind}-steps {step + 1}` saves as its final model
+            write_meta(snap_dir, {**meta(args, kind, step + 1, t0), "snapshot_of_run_with_steps": steps})
     print(f"{kind}: {steps} steps in {time.time() - t0:.0f} s")
     ema.copy_to()
     for m in trained:
@@ -179,12 +196,7 @@ def train_denoiser(args, out: Path, kind: str) -> None:
     target = out / f"shapes-{kind}"
     tmp = out / f".shapes-{kind}.tmp"
     pipe.save_pretrained(tmp, safe_serialization=True)
-    meta = {"seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "ema": args.ema,
-            "vae_steps": args.vae_steps, "seconds": round(time.time() - t0),
-            "call_kwargs": FLOW_CALL_KWARGS if kind == "flow" else {}}
-    (tmp / "diffalign_pretrain.json").write_text(json.dumps(meta, indent=2))
-    # Read by diffalign's adapters: keyword arguments every call of this pipeline needs.
-    (tmp / "diffalign.json").write_text(json.dumps({"call_kwargs": meta["call_kwargs"]}, indent=2))
+    write_meta(tmp, meta(args, kind, steps, t0))
     if target.exists():
         import shutil
 
