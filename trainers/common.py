@@ -312,8 +312,8 @@ def accumulation_window(index: int, count: int, accum: int) -> int:
     """Minibatches in the gradient-accumulation window of minibatch ``index`` (of ``count``, ``accum`` per window):
     ``accum``, or fewer for the last window when ``count`` is not a multiple of ``accum``. Each micro-loss is divided
     by it (times the trained steps), so every optimizer step takes the *mean* over its own micro-batches and a
-    partial last window is not a proportionally smaller step (the fix transformers made to its Trainer in 4.46;
-    accelerate's ``accumulate`` divides by the nominal count)."""
+    partial last window is not a proportionally smaller step (as transformers' Trainer does, counting the
+    window's actual batches; Flow-GRPO divides by the nominal count)."""
     return min(accum, count - (index // accum) * accum)
 
 
