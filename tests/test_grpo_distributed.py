@@ -29,7 +29,7 @@ from pathlib import Path
 import ddp_worker
 import pytest
 import torch
-from grpo_helpers import save_tiny
+from grpo_helpers import run_config, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(ddp_worker.__file__).resolve()
@@ -231,3 +231,35 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path):
     records, (trainer1, rec1) = _run_distributed("accelerate", model, tmp_path,
                                                  lambda: _reference_run(model, tmp_path / "run-1proc"))
     _check(records, trainer1, rec1)
+
+
+def test_diffalign_eval_on_two_processes_equals_one(tmp_path):
+    """``diffalign eval`` under torchrun splits the evaluation prompts over the ranks in whole sampling batches (7
+    prompts in batches of 2: rank 0 samples 4, rank 1 the other 3) and gathers the rewards; the main process
+    writes ``eval.json``, equal to one process's. Before, every rank evaluated every prompt and wrote the file."""
+    import json
+
+    from diffalign.config import save_config
+    from trainers.run import eval_main
+
+    model = save_tiny(tmp_path)
+    results = {}
+    for name in ("one", "two"):
+        cfg = run_config(model, tmp_path / name, prompts={"source": "shapes", "eval_size": 7},
+                         sample={"batch_size": 2}, checkpoint={"every": 0, "resume_from": None})
+        if name == "one":
+            assert eval_main(cfg) == 0
+        else:
+            save_config(cfg, tmp_path / "eval.yaml")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diffalign", "eval",
+                   str(tmp_path / "eval.yaml")]
+            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                                  timeout=LAUNCH_TIMEOUT_S)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert proc.stdout.count('"eval/reward/jpeg_compressibility"') == 1  # printed by the main process only
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    assert results["one"]["num_processes"] == 1 and results["two"]["num_processes"] == WORLD
+    assert results["two"]["num_prompts"] == 7
+    one = {k: v for k, v in results["one"].items() if k != "num_processes"}
+    assert {k: v for k, v in results["two"].items() if k != "num_processes"} == one

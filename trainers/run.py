@@ -125,10 +125,10 @@ def train_main(cfg) -> int:
     return 0
 
 
-def _load_eval_adapter(cfg, checkpoint: str | None):
+def _load_eval_adapter(cfg, checkpoint: str | None, device=None):
     from trainers.common import build_adapter, resolve_device
 
-    adapter = build_adapter(cfg.model, resolve_device(cfg.model.device))
+    adapter = build_adapter(cfg.model, device if device is not None else resolve_device(cfg.model.device))
     if checkpoint:
         from diffalign.checkpoint import CheckpointError, check_model_config, load_checkpoint, resolve_resume
 
@@ -146,18 +146,20 @@ def _load_eval_adapter(cfg, checkpoint: str | None):
     return adapter
 
 
-def _eval_rows(cfg, adapter, prompts, built, keep_images: bool = False):
+def _eval_rows(cfg, adapter, prompts, built, keep_images: bool = False, ids=None):
     """``(names, rows [n, R], images or None)`` of ``prompts`` sampled as the trainer's evaluation samples them
     (its ``eval_num_steps`` / ``eval_guidance_scale`` when set, and its evaluation noise), so ``diffalign eval``
     and ``sample`` reproduce what a run logged; columns: the training rewards, then ``eval_rewards``
-    (``built``: :func:`trainers.common.build_run_rewards`)."""
+    (``built``: :func:`trainers.common.build_run_rewards`). ``ids``: the prompts' indices in the whole evaluation
+    set (default ``0..n-1``), which seed their noise."""
     from trainers.common import DTYPES, eval_seed, eval_settings, image_size, score_prompts
 
     train = dict(cfg.train or {})
     steps, guidance = eval_settings(cfg.sample, train.get("eval_num_steps"), train.get("eval_guidance_scale"))
     reward_sets = [r for r in built if r is not None]
     h, w = image_size(adapter, cfg.sample)
-    rows, images = score_prompts(adapter, reward_sets, prompts, range(len(prompts)), sample_cfg=cfg.sample,
+    ids = range(len(prompts)) if ids is None else ids
+    rows, images = score_prompts(adapter, reward_sets, prompts, ids, sample_cfg=cfg.sample,
                                  seed=eval_seed(cfg.seed), num_steps=steps, guidance_scale=guidance, height=h,
                                  width=w, dtype=DTYPES[cfg.model.dtype], keep_images=keep_images)
     return [n for r in reward_sets for n in r.names], rows, images
@@ -165,21 +167,37 @@ def _eval_rows(cfg, adapter, prompts, built, keep_images: bool = False):
 
 def eval_main(cfg) -> int:
     """``diffalign eval CONFIG [checkpoint.resume_from=latest|PATH] [key=value ...]``: mean reward per column over the
-    evaluation prompts for the base model (no checkpoint) or a trained checkpoint; writes ``eval.json``."""
+    evaluation prompts for the base model (no checkpoint) or a trained checkpoint; writes ``eval.json``.
+
+    Under ``accelerate launch`` / ``torchrun`` the prompts are split over the processes in whole sampling batches,
+    as in the trainers' evaluation (:func:`trainers.common.eval_shard`), the rewards gathered, and the main
+    process writes the result: N processes give the numbers one process gives, about N times sooner."""
     check_reward_config(cfg)
+    from diffalign.distributed import DistContext
     from diffalign.prompts import build_prompt_source
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    from trainers.common import build_run_rewards
+    from trainers.common import build_run_rewards, eval_shard, resolve_device
 
     built = build_run_rewards(cfg)
-    adapter = _load_eval_adapter(cfg, checkpoint)
-    names, rows, _ = _eval_rows(cfg, adapter, prompts, built)  # a checkpoint scores here what its run logged for it
+    accelerator = make_accelerator(cfg.model.device)
+    dist = DistContext.from_accelerator(accelerator)
+    device = resolve_device(cfg.model.device, accelerator)
+    adapter = _load_eval_adapter(cfg, checkpoint, device)
+    mine, per = eval_shard(len(prompts), cfg.sample.batch_size, dist.rank, dist.world_size)
+    # a checkpoint scores here what its run logged for it
+    names, rows, _ = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, ids=mine)
+    if rows.shape[0] < per:  # the last ranks' padding: NaN rows, which the means skip
+        rows = torch.cat([rows, rows.new_full((per - rows.shape[0], rows.shape[1]), float("nan"))])
+    rows = dist.gather(rows.to(device)).cpu()
+    if not dist.is_main:
+        return 0
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), **result}, f, indent=2)
+        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": dist.world_size, **result},
+                  f, indent=2)
     print(json.dumps(result, indent=2))
     return 0
 
