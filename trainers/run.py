@@ -219,7 +219,15 @@ def sample_main(cfg) -> int:
     ``eval_rewards`` are judges: every final image is scored by them after sampling (never inside guidance,
     never counted as reward evaluations), in extra columns of the table, the json (``eval_rewards``) and, for
     plain sampling, ``samples_rewards.json``: guide on one reward, check another for reward hacking.
+
+    It runs on one process: under ``accelerate launch`` / ``torchrun`` it stops before loading the model (every rank
+    would sample every prompt and write the same files).
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise LaunchError(f"diffalign sample runs on one process, and this launch has WORLD_SIZE={world}: every rank "
+                          "would sample every prompt and write the same files; run `diffalign sample ...` without "
+                          "accelerate launch / torchrun (`diffalign eval` does split its prompts over processes)")
     check_reward_config(cfg)
     from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
