@@ -55,7 +55,9 @@ def test_sigterm_checkpoints_the_epoch_then_resume_equals_an_unstopped_run(tmp_p
     assert "Traceback" not in err and "got SIGTERM: stopping after this epoch" in err, err
     stopped = load_checkpoint(resolve_resume(split, "latest")).counters["epoch"]
     assert 1 <= stopped < 1000
-    assert f"stopped by SIGTERM after epoch {stopped}, with a checkpoint in {split}" in err
+    # the config resumes from latest by itself: the message does not ask for the override
+    assert f"stopped by SIGTERM after epoch {stopped}, with a checkpoint in {split}; run the same command to continue" \
+        in err
     assert [r["epoch"] for r in read_metrics(split / "metrics.jsonl") if "epoch" in r] == list(range(1, stopped + 1))
 
     # the same command continues from the checkpoint (one more epoch) and matches a run that was never stopped

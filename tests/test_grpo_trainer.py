@@ -322,3 +322,23 @@ def test_log_every_writes_a_row_every_n_epochs_and_at_the_last(tmp_path):
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 5]
     assert "eval/reward/jpeg_compressibility" in rows[-1] and "reward/combined" in rows[0]
+
+
+def test_eval_json_is_strict_json_when_a_column_has_no_finite_value(tmp_path):
+    """A reward column that failed on every prompt (``on_error: skip``) is ``null`` in ``eval.json``, as in
+    ``metrics.jsonl``; Python's json wrote a bare ``NaN``, which strict JSON readers (jq, JavaScript) reject."""
+    import json
+
+    from trainers.run import eval_main
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", checkpoint={"resume_from": None},
+                     rewards=[{"name": "jpeg_compressibility"},
+                              {"name": "plugins.reward_plugins:raising", "on_error": "skip"}])
+    assert eval_main(cfg) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"eval.json holds {constant}, not strict JSON")
+
+    out = json.loads((tmp_path / "run" / "eval.json").read_text(), parse_constant=refuse)
+    assert out["eval/reward/raising"] is None
+    assert isinstance(out["eval/reward/jpeg_compressibility"], float)

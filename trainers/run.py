@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Dict
@@ -113,9 +114,10 @@ def train_main(cfg) -> int:
     stopped_by = getattr(trainer, "stopped_by", None)
     if stopped_by:
         if accelerator.is_main_process and getattr(trainer, "saved_any", True):
+            how = ("run the same command to continue" if cfg.checkpoint.resume_from == "latest"
+                   else "run the same command with checkpoint.resume_from=latest to continue")
             print(f"stopped by {signal.Signals(stopped_by).name} after epoch {trainer.epoch}, with a checkpoint in "
-                  f"{cfg.output_dir}; run the same command with checkpoint.resume_from=latest to continue",
-                  file=sys.stderr)
+                  f"{cfg.output_dir}; {how}", file=sys.stderr)
         elif accelerator.is_main_process:
             print(f"stopped by {signal.Signals(stopped_by).name} before the first epoch finished: nothing was "
                   "saved; run the same command to start again", file=sys.stderr)
@@ -196,7 +198,8 @@ def eval_main(cfg) -> int:
     result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": dist.world_size, **result},
+        finite = {k: (v if math.isfinite(v) else None) for k, v in result.items()}  # strict JSON, as metrics.jsonl
+        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": dist.world_size, **finite},
                   f, indent=2)
     print(json.dumps(result, indent=2))
     return 0
