@@ -188,13 +188,17 @@ def ddim_step(
 ) -> StepOutput:
     """DDIM step with stochasticity ``eta`` (Song et al. 2021 eq. (12), (16); DDPO's sampler).
 
-    In ``x = alpha x0 + sigma eps`` form (``alpha^2 = abar``)::
+    In ``x = alpha x0 + sigma eps`` form::
 
-        std  = eta * (sigma_next / sigma) * sqrt(1 - alpha^2 / alpha_next^2)
+        std  = eta * sqrt(posterior variance of q(x_next | x_t, x0))
+             = eta * (sigma_next / sigma) * sqrt(sigma^2 - (alpha / alpha_next)^2 sigma_next^2)
         mean = alpha_next * x0_hat + sqrt(sigma_next^2 - std^2) * eps_hat
 
-    which is DDPO's ``sigma_t = eta sqrt((1-abar_prev)/(1-abar_t)) sqrt(1 - abar_t/abar_prev)``
-    (research/grpo_family.md §3.1). ``eta = 0`` is diffusers' deterministic DDIM step. With
+    the DDPM posterior of any Gaussian forward process (Kingma et al. 2021, VDM eq. (2)-(4)). On a variance-
+    preserving schedule (``alpha^2 = abar``, ``sigma^2 = 1 - abar``) it is DDPO's ``sigma_t = eta sqrt((1-abar_prev)
+    /(1-abar_t)) sqrt(1 - abar_t/abar_prev)`` (research/grpo_family.md §3.1); on a flow schedule (``alpha = 1 -
+    sigma``) that VP form exceeds ``sigma_next`` for ``eta >= 0.5`` late in sampling and gave NaN steps, the
+    posterior form never does (``std <= eta sigma_next``). ``eta = 0`` is diffusers' deterministic DDIM step. With
     ``clip_sample_range`` the ``x0`` estimate is clamped to ``[-r, r]`` and ``eps_hat`` kept unclipped, as
     diffusers' ``clip_sample`` (and DDPO's step) do.
     """
@@ -204,8 +208,8 @@ def ddim_step(
     x0, eps = to_x0_eps(model_output, x, a, s, prediction_type)
     if clip_sample_range is not None:
         x0 = x0.clamp(-clip_sample_range, clip_sample_range)
-    variance = (s_next**2 / s**2) * (1 - a**2 / a_next**2)
-    std = eta * torch.sqrt(variance)
+    variance = (s_next**2 / s**2) * (s**2 - (a / a_next) ** 2 * s_next**2)
+    std = eta * torch.sqrt(variance.clamp_min(0))  # 0 when the step keeps the noise level; rounding may dip below
     mean = a_next * x0 + torch.sqrt(s_next**2 - std**2) * eps
     return _finish(mean, std.reshape(-1) if std.ndim else std, prev_sample, generator, x0)
 

@@ -156,6 +156,32 @@ def test_ddim_mean_std_hand_computed(state):
         assert out.mean[idx].item() == pytest.approx(mean, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("eta", [0.3, 0.5, 0.7, 1.0])
+def test_ddim_on_a_flow_schedule_takes_the_ddpm_posterior_std_and_stays_finite(state, eta):
+    """DDIM-eta on a flow schedule (alpha = 1 - sigma): std = eta x the std of q(x_next | x_t, x0), which for any
+    Gaussian forward process is sigma_next / sigma * sqrt(sigma^2 - (alpha/alpha_next)^2 sigma_next^2) (VDM eq. (3)),
+    at most eta * sigma_next. The VP-only form sqrt((1-ab_prev)/(1-ab_t)) sqrt(1-ab_t/ab_prev) exceeded
+    sigma_next late in an SD3 schedule for eta >= 0.5, and the step's mean and log-prob were NaN."""
+    x, v = state
+    sig = flow_sigmas(10, shift=3.0)
+    sched = flow_schedule(sig)
+    for i in range(len(sig) - 1):
+        s, s_next = float(sig[i]), float(sig[i + 1])
+        out = scheduled_step("ddim", v, x, sched, i, noise_level=eta, generator=torch.Generator().manual_seed(i))
+        a, a_next = 1 - s, 1 - s_next
+        want = eta * s_next / s * math.sqrt(max(s**2 - (a / a_next) ** 2 * s_next**2, 0.0))
+        assert float(out.std.reshape(-1)[0]) == pytest.approx(want, rel=1e-5, abs=1e-7), i
+        assert float(out.std.reshape(-1)[0]) <= eta * s_next + 1e-7
+        assert torch.isfinite(out.mean).all() and torch.isfinite(out.prev_sample).all(), i
+        if out.log_prob is not None:
+            assert torch.isfinite(out.log_prob).all(), i
+    # the example the cross-check found: 0.9 -> 0.7 at eta 1 (the VP form gave std 0.733 > 0.7 and a NaN mean)
+    out = ddim_step(v, x, 0.1, 0.9, 0.3, 0.7, eta=1.0, prediction_type="flow")
+    assert float(out.std.reshape(-1)[0]) == pytest.approx(0.7 / 0.9 * math.sqrt(0.81 - (0.1 / 0.3) ** 2 * 0.49),
+                                                          rel=1e-6)
+    assert torch.isfinite(out.mean).all()
+
+
 def test_cps_mean_std_hand_computed(state):
     x, v = state
     a, s, s_next = 0.8, 0.7, 0.5
