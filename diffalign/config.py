@@ -1348,6 +1348,12 @@ class RunConfig:
         check(self.output_dir.strip() != "", "output_dir",
               "got ''; a run needs a folder for its checkpoints and logs, e.g. output_dir=outputs/my_run")
         g = self.guidance
+        for key, step, eta in (("sample.noise_level", self.sample.step, self.sample.noise_level),
+                               ("guidance.noise_level", g.step or self.sample.step,
+                                self.sample.noise_level if g.noise_level is None else g.noise_level)):
+            check(step != "ddim" or eta <= 1, key,
+                  f"got {eta} with step ddim; DDIM's eta is at most 1 (1 = the DDPM posterior's noise; above it the "
+                  "step's noise exceeds the next noise level and its mean is NaN): use e.g. 1.0")
         steps = g.num_steps or self.sample.eval_num_steps
         check(g.window is None or g.window[1] <= steps, "guidance.window",
               f"got {list(g.window or ())}; end must be <= the guided sampler's {steps} steps (guidance.num_steps, "

@@ -202,6 +202,9 @@ def ddim_step(
     ``clip_sample_range`` the ``x0`` estimate is clamped to ``[-r, r]`` and ``eps_hat`` kept unclipped, as
     diffusers' ``clip_sample`` (and DDPO's step) do.
     """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}: above 1 the step's std exceeds the next noise level "
+                         "and the mean is NaN")
     x = x_t.float()
     a, s = expand_like(alpha, x), expand_like(sigma, x)
     a_next, s_next = expand_like(alpha_next, x), expand_like(sigma_next, x)

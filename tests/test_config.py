@@ -712,6 +712,8 @@ def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
     ("rewards.0.weight=0", "rewards: every reward has weight 0"),
     ("guidance.window=[5,3]", "guidance.window: got [5, 3]; must be [start, end) with 0 <= start < end"),
     ("guidance.window=[0,100]", "guidance.window: got [0, 100]; end must be <= the guided sampler's 20 steps"),
+    ("sample.step=ddim sample.noise_level=1.5", "sample.noise_level: got 1.5 with step ddim; DDIM's eta is at most 1"),
+    ("guidance.step=ddim guidance.noise_level=2", "guidance.noise_level: got 2.0 with step ddim; DDIM's eta is at"),
 ])
 def test_values_that_ran_silently_wrong_or_crashed_later_are_config_errors(override, message, capsys):
     """Found by fuzzing every key: NaN passed every bound check (each comparison with NaN is False), and these
@@ -720,7 +722,7 @@ def test_values_that_ran_silently_wrong_or_crashed_later_are_config_errors(overr
     from diffalign import cli
 
     flow = str(Path(__file__).resolve().parents[1] / "configs" / "shapes" / "flow_grpo.yaml")
-    assert cli.main(["config", flow, override]) == 2
+    assert cli.main(["config", flow, *override.split(" ")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}"), err
 

@@ -246,6 +246,7 @@ def test_diffalign_eval_on_two_processes_equals_one(tmp_path):
     results = {}
     for name in ("one", "two"):
         cfg = run_config(model, tmp_path / name, prompts={"source": "shapes", "eval_size": 7},
+                         model={"path": model, "device": "cpu", "lora": {"enabled": True, "rank": 4, "alpha": 8.0}},
                          sample={"batch_size": 2}, checkpoint={"every": 0, "resume_from": None})
         if name == "one":
             assert eval_main(cfg) == 0

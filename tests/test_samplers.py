@@ -175,6 +175,8 @@ def test_ddim_on_a_flow_schedule_takes_the_ddpm_posterior_std_and_stays_finite(s
         assert torch.isfinite(out.mean).all() and torch.isfinite(out.prev_sample).all(), i
         if out.log_prob is not None:
             assert torch.isfinite(out.log_prob).all(), i
+    with pytest.raises(ValueError, match=r"DDIM eta must be in \[0, 1\], got 1.5"):
+        ddim_step(v, x, 0.1, 0.9, 0.3, 0.7, eta=1.5, prediction_type="flow")  # std > s_next: the mean was NaN
     # the example the cross-check found: 0.9 -> 0.7 at eta 1 (the VP form gave std 0.733 > 0.7 and a NaN mean)
     out = ddim_step(v, x, 0.1, 0.9, 0.3, 0.7, eta=1.0, prediction_type="flow")
     assert float(out.std.reshape(-1)[0]) == pytest.approx(0.7 / 0.9 * math.sqrt(0.81 - (0.1 / 0.3) ** 2 * 0.49),

@@ -276,3 +276,25 @@ def test_sample_under_a_multi_process_launch_stops_before_the_model(tmp_path, mo
     with pytest.raises(LaunchError, match=r"diffalign sample runs on one process, and this launch has WORLD_SIZE=2"):
         sample_main(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_sample_loads_the_model_on_the_device_eval_and_the_trainer_use(tmp_path, monkeypatch):
+    """``model.device=auto`` resolves through the accelerator in ``diffalign sample`` as in ``eval`` and the
+    trainer (CUDA when present), not to the CPU; an empty WORLD_SIZE counts as one process."""
+    import trainers.common as common
+    import trainers.run as run
+    from grpo_helpers import run_config
+
+    monkeypatch.setenv("WORLD_SIZE", "")
+    sentinel, seen = object(), []
+
+    def resolve(name, accelerator=None):
+        seen.append((name, accelerator))
+        raise KeyboardInterrupt  # stop before the model loads
+
+    monkeypatch.setattr(run, "make_accelerator", lambda device: sentinel)
+    monkeypatch.setattr(common, "resolve_device", resolve)
+    cfg = run_config(str(tmp_path / "no-such-model"), tmp_path / "run", checkpoint={"resume_from": None})
+    with pytest.raises(KeyboardInterrupt):
+        run.sample_main(cfg)
+    assert seen == [("auto", sentinel)]

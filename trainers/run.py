@@ -195,13 +195,14 @@ def eval_main(cfg) -> int:
     rows = dist.gather(rows.to(device)).cpu()
     if not dist.is_main:
         return 0
-    result = {f"eval/reward/{n}": float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
+    means = (float(torch.nanmean(rows[:, j])) for j in range(len(names)))
+    # a column with no finite value is null (strict JSON, as in metrics.jsonl)
+    finite = {f"eval/reward/{n}": (m if math.isfinite(m) else None) for n, m in zip(names, means)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        finite = {k: (v if math.isfinite(v) else None) for k, v in result.items()}  # strict JSON, as metrics.jsonl
         json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": dist.world_size, **finite},
                   f, indent=2)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(finite, indent=2))
     return 0
 
 
@@ -226,11 +227,12 @@ def sample_main(cfg) -> int:
     It runs on one process: under ``accelerate launch`` / ``torchrun`` it stops before loading the model (every rank
     would sample every prompt and write the same files).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world != "1":
         raise LaunchError(f"diffalign sample runs on one process, and this launch has WORLD_SIZE={world}: every rank "
                           "would sample every prompt and write the same files; run `diffalign sample ...` without "
-                          "accelerate launch / torchrun (`diffalign eval` does split its prompts over processes)")
+                          "accelerate launch / torchrun, or unset WORLD_SIZE (`diffalign eval` does split its prompts "
+                          "over processes)")
     check_reward_config(cfg)
     from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
@@ -240,7 +242,10 @@ def sample_main(cfg) -> int:
     from trainers.common import build_run_rewards
 
     built = build_run_rewards(cfg)
-    adapter = _load_eval_adapter(cfg, checkpoint)
+    from trainers.common import resolve_device
+
+    # the device the trainer and `diffalign eval` use (model.device=auto: the accelerator's, CUDA when present)
+    adapter = _load_eval_adapter(cfg, checkpoint, resolve_device(cfg.model.device, make_accelerator(cfg.model.device)))
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:
         from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
