@@ -928,6 +928,16 @@ def eval_shard(num_prompts: int, batch_size: int, rank: int, world_size: int) ->
     return list(range(min(num_prompts, rank * per), min(num_prompts, (rank + 1) * per))), per
 
 
+def gather_eval_rows(local: torch.Tensor, per: int, dist, device) -> torch.Tensor:
+    """Every rank's evaluation reward rows in prompt order (``[world_size x per, R]``, on the CPU): this rank's
+    ``local`` rows of its :func:`eval_shard`, padded with NaN rows to ``per`` (which the means skip), gathered on
+    ``device`` (NCCL needs the accelerator's)."""
+    pad = per - local.shape[0]
+    if pad:
+        local = torch.cat([local, local.new_full((pad, local.shape[1]), float("nan"))])
+    return dist.gather(local.to(device)).cpu()
+
+
 @torch.no_grad()
 def evaluate_run(trainer) -> Dict[str, float]:
     """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), deterministic sampler, the
@@ -945,9 +955,6 @@ def evaluate_run(trainer) -> Dict[str, float]:
         local, _ = score_prompts(trainer.adapter, eval_reward_sets(trainer), [prompts[k] for k in mine], mine,
                                  sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
                                  height=trainer.height, width=trainer.width, dtype=trainer.dtype)
-    pad = per - local.shape[0]
-    if pad:
-        local = torch.cat([local, torch.full((pad, local.shape[1]), float("nan"), device=local.device)])
-    allr = dist.gather(local.to(trainer.device)).cpu()
+    allr = gather_eval_rows(local, per, dist, trainer.device)
     names = eval_reward_names(trainer)
     return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}

@@ -180,7 +180,7 @@ def eval_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    from trainers.common import build_run_rewards, eval_shard, resolve_device
+    from trainers.common import build_run_rewards, eval_shard, gather_eval_rows, resolve_device
 
     built = build_run_rewards(cfg)
     accelerator = make_accelerator(cfg.model.device)
@@ -190,9 +190,7 @@ def eval_main(cfg) -> int:
     mine, per = eval_shard(len(prompts), cfg.sample.batch_size, dist.rank, dist.world_size)
     # a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, ids=mine)
-    if rows.shape[0] < per:  # the last ranks' padding: NaN rows, which the means skip
-        rows = torch.cat([rows, rows.new_full((per - rows.shape[0], rows.shape[1]), float("nan"))])
-    rows = dist.gather(rows.to(device)).cpu()
+    rows = gather_eval_rows(rows, per, dist, device)
     if not dist.is_main:
         return 0
     means = (float(torch.nanmean(rows[:, j])) for j in range(len(names)))
@@ -239,11 +237,9 @@ def sample_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    from trainers.common import build_run_rewards
+    from trainers.common import build_run_rewards, resolve_device
 
     built = build_run_rewards(cfg)
-    from trainers.common import resolve_device
-
     # the device the trainer and `diffalign eval` use (model.device=auto: the accelerator's, CUDA when present)
     adapter = _load_eval_adapter(cfg, checkpoint, resolve_device(cfg.model.device, make_accelerator(cfg.model.device)))
     guidance = cfg.guidance
