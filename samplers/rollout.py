@@ -15,7 +15,7 @@ import torch
 
 from diffalign.types import StepOutput, Trajectory
 from samplers.schedules import Schedule
-from samplers.steps import DETERMINISTIC_STEP, STEPS, GeneratorLike, scheduled_step
+from samplers.steps import DETERMINISTIC_STEP, STEPS, GeneratorLike, PrefetchedNoise, scheduled_step
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 StepCallback = Callable[[int, torch.Tensor, StepOutput], None]
@@ -36,6 +36,23 @@ def stochastic_mask(num_steps: int, window: Optional[Tuple[int, int]] = None) ->
         raise ValueError(f"stochastic window {window} must satisfy 0 <= start < end <= num_steps={num_steps}")
     mask[start:end] = True
     return mask
+
+
+def _prefetching(generator: GeneratorLike, device: torch.device, prefetch: Optional[bool]):
+    """A :class:`~samplers.steps.PrefetchedNoise` over a list of per-sample generators when ``prefetch`` (``None``:
+    when they are CPU generators and sampling runs on a GPU, the only case where the draws overlap other work),
+    else ``generator`` itself."""
+    if not isinstance(generator, (list, tuple)) or isinstance(generator, PrefetchedNoise) or not generator:
+        return generator
+    if prefetch is None:
+        prefetch = device.type == "cuda" and all(g.device.type == "cpu" for g in generator)
+    return PrefetchedNoise(generator, device) if prefetch else generator
+
+
+def _draws(kind: str, level: float, sigma_next: float) -> bool:
+    """Whether a step of ``kind`` at noise ``level`` draws kernel noise: every step at a positive level does,
+    except CPS and DDIM into ``sigma_next = 0``, whose std is 0 there (``steps._finish`` then draws nothing)."""
+    return level > 0 and (kind == "flow_sde" or sigma_next > 0)
 
 
 def make_generators(seed: int, sample_ids: Sequence[int], device: torch.device | str = "cpu") -> list:
@@ -66,6 +83,7 @@ def rollout(
     store_x0: bool = False,
     callback: Optional[StepCallback] = None,
     before_step: Optional[StateHook] = None,
+    prefetch_noise: Optional[bool] = None,
 ) -> Trajectory:
     """Sample from ``initial_latents`` ``[B, *L]`` along ``schedule``.
 
@@ -82,6 +100,9 @@ def rollout(
             step ``i``, which then runs on what it returns: particles resampled by sequential Monte Carlo (rows
             duplicated with their model output, so duplicates draw their own kernel noise). Recorded states are not
             reordered, so with resampling a row's history is not one particle's path.
+        prefetch_noise: draw each stochastic step's kernel noise from per-sample CPU generators while its model
+            call runs (:class:`~samplers.steps.PrefetchedNoise`); the noise is bitwise the same. ``None``: only
+            when sampling on a GPU, where it keeps the GPU busy.
     """
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; valid steps: {sorted(STEPS)}")
@@ -95,10 +116,13 @@ def rollout(
     B = x.shape[0]
     latents = [x]
     log_probs = torch.zeros(B, T, dtype=torch.float32, device=device)
-    stds = torch.zeros(T, dtype=torch.float32)
+    # per-step std and g stay on the device until the end: a .cpu() per step would stall the GPU every step
+    stds = torch.zeros(T, dtype=torch.float32, device=device)
     drew = torch.zeros(T, dtype=torch.bool)
     x0_preds = [] if store_x0 else None
-    gs = torch.zeros(T, dtype=torch.float32)
+    gs = torch.zeros(T, dtype=torch.float32, device=device)
+    noise = _prefetching(generator, device, prefetch_noise)
+    next_sigma = schedule.sigmas.detach().cpu()[1:]
     ctx = contextlib.nullcontext() if requires_grad else torch.no_grad()
     with ctx:
         for i in range(T):
@@ -108,19 +132,25 @@ def rollout(
                 x, out = before_step(i, x, out)
             level = noise_level if bool(mask[i]) else 0.0
             kind = step if level > 0 else DETERMINISTIC_STEP[schedule.kind]
-            res = scheduled_step(kind, out, x, sched, i, noise_level=level, generator=generator)
+            if isinstance(noise, PrefetchedNoise) and _draws(kind, level, float(next_sigma[i])):
+                noise.prefetch(x.shape)  # overlaps the model call just launched
+            res = scheduled_step(kind, out, x, sched, i, noise_level=level, generator=noise)
             if res.log_prob is not None:
                 drew[i] = True
                 log_probs[:, i] = res.log_prob.detach()
-                stds[i] = res.std.detach().reshape(-1)[0].cpu()
+                stds[i] = res.std.detach().reshape(-1)[0]
             if "g" in res.extras:
-                gs[i] = torch.as_tensor(res.extras["g"]).detach().reshape(-1)[0].cpu()
+                gs[i] = torch.as_tensor(res.extras["g"]).detach().reshape(-1)[0]
             if store_x0:
                 x0_preds.append(res.x0_pred if requires_grad else res.x0_pred.detach())
             if callback is not None:
                 callback(i, x, res)
             x = res.prev_sample if requires_grad else res.prev_sample.detach()
             latents.append(x)
+    if isinstance(noise, PrefetchedNoise) and noise.pending is not None:
+        raise RuntimeError("rollout prefetched kernel noise that no step used (a step predicted stochastic was "
+                           "deterministic): please report this")
+    stds, gs = stds.cpu(), gs.cpu()
     return Trajectory(
         latents=torch.stack(latents, dim=1),
         log_probs=log_probs,

@@ -25,6 +25,7 @@ GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
 __all__ = [
     "gaussian_log_prob",
     "randn",
+    "PrefetchedNoise",
     "flow_euler_step",
     "flow_sde_step",
     "flow_cps_step",
@@ -49,11 +50,50 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
+class PrefetchedNoise(list):
+    """Per-sample generators whose next draw can be made ahead of its use (a list of ``torch.Generator``).
+
+    On a GPU, drawing a step's kernel noise from CPU generators after the model call leaves the GPU idle while the
+    CPU draws and copies. :func:`samplers.rollout` therefore calls :meth:`prefetch` right after launching a
+    stochastic step's model call (kernels run asynchronously), so the draw overlaps the forward pass; the step's
+    :func:`randn` then takes the prefetched tensor. Each generator still draws the same numbers in the same order,
+    so the noise is bitwise that of drawing at use.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], device: torch.device) -> None:
+        super().__init__(generators)
+        self.device = torch.device(device)
+        self.pending: Optional[torch.Tensor] = None
+
+    def prefetch(self, shape: Sequence[int]) -> None:
+        """Draw the next ``[B, *shape[1:]]`` noise now and start its copy to ``device`` (pinned, non-blocking)."""
+        if self.pending is not None:
+            raise RuntimeError("PrefetchedNoise.prefetch: the previous prefetched draw was never used")
+        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32)
+                           for g in self])
+        if noise.device.type == "cpu" and self.device.type == "cuda":
+            noise = noise.pin_memory()
+        self.pending = noise.to(self.device, non_blocking=True)
+
+    def take(self, shape: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
+        """The prefetched draw (and forget it), or ``None`` if there is none."""
+        noise, self.pending = self.pending, None
+        if noise is not None and (tuple(noise.shape) != tuple(shape) or noise.device != torch.device(device)):
+            raise RuntimeError(f"prefetched noise of shape {tuple(noise.shape)} on {noise.device} does not match the "
+                               f"draw of shape {tuple(shape)} on {device}")
+        return noise
+
+
 def randn(shape: Sequence[int], generator: GeneratorLike, device: torch.device) -> torch.Tensor:
     """Float32 standard normal noise; a list of generators draws each sample from its own stream.
 
-    Per-sample generators make a sample's noise independent of how a batch is split across processes.
+    Per-sample generators make a sample's noise independent of how a batch is split across processes. A
+    :class:`PrefetchedNoise` holding a draw gives that draw.
     """
+    if isinstance(generator, PrefetchedNoise):
+        noise = generator.take(shape, device)
+        if noise is not None:
+            return noise
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")

@@ -310,3 +310,42 @@ def test_rollout_with_grad_and_x0_store():
     assert traj.x0_preds.shape == (2, 3, 4, 8, 8)
     traj.final.sum().backward()
     assert model.conv1.weight.grad is not None and model.conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["flow_sde", "flow_cps", "flow_ddim", "vp_ddim_alpha_one", "vp_ddim_no_alpha_one",
+                                  "flow_sde_window"])
+def test_prefetched_kernel_noise_is_bitwise_the_noise_drawn_at_use(case, monkeypatch):
+    """On a GPU the rollout draws each stochastic step's noise while the model call runs (PrefetchedNoise); the
+    trajectory and every generator's state afterwards equal drawing at use, also where a step draws nothing
+    (CPS / DDIM into sigma 0, steps outside the window)."""
+    import samplers.steps as steps_mod
+
+    model = TinyModel()
+    if case.startswith("vp"):
+        sched = vp_schedule(alphas_cumprod_from_betas(), 6, steps_offset=1,
+                            set_alpha_to_one=case == "vp_ddim_alpha_one")
+        step, level = "ddim", 1.0
+    else:
+        sched = flow_schedule(flow_sigmas(6, shift=3.0))
+        step = {"flow_sde": "flow_sde", "flow_cps": "flow_cps", "flow_ddim": "ddim",
+                "flow_sde_window": "flow_sde"}[case]
+        level = 0.7 if step != "ddim" else 0.9
+    window = (1, 4) if case == "flow_sde_window" else None
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = steps_mod.PrefetchedNoise.prefetch
+    monkeypatch.setattr(steps_mod.PrefetchedNoise, "prefetch",
+                        lambda self, shape: (calls.append(tuple(shape)), real(self, shape))[1])
+    runs = {}
+    for prefetch in (False, True):
+        gens = make_generators(5, [10, 11, 12])
+        traj = rollout(model, sched, x, step=step, noise_level=level, window=window, generator=gens,
+                       prefetch_noise=prefetch)
+        runs[prefetch] = (traj, [g.get_state() for g in gens])
+    (a, sa), (b, sb) = runs[False], runs[True]
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert torch.equal(a.stds, b.stds) and torch.equal(a.stochastic, b.stochastic)
+    assert all(torch.equal(u, v) for u, v in zip(sa, sb, strict=True))
+    assert len(calls) == int(a.stochastic.sum()) > 0  # every stochastic step took a prefetched draw
+    if case in ("flow_cps", "flow_ddim", "vp_ddim_alpha_one"):
+        assert not bool(a.stochastic[-1])  # the last step into sigma 0 drew nothing

@@ -26,17 +26,25 @@ def resolve_device(name: str, accelerator=None) -> torch.device:
     return torch.device(name)
 
 
-def build_adapter(model_cfg, device: torch.device):
+def build_adapter(model_cfg, device: torch.device, pipeline=None):
     """Load the generator of a :class:`diffalign.config.ModelConfig`, freeze it, and make the trainable part.
 
     With ``lora.enabled`` only the LoRA parameters train (the base is the frozen reference, reached with
     ``adapter.disable_adapter()``); otherwise the whole denoiser trains. Trainable parameters are kept in
     float32 whatever the model dtype (mixed precision runs the forward under autocast).
+
+    ``pipeline``: an in-memory diffusers pipeline to use instead of loading ``model_cfg.path`` (it is moved to
+    ``device`` and cast to ``model_cfg.dtype``, in place); ``model_cfg.path`` then only names it in messages and in
+    the run's config, so ``diffalign export`` of such a run needs ``model.path`` to be a folder holding the same
+    base weights.
     """
-    from diffalign.generators import load_generator
+    from diffalign.generators import load_generator, wrap_pipeline
     from diffalign.shapes.models import resolve_model_path
 
-    adapter = load_generator(resolve_model_path(model_cfg.path), dtype=DTYPES[model_cfg.dtype], device=device)
+    if pipeline is not None:
+        adapter = wrap_pipeline(pipeline, dtype=DTYPES[model_cfg.dtype], device=device)
+    else:
+        adapter = load_generator(resolve_model_path(model_cfg.path), dtype=DTYPES[model_cfg.dtype], device=device)
     for module in adapter.pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)

@@ -235,10 +235,13 @@ def resolve_kl_form(form: str, step: str) -> str:
 class GRPOTrainer:
     """Online GRPO recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``."""
 
-    def __init__(self, run_cfg, accelerator=None) -> None:
+    def __init__(self, run_cfg, accelerator=None, pipeline=None) -> None:
+        """``pipeline``: train this in-memory diffusers pipeline instead of loading ``run_cfg.model.path``
+        (see :func:`trainers.common.build_adapter`)."""
         from diffalign.config import resolve_train_section
 
         self.run = run_cfg
+        self.pipeline = pipeline
         self.cfg: GRPOConfig = resolve_train_section(run_cfg)
         self.accelerator = accelerator
 
@@ -260,7 +263,7 @@ class GRPOTrainer:
         self.rewards, self.eval_only_rewards = build_run_rewards(run)  # before the model: a misspelt option fails fast
         torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
-        self.adapter = build_adapter(run.model, self.device)
+        self.adapter = build_adapter(run.model, self.device, self.pipeline)
         if self.adapter.kind != "flow" and run.sample.step.startswith("flow_"):
             raise ConfigError(f"got {run.sample.step!r}, a flow-matching step, but {run.model.path!r} is a "
                               f"{self.adapter.kind!r} diffusion model; use sample.step=ddim (noise_level = "

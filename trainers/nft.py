@@ -226,10 +226,13 @@ class OldPolicy:
 class NFTTrainer:
     """Online DiffusionNFT recipe: ``setup()``, ``train()``, ``save_checkpoint()``, ``cleanup()``."""
 
-    def __init__(self, run_cfg, accelerator=None) -> None:
+    def __init__(self, run_cfg, accelerator=None, pipeline=None) -> None:
+        """``pipeline``: train this in-memory diffusers pipeline instead of loading ``run_cfg.model.path``
+        (see :func:`trainers.common.build_adapter`)."""
         from diffalign.config import resolve_train_section
 
         self.run = run_cfg
+        self.pipeline = pipeline
         self.cfg: NFTConfig = resolve_train_section(run_cfg)
         self.accelerator = accelerator
 
@@ -252,7 +255,7 @@ class NFTTrainer:
         self.rewards, self.eval_only_rewards = build_run_rewards(run)  # before the model: a misspelt option fails fast
         torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
         self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
-        self.adapter = build_adapter(run.model, self.device)
+        self.adapter = build_adapter(run.model, self.device, self.pipeline)
         if self.adapter.kind != "flow":
             raise ConfigError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a "
                               f"{self.adapter.kind!r} model; use a flow model (SD3, FLUX, builtin:shapes-flow) "

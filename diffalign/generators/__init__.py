@@ -33,6 +33,7 @@ __all__ = [
     "ADAPTERS",
     "adapter_for_pipeline",
     "load_generator",
+    "wrap_pipeline",
     "to_x0_eps",
     "velocity_from_x0_eps",
     "x0_eps_to_model_output",
@@ -110,13 +111,27 @@ def load_generator(
     kwargs = {**_absent_components(str(path_or_id), pipeline_kwargs, keep_safety_checker), **pipeline_kwargs}
     kwargs[_dtype_keyword()] = dtype
     pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)
-    pipeline.to(device)
+    adapter = wrap_pipeline(pipeline, device=device)
+    adapter.call_kwargs = _folder_call_kwargs(path_or_id)
+    return adapter
+
+
+def wrap_pipeline(pipeline: Any, *, dtype: torch.dtype | None = None,
+                  device: Union[str, torch.device, None] = None) -> GeneratorAdapter:
+    """An in-memory diffusers pipeline (built in Python, not loaded from a folder) moved to ``device`` and
+    ``dtype`` (each optional: ``None`` leaves it), set to eval mode and wrapped in its adapter.
+
+    This is what :func:`load_generator` does after ``from_pretrained``; the trainers' ``pipeline=`` argument
+    uses it to train a pipeline object directly (e.g. one built with random weights for a benchmark).
+    """
+    if device is not None and torch.device(device) != pipeline.device:
+        pipeline.to(device)
+    if dtype is not None and dtype != pipeline.dtype:
+        pipeline.to(dtype=dtype)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
-    adapter = adapter_for_pipeline(pipeline)
-    adapter.call_kwargs = _folder_call_kwargs(path_or_id)
-    return adapter
+    return adapter_for_pipeline(pipeline)
 
 
 def _folder_call_kwargs(path_or_id: str) -> Dict[str, Any]:

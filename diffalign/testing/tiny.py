@@ -47,11 +47,37 @@ CORPUS_WORDS = (
 ).split()
 
 
+def _open_clip_dir() -> str:
+    """open_clip's package folder, found without importing it (its ``__init__`` imports timm and torchvision, which
+    a benchmark host may hold in versions open_clip does not support: only its data file is needed here)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the CLIP tokenizer recipe reads the BPE merges bundled with open-clip-torch; "
+                          "pip install open-clip-torch")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _bytes_to_unicode() -> dict:
+    """The byte-level BPE alphabet of GPT-2 and CLIP: every byte value maps to one printable unicode character.
+    Printable latin-1 bytes (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to themselves, the other 68 bytes to
+    code points 256, 257, ... in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return {b: table[b] for b in keep + [b for b in range(256) if b not in keep]}
+
+
 @functools.lru_cache(maxsize=None)
 def _clip_bpe_merges() -> tuple:
-    import open_clip
-
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    path = os.path.join(_open_clip_dir(), "bpe_simple_vocab_16e6.txt.gz")
     with gzip.open(path) as f:
         lines = f.read().decode("utf-8").split("\n")
     return tuple(lines[1:])  # first line is a version header
@@ -64,14 +90,13 @@ def make_clip_tokenizer(vocab_size: int = 1000, max_length: int = 77):
     ``<|startoftext|>`` (``vocab_size - 2``) and ``<|endoftext|>`` (``vocab_size - 1``). ``vocab_size=49408``
     gives the real CLIP vocabulary. Every string tokenizes (byte-level), fewer merges only mean more tokens.
     """
-    from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTokenizer
 
     n_merges = vocab_size - 2 * 256 - 2
     if n_merges < 0 or n_merges > len(_clip_bpe_merges()):
         raise ValueError(f"vocab_size must be in [514, 49408], got {vocab_size}")
     merges = [m for m in _clip_bpe_merges()[:n_merges]]
-    vocab = list(bytes_to_unicode().values())
+    vocab = list(_bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(
