@@ -55,20 +55,24 @@ class PrefetchedNoise(list):
 
     On a GPU, drawing a step's kernel noise from CPU generators after the model call leaves the GPU idle while the
     CPU draws and copies. :func:`samplers.rollout` therefore calls :meth:`prefetch` right after launching a
-    stochastic step's model call (kernels run asynchronously), so the draw overlaps the forward pass; the step's
-    :func:`randn` then takes the prefetched tensor. Each generator still draws the same numbers in the same order,
-    so the noise is bitwise that of drawing at use.
+    step's model call (kernels run asynchronously), so the draw overlaps the forward pass; the step's
+    :func:`randn` then takes the prefetched tensor. A step that turns out to draw nothing (its std is 0) leaves
+    the draw unused, and :meth:`discard` puts the generators back where they were before it. Each generator thus
+    draws the same numbers in the same order as drawing at use, and ends in the same state.
     """
 
     def __init__(self, generators: Sequence[torch.Generator], device: torch.device) -> None:
         super().__init__(generators)
         self.device = torch.device(device)
         self.pending: Optional[torch.Tensor] = None
+        self._states: Optional[list] = None
 
     def prefetch(self, shape: Sequence[int]) -> None:
         """Draw the next ``[B, *shape[1:]]`` noise now and start its copy to ``device`` (pinned, non-blocking)."""
-        if self.pending is not None:
-            raise RuntimeError("PrefetchedNoise.prefetch: the previous prefetched draw was never used")
+        if len(self) != shape[0]:
+            raise ValueError(f"got {len(self)} generators for a batch of {shape[0]}")
+        self.discard()
+        self._states = [g.get_state() for g in self]
         noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32)
                            for g in self])
         if noise.device.type == "cpu" and self.device.type == "cuda":
@@ -77,11 +81,18 @@ class PrefetchedNoise(list):
 
     def take(self, shape: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
         """The prefetched draw (and forget it), or ``None`` if there is none."""
-        noise, self.pending = self.pending, None
+        noise, self.pending, self._states = self.pending, None, None
         if noise is not None and (tuple(noise.shape) != tuple(shape) or noise.device != torch.device(device)):
             raise RuntimeError(f"prefetched noise of shape {tuple(noise.shape)} on {noise.device} does not match the "
                                f"draw of shape {tuple(shape)} on {device}")
         return noise
+
+    def discard(self) -> None:
+        """Forget an unused prefetched draw and rewind the generators to before it."""
+        if self.pending is not None:
+            for g, state in zip(self, self._states, strict=True):
+                g.set_state(state)
+        self.pending, self._states = None, None
 
 
 def randn(shape: Sequence[int], generator: GeneratorLike, device: torch.device) -> torch.Tensor:

@@ -288,7 +288,10 @@ def profile_methods(methods: Dict[str, Callable[[], object]], sync: Callable[[],
             sync()
         wall = time.perf_counter() - t0
         events = prof.key_averages()
-        gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if cuda else 0.0
+        # kernel rows only: CPU-operator rows also carry the device time of the kernels they launched
+        gpu = sum(e.self_device_time_total for e in events  # as torch's table footer counts it
+                  if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)) / 1e6 if cuda else 0.0
         print(f"\n### profile: {name}: {wall:.3f} s wall (profiled), {gpu:.3f} s of GPU kernels "
               f"({100 * gpu / wall:.0f}% busy)")
         print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40))
@@ -387,8 +390,8 @@ def report_split(rows: List[Dict], trainer=None) -> None:
     if trainer is not None and trainer.epoch:
         steps = trainer.global_step / trainer.epoch
         train = statistics.mean(r["time/train"] for r in rows[1:] or rows)
-        print(f"{steps:g} optimizer steps per epoch: {train / steps:.2f} s of training per optimizer step "
-              f"(epochs {'2-' + str(len(rows)) if len(rows) > 1 else '1'})")
+        which = "epoch 1" if len(rows) == 1 else "epoch 2" if len(rows) == 2 else f"epochs 2-{len(rows)}"
+        print(f"{steps:g} optimizer steps per epoch: {train / steps:.2f} s of training per optimizer step ({which})")
     keys = [("sampling", "time/sample"), ("reward", "time/reward"), ("training", "time/train")]
     out = []
 
@@ -401,7 +404,7 @@ def report_split(rows: List[Dict], trainer=None) -> None:
         out.append([label, *cells, f"{total:.3f} s"])
 
     add("epoch 1 (warm-up)", rows[:1])
-    add(f"epochs 2-{len(rows)} (mean)", rows[1:])
+    add("epoch 2" if len(rows) == 2 else f"epochs 2-{len(rows)} (mean)", rows[1:])
     print(_table(["epochs", "sampling", "reward", "training", "total"], out))
 
 
@@ -423,13 +426,24 @@ def report_memory(memory: Dict, first: int, last: int) -> None:
           + " ".join(f"{p:.0f}" for p in peaks))
 
 
+def shrink_overrides(folder: Path) -> Dict[str, Dict]:
+    """:data:`SHRINK` for ``folder``: an MMDiT (SD3-medium) keeps no dual-attention block, an MMDiT-X (SD3.5-Medium)
+    keeps one. Only SD3-family folders with T5 (three text encoders) fit."""
+    overrides = {k: dict(v) for k, v in SHRINK.items()}
+    cfg = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+    if not cfg.get("dual_attention_layers"):
+        overrides["transformer"]["dual_attention_layers"] = []
+    return overrides
+
+
 def build_arch(folder: Path, *, dtype: torch.dtype, shrink: bool, seed: int = 0):
     """The random-weight pipeline of ``folder``'s configs on the GPU if there is one (``--arch``)."""
     from diffalign.testing.arch import parameter_counts, random_pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    pipe = random_pipeline(folder, dtype=dtype, device=device, seed=seed, overrides=SHRINK if shrink else None)
+    pipe = random_pipeline(folder, dtype=dtype, device=device, seed=seed,
+                           overrides=shrink_overrides(folder) if shrink else None)
     counts = parameter_counts(pipe)
     print(f"(built {type(pipe).__name__} from {folder}{' (shrunk)' if shrink else ''} with random weights in "
           f"{time.perf_counter() - t0:.1f} s, {dtype}, {device}: "
@@ -444,7 +458,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=Path, default=None,
                     help="build this folder of diffusers configs (model_index.json + component configs) with random "
                          "weights instead of --model")
-    ap.add_argument("--shrink", action="store_true", help="with --arch: a few layers and small widths (smoke run)")
+    ap.add_argument("--shrink", action="store_true",
+                    help="with --arch: 2 blocks and small widths (a smoke run; SD3-family folders with T5)")
     ap.add_argument("--gpu-recipe", action="store_true",
                     help="Flow-GRPO's SD3.5-Medium recipe (configs/gpu/sd35m_geneval_flow_grpo.yaml + "
                          "GPU_RECIPE_OVERRIDES) and its rollout settings (batch 8, CFG 4.5, 512 px, LoRA r32, "
@@ -486,6 +501,8 @@ def main(argv=None) -> int:
     config = args.config or (GPU_RECIPE_CONFIG if recipe else GRPO_CONFIG)
     if args.shrink and args.arch is None:
         ap.error("--shrink needs --arch")
+    if args.tiny and args.arch is not None:
+        ap.error("--tiny and --arch are alternatives: pass one")
     if args.threads:
         torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory(prefix="bench_grpo_")
@@ -523,7 +540,10 @@ def main(argv=None) -> int:
         results["time_split"] = split
     elif not args.skip_grpo:
         out = args.out or Path(tmp.name) / "grpo"
-        overrides = [f"model.dtype={dtype_name}"] + (GPU_RECIPE_OVERRIDES if recipe else []) + args.overrides
+        # the model dtype follows --dtype / --gpu-recipe / --arch (its pipeline is built in it), else the config
+        dtype_set = args.dtype is not None or recipe or args.arch is not None
+        overrides = ([f"model.dtype={dtype_name}"] if dtype_set else []) + (GPU_RECIPE_OVERRIDES if recipe else []) \
+            + args.overrides
         shown = [f"sample.height={size}", f"sample.width={size}"] + (TINY_OVERRIDES if args.tiny else []) + overrides
         # one extra epoch: the last one also runs the final evaluation and checkpoint, not comparable
         print(f"\n(GRPO run: {args.epochs} + 1 epochs of {config} with {' '.join(shown)}, in {out})", flush=True)

@@ -13,8 +13,12 @@
 # bundled CLIP BPE file; it is not imported).
 set -euo pipefail
 arch=${1:?usage: $0 ARCH_DIR [OUT_DIR] [bench_grpo.py arguments]}
-out=${2:-bench_sd35m}
-shift $(( $# >= 2 ? 2 : 1 ))
+shift
+out=bench_sd35m
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ] && [ "${1#*=}" = "$1" ]; then  # not an option, not a key=value override
+  out=$1
+  shift
+fi
 mkdir -p "$out"
 arch=$(realpath "$arch"); out=$(realpath "$out")
 cd "$(dirname "$0")/.."
@@ -24,5 +28,5 @@ print(torch.__version__, torch.cuda.get_device_name(), f'{torch.cuda.get_device_
 run_dir=$(mktemp -d)
 python3 scripts/bench_grpo.py --arch "$arch" --gpu-recipe --epochs 4 --reps 3 --threads 0 \
     --json "$out/bench.json" --out "$run_dir" "$@" 2>&1 | tee "$out/log.txt"
-cp "$run_dir/metrics.jsonl" "$out/metrics.jsonl"
+if [ -f "$run_dir/metrics.jsonl" ]; then cp "$run_dir/metrics.jsonl" "$out/metrics.jsonl"; fi  # none with --skip-grpo
 rm -rf "$run_dir"

@@ -20,6 +20,7 @@ shows which lies closer to the float32 result, and a row gives the pipeline diff
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -40,12 +41,13 @@ def _distance(x: torch.Tensor, ref: torch.Tensor) -> tuple:
 
 
 def main(argv=None) -> int:
-    from bench_grpo import SHRINK
+    from bench_grpo import shrink_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:shapes-flow", help="SD3/FLUX pipeline folder or builtin:NAME")
     ap.add_argument("--arch", type=Path, default=None, help="a folder of diffusers configs, built with random weights")
-    ap.add_argument("--shrink", action="store_true", help="with --arch: small widths (scripts/bench_grpo.py SHRINK)")
+    ap.add_argument("--shrink", action="store_true",
+                    help="with --arch: small widths (scripts/bench_grpo.py SHRINK; SD3-family folders with T5)")
     ap.add_argument("--layers", type=int, default=None, help="with --arch: the transformer's number of blocks")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
@@ -66,10 +68,11 @@ def main(argv=None) -> int:
     if args.arch is not None:
         from diffalign.testing.arch import random_pipeline
 
-        overrides = {k: dict(v) for k, v in SHRINK.items()} if args.shrink else {}
-        if args.layers is not None:
+        overrides = shrink_overrides(args.arch) if args.shrink else {}
+        if args.layers is not None:  # MMDiT-X (SD3.5-Medium) has dual attention in its first 13 blocks
+            dual = json.loads((args.arch / "transformer" / "config.json").read_text()).get("dual_attention_layers")
             overrides.setdefault("transformer", {}).update(
-                num_layers=args.layers, dual_attention_layers=list(range(min(13, args.layers))))
+                num_layers=args.layers, dual_attention_layers=list(range(min(13, args.layers))) if dual else [])
         adapter = wrap_pipeline(random_pipeline(args.arch, dtype=torch.float32, device=device, overrides=overrides))
         label = f"{args.arch} (random weights{', shrunk' if args.shrink else ''}"
         label += f", {args.layers} blocks)" if args.layers else ")"

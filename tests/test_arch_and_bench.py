@@ -5,7 +5,6 @@ SD3.5-Medium size; here on a tiny folder of the same layout)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -143,4 +142,51 @@ def test_check_sampler_parity_float32_is_exact(tmp_path, monkeypatch, capsys):
     assert float(rows["pipeline float32"]) == 0.0
     assert float(rows["diffalign float32"]) == 0.0  # the same latents as the pipeline, bit for bit
     assert float(rows["pipeline bfloat16"]) > 0 and float(rows["diffalign bfloat16"]) > 0
-    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_in_memory_pipeline_keeps_its_folders_call_arguments_and_is_cast_whole(tmp_path):
+    """``pipeline=`` with ``model.path`` naming a folder (here the shipped shapes-flow model, trained without T5
+    tokens) applies that folder's ``diffalign.json`` call arguments, as loading it would; ``wrap_pipeline`` casts
+    every component, not only when the first one differs."""
+    from diffalign.config import ModelConfig, from_dict
+    from diffalign.generators import load_generator, wrap_pipeline
+    from trainers.common import build_adapter
+
+    loaded = load_generator("builtin:shapes-flow")
+    assert loaded.call_kwargs == {"max_sequence_length": 0}
+    cfg = from_dict(ModelConfig, {"path": "builtin:shapes-flow", "lora": {"enabled": False}})
+    adapter = build_adapter(cfg, torch.device("cpu"), pipeline=loaded.pipeline)
+    assert adapter.call_kwargs == loaded.call_kwargs
+    label = from_dict(ModelConfig, {"path": "not-a-folder-just-a-label", "lora": {"enabled": False}})
+    assert build_adapter(label, torch.device("cpu"), pipeline=tiny_sd3_pipeline()).call_kwargs == {}
+
+    pipe = tiny_sd3_pipeline()
+    pipe.text_encoder.to(torch.bfloat16)  # the first component already in the target dtype
+    wrap_pipeline(pipe, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for m in (pipe.transformer, pipe.vae, pipe.text_encoder_2)
+               for p in m.parameters())
+
+
+@pytest.mark.parametrize("builder", ["tiny_flux_pipeline", "tiny_sd15_pipeline", "tiny_sdxl_pipeline"])
+def test_random_pipeline_builds_the_other_families(builder, tmp_path):
+    """FLUX, SD1.5 and SDXL folders rebuild with their layouts and their model_index.json options (SDXL's
+    force_zeros_for_empty_prompt); no safety checker is built."""
+    import json
+
+    import diffalign.testing.tiny as tiny
+
+    original = getattr(tiny, builder)()
+    original.save_pretrained(tmp_path / "m")
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    if builder == "tiny_sdxl_pipeline":
+        index["force_zeros_for_empty_prompt"] = False  # a saved option that differs from the default
+        (tmp_path / "m" / "model_index.json").write_text(json.dumps(index))
+    built = random_pipeline(tmp_path / "m")
+    assert type(built) is type(original) and parameter_counts(built) == parameter_counts(original)
+    if builder == "tiny_sdxl_pipeline":
+        assert built.config.force_zeros_for_empty_prompt is False
+    if builder == "tiny_sd15_pipeline":
+        assert built.safety_checker is None and built.config.requires_safety_checker is False
+    state = torch.random.get_rng_state()
+    random_pipeline(tmp_path / "m", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched

@@ -313,22 +313,23 @@ def test_rollout_with_grad_and_x0_store():
 
 
 @pytest.mark.parametrize("case", ["flow_sde", "flow_cps", "flow_ddim", "vp_ddim_alpha_one", "vp_ddim_no_alpha_one",
-                                  "flow_sde_window"])
+                                  "vp_ddim_offset0_no_alpha_one", "flow_sde_window", "flow_euler_level"])
 def test_prefetched_kernel_noise_is_bitwise_the_noise_drawn_at_use(case, monkeypatch):
     """On a GPU the rollout draws each stochastic step's noise while the model call runs (PrefetchedNoise); the
     trajectory and every generator's state afterwards equal drawing at use, also where a step draws nothing
-    (CPS / DDIM into sigma 0, steps outside the window)."""
+    (CPS / DDIM into sigma 0, steps outside the window) and where a prefetched draw goes unused (a VP schedule whose
+    last step has sigma_next > 0 but variance 0: the generators are rewound)."""
     import samplers.steps as steps_mod
 
     model = TinyModel()
     if case.startswith("vp"):
-        sched = vp_schedule(alphas_cumprod_from_betas(), 6, steps_offset=1,
+        sched = vp_schedule(alphas_cumprod_from_betas(), 6, steps_offset=0 if "offset0" in case else 1,
                             set_alpha_to_one=case == "vp_ddim_alpha_one")
         step, level = "ddim", 1.0
     else:
         sched = flow_schedule(flow_sigmas(6, shift=3.0))
         step = {"flow_sde": "flow_sde", "flow_cps": "flow_cps", "flow_ddim": "ddim",
-                "flow_sde_window": "flow_sde"}[case]
+                "flow_sde_window": "flow_sde", "flow_euler_level": "flow_euler"}[case]
         level = 0.7 if step != "ddim" else 0.9
     window = (1, 4) if case == "flow_sde_window" else None
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -346,6 +347,26 @@ def test_prefetched_kernel_noise_is_bitwise_the_noise_drawn_at_use(case, monkeyp
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
     assert torch.equal(a.stds, b.stds) and torch.equal(a.stochastic, b.stochastic)
     assert all(torch.equal(u, v) for u, v in zip(sa, sb, strict=True))
-    assert len(calls) == int(a.stochastic.sum()) > 0  # every stochastic step took a prefetched draw
+    stochastic = int(a.stochastic.sum())
+    if case == "flow_euler_level":
+        assert stochastic == 0 and not calls
+    elif case == "vp_ddim_offset0_no_alpha_one":  # the last step's draw was prefetched, unused and rewound
+        assert float(sched.sigmas[-1]) > 0 and not bool(a.stochastic[-1]) and len(calls) == stochastic + 1
+    else:
+        assert len(calls) == stochastic > 0  # every stochastic step took a prefetched draw
     if case in ("flow_cps", "flow_ddim", "vp_ddim_alpha_one"):
         assert not bool(a.stochastic[-1])  # the last step into sigma 0 drew nothing
+
+
+def test_prefetching_is_on_for_cpu_generators_on_a_gpu_only():
+    from samplers.rollout import _prefetching
+    from samplers.steps import PrefetchedNoise
+
+    gens = make_generators(0, [0, 1])
+    assert isinstance(_prefetching(gens, torch.device("cuda"), None), PrefetchedNoise)
+    assert _prefetching(gens, torch.device("cpu"), None) is gens
+    assert _prefetching(gens, torch.device("cuda"), False) is gens
+    single = torch.Generator()
+    assert _prefetching(single, torch.device("cuda"), None) is single
+    with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
+        PrefetchedNoise(gens, torch.device("cpu")).prefetch((3, 4))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -34,15 +35,20 @@ def build_adapter(model_cfg, device: torch.device, pipeline=None):
     float32 whatever the model dtype (mixed precision runs the forward under autocast).
 
     ``pipeline``: an in-memory diffusers pipeline to use instead of loading ``model_cfg.path`` (it is moved to
-    ``device`` and cast to ``model_cfg.dtype``, in place); ``model_cfg.path`` then only names it in messages and in
-    the run's config, so ``diffalign export`` of such a run needs ``model.path`` to be a folder holding the same
-    base weights.
+    ``device`` and cast to ``model_cfg.dtype``, in place). ``model_cfg.path`` then names it in messages and in the
+    run's config, and where it is a model folder (or ``builtin:NAME``) its ``diffalign.json`` call arguments still
+    apply (the shipped shapes-flow model's ``max_sequence_length=0``); ``diffalign export`` of such a run needs
+    ``model.path`` to be a folder holding the same base weights.
     """
-    from diffalign.generators import load_generator, wrap_pipeline
+    from diffalign.generators import folder_call_kwargs, load_generator, wrap_pipeline
     from diffalign.shapes.models import resolve_model_path
 
     if pipeline is not None:
         adapter = wrap_pipeline(pipeline, dtype=DTYPES[model_cfg.dtype], device=device)
+        path = model_cfg.path
+        if isinstance(path, str) and path.startswith("builtin:"):
+            path = resolve_model_path(path)
+        adapter.call_kwargs = folder_call_kwargs(path) if os.path.isdir(str(path)) else {}
     else:
         adapter = load_generator(resolve_model_path(model_cfg.path), dtype=DTYPES[model_cfg.dtype], device=device)
     for module in adapter.pipeline.components.values():

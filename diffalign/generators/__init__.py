@@ -34,6 +34,7 @@ __all__ = [
     "adapter_for_pipeline",
     "load_generator",
     "wrap_pipeline",
+    "folder_call_kwargs",
     "to_x0_eps",
     "velocity_from_x0_eps",
     "x0_eps_to_model_output",
@@ -112,7 +113,7 @@ def load_generator(
     kwargs[_dtype_keyword()] = dtype
     pipeline = DiffusionPipeline.from_pretrained(path_or_id, **kwargs)
     adapter = wrap_pipeline(pipeline, device=device)
-    adapter.call_kwargs = _folder_call_kwargs(path_or_id)
+    adapter.call_kwargs = folder_call_kwargs(path_or_id)
     return adapter
 
 
@@ -124,17 +125,24 @@ def wrap_pipeline(pipeline: Any, *, dtype: torch.dtype | None = None,
     This is what :func:`load_generator` does after ``from_pretrained``; the trainers' ``pipeline=`` argument
     uses it to train a pipeline object directly (e.g. one built with random weights for a benchmark).
     """
-    if device is not None and torch.device(device) != pipeline.device:
-        pipeline.to(device)
-    if dtype is not None and dtype != pipeline.dtype:
-        pipeline.to(dtype=dtype)
+    modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    if device is not None:
+        want = torch.device(device)
+        # compare types and indices ("cuda" is "cuda:<current>"); a pipeline split over devices is moved whole
+        if want.type == "cuda" and want.index is None:
+            want = torch.device("cuda", torch.cuda.current_device())
+        if any(t.device != want for t in tensors):
+            pipeline.to(device)
+    if dtype is not None and any(p.dtype != dtype for m in modules for p in m.parameters()):
+        pipeline.to(dtype=dtype)  # buffers may keep their own dtype: parameters decide
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
     return adapter_for_pipeline(pipeline)
 
 
-def _folder_call_kwargs(path_or_id: str) -> Dict[str, Any]:
+def folder_call_kwargs(path_or_id: str) -> Dict[str, Any]:
     """Keyword arguments a model folder says every call needs (``diffalign.json``'s ``call_kwargs``), e.g.
     the shipped shapes-flow model was trained without T5 tokens: ``{"max_sequence_length": 0}``."""
     import json

@@ -71,15 +71,12 @@ def random_pipeline(
 ):
     """The pipeline that ``folder``'s ``model_index.json`` names, every model randomly initialised from its
     config, in ``dtype`` on ``device`` (built directly there: a 4.7 B-parameter T5-XXL initialises in seconds on
-    a GPU), in eval mode.
+    a GPU; each model is built in float32 and then cast, so the peak is its float32 size), in eval mode.
 
     ``overrides``: per-component config changes, e.g. ``{"transformer": {"num_layers": 2}}`` (a smaller model of
     the same family for a smoke run; the caller keeps the components consistent). Deterministic given ``seed``
     and the device.
     """
-    import diffusers
-    import transformers
-
     folder = os.fspath(folder)
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
@@ -92,12 +89,30 @@ def random_pipeline(
     if unknown:
         raise ValueError(f"overrides for {unknown}, which {index_path} does not list; components: "
                          f"{sorted(k for k in index if not k.startswith('_'))}")
-    torch.manual_seed(seed)
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # seeded without touching the caller's random state
+        torch.manual_seed(seed)
+        return _build(folder, index, overrides, dtype, device)
+
+
+def _build(folder: str, index: Dict[str, Any], overrides: Dict[str, Dict[str, Any]], dtype: torch.dtype,
+           device: Union[str, torch.device]):
+    import inspect
+
+    import diffusers
+    import transformers
+
     components: Dict[str, Any] = {}
     configs: Dict[str, Dict[str, Any]] = {}
     tokenizers: Dict[str, str] = {}
+    pipeline_cls = getattr(diffusers, index["_class_name"])
+    accepted = inspect.signature(pipeline_cls.__init__).parameters
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, (list, tuple)) or len(spec) != 2:
+        if name.startswith("_"):
+            continue
+        if not isinstance(spec, (list, tuple)) or len(spec) != 2:
+            if name in accepted:  # a pipeline option saved in model_index.json, e.g. force_zeros_for_empty_prompt
+                components[name] = spec
             continue
         library, cls_name = spec
         if library is None:
@@ -131,9 +146,8 @@ def random_pipeline(
     for name, cls_name in tokenizers.items():
         encoder = name.replace("tokenizer", "text_encoder")
         components[name] = _tokenizer(cls_name, configs.get(encoder))
-    pipeline_cls = getattr(diffusers, index["_class_name"])
-    if index["_class_name"] in ("StableDiffusionPipeline",):
-        components.setdefault("requires_safety_checker", False)
+    if "requires_safety_checker" in accepted:  # no safety checker is built (as load_generator does not load one)
+        components["requires_safety_checker"] = False
     pipe = pipeline_cls(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
