@@ -135,9 +135,11 @@ def rollout(
             kind = step if level > 0 else DETERMINISTIC_STEP[schedule.kind]
             if isinstance(noise, PrefetchedNoise) and _draws(kind, level, float(next_sigma[i])):
                 noise.prefetch(x.shape)  # overlaps the model call just launched
-            res = scheduled_step(kind, out, x, sched, i, noise_level=level, generator=noise)
-            if isinstance(noise, PrefetchedNoise):
-                noise.discard()  # a step whose std came out 0 drew nothing: rewind its prefetched draw
+            try:
+                res = scheduled_step(kind, out, x, sched, i, noise_level=level, generator=noise)
+            finally:  # a step whose std came out 0 (or that raised) drew nothing: rewind its prefetched draw
+                if isinstance(noise, PrefetchedNoise):
+                    noise.discard()
             if res.log_prob is not None:
                 drew[i] = True
                 log_probs[:, i] = res.log_prob.detach()

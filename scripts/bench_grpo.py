@@ -549,6 +549,8 @@ def main(argv=None) -> int:
         print(f"\n(GRPO run: {args.epochs} + 1 epochs of {config} with {' '.join(shown)}, in {out})", flush=True)
         memory, trainer = grpo_run(model, out, epochs=args.epochs + 1, size=size, tiny=args.tiny,
                                    overrides=overrides, config=config, pipeline=pipeline)
+        results["grpo_model_dtype"] = trainer.run.model.dtype  # the config's unless --dtype / --gpu-recipe / --arch
+        print(f"(GRPO model dtype: {trainer.run.model.dtype})")
         split = time_split(out / "metrics.jsonl")[:args.epochs]
         report_split(split, trainer)
         results["time_split"] = split

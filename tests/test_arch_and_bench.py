@@ -190,3 +190,21 @@ def test_random_pipeline_builds_the_other_families(builder, tmp_path):
     state = torch.random.get_rng_state()
     random_pipeline(tmp_path / "m", seed=5)
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
+
+
+def test_wrap_pipeline_keeps_layers_held_in_float32_and_random_pipeline_leaves_cuda_seeds(monkeypatch, config_folder):
+    from diffalign.generators import wrap_pipeline
+
+    pipe = tiny_sd3_pipeline(with_t5=True)
+    pipe.to(dtype=torch.float16)
+    for block in pipe.text_encoder_3.encoder.block:  # as from_pretrained(float16) keeps T5's `wo` in float32
+        block.layer[-1].DenseReluDense.wo.float()
+    wrap_pipeline(pipe, dtype=torch.float16)
+    assert all(b.layer[-1].DenseReluDense.wo.weight.dtype == torch.float32 for b in pipe.text_encoder_3.encoder.block)
+    assert pipe.transformer.dtype == torch.float16
+    wrap_pipeline(pipe, dtype=torch.bfloat16)  # a module in another dtype is cast whole
+    assert pipe.text_encoder_3.encoder.block[0].layer[-1].DenseReluDense.wo.weight.dtype == torch.bfloat16
+
+    folder, _ = config_folder
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("reseeded every GPU"))
+    random_pipeline(folder, seed=3)

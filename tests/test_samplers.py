@@ -370,3 +370,17 @@ def test_prefetching_is_on_for_cpu_generators_on_a_gpu_only():
     assert _prefetching(single, torch.device("cuda"), None) is single
     with pytest.raises(ValueError, match="got 2 generators for a batch of 3"):
         PrefetchedNoise(gens, torch.device("cpu")).prefetch((3, 4))
+
+
+def test_a_step_that_raises_leaves_the_generators_as_drawing_at_use_would():
+    """A prefetched draw is rewound also when the step raises (a 1-step flow schedule has no sigma_cap for the SDE
+    step), so a caller that catches the error continues from the same generator state either way."""
+    sched = flow_schedule(flow_sigmas(1))
+    x = torch.zeros(2, 2, 2)
+    nxt = {}
+    for prefetch in (False, True):
+        gens = make_generators(3, [0, 1])
+        with pytest.raises(ValueError, match="sigma_cap"):
+            rollout(lambda x, t: x, sched, x, step="flow_sde", generator=gens, prefetch_noise=prefetch)
+        nxt[prefetch] = torch.randn(4, generator=gens[0])
+    assert torch.equal(nxt[False], nxt[True])

@@ -134,8 +134,11 @@ def wrap_pipeline(pipeline: Any, *, dtype: torch.dtype | None = None,
             want = torch.device("cuda", torch.cuda.current_device())
         if any(t.device != want for t in tensors):
             pipeline.to(device)
-    if dtype is not None and any(p.dtype != dtype for m in modules for p in m.parameters()):
-        pipeline.to(dtype=dtype)  # buffers may keep their own dtype: parameters decide
+    if dtype is not None:
+        for module in modules:  # each by its first floating parameter: layers kept in float32 on purpose stay so
+            current = next((p.dtype for p in module.parameters() if p.is_floating_point()), dtype)
+            if current != dtype:
+                module.to(dtype=dtype)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()

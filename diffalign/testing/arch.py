@@ -89,9 +89,17 @@ def random_pipeline(
     if unknown:
         raise ValueError(f"overrides for {unknown}, which {index_path} does not list; components: "
                          f"{sorted(k for k in index if not k.startswith('_'))}")
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # seeded without touching the caller's random state
-        torch.manual_seed(seed)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    # seeded without touching the caller's random state: only the generators the build uses are seeded (a plain
+    # torch.manual_seed would also reseed every GPU, which fork_rng does not restore)
+    with torch.random.fork_rng(devices=[dev] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)
         return _build(folder, index, overrides, dtype, device)
 
 
