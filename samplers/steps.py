@@ -69,12 +69,9 @@ class PrefetchedNoise(list):
 
     def prefetch(self, shape: Sequence[int]) -> None:
         """Draw the next ``[B, *shape[1:]]`` noise now and start its copy to ``device`` (pinned, non-blocking)."""
-        if len(self) != shape[0]:
-            raise ValueError(f"got {len(self)} generators for a batch of {shape[0]}")
         self.discard()
         self._states = [g.get_state() for g in self]
-        noise = torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=torch.float32)
-                           for g in self])
+        noise = randn(shape, list(self), self[0].device)  # drawn where the generators live, as at use
         if noise.device.type == "cpu" and self.device.type == "cuda":
             noise = noise.pin_memory()
         self.pending = noise.to(self.device, non_blocking=True)

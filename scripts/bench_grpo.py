@@ -203,6 +203,16 @@ def load_rollout_adapter(model: str, *, dtype: torch.dtype, lora_rank: int):
     return adapter
 
 
+def float32_noise(adapter, ids: List[int], size: int) -> torch.Tensor:
+    """diffalign's initial noise for samples ``ids`` (float32 draws of ``make_generators(0, ids)``), cast to the
+    pipeline's dtype and device: what a pipeline call gets as ``latents=`` to start where diffalign starts (it
+    would otherwise draw in its own dtype, on torch 2.11 not the float32 draw rounded)."""
+    from samplers import make_generators
+
+    noise = adapter.prepare_latents(len(ids), size, size, generator=make_generators(0, ids, device="cpu"))
+    return noise.to(device=adapter.pipeline.device, dtype=adapter.pipeline.dtype)
+
+
 def bench_rollout(adapter, *, batch: int, steps: int, guidance: float, size: int, reps: int,
                   noise_level: float, profile: bool = False) -> List[Dict]:
     """Time ``adapter.pipeline(...)`` against diffalign's rollouts on the same object (see the module doc)."""
@@ -229,10 +239,7 @@ def bench_rollout(adapter, *, batch: int, steps: int, guidance: float, size: int
     # float32 the pipeline draws its noise in the model dtype, which on some torch versions is not the float32
     # draw rounded (scripts/check_sampler_parity.py): it then gets diffalign's float32 draw, so that the check
     # compares the samplers, not the draws
-    given = {}
-    if pipe.dtype != torch.float32:
-        noise = adapter.prepare_latents(batch, size, size, generator=make_generators(0, ids, device="cpu"))
-        given["latents"] = noise.to(device=adapter.device, dtype=pipe.dtype)
+    given = {"latents": float32_noise(adapter, ids, size)} if pipe.dtype != torch.float32 else {}
     with torch.no_grad():
         want = pipeline_call("latent", make_generators(0, ids, device="cpu"), **given).float()
         traj, _, _, _ = diffalign_call("flow_euler", 0.0)

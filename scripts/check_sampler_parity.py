@@ -41,7 +41,7 @@ def _distance(x: torch.Tensor, ref: torch.Tensor) -> tuple:
 
 
 def main(argv=None) -> int:
-    from bench_grpo import shrink_overrides
+    from bench_grpo import float32_noise, shrink_overrides
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:shapes-flow", help="SD3/FLUX pipeline folder or builtin:NAME")
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     def run_pipeline(given_noise: bool = False):
         kwargs = dict(extra)
         if given_noise:  # diffalign's float32 draw, cast to the model dtype (the pipeline otherwise draws in it)
-            noise = adapter.prepare_latents(len(prompts), args.size, args.size, generator=make_generators(0, ids))
-            kwargs["latents"] = noise.to(device=pipe.device, dtype=pipe.dtype)
+            kwargs["latents"] = float32_noise(adapter, ids, args.size)
         with torch.no_grad():
             return pipe(prompt=prompts, negative_prompt="", num_inference_steps=args.steps,
                         guidance_scale=args.guidance, height=args.size, width=args.size,

@@ -48,8 +48,7 @@ def build_adapter(model_cfg, device: torch.device, pipeline=None):
         path = model_cfg.path
         if isinstance(path, str) and path.startswith("builtin:"):
             path = resolve_model_path(path)
-        path = os.path.expanduser(str(path))
-        adapter.call_kwargs = folder_call_kwargs(path) if os.path.isdir(str(path)) else {}
+        adapter.call_kwargs = folder_call_kwargs(os.path.expanduser(str(path)))  # {} unless a folder says more
     else:
         adapter = load_generator(resolve_model_path(model_cfg.path), dtype=DTYPES[model_cfg.dtype], device=device)
     for module in adapter.pipeline.components.values():

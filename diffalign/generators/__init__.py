@@ -126,13 +126,12 @@ def wrap_pipeline(pipeline: Any, *, dtype: torch.dtype | None = None,
     uses it to train a pipeline object directly (e.g. one built with random weights for a benchmark).
     """
     modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
-    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
     if device is not None:
         want = torch.device(device)
         # compare types and indices ("cuda" is "cuda:<current>"); a pipeline split over devices is moved whole
         if want.type == "cuda" and want.index is None:
             want = torch.device("cuda", torch.cuda.current_device())
-        if any(t.device != want for t in tensors):
+        if any(t.device != want for m in modules for t in (*m.parameters(), *m.buffers())):
             pipeline.to(device)
     if dtype is not None:
         for module in modules:  # each by its first floating parameter: layers kept in float32 on purpose stay so

@@ -89,10 +89,8 @@ def random_pipeline(
     if unknown:
         raise ValueError(f"overrides for {unknown}, which {index_path} does not list; components: "
                          f"{sorted(k for k in index if not k.startswith('_'))}")
-    dev = torch.device(device)
+    dev = torch.device(device)  # "cuda" without an index: fork_rng and torch.cuda.device take the current GPU
     cuda = dev.type == "cuda"
-    if cuda and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
     # seeded without touching the caller's random state: only the generators the build uses are seeded (a plain
     # torch.manual_seed would also reseed every GPU, which fork_rng does not restore)
     with torch.random.fork_rng(devices=[dev] if cuda else []):
