@@ -55,6 +55,22 @@ class DistContext:
             return tensor
         return self.gather_fn(tensor.contiguous())
 
+    def gather_rows(self, tensor: torch.Tensor, device=None) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` ``[n_r, ...]`` in rank order when the ranks hold different numbers
+        of rows (none at all included), on the CPU; the trailing dimensions and dtype must agree. Two collectives:
+        the row counts, then the rows padded to the largest count (on ``device``: NCCL needs the accelerator's)."""
+        if self.world_size == 1 or self.gather_fn is None:
+            return tensor.cpu()
+        device = tensor.device if device is None else device
+        counts = self.gather(torch.tensor([tensor.shape[0]], device=device)).tolist()
+        most = max(counts)
+        if most == 0:
+            return tensor.cpu()
+        padded = torch.cat([tensor.to(device), tensor.new_zeros((most - tensor.shape[0], *tensor.shape[1:]),
+                                                                device=device)])
+        rows = self.gather(padded).cpu()
+        return torch.cat([rows[r * most:r * most + n] for r, n in enumerate(counts)])
+
     def barrier(self) -> None:
         if self.world_size > 1 and self.barrier_fn is not None:
             self.barrier_fn()

@@ -16,6 +16,12 @@ share of QP steps of an undiagnosed run (1/N amortised, 1 full, 0 otherwise), in
 a shared machine also measures the other jobs). ``--modes`` also accepts ``marble_full`` and
 ``marble_tracked`` (full mode with ``train.marble_grad_ema=0.9``).
 
+``--image-stats`` also samples the evaluation prompts before and after each mode's training (the trainer's
+evaluation sampler and noise) and writes ``OUT/image_stats.json``: each reward's paired change per prompt with
+its standard error, and what the images became (components per image, the largest component's share of the
+image, the verifier's criteria pass rates); ``OUT/samples_MODE.png`` shows the first 16 prompts before (top) and
+after (bottom).
+
 Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/train_rewards.png``,
 ``OUT/worst_cosine.png`` and one run folder per mode (metrics.jsonl, checkpoints).
 """
@@ -68,8 +74,52 @@ def make_trainer(model: str, run_dir: Path, overrides: List[str]):
     return trainer
 
 
+def image_stats(trainer) -> Dict:
+    """The evaluation prompts sampled as the trainer evaluates them: ``rewards`` ``[N, R]`` per prompt, the first
+    16 ``images``, and what the verifier sees in them (:func:`diffalign.shapes.verifier.analyse`): components
+    per image, the largest component's share of the image, and the pass rate of each criterion kind."""
+    from diffalign.shapes import verifier
+    from trainers.common import eval_reward_sets, eval_seed, eval_settings, score_prompts
+
+    s = trainer.run.sample
+    prompts = trainer.prompts.eval_prompts()
+    steps, gs = eval_settings(s, trainer.cfg.eval_num_steps, trainer.cfg.eval_guidance_scale)
+    rows, imgs = score_prompts(trainer.adapter, eval_reward_sets(trainer), prompts, list(range(len(prompts))),
+                               sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
+                               height=trainer.height, width=trainer.width, dtype=trainer.dtype, keep_images=True)
+    x = imgs.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy()
+    found = verifier.analyse(x)
+    count = np.bincount(found["image"], minlength=len(x))
+    largest = np.zeros(len(x))
+    np.maximum.at(largest, found["image"], found["area"] / float(x.shape[1] * x.shape[2]))
+    _, details = verifier.score_images(imgs, prompts)
+    kinds: Dict[str, List[float]] = {}
+    for d in details:
+        for name, ok in d["criteria"].items():
+            kinds.setdefault(name.rstrip("0123456789").rstrip("_"), []).append(float(ok))
+    return {"rewards": rows.double(), "images": imgs[:16].cpu(),
+            "stats": {"components_per_image": float(count.mean()), "largest_component_share": float(largest.mean()),
+                      "images_with_a_component_over_30pct": float((largest > 0.3).mean()),
+                      **{f"pass/{k}": float(np.mean(v)) for k, v in sorted(kinds.items())}}}
+
+
+def compare_images(before: Dict, after: Dict, names: List[str], grid_path: Path) -> Dict:
+    """Paired per-prompt change of each reward (mean, standard error) and both sides' image statistics; saves
+    the before/after grid."""
+    import torch
+    from torchvision.utils import save_image
+
+    d = after["rewards"] - before["rewards"]
+    se = d.std(dim=0) / d.shape[0] ** 0.5
+    grid = torch.cat([before["images"], after["images"]]).float()
+    save_image(torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest"), grid_path,
+               nrow=len(before["images"]))
+    return {"paired_delta": {n: [float(d[:, j].mean()), float(se[j])] for j, n in enumerate(names)},
+            "before": before["stats"], "after": after["stats"]}
+
+
 def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, extra: List[str],
-             eval_base: bool) -> List[Dict]:
+             eval_base: bool, with_images: bool = False) -> List[Dict]:
     from diffalign.logging import read_metrics
     from trainers.common import eval_reward_names
 
@@ -79,12 +129,17 @@ def run_mode(mode: str, model: str, out: Path, epochs: int, diag_every: int, ext
         f"train.eval_every={epochs if eval_base else 0}", f"train.grad_diagnostics_every={diag_every}", *extra])
     metrics = out / mode / "metrics.jsonl"
     t0 = time.time()
+    compared = None
     try:
+        before = image_stats(trainer) if with_images else None
         trainer.train()
+        if with_images:
+            compared = compare_images(before, image_stats(trainer), eval_reward_names(trainer),
+                                      out / f"samples_{mode}.png")
     finally:
         trainer.cleanup()
     print(f"[{mode}] {epochs} epochs in {time.time() - t0:.0f} s")
-    return read_metrics(metrics), eval_reward_names(trainer), trainer.cfg
+    return read_metrics(metrics), eval_reward_names(trainer), trainer.cfg, compared
 
 
 def gradient_reproducibility(model: str, out: Path, batches: int, extra: List[str]) -> Dict[str, float]:
@@ -222,6 +277,8 @@ def main(argv=None) -> int:
     ap.add_argument("--diag-every", type=int, default=2, help="gradient-cosine diagnostics every N steps")
     ap.add_argument("--out", default=str(ROOT / "outputs" / "marble_experiment"))
     ap.add_argument("--replot", action="store_true", help="only redraw the plots from OUT/*/metrics.jsonl")
+    ap.add_argument("--image-stats", action="store_true",
+                    help="paired per-prompt reward changes and what the images became (OUT/image_stats.json)")
     ap.add_argument("--grad-noise", type=int, default=0, metavar="B",
                     help="instead of training: each reward's mean gradient cosine between B independent batches at "
                     "the base weights (how much of a per-batch gradient the QP sees is signal)")
@@ -259,8 +316,10 @@ def main(argv=None) -> int:
         return 0
     runs, results, names = {}, [], None
     base = None
+    compared = {}
     for mode in args.modes.split(","):
-        rows, names, cfg = run_mode(mode, model, out, args.epochs, args.diag_every, extra, eval_base=base is None)
+        rows, names, cfg, compared[mode] = run_mode(mode, model, out, args.epochs, args.diag_every, extra,
+                                                    eval_base=base is None, with_images=args.image_stats)
         if base is None:
             base = next(r for r in rows if any(k.startswith("eval/reward/") for k in r))
         runs[mode] = rows
@@ -272,6 +331,13 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     plots(out, runs, names, base)
     print("\n" + header + md)
+    if args.image_stats:
+        (out / "image_stats.json").write_text(json.dumps(compared, indent=2), encoding="utf-8")
+        for mode, c in compared.items():
+            print(f"{mode}: paired change per prompt " + ", ".join(
+                f"{n} {m:+.4f} +- {e:.4f}" for n, (m, e) in c["paired_delta"].items()))
+            print("  images before -> after: " + ", ".join(
+                f"{k} {c['before'][k]:.3f} -> {c['after'][k]:.3f}" for k in c["after"]))
     for r in results:
         if r["alpha_bar_final"]:
             print(f"{r['mode']}: final alpha_bar " + ", ".join(f"{k}={v:.3f}" for k, v in r["alpha_bar_final"].items()))

@@ -81,6 +81,21 @@ def test_compare_methods_table(adapter):
     assert res["best_of_n"].counter.reward_evals == 4 and res["none"].counter.reward_evals == 2
 
 
+def test_compare_methods_offsets_prompt_ids_and_takes_no_prompts(adapter):
+    """A process's share of a multi-process ``diffalign sample``: ``first_prompt_id`` gives its prompts the noise
+    they get in the whole set, and an empty share gives empty results of the right shapes."""
+    kw = dict(batch_size=1, group_size={"best_of_n": 2}, **KW)
+    whole = compare_methods(adapter, PROMPTS, strict_brightness, ["best_of_n"], {}, **kw)["best_of_n"]
+    second = compare_methods(adapter, PROMPTS[1:], strict_brightness, ["best_of_n"], {}, first_prompt_id=1,
+                             **kw)["best_of_n"]
+    assert torch.equal(second.images, whole.images[1:]) and torch.equal(second.rewards, whole.rewards[1:])
+    shifted = compare_methods(adapter, PROMPTS[1:], strict_brightness, ["best_of_n"], {}, **kw)["best_of_n"]
+    assert not torch.equal(shifted.images, whole.images[1:])  # prompt id 0's noise
+    empty = compare_methods(adapter, [], strict_brightness, ["best_of_n"], {}, **kw)["best_of_n"]
+    assert empty.images.shape == (0, 3, 32, 32) and empty.rewards.shape == (0, 1)
+    assert empty.counter.reward_evals == 0
+
+
 def _cfg(tiny_folder, out, eval_rewards=(), **guidance):
     return from_dict(RunConfig, {
         "eval_rewards": list(eval_rewards),

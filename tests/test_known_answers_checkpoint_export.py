@@ -531,6 +531,18 @@ def test_a_process_group_of_another_size_than_world_size_is_refused(monkeypatch,
     make_accelerator("cpu")  # the sizes agree
 
 
+@pytest.mark.parametrize("world_size", ["", " "])
+def test_an_empty_world_size_counts_as_one_process(monkeypatch, world_size):
+    from trainers.run import LaunchError, make_accelerator
+
+    _fake_accelerate(monkeypatch, num_processes=1)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    make_accelerator("cpu")  # before: int("") raised a ValueError
+    _fake_accelerate(monkeypatch, num_processes=2)
+    with pytest.raises(LaunchError, match="WORLD_SIZE=1 but accelerate formed a group of 2"):
+        make_accelerator("cpu")
+
+
 def test_train_main_cleans_up_after_a_failed_training(tmp_path, monkeypatch):
     import types
 

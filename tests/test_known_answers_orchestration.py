@@ -668,3 +668,29 @@ def test_a_unet_lora_is_saved_with_diffusers_keys(tmp_path):
     assert keys and all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in keys)
 
 
+
+
+def test_gather_rows_concatenates_uneven_shares_in_rank_order():
+    """``DistContext.gather_rows`` (``diffalign sample`` on several processes): ranks holding 2, 0 and 1 rows give
+    the 3 rows in rank order; the row counts travel first, then the rows padded to the largest count."""
+    shares = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(0, 2), torch.tensor([[5.0, float("nan")]])]
+    seen = []
+
+    def gather_for(rank):
+        def gather(t):
+            seen.append(tuple(t.shape))
+            if t.dtype == torch.int64:  # the counts
+                return torch.tensor([len(x) for x in shares])
+            most = t.shape[0]
+            return torch.cat([torch.cat([x, x.new_zeros(most - len(x), 2)]) for x in shares])
+        return gather
+
+    for rank in range(3):
+        seen.clear()
+        out = DistContext(rank, 3, gather_for(rank)).gather_rows(shares[rank])
+        assert torch.equal(out[:2], shares[0]) and out.shape == (3, 2) and out[2, 0] == 5 and out[2, 1].isnan()
+        assert seen == [(1,), (2, 2)]
+    alone = torch.tensor([[7.0, 8.0]])
+    assert torch.equal(DistContext().gather_rows(alone), alone)
+    empty = [torch.zeros(0, 2)] * 2
+    assert DistContext(0, 2, lambda t: torch.tensor([0, 0])).gather_rows(empty[0]).shape == (0, 2)

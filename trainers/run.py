@@ -40,7 +40,7 @@ def make_accelerator(device: str = "auto"):
         raise LaunchError(f"accelerate is configured for {kind}, which diffalign's trainers do not support yet; "
                            "launch with plain multi-process data parallel (`accelerate launch --multi_gpu ...` with "
                            "an accelerate config whose distributed_type is MULTI_GPU, or torchrun)")
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    expected = int(os.environ.get("WORLD_SIZE", "").strip() or 1)  # unset or empty: one process
     if acc.num_processes != expected:
         raise LaunchError(
             f"launched with WORLD_SIZE={expected} but accelerate formed a group of {acc.num_processes}; on CPUs "
@@ -222,74 +222,37 @@ def sample_main(cfg) -> int:
     never counted as reward evaluations), in extra columns of the table, the json (``eval_rewards``) and, for
     plain sampling, ``samples_rewards.json``: guide on one reward, check another for reward hacking.
 
-    It runs on one process: under ``accelerate launch`` / ``torchrun`` it stops before loading the model (every rank
-    would sample every prompt and write the same files).
+    Under ``accelerate launch`` / ``torchrun`` the prompts are split over the processes in whole sampling batches
+    (:func:`trainers.common.eval_shard`), each prompt keeps its noise, and the main process gathers the images
+    and rewards and writes the files: the same images and rewards as one process (a guided table's wall time is
+    the slowest process's).
     """
-    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
-    if world != "1":
-        raise LaunchError(f"diffalign sample runs on one process, and this launch has WORLD_SIZE={world}: every rank "
-                          "would sample every prompt and write the same files; run `diffalign sample ...` without "
-                          "accelerate launch / torchrun, or unset WORLD_SIZE (`diffalign eval` does split its prompts "
-                          "over processes)")
     check_reward_config(cfg)
+    from diffalign.distributed import DistContext
     from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    from trainers.common import build_run_rewards, resolve_device
+    from trainers.common import build_run_rewards, eval_shard, image_size, resolve_device
 
     built = build_run_rewards(cfg)
+    accelerator = make_accelerator(cfg.model.device)
     # the device the trainer and `diffalign eval` use (model.device=auto: the accelerator's, CUDA when present)
-    adapter = _load_eval_adapter(cfg, checkpoint, resolve_device(cfg.model.device, make_accelerator(cfg.model.device)))
+    device = resolve_device(cfg.model.device, accelerator)
+    dist = DistContext.from_accelerator(accelerator)
+    adapter = _load_eval_adapter(cfg, checkpoint, device)
+    mine, _ = eval_shard(len(prompts), cfg.sample.batch_size, dist.rank, dist.world_size)
+    h, w = image_size(adapter, cfg.sample)
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:
-        from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
-        from trainers.common import image_size
-
-        reward, judges = built
-        h, w = image_size(adapter, cfg.sample)
-        step, level = resolve_kernel(adapter.kind, guidance.step, guidance.noise_level, cfg.sample.step,
-                                     cfg.sample.noise_level)
-        methods = list(dict.fromkeys([*guidance.compare, guidance.method]))
-        results = compare_methods(
-            adapter, prompts, reward, methods, {m: method_options(m, guidance) for m in methods},
-            batch_size=cfg.sample.batch_size,
-            group_size={m: 1 if m == "none" else guidance.num_particles for m in methods},
-            seed=cfg.seed, num_steps=guidance.num_steps or cfg.sample.eval_num_steps,
-            guidance_scale=cfg.sample.guidance_scale, negative_prompt=cfg.sample.negative_prompt, height=h,
-            width=w, step=step, noise_level=level,
-        )
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        weights = [float(x) for x in reward.weights]
-        record = {"step": step, "noise_level": level, "names": reward.names, "weights": weights,
-                  "methods": {}}
-        judged = {}
-        for m, res in results.items():
-            score = res.score(weights)
-            per = res.images.shape[0] // len(prompts)
-            image_prompts = [prompts[i // per] for i in range(res.images.shape[0])]
-            caps = [f"{p} ({float(score[i]):.2f})" for i, p in enumerate(image_prompts)]
-            path = save_image_grid(res.images, caps, os.path.join(cfg.output_dir, f"samples_{m}.png"))
-            print(f"wrote {path}")
-            record["methods"][m] = {**res.counter.as_dict(), "wall_s": res.wall_s,
-                                    "mean_score": float(torch.nanmean(score)),
-                                    "reward_failures": res.failures, "rewards": res.rewards.tolist()}
-            if judges is not None:
-                judged[m] = _judge(judges, res.images, image_prompts)
-                record["methods"][m]["eval_rewards"] = {n: judged[m][:, j].tolist()
-                                                        for j, n in enumerate(judges.names)}
-        if judges is not None:
-            record["eval_names"] = judges.names
-        with open(os.path.join(cfg.output_dir, "guidance_rewards.json"), "w") as f:
-            json.dump(record, f, indent=2)
-        table = format_table(results, weights, reward.names, judged=judged,
-                             judge_names=judges.names if judges is not None else ())
-        with open(os.path.join(cfg.output_dir, "guidance_table.md"), "w") as f:
-            f.write(table + "\n")
-        print(table)
+        return _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w)
+    names, rows, images = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, keep_images=True, ids=mine)
+    if images is None:  # no prompts on this process
+        images = torch.zeros(0, 3, h, w)
+    rows, images = dist.gather_rows(rows, device), dist.gather_rows(images.float(), device)
+    if not dist.is_main:
         return 0
-    names, rows, images = _eval_rows(cfg, adapter, prompts, built, keep_images=True)  # what `diffalign eval` scores
     os.makedirs(cfg.output_dir, exist_ok=True)
     # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
     # columns come after them in rows and are marked in the json
@@ -302,9 +265,83 @@ def sample_main(cfg) -> int:
     means = {n: float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
     with open(os.path.join(cfg.output_dir, "samples_rewards.json"), "w") as f:
         json.dump({"prompts": prompts, "names": names, "eval_names": names[n_train:], "mean": means,
-                   "rewards": rows.tolist()}, f, indent=2)
+                   "rewards": rows.tolist(), "num_processes": dist.world_size}, f, indent=2)
     print(json.dumps(means, indent=2))
     return 0
+
+
+def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> int:
+    """``diffalign sample`` with reward guidance: this process samples the prompts ``mine`` (consecutive indices
+    into ``prompts``) with every method, the main process gathers and writes the grids, json and table."""
+    from diffalign.logging import save_image_grid
+    from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
+
+    guidance = cfg.guidance
+    reward, judges = built
+    step, level = resolve_kernel(adapter.kind, guidance.step, guidance.noise_level, cfg.sample.step,
+                                 cfg.sample.noise_level)
+    methods = list(dict.fromkeys([*guidance.compare, guidance.method]))
+    results = compare_methods(
+        adapter, [prompts[k] for k in mine], reward, methods, {m: method_options(m, guidance) for m in methods},
+        batch_size=cfg.sample.batch_size, group_size={m: 1 if m == "none" else guidance.num_particles for m in methods},
+        first_prompt_id=mine[0] if mine else 0, seed=cfg.seed,
+        num_steps=guidance.num_steps or cfg.sample.eval_num_steps, guidance_scale=cfg.sample.guidance_scale,
+        negative_prompt=cfg.sample.negative_prompt, height=h, width=w, step=step, noise_level=level,
+    )
+    judged = {}
+    for m, res in results.items():
+        per = res.images.shape[0] // max(len(mine), 1)  # images per prompt (select="all": one per particle)
+        if judges is not None:  # judged where the images are, before they are gathered
+            local = (_judge(judges, res.images, [prompts[mine[i // per]] for i in range(res.images.shape[0])])
+                     if mine else torch.zeros(0, len(judges.names)))
+            judged[m] = dist.gather_rows(local, device)
+        results[m] = _gathered(res, dist, device, len(prompts), reward.names)
+    if not dist.is_main:
+        return 0
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    weights = [float(x) for x in reward.weights]
+    record = {"step": step, "noise_level": level, "names": reward.names, "weights": weights,
+              "num_processes": dist.world_size, "methods": {}}
+    for m, res in results.items():
+        score = res.score(weights)
+        per = res.images.shape[0] // len(prompts)
+        image_prompts = [prompts[i // per] for i in range(res.images.shape[0])]
+        caps = [f"{p} ({float(score[i]):.2f})" for i, p in enumerate(image_prompts)]
+        path = save_image_grid(res.images, caps, os.path.join(cfg.output_dir, f"samples_{m}.png"))
+        print(f"wrote {path}")
+        record["methods"][m] = {**res.counter.as_dict(), "wall_s": res.wall_s,
+                                "mean_score": float(torch.nanmean(score)),
+                                "reward_failures": res.failures, "rewards": res.rewards.tolist()}
+        if judges is not None:
+            record["methods"][m]["eval_rewards"] = {n: judged[m][:, j].tolist() for j, n in enumerate(judges.names)}
+    if judges is not None:
+        record["eval_names"] = judges.names
+    with open(os.path.join(cfg.output_dir, "guidance_rewards.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    table = format_table(results, weights, reward.names, judged=judged,
+                         judge_names=judges.names if judges is not None else ())
+    with open(os.path.join(cfg.output_dir, "guidance_table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+def _gathered(res, dist, device, num_prompts: int, reward_names):
+    """One method's result of every process: images and rewards in prompt order, evaluation counts and reward
+    failures (per column of ``reward_names``) summed, the wall time of the slowest process."""
+    if dist.world_size == 1:
+        return res
+    from samplers.guided.common import EvalCounter
+    from samplers.guided.pipeline import MethodResult
+
+    counts = res.counter.as_dict()
+    local = [*counts.values(), *(res.failures.get(n, 0) for n in reward_names)]
+    total = dist.gather(torch.tensor([local], dtype=torch.int64, device=device)).sum(dim=0).tolist()
+    counter = EvalCounter(**dict(zip(counts, total)))
+    failures = {n: k for n, k in zip(reward_names, total[len(counts):]) if k}
+    wall = float(dist.gather(torch.tensor([res.wall_s], device=device)).max())
+    return MethodResult(res.method, dist.gather_rows(res.images.float(), device),
+                        dist.gather_rows(res.rewards, device), counter, wall, num_prompts, failures)
 
 
 def _judge(judges, images: torch.Tensor, prompts) -> torch.Tensor:

@@ -229,9 +229,14 @@ def compare_methods(
     group_size: Dict[str, int],
     method_of: Optional[Dict[str, str]] = None,
     on_result: Optional[Callable[[str, MethodResult], None]] = None,
+    first_prompt_id: int = 0,
     **sample_kwargs: Any,
 ) -> Dict[str, MethodResult]:
     """Run every method on the same prompts (in batches of ``batch_size`` prompts) and the same noise.
+
+    ``first_prompt_id`` is the index of ``prompts[0]`` in the whole prompt set (a process's share of it under
+    ``diffalign sample`` on several processes): prompt ``i`` draws the noise of prompt id ``first_prompt_id + i``.
+    No prompts give empty results (``[0, 3, height, width]`` images, ``[0, R]`` rewards).
 
     ``methods`` are row labels: ``method_of[label]`` names the guidance method of a row (default: the label
     itself), so one method can appear in several rows with other options (``scripts/bench_guidance.py``).
@@ -247,7 +252,8 @@ def compare_methods(
         failed_before = dict(getattr(reward, "total_failures", {}))
         for i in range(0, len(prompts), batch_size):
             batch = list(prompts[i:i + batch_size])
-            out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=range(i, i + len(batch)),
+            ids = range(first_prompt_id + i, first_prompt_id + i + len(batch))
+            out = guided_sample_prompts(adapter, batch, reward, method, prompt_ids=ids,
                                         group_size=group_size.get(label, 1), options=options.get(label, {}),
                                         **sample_kwargs)
             images.append(out.images.cpu())  # many rows of full-size images would fill an accelerator
@@ -255,6 +261,9 @@ def compare_methods(
             for k, v in out.counter.as_dict().items():
                 setattr(counter, k, getattr(counter, k) + v)
             wall += out.wall_s
+        if not images:  # no prompts (an empty share of a multi-process run)
+            images = [torch.zeros(0, 3, sample_kwargs["height"], sample_kwargs["width"])]
+            rows = [torch.zeros(0, len(getattr(reward, "names", [None])))]
         failures = {n: k - failed_before.get(n, 0) for n, k in getattr(reward, "total_failures", {}).items()}
         results[label] = MethodResult(method, torch.cat(images), torch.cat(rows), counter, wall, len(prompts),
                                       {n: k for n, k in failures.items() if k})
