@@ -55,21 +55,35 @@ class DistContext:
             return tensor
         return self.gather_fn(tensor.contiguous())
 
-    def gather_rows(self, tensor: torch.Tensor, device=None) -> torch.Tensor:
+    def gather_rows(self, tensor: torch.Tensor, device=None, *, chunk_rows: Optional[int] = None,
+                    main_only: bool = False) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` ``[n_r, ...]`` in rank order when the ranks hold different numbers
-        of rows (none at all included), on the CPU; the trailing dimensions and dtype must agree. Two collectives:
-        the row counts, then the rows padded to the largest count (on ``device``: NCCL needs the accelerator's)."""
+        of rows (none at all included), on the CPU; the trailing dimensions and dtype must agree.
+
+        The row counts travel first, then the rows padded to the largest count, ``chunk_rows`` at a time (so a
+        collective holds at most ``world_size x chunk_rows`` rows; default: all at once), on ``device`` (NCCL
+        needs the accelerator's). With ``main_only`` the other ranks keep nothing (an empty tensor): a large
+        result (images) lives on the main process only."""
         if self.world_size == 1 or self.gather_fn is None:
             return tensor.cpu()
         device = tensor.device if device is None else device
         counts = self.gather(torch.tensor([tensor.shape[0]], device=device)).tolist()
         most = max(counts)
-        if most == 0:
-            return tensor.cpu()
-        padded = torch.cat([tensor.to(device), tensor.new_zeros((most - tensor.shape[0], *tensor.shape[1:]),
-                                                                device=device)])
-        rows = self.gather(padded).cpu()
-        return torch.cat([rows[r * most:r * most + n] for r, n in enumerate(counts)])
+        step = max(1, most if chunk_rows is None else int(chunk_rows))
+        keep = self.is_main or not main_only
+        parts: List[torch.Tensor] = []
+        for lo in range(0, most, step):
+            hi = min(lo + step, most)
+            piece = tensor[lo:hi].to(device)
+            padded = torch.cat([piece, piece.new_zeros((hi - lo - piece.shape[0], *tensor.shape[1:]))])
+            rows = self.gather(padded)
+            if keep:
+                rows = rows.cpu()
+                parts += [(r, lo, rows[r * (hi - lo):r * (hi - lo) + max(0, min(n, hi) - lo)])
+                          for r, n in enumerate(counts)]
+        if not keep or not parts:
+            return tensor.new_zeros((0, *tensor.shape[1:]), device="cpu")
+        return torch.cat([p for _, _, p in sorted(parts, key=lambda item: (item[0], item[1]))])
 
     def barrier(self) -> None:
         if self.world_size > 1 and self.barrier_fn is not None:

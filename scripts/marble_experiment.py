@@ -29,6 +29,7 @@ Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -84,9 +85,12 @@ def image_stats(trainer) -> Dict:
     s = trainer.run.sample
     prompts = trainer.prompts.eval_prompts()
     steps, gs = eval_settings(s, trainer.cfg.eval_num_steps, trainer.cfg.eval_guidance_scale)
-    rows, imgs = score_prompts(trainer.adapter, eval_reward_sets(trainer), prompts, list(range(len(prompts))),
-                               sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
-                               height=trainer.height, width=trainer.width, dtype=trainer.dtype, keep_images=True)
+    ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()  # as evaluate_run
+    with ctx:
+        rows, imgs = score_prompts(trainer.adapter, eval_reward_sets(trainer), prompts, list(range(len(prompts))),
+                                   sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps,
+                                   guidance_scale=gs, height=trainer.height, width=trainer.width,
+                                   dtype=trainer.dtype, keep_images=True)
     x = imgs.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy()
     found = verifier.analyse(x)
     count = np.bincount(found["image"], minlength=len(x))
@@ -110,11 +114,14 @@ def compare_images(before: Dict, after: Dict, names: List[str], grid_path: Path)
     from torchvision.utils import save_image
 
     d = after["rewards"] - before["rewards"]
-    se = d.std(dim=0) / d.shape[0] ** 0.5
+    paired = {}
+    for j, n in enumerate(names):  # prompts whose reward failed (NaN) before or after are left out
+        dj = d[:, j][torch.isfinite(d[:, j])]
+        paired[n] = [float(dj.mean()), float(dj.std() / len(dj) ** 0.5) if len(dj) > 1 else float("nan")]
     grid = torch.cat([before["images"], after["images"]]).float()
     save_image(torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest"), grid_path,
                nrow=len(before["images"]))
-    return {"paired_delta": {n: [float(d[:, j].mean()), float(se[j])] for j, n in enumerate(names)},
+    return {"paired_delta": paired,
             "before": before["stats"], "after": after["stats"]}
 
 

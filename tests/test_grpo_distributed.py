@@ -266,9 +266,9 @@ def test_diffalign_eval_on_two_processes_equals_one(tmp_path):
     assert {k: v for k, v in results["two"].items() if k != "num_processes"} == one
 
 
-def _sample_on_one_and_two_processes(tmp_path, model, **overrides):
-    """``diffalign sample`` on one process (in-process) and under torchrun on 2 (the same config file); returns
-    the two output folders."""
+def _sample_on_one_and_two_processes(tmp_path, model, nproc=WORLD, **overrides):
+    """``diffalign sample`` on one process (in-process) and under torchrun on ``nproc`` (the same config file);
+    returns the two output folders."""
     from diffalign.config import save_config
     from trainers.run import sample_main
 
@@ -280,7 +280,7 @@ def _sample_on_one_and_two_processes(tmp_path, model, **overrides):
             assert sample_main(cfg) == 0
         else:
             save_config(cfg, tmp_path / "sample.yaml")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diffalign", "sample",
                    str(tmp_path / "sample.yaml")]
             proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -307,24 +307,25 @@ def test_diffalign_sample_on_two_processes_equals_one(tmp_path):
     assert (dirs["two"] / "samples.png").read_bytes() == (dirs["one"] / "samples.png").read_bytes()
 
 
-def test_guided_sample_on_two_processes_equals_one(tmp_path):
-    """``diffalign sample`` with guidance under torchrun: 3 prompts in batches of 1 (rank 0 samples 2, rank 1 one),
-    DOIT keeping every particle (``select: all``, 2 images per prompt) beside best-of-N and the unguided sampler,
-    with a judge reward. Per-image rewards, judge scores, evaluation counts and grids equal one process's (a
-    prompt keeps its noise on any rank); only the wall times differ."""
+def test_guided_sample_on_three_processes_equals_one(tmp_path):
+    """``diffalign sample`` with guidance under torchrun on 3 processes: 4 prompts in batches of 2 (ranks 0 and 1
+    sample two each, rank 2 none), DOIT keeping every particle (``select: all``, 2 images per prompt) beside
+    best-of-N and the unguided sampler, with a judge whose transform ranks within its batch (judged one sampling
+    batch at a time on any number of processes). Per-image rewards, judge scores, evaluation counts and grids
+    equal one process's (a prompt keeps its noise on any rank); only the wall times differ."""
     import json
 
     dirs = _sample_on_one_and_two_processes(
-        tmp_path, save_tiny(tmp_path), prompts={"source": "shapes", "eval_size": 3}, sample={"batch_size": 1, "num_batches_per_epoch": 4},
-        eval_rewards=[{"name": "colorfulness"}],
+        tmp_path, save_tiny(tmp_path), nproc=3, prompts={"source": "shapes", "eval_size": 4},
+        sample={"batch_size": 2}, eval_rewards=[{"name": "colorfulness", "transform": "rank"}],
         guidance={"method": "doob", "compare": ["none", "best_of_n"], "num_particles": 2, "num_candidates": 2,
                   "select": "all", "lookahead": "rollout", "keep_simulated": True})
     one, two = (json.loads((dirs[k] / "guidance_rewards.json").read_text()) for k in ("one", "two"))
-    assert one.pop("num_processes") == 1 and two.pop("num_processes") == WORLD
+    assert one.pop("num_processes") == 1 and two.pop("num_processes") == 3
     for rec in (one, two):
         for m in rec["methods"].values():
             assert m.pop("wall_s") > 0
-    assert [len(two["methods"][m]["rewards"]) for m in ("none", "best_of_n", "doob")] == [3, 3, 6]
+    assert [len(two["methods"][m]["rewards"]) for m in ("none", "best_of_n", "doob")] == [4, 4, 8]
     assert two["methods"]["doob"]["reward_evals"] > two["methods"]["best_of_n"]["reward_evals"] > 0
     assert two == one
     for m in ("none", "best_of_n", "doob"):

@@ -671,26 +671,36 @@ def test_a_unet_lora_is_saved_with_diffusers_keys(tmp_path):
 
 
 def test_gather_rows_concatenates_uneven_shares_in_rank_order():
-    """``DistContext.gather_rows`` (``diffalign sample`` on several processes): ranks holding 2, 0 and 1 rows give
-    the 3 rows in rank order; the row counts travel first, then the rows padded to the largest count."""
-    shares = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.zeros(0, 2), torch.tensor([[5.0, float("nan")]])]
-    seen = []
+    """``DistContext.gather_rows`` (``diffalign sample`` on several processes): ranks holding 3, 0 and 1 rows give
+    the 4 rows in rank order; the row counts travel first, then the rows padded to the largest count, whole or
+    ``chunk_rows`` at a time; with ``main_only`` the other ranks keep nothing."""
+    shares = [torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.zeros(0, 2),
+              torch.tensor([[7.0, float("nan")]])]
+    expected = torch.cat(shares)
 
-    def gather_for(rank):
+    def gather_for(rank, seen):
+        calls = {"n": 0}
+
         def gather(t):
             seen.append(tuple(t.shape))
             if t.dtype == torch.int64:  # the counts
                 return torch.tensor([len(x) for x in shares])
-            most = t.shape[0]
-            return torch.cat([torch.cat([x, x.new_zeros(most - len(x), 2)]) for x in shares])
+            lo = calls["n"] * (seen[1][0] if len(seen) > 1 else 0)  # chunks are taken in order
+            calls["n"] += 1
+            pieces = [x[lo:lo + t.shape[0]] for x in shares]
+            return torch.cat([torch.cat([p, p.new_zeros(t.shape[0] - len(p), 2)]) for p in pieces])
         return gather
 
-    for rank in range(3):
-        seen.clear()
-        out = DistContext(rank, 3, gather_for(rank)).gather_rows(shares[rank])
-        assert torch.equal(out[:2], shares[0]) and out.shape == (3, 2) and out[2, 0] == 5 and out[2, 1].isnan()
-        assert seen == [(1,), (2, 2)]
+    for chunk, shapes in ((None, [(1,), (3, 2)]), (2, [(1,), (2, 2), (1, 2)])):
+        for rank in range(3):
+            seen = []
+            out = DistContext(rank, 3, gather_for(rank, seen)).gather_rows(shares[rank], chunk_rows=chunk)
+            assert torch.equal(out[:, 0], expected[:, 0]) and out.shape == (4, 2) and out[3, 1].isnan()
+            assert torch.equal(out[:3], expected[:3]) and seen == shapes
+            seen = []
+            kept = DistContext(rank, 3, gather_for(rank, seen)).gather_rows(shares[rank], chunk_rows=chunk,
+                                                                            main_only=True)
+            assert kept.shape == ((4, 2) if rank == 0 else (0, 2)) and seen == shapes  # the same collectives
     alone = torch.tensor([[7.0, 8.0]])
     assert torch.equal(DistContext().gather_rows(alone), alone)
-    empty = [torch.zeros(0, 2)] * 2
-    assert DistContext(0, 2, lambda t: torch.tensor([0, 0])).gather_rows(empty[0]).shape == (0, 2)
+    assert DistContext(0, 2, lambda t: torch.tensor([0, 0])).gather_rows(torch.zeros(0, 2)).shape == (0, 2)

@@ -26,3 +26,34 @@ def test_grad_noise_harness_on_a_tiny_model(tmp_path):
     for line in lines:
         cos, se = (float(x) for x in line.split(":")[1].split("+-"))
         assert -1.0 <= cos <= 1.0 and math.isfinite(se)
+
+
+def test_image_stats_pair_the_trainers_own_evaluations(tmp_path):
+    """``--image-stats`` samples the evaluation prompts as the trainer's evaluation does: the paired per-prompt
+    change of each reward averages to the change between the run's logged base and final evaluations, and the
+    image statistics and before/after grid are written."""
+    import json
+
+    from diffalign.logging import read_metrics
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "marble_experiment.py"
+    spec = importlib.util.spec_from_file_location("marble_experiment", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--tiny", "--epochs", "2", "--modes", "weighted_sum", "--image-stats", "--out",
+                        str(tmp_path), "train.learning_rate=0.05"]) == 0
+    stats = json.loads((tmp_path / "image_stats.json").read_text())["weighted_sum"]
+    evals = [r for r in read_metrics(tmp_path / "weighted_sum" / "metrics.jsonl")
+             if "eval/reward/jpeg_compressibility" in r]
+    assert len(evals) == 2  # the base and the end
+    moved = False
+    for name, (mean, se) in stats["paired_delta"].items():
+        logged = evals[-1][f"eval/reward/{name}"] - evals[0][f"eval/reward/{name}"]
+        assert math.isclose(mean, logged, rel_tol=1e-5, abs_tol=1e-6), (name, mean, logged)
+        assert math.isfinite(se) and se >= 0
+        moved |= abs(logged) > 1e-6
+    assert moved  # the learning rate moved the model, so the pairing is tested on a real change
+    for side in ("before", "after"):
+        assert stats[side]["components_per_image"] >= 0 and 0 <= stats[side]["largest_component_share"] <= 1
+        assert {"pass/object", "pass/count", "pass/no_extra"} <= stats[side].keys()
+    assert (tmp_path / "samples_weighted_sum.png").stat().st_size > 0

@@ -279,7 +279,7 @@ def test_sample_loads_the_model_on_the_device_eval_and_the_trainer_use(tmp_path,
         seen.append((name, accelerator))
         raise KeyboardInterrupt  # stop before the model loads
 
-    monkeypatch.setattr(run, "make_accelerator", lambda device: sentinel)
+    monkeypatch.setattr(run, "make_accelerator", lambda device, collective_timeout=None: sentinel)
     monkeypatch.setattr(common, "resolve_device", resolve)
     cfg = run_config(str(tmp_path / "no-such-model"), tmp_path / "run", checkpoint={"resume_from": None})
     with pytest.raises(KeyboardInterrupt):

@@ -6,7 +6,8 @@ import json
 import math
 import os
 import sys
-from typing import Dict
+from datetime import timedelta
+from typing import Dict, Optional
 
 import torch
 
@@ -23,16 +24,28 @@ class LaunchError(UserError, RuntimeError):
     """A launch the trainers cannot run correctly (wrong process group, unsupported sharding backend)."""
 
 
-def make_accelerator(device: str = "auto"):
+#: How long a rank of ``diffalign sample`` / ``eval`` may wait in a collective for the others: the prompts are
+#: split in whole batches, so the last ranks can have less (or nothing) to sample and wait for the first ones
+#: through a whole guided sampling run, far beyond NCCL's default of 10 minutes.
+SAMPLING_COLLECTIVE_TIMEOUT = timedelta(hours=24)
+
+
+def make_accelerator(device: str = "auto", collective_timeout: Optional[timedelta] = None):
     """An ``accelerate.Accelerator`` on the right device, with a world-size sanity check.
 
     On a machine without CUDA (or with ``model.device=cpu``) the accelerator is built with ``cpu=True``;
     without it, ``accelerate launch --multi_gpu`` on CPUs silently runs independent single-process jobs.
+    ``collective_timeout``: the process group's timeout (default: torch's).
     """
     from accelerate import Accelerator
 
     cpu = device == "cpu" or not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu, mixed_precision="no")
+    extra = {}
+    if collective_timeout is not None:
+        from accelerate.utils import InitProcessGroupKwargs
+
+        extra["kwargs_handlers"] = [InitProcessGroupKwargs(timeout=collective_timeout)]
+    acc = Accelerator(cpu=cpu, mixed_precision="no", **extra)
     kind = str(acc.distributed_type).rsplit(".", 1)[-1]
     if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
         # the trainers keep a full model per process and average gradients themselves (DDP-style); a sharding
@@ -111,6 +124,7 @@ def train_main(cfg) -> int:
             result = trainer.train()
     finally:
         trainer.cleanup()
+    _finish(accelerator)  # every rank got here: training ended (or stopped) on all of them
     stopped_by = getattr(trainer, "stopped_by", None)
     if stopped_by:
         if accelerator.is_main_process and getattr(trainer, "saved_any", True):
@@ -183,7 +197,7 @@ def eval_main(cfg) -> int:
     from trainers.common import build_run_rewards, eval_shard, gather_eval_rows, resolve_device
 
     built = build_run_rewards(cfg)
-    accelerator = make_accelerator(cfg.model.device)
+    accelerator = make_accelerator(cfg.model.device, SAMPLING_COLLECTIVE_TIMEOUT)
     dist = DistContext.from_accelerator(accelerator)
     device = resolve_device(cfg.model.device, accelerator)
     adapter = _load_eval_adapter(cfg, checkpoint, device)
@@ -191,17 +205,28 @@ def eval_main(cfg) -> int:
     # a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, ids=mine)
     rows = gather_eval_rows(rows, per, dist, device)
-    if not dist.is_main:
-        return 0
+    if dist.is_main:
+        _write_eval(cfg, checkpoint, prompts, names, rows, dist.world_size)
+    _finish(accelerator)
+    return 0
+
+
+def _finish(accelerator) -> None:
+    """End a multi-process command on every rank together: wait for the main process's files, then take the
+    process group down (a gloo process that exits with its group alive can abort at exit)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def _write_eval(cfg, checkpoint, prompts, names, rows, world_size: int) -> None:
     means = (float(torch.nanmean(rows[:, j])) for j in range(len(names)))
     # a column with no finite value is null (strict JSON, as in metrics.jsonl)
     finite = {f"eval/reward/{n}": (m if math.isfinite(m) else None) for n, m in zip(names, means)}
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": dist.world_size, **finite},
+        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": world_size, **finite},
                   f, indent=2)
     print(json.dumps(finite, indent=2))
-    return 0
 
 
 def sample_main(cfg) -> int:
@@ -229,7 +254,6 @@ def sample_main(cfg) -> int:
     """
     check_reward_config(cfg)
     from diffalign.distributed import DistContext
-    from diffalign.logging import save_image_grid
     from diffalign.prompts import build_prompt_source
 
     checkpoint = cfg.checkpoint.resume_from
@@ -237,7 +261,7 @@ def sample_main(cfg) -> int:
     from trainers.common import build_run_rewards, eval_shard, image_size, resolve_device
 
     built = build_run_rewards(cfg)
-    accelerator = make_accelerator(cfg.model.device)
+    accelerator = make_accelerator(cfg.model.device, SAMPLING_COLLECTIVE_TIMEOUT)
     # the device the trainer and `diffalign eval` use (model.device=auto: the accelerator's, CUDA when present)
     device = resolve_device(cfg.model.device, accelerator)
     dist = DistContext.from_accelerator(accelerator)
@@ -246,13 +270,31 @@ def sample_main(cfg) -> int:
     h, w = image_size(adapter, cfg.sample)
     guidance = cfg.guidance
     if guidance.method != "none" or guidance.compare:
-        return _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w)
+        _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w)
+    else:
+        _plain_samples(cfg, adapter, prompts, mine, built, dist, device, h, w)
+    _finish(accelerator)
+    return 0
+
+
+def _as_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the 8-bit values an image grid stores (4x smaller to gather; ``/ 255`` gives back
+    floats that :func:`diffalign.logging.save_image_grid` turns into the same bytes)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _plain_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> None:
+    """``diffalign sample`` without guidance: this process samples and scores the prompts ``mine`` as the
+    trainer's evaluation does; the main process gathers them and writes the grid and the rewards."""
+    from diffalign.logging import save_image_grid
+
     names, rows, images = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, keep_images=True, ids=mine)
-    if images is None:  # no prompts on this process
-        images = torch.zeros(0, 3, h, w)
-    rows, images = dist.gather_rows(rows, device), dist.gather_rows(images.float(), device)
+    images = _as_uint8(images if images is not None else torch.zeros(0, 3, h, w))  # None: no prompts here
+    rows = dist.gather_rows(rows, device)
+    images = dist.gather_rows(images, device, chunk_rows=cfg.sample.batch_size, main_only=True)
     if not dist.is_main:
-        return 0
+        return
+    images = images.float() / 255
     os.makedirs(cfg.output_dir, exist_ok=True)
     # captions: the training columns' weighted sum (the first column alone when there is one); eval_rewards
     # columns come after them in rows and are marked in the json
@@ -267,10 +309,9 @@ def sample_main(cfg) -> int:
         json.dump({"prompts": prompts, "names": names, "eval_names": names[n_train:], "mean": means,
                    "rewards": rows.tolist(), "num_processes": dist.world_size}, f, indent=2)
     print(json.dumps(means, indent=2))
-    return 0
 
 
-def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> int:
+def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> None:
     """``diffalign sample`` with reward guidance: this process samples the prompts ``mine`` (consecutive indices
     into ``prompts``) with every method, the main process gathers and writes the grids, json and table."""
     from diffalign.logging import save_image_grid
@@ -290,14 +331,20 @@ def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> i
     )
     judged = {}
     for m, res in results.items():
-        per = res.images.shape[0] // max(len(mine), 1)  # images per prompt (select="all": one per particle)
-        if judges is not None:  # judged where the images are, before they are gathered
-            local = (_judge(judges, res.images, [prompts[mine[i // per]] for i in range(res.images.shape[0])])
-                     if mine else torch.zeros(0, len(judges.names)))
-            judged[m] = dist.gather_rows(local, device)
-        results[m] = _gathered(res, dist, device, len(prompts), reward.names)
+        # images per prompt (select="all": one per particle), from a process that has prompts: every process must
+        # gather in chunks of the same size
+        per = int(dist.gather(torch.tensor([res.images.shape[0] // max(len(mine), 1)], device=device)).max())
+        chunk = cfg.sample.batch_size * per  # one sampling batch's images
+        if judges is not None:
+            # judged where the images are, one sampling batch at a time (on any number of processes the same
+            # calls: a judge that ranks or whitens within its batch sees the same batches)
+            image_prompts = [prompts[mine[i // per]] for i in range(res.images.shape[0])]
+            local = [_judge(judges, res.images[i:i + chunk], image_prompts[i:i + chunk])
+                     for i in range(0, res.images.shape[0], chunk)]
+            judged[m] = dist.gather_rows(torch.cat(local) if local else torch.zeros(0, len(judges.names)), device)
+        results[m] = _gathered(res, dist, device, len(prompts), reward.names, chunk)
     if not dist.is_main:
-        return 0
+        return
     os.makedirs(cfg.output_dir, exist_ok=True)
     weights = [float(x) for x in reward.weights]
     record = {"step": step, "noise_level": level, "names": reward.names, "weights": weights,
@@ -323,14 +370,12 @@ def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> i
     with open(os.path.join(cfg.output_dir, "guidance_table.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    return 0
 
 
-def _gathered(res, dist, device, num_prompts: int, reward_names):
-    """One method's result of every process: images and rewards in prompt order, evaluation counts and reward
-    failures (per column of ``reward_names``) summed, the wall time of the slowest process."""
-    if dist.world_size == 1:
-        return res
+def _gathered(res, dist, device, num_prompts: int, reward_names, chunk_rows: int):
+    """One method's result of every process, on the main process: images (as 8-bit values, ``chunk_rows`` at a
+    time) and rewards in prompt order, evaluation counts and reward failures (per column of ``reward_names``)
+    summed, the wall time of the slowest process. The other processes get counts and rewards, no images."""
     from samplers.guided.common import EvalCounter
     from samplers.guided.pipeline import MethodResult
 
@@ -339,9 +384,10 @@ def _gathered(res, dist, device, num_prompts: int, reward_names):
     total = dist.gather(torch.tensor([local], dtype=torch.int64, device=device)).sum(dim=0).tolist()
     counter = EvalCounter(**dict(zip(counts, total)))
     failures = {n: k for n, k in zip(reward_names, total[len(counts):]) if k}
-    wall = float(dist.gather(torch.tensor([res.wall_s], device=device)).max())
-    return MethodResult(res.method, dist.gather_rows(res.images.float(), device),
-                        dist.gather_rows(res.rewards, device), counter, wall, num_prompts, failures)
+    wall = float(dist.gather(torch.tensor([res.wall_s], dtype=torch.float64, device=device)).max())
+    images = dist.gather_rows(_as_uint8(res.images), device, chunk_rows=chunk_rows, main_only=True)
+    return MethodResult(res.method, images.float() / 255, dist.gather_rows(res.rewards, device), counter, wall,
+                        num_prompts, failures)
 
 
 def _judge(judges, images: torch.Tensor, prompts) -> torch.Tensor:
