@@ -233,6 +233,15 @@ def test_two_cpu_processes_under_accelerate_launch(tmp_path):
     _check(records, trainer1, rec1)
 
 
+def _torchrun_diffalign(command: str, config: Path, nproc: int = WORLD) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node NPROC -m diffalign COMMAND CONFIG`` on a localhost rendezvous; asserts success."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diffalign", command, str(config)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_diffalign_eval_on_two_processes_equals_one(tmp_path):
     """``diffalign eval`` under torchrun splits the evaluation prompts over the ranks in whole sampling batches (7
     prompts in batches of 2: rank 0 samples 4, rank 1 the other 3) and gathers the rewards; the main process
@@ -252,12 +261,7 @@ def test_diffalign_eval_on_two_processes_equals_one(tmp_path):
             assert eval_main(cfg) == 0
         else:
             save_config(cfg, tmp_path / "eval.yaml")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diffalign", "eval",
-                   str(tmp_path / "eval.yaml")]
-            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                                  timeout=LAUNCH_TIMEOUT_S)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            proc = _torchrun_diffalign("eval", tmp_path / "eval.yaml")
             assert proc.stdout.count('"eval/reward/jpeg_compressibility"') == 1  # printed by the main process only
         results[name] = json.loads((tmp_path / name / "eval.json").read_text())
     assert results["one"]["num_processes"] == 1 and results["two"]["num_processes"] == WORLD
@@ -280,12 +284,7 @@ def _sample_on_one_and_two_processes(tmp_path, model, nproc=WORLD, **overrides):
             assert sample_main(cfg) == 0
         else:
             save_config(cfg, tmp_path / "sample.yaml")
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "diffalign", "sample",
-                   str(tmp_path / "sample.yaml")]
-            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                                  timeout=LAUNCH_TIMEOUT_S)
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            proc = _torchrun_diffalign("sample", tmp_path / "sample.yaml", nproc)
             assert proc.stdout.count("wrote ") == proc.stdout.count(".png")  # only the main process writes
         dirs[name] = tmp_path / name
     return dirs
