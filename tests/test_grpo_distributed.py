@@ -329,3 +329,29 @@ def test_guided_sample_on_three_processes_equals_one(tmp_path):
     assert two == one
     for m in ("none", "best_of_n", "doob"):
         assert (dirs["two"] / f"samples_{m}.png").read_bytes() == (dirs["one"] / f"samples_{m}.png").read_bytes()
+
+
+def test_commands_run_one_after_another_in_a_launched_process(tmp_path):
+    """A Python caller under torchrun may run ``eval_main``, ``sample_main`` and ``eval_main`` in one process: the
+    commands share the first one's process group, which ``_finish`` ends only at exit (ending it after each command
+    failed the next one's first collective, and a new group cannot be formed on the same rendezvous)."""
+    from diffalign.config import save_config
+
+    model = save_tiny(tmp_path)
+    cfg = run_config(model, tmp_path / "run", model={"path": model, "device": "cpu"}, sample={"batch_size": 2},
+                     prompts={"source": "shapes", "eval_size": 3}, checkpoint={"every": 0, "resume_from": None})
+    save_config(cfg, tmp_path / "run.yaml")
+    script = tmp_path / "three.py"
+    script.write_text(
+        "import sys\n"
+        "from diffalign.config import RunConfig, load_config\n"
+        "from trainers.run import eval_main, sample_main\n"
+        f"cfg = load_config(RunConfig, {str(tmp_path / 'run.yaml')!r})\n"
+        "print('done', eval_main(cfg), sample_main(cfg), eval_main(cfg), flush=True)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
+    env = _env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout's package
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("done 0 0 0") == WORLD

@@ -212,10 +212,25 @@ def eval_main(cfg) -> int:
 
 
 def _finish(accelerator) -> None:
-    """End a multi-process command on every rank together: wait for the main process's files, then take the
-    process group down (a gloo process that exits with its group alive can abort at exit)."""
+    """End a command on every rank together (after the main process's files are written), and take the process
+    group down when this process exits: a gloo process that exits with its group alive can abort at exit
+    ("terminate called without an active exception"). Not at the end of the command: re-creating a group in
+    the same launched process fails (the rendezvous store still holds the old group's addresses), so a caller
+    that runs several commands in one process reuses the first one's group."""
+    import atexit
+
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if str(accelerator.distributed_type).rsplit(".", 1)[-1] != "NO" and not _finish.registered:
+        atexit.register(_end_process_group)
+        _finish.registered = True
+
+
+_finish.registered = False
+
+
+def _end_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _write_eval(cfg, checkpoint, prompts, names, rows, world_size: int) -> None:
