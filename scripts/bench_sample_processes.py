@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="threads per process")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # the overrides may follow the options (after --)
     if args.processes < 2:
         raise SystemExit(f"--processes must be at least 2 (the baseline is one process), got {args.processes}")
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_sample_"))
@@ -92,6 +92,9 @@ def main(argv=None) -> int:
                    f"--nproc_per_node={args.processes}", "--master_addr", "127.0.0.1", "--master_port",
                    str(_free_port()), "-m", "diffalign", "sample", *base, f"output_dir={out / 'many'}"],
                   args.threads)
+    for side in ("one", "many"):
+        if not (out / side).is_dir():
+            raise SystemExit(f"the {side} run wrote no files to {out / side} (check the command's overrides)")
     diff = differences(out / "one", out / "many")
     print(f"one process: {t_one:.1f} s; {args.processes} processes: {t_many:.1f} s; "
           f"speed-up {t_one / t_many:.2f}x ({args.threads} thread(s) per process)")

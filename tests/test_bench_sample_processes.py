@@ -42,12 +42,14 @@ def test_one_and_two_processes_write_the_same_files(tmp_path, capsys):
 
     model = save_tiny(tmp_path)
     cfg = run_config(model, tmp_path / "unused", model={"path": model, "device": "cpu"},
-                     prompts={"source": "shapes", "eval_size": 3}, sample={"batch_size": 1, "num_batches_per_epoch": 4},
+                     prompts={"source": "shapes", "eval_size": 5}, sample={"batch_size": 1, "num_batches_per_epoch": 4},
                      checkpoint={"every": 0, "resume_from": None})
     save_config(cfg, tmp_path / "sample.yaml")
     out = tmp_path / "bench"
-    assert _script().main([str(tmp_path / "sample.yaml"), "--out", str(out)]) == 0
+    # overrides after the options, as the docstring's command gives them
+    assert _script().main([str(tmp_path / "sample.yaml"), "--out", str(out), "--", "prompts.eval_size=3"]) == 0
     text = capsys.readouterr().out
     assert "speed-up" in text and "outputs: the same images and records" in text
     assert (out / "many" / "samples.png").read_bytes() == (out / "one" / "samples.png").read_bytes()
-    assert json.loads((out / "many" / "samples_rewards.json").read_text())["num_processes"] == 2
+    record = json.loads((out / "many" / "samples_rewards.json").read_text())
+    assert record["num_processes"] == 2 and len(record["rewards"]) == 3  # the override reached both runs
