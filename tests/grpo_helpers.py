@@ -7,6 +7,17 @@ from pathlib import Path
 from diffalign.config import RunConfig, from_dict
 
 
+def load_script(name: str):
+    """``scripts/NAME.py`` imported as a module (the scripts are not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def save_tiny(tmp: Path, kind: str = "sd3") -> str:
     from diffalign.testing.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
 

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from grpo_helpers import run_config, save_tiny
+from grpo_helpers import load_script, run_config, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_sample_processes.py"
-    spec = importlib.util.spec_from_file_location("bench_sample_processes", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_differences_ignore_only_the_fields_that_must_differ(tmp_path):
-    script = _script()
+    script = load_script("bench_sample_processes")
     one, many = tmp_path / "one", tmp_path / "many"
     for d, procs, wall in ((one, 1, 3.0), (many, 2, 1.5)):
         d.mkdir()
@@ -47,7 +37,8 @@ def test_one_and_two_processes_write_the_same_files(tmp_path, capsys):
     save_config(cfg, tmp_path / "sample.yaml")
     out = tmp_path / "bench"
     # overrides after the options, as the docstring's command gives them
-    assert _script().main([str(tmp_path / "sample.yaml"), "--out", str(out), "--", "prompts.eval_size=3"]) == 0
+    bench = load_script("bench_sample_processes")
+    assert bench.main([str(tmp_path / "sample.yaml"), "--out", str(out), "--", "prompts.eval_size=3"]) == 0
     text = capsys.readouterr().out
     assert "speed-up" in text and "outputs: the same images and records" in text
     assert (out / "many" / "samples.png").read_bytes() == (out / "one" / "samples.png").read_bytes()

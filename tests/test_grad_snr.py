@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from grpo_helpers import run_config, save_tiny
+from grpo_helpers import load_script, run_config, save_tiny
 
 from diffalign.config import save_config
 
 
 def _script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "grad_snr.py"
-    spec = importlib.util.spec_from_file_location("grad_snr", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("grad_snr")
 
 
 def test_jackknife_cosine_recovers_a_known_signal_share():

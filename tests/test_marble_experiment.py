@@ -6,20 +6,16 @@ Its gradient recorder replaces ``RewardGradients.harmonize_into_grad``; when tha
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
+from grpo_helpers import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_grad_noise_harness_on_a_tiny_model(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "scripts" / "marble_experiment.py"
-    spec = importlib.util.spec_from_file_location("marble_experiment", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("marble_experiment")
     assert script.main(["--tiny", "--grad-noise", "3", "--out", str(tmp_path)]) == 0
     lines = [ln for ln in (tmp_path / "grad_noise.txt").read_text().splitlines() if ln.startswith("  ")]
     assert len(lines) == 3  # the experiment's three rewards
@@ -36,10 +32,7 @@ def test_image_stats_pair_the_trainers_own_evaluations(tmp_path):
 
     from diffalign.logging import read_metrics
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "marble_experiment.py"
-    spec = importlib.util.spec_from_file_location("marble_experiment", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("marble_experiment")
     assert script.main(["--tiny", "--epochs", "2", "--modes", "weighted_sum", "--image-stats", "--out",
                         str(tmp_path), "train.learning_rate=0.05"]) == 0
     stats = json.loads((tmp_path / "image_stats.json").read_text())["weighted_sum"]
