@@ -908,8 +908,8 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
                   num_steps: int, guidance_scale: float, height: int, width: int, dtype: torch.dtype,
                   keep_images: bool = False) -> tuple:
     """Sample ``prompts`` with the deterministic sampler in batches of ``sample_cfg.batch_size`` and score them:
-    ``(rewards [N, R], images [N, 3, H, W] or None)``. ``ids`` are the prompts' global indices, which seed each
-    prompt's initial noise, so a prompt gets the same image however the prompts are split into batches or
+    ``(rewards [N, R], images [N, 3, H, W] on the CPU, or None)``. ``ids`` are the prompts' global indices, which
+    seed each prompt's initial noise, so a prompt gets the same image however the prompts are split into batches or
     ranks. The one sampling path of the trainers' evaluation and of ``diffalign eval`` / ``sample``.
     ``rewards`` is a MultiReward or a list of them, whose columns are concatenated in order."""
     from samplers.steps import DETERMINISTIC_STEP
@@ -925,7 +925,7 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
             step=DETERMINISTIC_STEP[adapter.kind], noise_level=0.0, dtype=dtype)
         rows.append(_score_columns(reward_sets, imgs, batch))
         if keep_images:
-            images.append(imgs)
+            images.append(imgs.cpu())  # a whole prompt set of full-size images would fill an accelerator
     out = torch.cat(rows) if rows else torch.zeros(0, sum(len(r.names) for r in reward_sets))
     return out, (torch.cat(images) if keep_images and images else None)
 
