@@ -71,19 +71,18 @@ class DistContext:
         most = max(counts)
         step = max(1, most if chunk_rows is None else int(chunk_rows))
         keep = self.is_main or not main_only
-        parts: List[torch.Tensor] = []
+        per_rank: List[List[torch.Tensor]] = [[] for _ in counts]  # each rank's rows, chunk by chunk
         for lo in range(0, most, step):
-            hi = min(lo + step, most)
-            piece = tensor[lo:hi].to(device)
-            padded = torch.cat([piece, piece.new_zeros((hi - lo - piece.shape[0], *tensor.shape[1:]))])
-            rows = self.gather(padded)
+            width = min(step, most - lo)
+            piece = tensor[lo:lo + width].to(device)
+            rows = self.gather(torch.cat([piece, piece.new_zeros((width - piece.shape[0], *tensor.shape[1:]))]))
             if keep:
                 rows = rows.cpu()
-                parts += [(r, lo, rows[r * (hi - lo):r * (hi - lo) + max(0, min(n, hi) - lo)])
-                          for r, n in enumerate(counts)]
-        if not keep or not parts:
+                for r, n in enumerate(counts):
+                    per_rank[r].append(rows[r * width:r * width + max(0, min(n - lo, width))])
+        if not keep or most == 0:
             return tensor.new_zeros((0, *tensor.shape[1:]), device="cpu")
-        return torch.cat([p for _, _, p in sorted(parts, key=lambda item: (item[0], item[1]))])
+        return torch.cat([rows for chunks in per_rank for rows in chunks])
 
     def barrier(self) -> None:
         if self.world_size > 1 and self.barrier_fn is not None:

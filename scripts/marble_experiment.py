@@ -29,7 +29,6 @@ Writes ``OUT/table.md``, ``OUT/results.json``, ``OUT/eval_rewards.png``, ``OUT/t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -80,17 +79,10 @@ def image_stats(trainer) -> Dict:
     16 ``images``, and what the verifier sees in them (:func:`diffalign.shapes.verifier.analyse`): components
     per image, the largest component's share of the image, and the pass rate of each criterion kind."""
     from diffalign.shapes import verifier
-    from trainers.common import eval_reward_sets, eval_seed, eval_settings, score_prompts
+    from trainers.common import sample_eval_prompts
 
-    s = trainer.run.sample
     prompts = trainer.prompts.eval_prompts()
-    steps, gs = eval_settings(s, trainer.cfg.eval_num_steps, trainer.cfg.eval_guidance_scale)
-    ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()  # as evaluate_run
-    with ctx:
-        rows, imgs = score_prompts(trainer.adapter, eval_reward_sets(trainer), prompts, list(range(len(prompts))),
-                                   sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps,
-                                   guidance_scale=gs, height=trainer.height, width=trainer.width,
-                                   dtype=trainer.dtype, keep_images=True)
+    rows, imgs = sample_eval_prompts(trainer, range(len(prompts)), keep_images=True)
     x = imgs.permute(0, 2, 3, 1).float().clamp(0, 1).cpu().numpy()
     found = verifier.analyse(x)
     count = np.bincount(found["image"], minlength=len(x))

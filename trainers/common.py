@@ -953,22 +953,34 @@ def gather_eval_rows(local: torch.Tensor, per: int, dist, device) -> torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_run(trainer) -> Dict[str, float]:
-    """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), deterministic sampler, the
-    trainer's current weights or their EMA; prompts are split over ranks and the rewards gathered.
+def sample_eval_prompts(trainer, indices: Sequence[int], keep_images: bool = False) -> tuple:
+    """The evaluation prompts ``indices`` sampled and scored as the trainer's evaluation does it (deterministic
+    sampler, ``eval_num_steps`` / ``eval_guidance_scale``, the evaluation noise, the EMA weights when the run keeps
+    them): :func:`score_prompts`' ``(rows [n, R], images or None)`` on this process.
 
-    Uses the trainer's ``run``, ``cfg`` (``eval_guidance_scale``, ``eval_num_steps``), ``dist``, ``device``,
-    ``dtype``, ``adapter``, ``ema``, ``prompts``, ``rewards``, ``eval_only_rewards`` (``run.eval_rewards``, columns
-    after the training ones, or None), ``height`` and ``width``."""
-    s, cfg, dist = trainer.run.sample, trainer.cfg, trainer.dist
+    Uses the trainer's ``run``, ``cfg`` (``eval_guidance_scale``, ``eval_num_steps``), ``dtype``, ``adapter``,
+    ``ema``, ``prompts``, ``rewards``, ``eval_only_rewards`` (``run.eval_rewards``, columns after the training
+    ones, or None), ``height`` and ``width``."""
+    s, cfg = trainer.run.sample, trainer.cfg
     prompts = trainer.prompts.eval_prompts()
-    mine, per = eval_shard(len(prompts), s.batch_size, dist.rank, dist.world_size)
     steps, gs = eval_settings(s, cfg.eval_num_steps, cfg.eval_guidance_scale)
     ctx = trainer.ema.swapped_in() if trainer.ema is not None else contextlib.nullcontext()
     with ctx:
-        local, _ = score_prompts(trainer.adapter, eval_reward_sets(trainer), [prompts[k] for k in mine], mine,
-                                 sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps, guidance_scale=gs,
-                                 height=trainer.height, width=trainer.width, dtype=trainer.dtype)
+        return score_prompts(trainer.adapter, eval_reward_sets(trainer), [prompts[k] for k in indices],
+                             list(indices), sample_cfg=s, seed=eval_seed(trainer.run.seed), num_steps=steps,
+                             guidance_scale=gs, height=trainer.height, width=trainer.width, dtype=trainer.dtype,
+                             keep_images=keep_images)
+
+
+@torch.no_grad()
+def evaluate_run(trainer) -> Dict[str, float]:
+    """Mean reward per column on the fixed eval prompts (``eval/reward/NAME``), sampled by
+    :func:`sample_eval_prompts` (deterministic sampler, the trainer's current weights or their EMA); prompts are
+    split over ranks (``dist``) and the rewards gathered (on ``device``)."""
+    dist = trainer.dist
+    mine, per = eval_shard(len(trainer.prompts.eval_prompts()), trainer.run.sample.batch_size, dist.rank,
+                           dist.world_size)
+    local, _ = sample_eval_prompts(trainer, mine)
     allr = gather_eval_rows(local, per, dist, trainer.device)
     names = eval_reward_names(trainer)
     return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}

@@ -220,12 +220,9 @@ def _finish(accelerator) -> None:
     import atexit
 
     accelerator.wait_for_everyone()
-    if str(accelerator.distributed_type).rsplit(".", 1)[-1] != "NO" and not _finish.registered:
+    if str(accelerator.distributed_type).rsplit(".", 1)[-1] != "NO":
+        atexit.unregister(_end_process_group)  # once per process, however many commands it runs
         atexit.register(_end_process_group)
-        _finish.registered = True
-
-
-_finish.registered = False
 
 
 def _end_process_group() -> None:
