@@ -343,15 +343,17 @@ def test_commands_run_one_after_another_in_a_launched_process(tmp_path):
     save_config(cfg, tmp_path / "run.yaml")
     script = tmp_path / "three.py"
     script.write_text(
-        "import sys\n"
+        "import os, pathlib\n"
         "from diffalign.config import RunConfig, load_config\n"
         "from trainers.run import eval_main, sample_main\n"
         f"cfg = load_config(RunConfig, {str(tmp_path / 'run.yaml')!r})\n"
-        "print('done', eval_main(cfg), sample_main(cfg), eval_main(cfg), flush=True)\n")
+        "codes = (eval_main(cfg), sample_main(cfg), eval_main(cfg))\n"
+        # one file per rank: the ranks' stdout lines interleave
+        f"pathlib.Path({str(tmp_path)!r}, 'done-' + os.environ['RANK']).write_text('done %d %d %d' % codes)\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={WORLD}",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)]
     env = _env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout's package
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("done 0 0 0") == WORLD
+    assert [(tmp_path / f"done-{r}").read_text() for r in range(WORLD)] == ["done 0 0 0"] * WORLD
