@@ -320,7 +320,10 @@ def harmonize(
     """MARBLE's full harmonisation of ``grads`` ``[K, D]`` (seed_algorithms.md §6.2 steps 3-5).
 
     ``normalize``: solve on unit gradients (the ablation without it fails, MARBLE Table 3); ``rescale``:
-    multiply the min-norm point by the mean gradient norm (of the rewards in the QP). Rewards whose gradient norm
+    multiply the min-norm point of the unit gradients by the mean gradient norm (of the rewards in the QP), which
+    restores the gradients' scale. Without ``normalize`` the direction is the min-norm point of the raw gradients
+    (MGDA), already at their scale, and ``rescale`` does nothing (before, it multiplied that point by the mean
+    norm again, so the step grew with the square of the gradients). Rewards whose gradient norm
     is ``<= eps`` (no signal in this batch) are left out of the QP with ``alpha_k = 0`` and out of that mean;
     otherwise one zero gradient would make the min-norm point 0 and stop training.
     """
@@ -341,7 +344,7 @@ def harmonize(
     solve = time.perf_counter() - t0
     weights = alpha / scale
     direction = (weights.to(grads.dtype)[:, None] * grads).sum(0)
-    if rescale and active.any():
+    if rescale and normalize and active.any():
         direction = direction * norms[active].mean().to(grads.dtype)
     return Harmonized(direction=direction, alpha=alpha, grad_norms=norms, gram=gram_hat,
                       cosines=direction_cosines(grads, direction), solve_seconds=solve)

@@ -164,6 +164,21 @@ def param(
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def _check_guide_transforms(rewards, guidance) -> None:
+    """Guided sampling scores candidates and particles of several prompts in one batch: a reward ranked within its
+    batch (transform ``rank``) would score an image against whatever shares the batch, so it cannot guide."""
+    for i, spec in enumerate(rewards):
+        t = spec.transform
+        names = [item if isinstance(item, str) else item.get("name")
+                 for item in (t if isinstance(t, list) else [t]) if item is not None]
+        check("rank" not in names, f"rewards.{i}.transform",
+              f"got {t!r} on {spec.label or spec.name!r}, with guidance.method={guidance.method!r} and "
+              f"compare={list(guidance.compare)}; guided sampling scores candidates and particles of several "
+              "prompts in one batch, so a rank within the batch (or within a prompt's one image) says nothing about "
+              "an image (a batch of noise ranks like a batch of clean images): guide on the reward without rank "
+              f"(rewards.{i}.transform=null), and put a ranked copy in eval_rewards to judge the finished images")
+
+
 def check(ok: bool, key: str, message: str) -> None:
     """Raise ``ConfigError(message, key)`` unless ``ok`` (for ``__post_init__`` / ``validate`` hooks)."""
     if not ok:
@@ -227,6 +242,18 @@ class TrainLoopConfig:
 
     def validate_loop(self) -> None:
         check_lr_schedule(self)
+
+    def check_batch_split(self, sample) -> None:
+        """An epoch's samples on a process (``sample.batch_size x sample.num_batches_per_epoch``) split into whole
+        training minibatches of ``batch_size`` (a ``train`` key of every trainer)."""
+        import math
+
+        total = sample.batch_size * sample.num_batches_per_epoch
+        check(total % self.batch_size == 0, "train.batch_size",
+              f"{total} samples per process per epoch (sample.batch_size={sample.batch_size} x "
+              f"sample.num_batches_per_epoch={sample.num_batches_per_epoch}) are not a multiple of "
+              f"train.batch_size={self.batch_size}; use a divisor of {total}, e.g. "
+              f"train.batch_size={math.gcd(total, self.batch_size)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1267,7 +1294,7 @@ class GuidanceConfig:
                 f"{_choices_text(_GUIDANCE_METHODS)}",
             )
         check(
-            not (self.method == "doob" and self.antithetic and self.num_candidates % 2),
+            not (doob and self.antithetic and self.num_candidates % 2),
             "num_candidates",
             f"got {self.num_candidates}; antithetic DOIT needs an even number, use {self.num_candidates + 1} "
             "or antithetic=false",
@@ -1354,6 +1381,8 @@ class RunConfig:
             check(step != "ddim" or eta <= 1, key,
                   f"got {eta} with step ddim; DDIM's eta is at most 1 (1 = the DDPM posterior's noise; above it the "
                   "step's noise exceeds the next noise level and its mean is NaN): use e.g. 1.0")
+        if g.method != "none" or g.compare:
+            _check_guide_transforms(self.rewards, g)
         steps = g.num_steps or self.sample.eval_num_steps
         check(g.window is None or g.window[1] <= steps, "guidance.window",
               f"got {list(g.window or ())}; end must be <= the guided sampler's {steps} steps (guidance.num_steps, "

@@ -142,6 +142,21 @@ def test_harmonize_leaves_out_zero_gradients():
     torch.testing.assert_close(res.direction[:2], torch.tensor([0.75, 0.75]))
 
 
+def test_without_normalisation_the_direction_is_the_raw_min_norm_point_whatever_rescale_says():
+    """g1 = [3, 0], g2 = [0, 4]: the min-norm point of the raw gradients is alpha = (16/25, 9/25), d = [1.92, 1.44]
+    (norm 2.4), already at the gradients' scale; rescaling it by their mean norm (3.5) gave norm 8.4, and a step that
+    grows with |g|^2 (x 1e-3 gradients: 8.4e-6 instead of 2.4e-3). ``train.marble_normalize=false`` builds
+    ``Harmonizer(normalize=False)`` with the default ``rescale=True``."""
+    g = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    for rescale in (True, False):
+        res = harmonize(g, normalize=False, rescale=rescale)
+        torch.testing.assert_close(res.alpha, torch.tensor([16 / 25, 9 / 25], dtype=res.alpha.dtype))
+        torch.testing.assert_close(res.direction, torch.tensor([1.92, 1.44]))
+        small = harmonize(g * 1e-3, normalize=False, rescale=rescale)
+        torch.testing.assert_close(small.direction, torch.tensor([1.92e-3, 1.44e-3]))
+    torch.testing.assert_close(Harmonizer(2, normalize=False).step(g).direction, torch.tensor([1.92, 1.44]))
+
+
 def test_harmonizer_ema_and_state_dict():
     h = Harmonizer(2, rho=0.5, normalize=False)  # unit vectors in K = 2 always give (1/2, 1/2)
     torch.testing.assert_close(h.alpha_bar, torch.tensor([0.5, 0.5], dtype=torch.float64))

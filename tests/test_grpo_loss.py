@@ -72,6 +72,28 @@ def test_select_train_steps_never_last_and_random_subsets():
         select_train_steps(torch.zeros(4, dtype=torch.bool), 1, fraction=1.0, mode="first")
 
 
+def test_the_timestep_fraction_applies_to_the_trajectory_not_to_its_stochastic_steps():
+    """Flow-GRPO / DDPO take int(T * fraction) of the T steps: with 0.99 of 10, a deterministic last step
+    (flow_cps, DDIM into sigma 0) leaves steps 0-8 trained (before: 0-7), and a Flow-GRPO-Fast window inside them
+    is trained whole (before: its last step dropped); random draws that many of the stochastic steps."""
+    last_det = torch.ones(10, dtype=torch.bool)
+    last_det[9] = False
+    assert select_train_steps(last_det, 2, fraction=0.99, mode="first").tolist() == [list(range(9))] * 2
+    window = torch.zeros(10, dtype=torch.bool)
+    window[2:5] = True
+    assert select_train_steps(window, 1, fraction=0.99, mode="first").tolist() == [[2, 3, 4]]
+    late = torch.zeros(10, dtype=torch.bool)
+    late[7:] = True
+    assert select_train_steps(late, 1, fraction=0.99, mode="first").tolist() == [[7, 8]]  # never the last step
+    assert select_train_steps(late, 1, fraction=0.05, mode="first").tolist() == [[7]]  # at least one
+    rnd = select_train_steps(last_det, 3, fraction=0.99, mode="random", generator=torch.Generator().manual_seed(0))
+    assert rnd.shape == (3, 9) and all(sorted(row.tolist()) == list(range(9)) for row in rnd)
+    rnd = select_train_steps(window, 2, fraction=0.99, mode="random", generator=torch.Generator().manual_seed(0))
+    assert all(sorted(row.tolist()) == [2, 3, 4] for row in rnd)
+    rnd = select_train_steps(last_det, 2, fraction=0.3, mode="random", generator=torch.Generator().manual_seed(0))
+    assert rnd.shape == (2, 3) and int(rnd.max()) <= 8
+
+
 def test_masked_samples_leave_the_average():
     """drop_zero_std_groups (Flow-GRPO's zero-advantage filtering): the masked loss equals the loss of the kept
     samples alone, policy and KL, instead of being diluted by the dropped ones."""

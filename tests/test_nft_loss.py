@@ -40,6 +40,27 @@ def test_loss_hand_derived_values():
     torch.testing.assert_close(l_pos, torch.full((3,), 0.75))
 
 
+def test_a_zero_weight_removes_a_samples_pull_towards_the_old_policy():
+    """A zero advantage is not "no signal" in NFT: r = 1/2 pulls v towards v_old. A sample whose reward failed
+    (weight 0) contributes nothing, and still counts in the mean (as a zero advantage does in GRPO)."""
+    torch.manual_seed(0)
+    v_old, x0, x_t = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    v = (v_old + 0.1 * torch.randn(3, 4)).requires_grad_()
+    sigma = torch.full((3,), 0.5)
+    l_pos, l_neg = nft_loss_terms(v, v_old, x_t, x0, sigma, beta=1.0)
+    zero = torch.zeros(3)
+    (grad,) = torch.autograd.grad(nft_policy_loss(l_pos, l_neg, zero, beta=1.0, adv_clip_max=5.0), v,
+                                  retain_graph=True)
+    assert bool((grad.abs().sum(1) > 0).all())  # the pull of r = 1/2
+    w = torch.tensor([1.0, 0.0, 1.0])
+    weighted = nft_policy_loss(l_pos, l_neg, zero, beta=1.0, adv_clip_max=5.0, weight=w)
+    (grad_w,) = torch.autograd.grad(weighted, v)
+    assert float(grad_w[1].abs().sum()) == 0.0
+    torch.testing.assert_close(grad_w[[0, 2]], grad[[0, 2]])  # the mean still divides by 3
+    full = 5.0 * (0.5 * l_pos + 0.5 * l_neg)
+    torch.testing.assert_close(weighted, (full[0] + full[2]) / 3)
+
+
 def test_old_policy_decay_schedules():
     assert old_policy_decay(0, rate=0.001, cap=0.5) == 0.0
     assert old_policy_decay(100, rate=0.001, cap=0.5) == pytest.approx(0.1)

@@ -153,6 +153,35 @@ def test_skipped_reward_failures_are_logged_per_epoch(tmp_path):
     assert not any("reward_failures/jpeg_compressibility" in r for r in rows)
 
 
+def test_nft_leaves_a_failed_reward_out_of_the_sample_gradients(tmp_path, monkeypatch):
+    """NFT under MARBLE with a reward that fails on one sample of each batch (``on_error: skip``): that sample
+    gets weight 0 in the failed reward's per-reward loss and keeps weight 1 in the other reward's and in the
+    combined loss (its combined reward, here a weighted sum, stays finite). Before, the zeroed advantage still
+    pulled the sample's velocity towards the old policy (r = 1/2) in every loss."""
+    from test_nft_trainer import nft_config
+
+    weights = []
+    orig = nft_mod.nft_policy_loss
+
+    def recording(*args, **kwargs):
+        weights.append(kwargs.get("weight"))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(nft_mod, "nft_policy_loss", recording)
+    rewards = [{"name": "jpeg_compressibility"},
+               {"name": "plugins.reward_plugins:nan_second", "on_error": "skip", "weight": 0.0}]
+    cfg = nft_config(save_tiny(tmp_path), tmp_path / "run", {"num_epochs": 1, "aggregation": "marble",
+                                                              "marble_mode": "full", "shuffle": False},
+                     rewards=rewards)
+    with pytest.warns(RuntimeWarning, match="reward 'nan_second' failed"):
+        train_run(cfg, nft_mod.NFTTrainer)
+    # per trained timestep: the combined loss, then one loss per reward (3 timesteps, one minibatch of 4)
+    assert len(weights) == 9
+    for combined, first, second in zip(weights[0::3], weights[1::3], weights[2::3]):
+        assert combined.tolist() == [1.0, 1.0, 1.0, 1.0] and first.tolist() == [1.0, 1.0, 1.0, 1.0]
+        assert second.tolist() == [1.0, 0.0, 1.0, 1.0]
+
+
 def test_a_nan_kl_gradient_skips_the_step_before_marble_moves(tmp_path, monkeypatch):
     """The KL gradient sits in ``.grad`` outside MARBLE's per-reward buffers: a NaN there must stop the step
     before the QP updates its coefficient EMA or history."""

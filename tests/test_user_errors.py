@@ -51,6 +51,16 @@ def test_group_size_that_does_not_divide_the_epoch(capsys, safe):
                           "sample.num_batches_per_epoch = 1 x 16 x 4 = 64 samples per epoch is not a multiple")
 
 
+@pytest.mark.parametrize("command,config", [("sample", FLOW), ("train", NFT)])
+def test_a_sampling_batch_that_does_not_split_into_training_minibatches(capsys, safe, no_model, command, config):
+    """The error names both sample keys and gives a train.batch_size that fits (``diffalign sample`` reads the
+    trainer's section too: a smaller sampling batch alone used to stop it with no fix in the message)."""
+    err = _error(capsys, [command, config, "sample.batch_size=2", "sample.num_batches_per_epoch=4", *safe])
+    assert err.startswith("error: train.batch_size: 8 samples per process per epoch (sample.batch_size=2 x "
+                          "sample.num_batches_per_epoch=4) are not a multiple of train.batch_size=16; use a divisor "
+                          "of 8, e.g. train.batch_size=8"), err
+
+
 def test_misspelt_builtin_model(capsys, safe):
     err = _error(capsys, ["train", FLOW, "model.path=builtin:shapes-flo", *safe])
     assert err.startswith("error: model.path: got 'builtin:shapes-flo': unknown built-in model; valid: "
@@ -285,3 +295,30 @@ def test_sample_loads_the_model_on_the_device_eval_and_the_trainer_use(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run.sample_main(cfg)
     assert seen == [("auto", sentinel)]
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_eval_and_sample_build_their_rewards_after_the_accelerator(tmp_path, monkeypatch, command):
+    """The accelerator makes each rank's GPU the current device; reward models without a device of their own load
+    on ``cuda``, the current one. Built before it (as they were), every rank's reward models went to cuda:0 and
+    ranks >= 1 then scored images on their own GPU against weights on GPU 0. The trainer's order is the same."""
+    import trainers.common as common
+    import trainers.run as run
+    from grpo_helpers import run_config
+
+    calls = []
+
+    def accelerator(device, collective_timeout=None):
+        calls.append("accelerator")
+        return object()
+
+    def rewards(cfg):
+        calls.append("rewards")
+        raise KeyboardInterrupt  # stop before the model loads
+
+    monkeypatch.setattr(run, "make_accelerator", accelerator)
+    monkeypatch.setattr(common, "build_run_rewards", rewards)
+    cfg = run_config(str(tmp_path / "no-such-model"), tmp_path / "run", checkpoint={"resume_from": None})
+    with pytest.raises(KeyboardInterrupt):
+        getattr(run, f"{command}_main")(cfg)
+    assert calls == ["accelerator", "rewards"]

@@ -47,7 +47,8 @@ class GRPOConfig(TrainLoopConfig):
         "flow_sde, gaussian otherwise",
     )
     timestep_fraction: float = param(
-        0.99, help="fraction of the stochastic steps trained (int(T * f)); 0.99 of 10 = 9, never the last step",
+        0.99, help="fraction of the trajectory's T steps trained (int(T * f)), among its stochastic ones: first "
+        "trains the stochastic steps before int(T * f) (0.99 of 10: steps 0-8, never the last), random that many",
         min=0.0, max=1.0,
     )
     timestep_selection: Literal["first", "random"] = param(
@@ -85,9 +86,7 @@ class GRPOConfig(TrainLoopConfig):
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
         check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
               f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")
-        total = s.batch_size * s.num_batches_per_epoch
-        check(total % self.batch_size == 0, "train.batch_size",
-              f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
+        self.check_batch_split(s)
         check(self.aggregation == "weighted_sum" or self.advantage == "group", "train.aggregation",
               f"{self.aggregation!r} needs train.advantage='group' (got {self.advantage!r})")
         check(self.marble_grad_ema == 0 or self.aggregation == "marble", "train.marble_grad_ema",
@@ -200,18 +199,24 @@ def select_train_steps(
 ) -> torch.Tensor:
     """``[N, K]`` long: the trained step indices of each sample (research/grpo_family.md §1.3, §3.2).
 
-    Candidates are the stochastic steps; ``K = int(len(candidates) * fraction)`` (at least 1), which with
-    0.99 drops the last (lowest-noise) step. ``first`` takes the first K in order for every sample
-    (Flow-GRPO); ``random`` a fresh random permutation per sample (DDPO), drawn from ``generators[i]`` for
-    sample ``i`` when given (one per sample, so a sample's steps do not depend on its batch or process),
-    else from ``generator``.
+    The fraction applies to the trajectory, as in both reference codes (``int(num_steps * fraction)`` of its
+    ``T`` steps): ``first`` trains the stochastic steps before step ``int(T * fraction)`` in order for every sample
+    (Flow-GRPO: 0.99 of 10 trains steps 0-8, never the last; a Flow-GRPO-Fast window inside them is trained
+    whole); ``random`` trains ``min(#stochastic, int(T * fraction))`` stochastic steps drawn per sample (DDPO), from
+    ``generators[i]`` for sample ``i`` when given (one per sample, so a sample's steps do not depend on its batch
+    or process), else from ``generator``. At least one step is trained. (Before, the fraction applied to the
+    stochastic steps alone, so 0.99 also dropped the last step of a window, or a second step where the last one is
+    deterministic: ``flow_cps``, DDIM into sigma 0.)
     """
     cand = torch.nonzero(stochastic, as_tuple=False).flatten()
     if cand.numel() == 0:
         raise ValueError("no stochastic steps to train; check sample.window / sample.noise_level")
-    k = max(1, int(cand.numel() * fraction))
+    limit = int(stochastic.numel() * fraction)
     if mode == "first":
-        return cand[:k].expand(num_samples, k).clone()
+        chosen = cand[cand < limit]
+        chosen = chosen if chosen.numel() else cand[:1]
+        return chosen.expand(num_samples, chosen.numel()).clone()
+    k = min(cand.numel(), max(1, limit))
     if mode == "random":
         if generators is not None and len(generators) != num_samples:
             raise ValueError(f"generators: {len(generators)} given for {num_samples} samples; pass one per sample")

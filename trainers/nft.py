@@ -91,9 +91,7 @@ class NFTConfig(TrainLoopConfig):
         check(not s.shared_group_noise, "sample.shared_group_noise",
               "got true; with deterministic ODE sampling a group sharing its initial noise would hold identical "
               "images: set sample.shared_group_noise=false")
-        total = s.batch_size * s.num_batches_per_epoch
-        check(total % self.batch_size == 0, "train.batch_size",
-              f"{total} samples per process per epoch are not a multiple of train.batch_size={self.batch_size}")
+        self.check_batch_split(s)
         check(self.beta > 0, "train.beta", "got 0; the implicit policies need beta > 0 (DiffusionNFT uses 0.1-1)")
         check(self.adv_clip_max > 0, "train.adv_clip_max", "got 0; r = A / 2C + 1/2 needs C > 0 (default 5)")
         check(self.marble_grad_ema == 0 or (self.aggregation == "marble" and self.marble_mode == "full"),
@@ -140,13 +138,22 @@ def nft_loss_terms(
 
 
 def nft_policy_loss(
-    loss_pos: torch.Tensor, loss_neg: torch.Tensor, advantages: torch.Tensor, *, beta: float, adv_clip_max: float
+    loss_pos: torch.Tensor, loss_neg: torch.Tensor, advantages: torch.Tensor, *, beta: float, adv_clip_max: float,
+    weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``C mean_B (r L+ + (1 - r) L-) / beta`` with ``r = clip(clip(A, -C, C) / 2C + 1/2, 0, 1)`` (DiffusionNFT
-    eq. (8) with the released code's ``C / beta`` scale). Affine in ``A`` while no clip is active."""
+    """``C mean_B (w r L+ + w (1 - r) L-) / beta`` with ``r = clip(clip(A, -C, C) / 2C + 1/2, 0, 1)`` (DiffusionNFT
+    eq. (8) with the released code's ``C / beta`` scale). Affine in ``A`` while no clip is active.
+
+    ``weight`` (``[B]``, default 1): 0 removes a sample's term while it still counts in the mean, as a zero
+    advantage does in GRPO. In NFT a zero advantage is not "no signal": ``r = 1/2`` pulls ``v`` towards ``v_old``
+    (gradient proportional to ``beta^2 (v - v_old)``), right for a sample whose reward equals its group's mean but
+    not for one whose reward failed (NaN: "neither push nor pull", diffalign.advantages)."""
     c = adv_clip_max
     r = (_up(advantages).clamp(-c, c) / (2 * c) + 0.5).clamp(0.0, 1.0)
-    return c * (r * loss_pos + (1 - r) * loss_neg).mean() / beta
+    terms = r * loss_pos + (1 - r) * loss_neg
+    if weight is not None:
+        terms = terms * _up(weight)
+    return c * terms.mean() / beta
 
 
 def nft_loss(
@@ -462,6 +469,8 @@ class NFTTrainer:
                 adv = advantages[mb].to(self.device)
                 adv = adv * (kept if adv.ndim == 1 else kept[:, None])
                 per = per_reward[mb].to(self.device) * kept[:, None]
+                # a reward that failed (or does not apply: NaN) on a sample leaves that sample out of its gradient
+                per_weight = kept[:, None] * torch.isfinite(data["rewards"][mb]).to(self.device, kept.dtype)
                 for j in range(num_train_t):
                     idx = t_idx[mb, j].to(self.device)
                     sigma = sigmas[idx]
@@ -472,12 +481,14 @@ class NFTTrainer:
                     v_old, v_ref, v = self._velocities(model_fn, x_t, timesteps[idx])
                     applied = self._applied_advantages(adv)
                     l_pos, l_neg = nft_loss_terms(v, v_old, x_t, x0, sigma, beta=cfg.beta, weight_eps=cfg.weight_eps)
-                    policy = nft_policy_loss(l_pos, l_neg, applied, beta=cfg.beta, adv_clip_max=cfg.adv_clip_max)
+                    policy = nft_policy_loss(l_pos, l_neg, applied, beta=cfg.beta, adv_clip_max=cfg.adv_clip_max,
+                                             weight=kept)
                     kl = velocity_kl(v, v_ref) if v_ref is not None else torch.zeros((), device=self.device)
                     if refresh or diagnose:
                         # one gradient per reward, each from the SAME samples, noise and timesteps (§6.2 step 2)
                         losses = [self.scaler(nft_policy_loss(l_pos, l_neg, per[:, r], beta=cfg.beta,
-                                                              adv_clip_max=cfg.adv_clip_max) / per_update)
+                                                              adv_clip_max=cfg.adv_clip_max,
+                                                              weight=per_weight[:, r]) / per_update)
                                   for r in range(k)]
                         if diagnose:
                             losses.append(self.scaler(policy / per_update))
