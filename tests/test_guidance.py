@@ -581,3 +581,48 @@ def test_svdd_and_doob_pool_compare_a_prompts_particles_on_common_columns():
     raw = torch.tensor([[[0.9, nan]], [[0.2, 0.1]]])  # one particle, its 2 candidates
     _update_pool(pool, torch.zeros(2, 1, 3), torch.tensor([[1.8], [0.3]]), raw)
     assert torch.equal(pool["raw"].isnan(), torch.tensor([[False, True]])) and pool["raw"][0, 0] == 0.9
+
+
+@pytest.mark.parametrize("method, options, group", [
+    ("fk", dict(lam=4.0, ess_threshold=1.0), 4),
+    ("svdd", dict(num_candidates=4, alpha=1.0, lookahead="reuse_eps"), 2),
+    ("doob", dict(gamma=1.0, num_candidates=4, temperature=0.5, resample_lambda=4.0, select="all"), 4),
+])
+def test_a_prompts_resampling_and_selection_draws_do_not_depend_on_its_batch(method, options, group):
+    """FK's resampling, SVDD's sampled selection and DOIT's particle resampling draw per prompt (per particle for
+    SVDD) from streams keyed by its ids: prompt 1 sampled alone equals prompt 1 sampled after prompt 0 in one
+    batch. Before, one generator per call drew for the whole batch (a prompt's draws depended on its neighbours)
+    and restarted at every batch (prompts in the same position of two batches got the same draws)."""
+    path, step, level = KERNELS["flow"]
+    sched = make_schedule(path, 8)
+    model = gmm_model(sched, *TWO_MODES)
+    ids = [i * 65536 + j for i in range(2) for j in range(group)]
+    x = torch.stack([torch.randn(2, generator=torch.Generator().manual_seed(k)) for k in ids])
+    both = guided_sample(method, model, sched, x, linear_reward, step=step, noise_level=level, group_size=group,
+                         sample_ids=ids, options=dict(options))
+    alone = guided_sample(method, model, sched, x[group:], linear_reward, step=step, noise_level=level,
+                          group_size=group, sample_ids=ids[group:], options=dict(options))
+    assert torch.equal(both.particles[group:], alone.particles)
+    first = guided_sample(method, model, sched, x[:group], linear_reward, step=step, noise_level=level,
+                          group_size=group, sample_ids=ids[:group], options=dict(options))
+    assert torch.equal(both.particles[:group], first.particles)
+    if method != "svdd":  # the draws did something: resampling moved particles (the test is not vacuous)
+        moved = both.extras.get("num_resampled_groups", both.extras.get("num_resampled_steps", 0))
+        assert moved > 0
+
+
+def test_svdd_outside_its_window_is_the_unguided_sampler_and_scores_its_final_samples():
+    """Outside the window SVDD takes plain steps of the unguided sampler's noise (before: the candidates' noise),
+    so where it never selects it returns the unguided samples; and when the last step made no selection (a
+    kernel with no noise there, as flow_cps's last step) its rewards are those of the finished samples (before:
+    the candidate value of an earlier step)."""
+    sched = make_schedule("flow", 8)
+    model = gmm_model(sched, *TWO_MODES)
+    x = _noise(6, seed=5)
+    base = guided_sample("none", model, sched, x, linear_reward, step="flow_cps", noise_level=0.8)
+    never = guided_sample("svdd", model, sched, x, linear_reward, step="flow_cps", noise_level=0.8,
+                          options=dict(num_candidates=3, window=(7, 8), lookahead="reuse_eps"))
+    assert torch.equal(never.samples, base.samples)  # cps's last step has no noise: nothing to select
+    late = guided_sample("svdd", model, sched, x, linear_reward, step="flow_cps", noise_level=0.8,
+                         options=dict(num_candidates=3, window=(5, 8), lookahead="reuse_eps"))
+    torch.testing.assert_close(late.rewards, linear_reward(late.samples, None))

@@ -125,14 +125,31 @@ def _fill_nan(r: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(r), low, r)
 
 
-def _resample(log_w: torch.Tensor, group_size: int, mask: torch.Tensor,
-              generator: Optional[torch.Generator]) -> torch.Tensor:
+def multinomial_rows(probs: torch.Tensor, num: int, generator: GeneratorLike,
+                     rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[R, num]`` draws (with replacement) from each row of ``probs`` ``[R, K]``, on the CPU.
+
+    ``generator``: one CPU generator for every row, or a list with one per row. With a list, row ``r`` is drawn
+    from its own generator, so its draws do not depend on which other rows share the batch (a prompt's resampling
+    is the same in any batch, on any process), and ``rows`` (``[R]`` bool) limits the draws to those rows (the
+    others advance nothing and get zeros)."""
+    probs = probs.detach().cpu()
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, num, replacement=True, generator=generator)
+    out = torch.zeros(probs.shape[0], num, dtype=torch.long)
+    for r in range(probs.shape[0]):
+        if rows is None or bool(rows[r]):
+            out[r] = torch.multinomial(probs[r], num, replacement=True, generator=generator[r])
+    return out
+
+
+def _resample(log_w: torch.Tensor, group_size: int, mask: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
     """``[B]`` ancestor indices: multinomial within each group where ``mask`` ``[G]`` is set, else identity
-    (``G`` groups of ``group_size``)."""
+    (``G`` groups of ``group_size``); ``generator``: one, or one per group (:func:`multinomial_rows`)."""
     G = mask.shape[0]
     lw = log_w.view(G, group_size)
     probs = torch.softmax(lw, dim=1)
-    draw = torch.multinomial(probs.cpu(), group_size, replacement=True, generator=generator).to(lw.device)
+    draw = multinomial_rows(probs, group_size, generator, rows=mask.cpu()).to(lw.device)
     keep = torch.arange(group_size, device=lw.device).expand(G, group_size)
     local = torch.where(mask.view(G, 1), draw, keep)
     return (local + torch.arange(G, device=lw.device).view(G, 1) * group_size).reshape(-1)
@@ -159,7 +176,7 @@ def fk_steering(
     ess_threshold: float = 0.5,
     select: str = "best",
     generator: GeneratorLike = None,
-    resample_generator: Optional[torch.Generator] = None,
+    resample_generator: GeneratorLike = None,
     reward_weights: Optional[Sequence[float]] = None,
     counter: Optional[EvalCounter] = None,
 ) -> GuidedOutput:
@@ -177,7 +194,8 @@ def fk_steering(
             a final multinomial resampling with the terminal weights: samples of the tilted target), or
             ``all`` (every particle, unweighted).
         generator: kernel noise (per particle slot when a list); ``resample_generator``: CPU generator of
-            the multinomial draws.
+            the multinomial draws, or a list with one per prompt (group), so that a prompt's draws do not
+            depend on the batch (as :func:`samplers.guided.guided_sample` passes).
 
     The kernel must be stochastic (``noise_level > 0``): resampled duplicates diverge only through noise.
     """
@@ -256,9 +274,10 @@ def svdd_sample(
     lookahead: str = "denoise",
     group_size: int = 1,
     generator: GeneratorLike = None,
-    select_generator: Optional[torch.Generator] = None,
+    select_generator: GeneratorLike = None,
     reward_weights: Optional[Sequence[float]] = None,
     counter: Optional[EvalCounter] = None,
+    kernel_generator: GeneratorLike = None,
 ) -> GuidedOutput:
     """SVDD-PM per-step candidate selection (module docstring).
 
@@ -271,7 +290,9 @@ def svdd_sample(
             ``reuse_eps`` (the current noise estimate, no extra forward).
         group_size: particles per prompt; the final output keeps the best of each group.
         generator: candidate noise (one per sample when a list); ``select_generator``: the draws of
-            ``alpha > 0``.
+            ``alpha > 0`` (one CPU generator, or one per sample); ``kernel_generator``: the noise of the plain
+            steps outside the window (default: ``generator``); pass the unguided sampler's to share its noise
+            there, as :func:`samplers.guided.guided_sample` does.
     """
     if step not in STEPS or step == "flow_euler":
         raise ValueError(f"SVDD needs a stochastic step (flow_sde, flow_cps or ddim), got {step!r}")
@@ -290,6 +311,7 @@ def svdd_sample(
     lat_ones = [1] * (x.ndim - 1)
     r_last = torch.full((B,), float("nan"), device=x.device)
     raw_last = None  # the chosen candidates' raw reward rows, recombined per prompt for the final choice
+    selected_at = -1  # the last step that selected among candidates
     out = None
     with torch.no_grad():
         for i in range(T):
@@ -298,7 +320,8 @@ def svdd_sample(
             res = scheduled_step(step, out, x, sched, i, noise_level=noise_level, prev_sample=x)
             if not start <= i < end or not bool((res.std > 0).any()):
                 # outside the window (or where the kernel has no noise): the plain base sampler
-                res = scheduled_step(step, out, x, sched, i, noise_level=noise_level, generator=generator)
+                res = scheduled_step(step, out, x, sched, i, noise_level=noise_level,
+                                     generator=generator if kernel_generator is None else kernel_generator)
                 x = res.prev_sample
                 out = None
                 continue
@@ -323,13 +346,16 @@ def svdd_sample(
             else:
                 none_valid = torch.isinf(logits).all(0, keepdim=True)
                 logits = torch.where(none_valid, torch.zeros_like(logits), logits)
-                probs = torch.softmax(logits / alpha, dim=0).T.cpu()
-                choice = torch.multinomial(probs, 1, generator=select_generator).view(B).to(x.device)
+                probs = torch.softmax(logits / alpha, dim=0).T
+                choice = multinomial_rows(probs, 1, select_generator).view(B).to(x.device)
+            selected_at = i
             x = cand[choice, rows]
             r_last = v[choice, rows]
             raw_last = raw.view(M, B, *raw.shape[1:])[choice, rows]
             out = None if out_c is None else out_c.view(M, B, *out_c.shape[1:])[choice, rows]
-    if end < T or bool(torch.isnan(r_last).any()):
+    if selected_at < T - 1 or bool(torch.isnan(r_last).any()):
+        # the last step made no selection (outside the window, or a kernel without noise there: flow_cps, DDIM
+        # into sigma 0), so the candidates' values describe an earlier state: score the finished samples
         r_last = _score(reward_fn, x, counter, reward_weights, groups=_prompt_groups(B, group_size, x.device))
     else:  # the prompt's particles compared on their common reward columns (not each particle's own)
         r_last = combine_rewards(raw_last, reward_weights, _prompt_groups(B, group_size, x.device))

@@ -110,7 +110,11 @@ def guided_sample(
     dev = "cpu"
     kernel_gens = list(generator) if generator is not None else make_generators(seed, ids, device=dev)
     candidate_gens = make_generators(seed + 1_000_003, ids, device=dev)
-    resample_gen = torch.Generator(device=dev).manual_seed(int(seed) + 17)
+    # resampling (FK, DOIT's resample_lambda) draws per prompt, from its first particle's id, and SVDD's
+    # selection per particle: a prompt's draws do not depend on its batch (one generator per call restarted at
+    # every batch, and gave a prompt draws that depended on its neighbours)
+    group_gens = make_generators(seed + 17, ids[::group_size], device=dev)
+    select_gens = make_generators(seed + 17, ids, device=dev)
     counter = EvalCounter()
     counted = counting_model(model_fn, counter)
     common = dict(reward_weights=reward_weights, counter=counter)
@@ -120,12 +124,12 @@ def guided_sample(
                          noise_level=noise_level, generator=kernel_gens, **common)
     if method == "fk":
         return fk_steering(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
-                           noise_level=noise_level, generator=kernel_gens, resample_generator=resample_gen,
+                           noise_level=noise_level, generator=kernel_gens, resample_generator=group_gens,
                            **options, **common)
     if method == "svdd":
         return svdd_sample(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
-                           noise_level=noise_level, generator=candidate_gens, select_generator=resample_gen,
-                           **options, **common)
+                           noise_level=noise_level, generator=candidate_gens, select_generator=select_gens,
+                           kernel_generator=kernel_gens, **options, **common)
     select = options.pop("select", "best")
     if select not in ("best", "all"):
         raise ValueError(f"select must be 'best' or 'all', got {select!r}")
@@ -143,7 +147,7 @@ def guided_sample(
         fn = doob_model_fn(counted, schedule, reward_fn, step=step, noise_level=noise_level,
                            generator=candidate_gens, pool=pool, twist=twist, **options, **common)
         if twist is not None:
-            before = _twist_resampler(twist, lam, group_size, resample_gen, extras)
+            before = _twist_resampler(twist, lam, group_size, group_gens, extras)
     traj = rollout(fn, schedule, initial_latents, step=step, noise_level=noise_level, generator=kernel_gens,
                    before_step=before)
     final = traj.final
@@ -164,7 +168,7 @@ def guided_sample(
     return GuidedOutput(best, best_r, counter, final, r, {**extras, "index": idx})
 
 
-def _twist_resampler(twist: dict, lam: float, group_size: int, generator: torch.Generator, extras: dict):
+def _twist_resampler(twist: dict, lam: float, group_size: int, generator, extras: dict):
     """``before_step`` hook: at a guided step, resample each prompt's particles (with their model output, so
     duplicates draw their own kernel noise) by the simulated ``h`` of this step over their ancestor's at the
     previous guided step (``h_k / h_{k-1}``, the incremental weight of twisted SMC; ``h_0 = 1``).
