@@ -282,13 +282,18 @@ def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # the state of this process's device only: restored into its device on resume, whatever devices the
+        # resumed process sees (every rank saving all visible devices, restored by index, swapped ranks' states
+        # when a resume saw one GPU per process)
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(rng: Mapping[str, Any], generators: Optional[Mapping[str, torch.Generator]]) -> None:
     torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
+    if "cuda_device" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda_device"])  # this process's (current) device
+    elif "cuda" in rng and torch.cuda.is_available():  # checkpoints before: every visible device, by index
         cuda_states = list(rng["cuda"])
         if len(cuda_states) != torch.cuda.device_count():
             warnings.warn(f"checkpoint holds CUDA RNG states of {len(cuda_states)} devices, this process sees "

@@ -492,3 +492,30 @@ def test_bad_values_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a tensor"):
         manager.save(1, trainable_state={"w": [1.0]}, optimizer=opt)
     assert manager.latest() is None and not [p for p in (tmp_path / "checkpoints").iterdir()]
+
+
+def test_the_cuda_rng_state_of_this_process_device_is_saved_and_restored_into_its_device(monkeypatch):
+    """Each process saves its own (current) device's CUDA RNG state and restores it into its current device,
+    whatever devices the resumed process sees (before: every visible device's state, restored by index, which
+    gave rank r rank 0's state when a resume saw one GPU per process). Old checkpoints (a list) still load.
+    CUDA is faked: these machines have none."""
+    from diffalign.checkpoint import _set_rng_state, capture_rng_state
+
+    mine = torch.arange(8, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": mine.clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: pytest.fail("saved every device's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((device,
+                                                                                                  state.tolist())))
+    rng = capture_rng_state()
+    assert torch.equal(rng["cuda_device"], mine) and "cuda" not in rng
+    _set_rng_state(rng, None)
+    assert restored == [("cuda", mine.tolist())]  # the current device
+    restored.clear()
+    old = {**{k: v for k, v in rng.items() if k != "cuda_device"}, "cuda": [mine, mine + 1]}
+    _set_rng_state(old, None)
+    assert restored == [(0, mine.tolist()), (1, (mine + 1).tolist())]

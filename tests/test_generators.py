@@ -270,6 +270,31 @@ def test_encode_images_gives_latents_the_decoder_reads(name):
         assert torch.equal(gen._unpack(gen._pack(z), 32, 48), z)
 
 
+def test_a_float16_vae_that_asks_for_upcasting_decodes_and_encodes_in_float32():
+    """SDXL's VAE overflows in float16 (NaN / black images); its config says ``force_upcast`` and diffusers' SDXL
+    pipeline decodes in float32. The adapter does the same: such a VAE is moved to float32 at its first use and
+    decodes the float32 VAE's images; one without the flag, or in bfloat16, keeps its dtype."""
+    gen = _gen("sdxl")
+    latents = torch.randn(2, *gen.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gen.pipeline.vae.to(torch.float16).to(torch.float32)  # the weights a float16 VAE has, in float32
+    want_images, want_latents = gen.decode(latents), gen.encode_images(images)
+    assert gen.pipeline.vae.config.force_upcast
+    gen.pipeline.vae.to(torch.float16)
+    torch.testing.assert_close(gen.decode(latents), want_images)
+    assert gen.pipeline.vae.dtype == torch.float32
+    gen.pipeline.vae.to(torch.float16)
+    torch.testing.assert_close(gen.encode_images(images), want_latents)
+    assert gen.pipeline.vae.dtype == torch.float32
+    gen.pipeline.vae.to(torch.bfloat16)
+    gen.decode(latents)
+    assert gen.pipeline.vae.dtype == torch.bfloat16
+    gen.pipeline.vae.register_to_config(force_upcast=False)
+    gen.pipeline.vae.to(torch.float16)
+    gen._vae()
+    assert gen.pipeline.vae.dtype == torch.float16
+
+
 # ----------------------------------------------------------------------------- prediction and guidance
 
 

@@ -478,7 +478,7 @@ def test_all_reduce_gradients_averages_in_parameter_order_with_zeros_for_missing
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fake_accelerate(monkeypatch, kind="MULTI_GPU", num_processes=1):
+def _fake_accelerate(monkeypatch, kind="MULTI_GPU", num_processes=1, process_index=0):
     import accelerate
     from accelerate.utils import DistributedType
 
@@ -488,6 +488,8 @@ def _fake_accelerate(monkeypatch, kind="MULTI_GPU", num_processes=1):
         def __init__(self, **kwargs):
             made.append(kwargs)
             self.distributed_type, self.num_processes = getattr(DistributedType, kind), num_processes
+            self.process_index = process_index
+            self.is_main_process = process_index == 0
 
     monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
     return made
@@ -541,6 +543,56 @@ def test_an_empty_world_size_counts_as_one_process(monkeypatch, world_size):
     _fake_accelerate(monkeypatch, num_processes=2)
     with pytest.raises(LaunchError, match="WORLD_SIZE=1 but accelerate formed a group of 2"):
         make_accelerator("cpu")
+
+
+def test_a_device_index_is_refused_on_several_processes(monkeypatch):
+    """``model.device=cuda:0`` on 2 processes would put both on one GPU (the first collective then fails with an
+    NCCL duplicate-GPU error); one process may pin its device."""
+    from trainers.run import LaunchError, make_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _fake_accelerate(monkeypatch, num_processes=2)
+    with pytest.raises(LaunchError, match="model.device=cuda:1 puts every one of the 2 processes on the same "
+                                          "device; with several processes use model.device=auto"):
+        make_accelerator("cuda:1")
+    for device in ("auto", "cuda", "cpu"):
+        make_accelerator(device)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    _fake_accelerate(monkeypatch, num_processes=1)
+    make_accelerator("cuda:1")
+
+
+def test_a_process_other_than_the_main_one_is_quiet_and_names_its_rank_in_warnings(monkeypatch):
+    """On rank 1 of 2, diffusers' and transformers' progress bars and info messages are off (before, every rank
+    drew the pipeline-loading bars) and each warning starts with ``[rank 1/2]`` (a reward failing on this rank's
+    samples must still be seen); making the accelerator twice in one process does not prefix twice. The main
+    process changes nothing."""
+    import warnings
+
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    from trainers.run import make_accelerator
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    before = warnings.formatwarning("w", UserWarning, "f.py", 1, "")
+    try:
+        _fake_accelerate(monkeypatch, num_processes=2, process_index=0)
+        make_accelerator("cpu")
+        assert warnings.formatwarning("w", UserWarning, "f.py", 1, "") == before
+        assert [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)] == saved
+        _fake_accelerate(monkeypatch, num_processes=2, process_index=1)
+        make_accelerator("cpu")
+        make_accelerator("cpu")
+        assert warnings.formatwarning("w", UserWarning, "f.py", 1, "") == "[rank 1/2] " + before
+        assert not dlog.is_progress_bar_enabled() and not tlog.is_progress_bar_enabled()
+        assert dlog.get_verbosity() == dlog.ERROR and tlog.get_verbosity() == tlog.ERROR
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
 
 
 def test_train_main_cleans_up_after_a_failed_training(tmp_path, monkeypatch):

@@ -269,13 +269,24 @@ def test_checkpoint_weights_and_counters_carry_the_ema_and_its_update_count():
     ema.shadow[0].fill_(3.0)
     ema.num_updates = 7
     saved = {}
-    ckpt = NS(save=lambda epoch, **kw: saved.update(epoch=epoch, **kw))
+    ckpt = NS(save=lambda epoch, **kw: saved.update(epoch=epoch, **kw), rank=0)
     common.save_run_state(ckpt, adapter, ema, epoch=4, step=9, optimizer=None, lr_scheduler=None,
                           sampler_state={"x": 1}, config={})
     assert saved["counters"] == {"epoch": 4, "step": 9, "ema_updates": 7}
     assert saved["sampler_state"] == {"x": 1, "prompt_epoch": 4}
     assert float(saved["trainable_state"]["weight"]) == 1.0 and float(saved["ema_state"]["weight"]) == 3.0
     assert float(params[0].detach()) == 1.0
+    assert saved["trainable_state"]["weight"].device.type == "cpu"  # copies for the writer, on the CPU
+    other = {}  # a rank other than the writer's: no copies (the writer takes rank 0's), the same checks
+    common.save_run_state(NS(save=lambda epoch, **kw: other.update(kw), rank=1), adapter, ema, epoch=4, step=9,
+                          optimizer=None, lr_scheduler=None, sampler_state={}, config={})
+    assert other["trainable_state"] == {} and other["ema_state"] == {}
+    ema.shadow[0].fill_(float("nan"))
+    with pytest.raises(common.NonFiniteError, match="refusing to write checkpoint 4: 1 EMA tensors are not finite"):
+        common.save_run_state(NS(save=lambda epoch, **kw: None, rank=1), adapter, ema, epoch=4, step=9,
+                              optimizer=None, lr_scheduler=None, sampler_state={}, config={})
+    assert float(params[0].detach()) == 1.0  # the EMA swapped back out
+    ema.shadow[0].fill_(3.0)
 
     fresh_adapter, fresh_params = _linear_adapter()
     fresh_ema = EMA(fresh_params)

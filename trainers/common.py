@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import warnings
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,12 +68,23 @@ def build_adapter(model_cfg, device: torch.device, pipeline=None):
     return adapter
 
 
-def trainable_state(adapter) -> Dict[str, torch.Tensor]:
-    """Detached float32 copies of what trains: the LoRA state dict (peft names) or the whole denoiser's.
+def _live_trainable(adapter) -> Dict[str, torch.Tensor]:
+    """What trains, as it lives on the device: the LoRA state dict (peft names) or the whole denoiser's."""
+    return adapter.lora_state_dict() if adapter.has_lora else adapter.denoiser.state_dict()
 
-    Copies, because a caller may swap other weights (EMA) into the live parameters afterwards."""
-    sd = adapter.lora_state_dict() if adapter.has_lora else adapter.denoiser.state_dict()
-    return {k: v.detach().float().clone() for k, v in sd.items()}
+
+def trainable_state(adapter) -> Dict[str, torch.Tensor]:
+    """Float32 copies, on the CPU, of what trains: the LoRA state dict (peft names) or the whole denoiser's.
+
+    Copies, because a caller may swap other weights (EMA) into the live parameters afterwards; on the CPU, where
+    the checkpoint writer reads them, because a full fine-tune's copies on the accelerator would cost two more
+    float32 denoisers of its memory at every checkpoint."""
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in _live_trainable(adapter).items()}
+
+
+def _nonfinite_names(adapter) -> List[str]:
+    """Names of the trained tensors (as they live, no copy) holding a NaN or an infinity."""
+    return [name for name, t in _live_trainable(adapter).items() if not bool(torch.isfinite(t).all())]
 
 
 def load_trainable_state(adapter, state: Dict[str, torch.Tensor], params: Sequence[torch.nn.Parameter] = ()) -> None:
@@ -86,14 +97,24 @@ def load_trainable_state(adapter, state: Dict[str, torch.Tensor], params: Sequen
         p.data = p.data.float()
 
 
-def checkpoint_weights(adapter, ema: Optional["EMA"]) -> tuple:
+def checkpoint_weights(adapter, ema: Optional["EMA"], *, copy: bool = True,
+                       check: Optional[Callable[[str, List[str]], None]] = None) -> tuple:
     """``(trainable_state, ema_state)`` for a checkpoint; the EMA weights are stored under the same names
-    (so ``diffalign export`` and eval load either one the same way), or ``None`` without EMA."""
+    (so ``diffalign export`` and eval load either one the same way), or ``None`` without EMA.
+
+    ``check(label, names)`` first sees the names of the non-finite tensors of the trained (``"trained"``) and EMA
+    (``"EMA"``) weights, checked where they live; ``copy=False`` skips the copies (``{}`` each): a rank other
+    than the checkpoint writer's only checks."""
+    def snapshot(label: str) -> Dict[str, torch.Tensor]:
+        if check is not None:
+            check(label, _nonfinite_names(adapter))
+        return trainable_state(adapter) if copy else {}
+
     ema_state = None
     if ema is not None:
         with ema.swapped_in():
-            ema_state = trainable_state(adapter)
-    return trainable_state(adapter), ema_state
+            ema_state = snapshot("EMA")
+    return snapshot("trained"), ema_state
 
 
 def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional["EMA"], state) -> None:
@@ -245,13 +266,14 @@ def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int
                    sampler_state: Dict, config: Dict) -> None:
     """One checkpoint of a trainer: trained (and EMA) weights, optimizer (or any object with a
     ``state_dict``), LR scheduler, counters, ``sampler_state`` plus the prompt-sampler position, config."""
-    trained, ema_state = checkpoint_weights(adapter, ema)
-    for label, state in (("trained", trained), ("EMA", ema_state or {})):
-        bad = [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
+    def refuse(label: str, bad: List[str]) -> None:
         if bad:  # never publish (or prune good checkpoints for) a broken model
             raise NonFiniteError(
                 f"refusing to write checkpoint {epoch}: {len(bad)} {label} tensors are not finite (first: {bad[0]}); "
                 "the last good checkpoint stays 'latest'. Resume from it with a lower train.learning_rate")
+
+    # every rank checks its (identical) weights; only the writer (rank 0) copies them to the CPU
+    trained, ema_state = checkpoint_weights(adapter, ema, copy=ckpt.rank == 0, check=refuse)
     ckpt.save(
         epoch,
         trainable_state=trained,
@@ -790,6 +812,9 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
         metrics = {**stats, "time/sample": t1 - t0 - data["reward_seconds"],
                    "time/reward": data["reward_seconds"], "time/train": t2 - t1, "epoch": trainer.epoch,
                    **_epoch_failures(trainer, failed_before)}
+        logged_images = (data["images"][:16].cpu() if dist.is_main and run.logging.image_every
+                         and trainer.epoch % run.logging.image_every == 0 else None)
+        del data  # the epoch's trajectories, encodings and images: freed before evaluation and the next rollout
         ran += 1
         stop, timed_out, signalled = should_stop(cfg, ran, started, dist, trainer.device)
         trainer.stopped_by = signalled or None  # no extra evaluation for a signal (a grace period is short)
@@ -800,8 +825,8 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
             metrics.update(last_eval)
         if dist.is_main:
             bar.set_postfix(reward=f"{stats['reward/combined']:.3f}")
-            if run.logging.image_every and trainer.epoch % run.logging.image_every == 0:
-                trainer.logger.log_images(trainer.epoch, data["images"][:16], assignment.prompts[:16])
+            if logged_images is not None:
+                trainer.logger.log_images(trainer.epoch, logged_images, assignment.prompts[:16])
         if trainer.epoch % run.logging.log_every == 0 or evaluated or stop:
             trainer.logger.log(trainer.epoch, metrics)
         if (run.checkpoint.every and trainer.epoch % run.checkpoint.every == 0) or stop \

@@ -14,7 +14,7 @@ import torch
 from diffalign.config import ConfigError, UserError
 from rewards.registry import check_reward_config
 
-__all__ = ["TRAINERS", "make_accelerator", "train_main", "sample_main", "eval_main"]
+__all__ = ["TRAINERS", "make_accelerator", "quiet_other_rank", "train_main", "sample_main", "eval_main"]
 
 #: trainer name -> "module:Class" (resolved lazily so `diffalign --help` stays fast)
 TRAINERS: Dict[str, str] = {"grpo": "trainers.grpo:GRPOTrainer", "nft": "trainers.nft:NFTTrainer"}
@@ -59,7 +59,39 @@ def make_accelerator(device: str = "auto", collective_timeout: Optional[timedelt
             f"launched with WORLD_SIZE={expected} but accelerate formed a group of {acc.num_processes}; on CPUs "
             "use `accelerate launch --multi_gpu --num_processes N` (not --cpu) or torchrun"
         )
+    pinned = device != "auto" and torch.device(device).index is not None  # e.g. cuda:0
+    if acc.num_processes > 1 and pinned:
+        raise LaunchError(f"model.device={device} puts every one of the {acc.num_processes} processes on the same "
+                          "device; with several processes use model.device=auto (or cuda): each process then "
+                          "takes the device accelerate gives it")
+    if not acc.is_main_process:
+        quiet_other_rank(acc.process_index, acc.num_processes)
     return acc
+
+
+def quiet_other_rank(rank: int, world_size: int) -> None:
+    """Console hygiene on a process other than the main one: diffusers' and transformers' progress bars and
+    info messages (pipeline loading, once per rank) are switched off, and each warning this process shows starts
+    with ``[rank R/N]``. Warnings stay on: a rank-specific one (a reward failing on this rank's samples) must
+    still be seen, and the prefix says which process wrote it. Idempotent (several commands in one launched
+    process)."""
+    import warnings
+
+    for name in ("diffusers", "transformers"):
+        try:
+            lib_logging = __import__(f"{name}.utils.logging", fromlist=["logging"])
+        except ImportError:  # pragma: no cover - both are dependencies
+            continue
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
+    base = getattr(warnings.formatwarning, "_diffalign_base", warnings.formatwarning)
+    prefix = f"[rank {rank}/{world_size}] "
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        return prefix + base(message, category, filename, lineno, line)
+
+    formatwarning._diffalign_base = base
+    warnings.formatwarning = formatwarning
 
 
 def _trainer_class(name: str):
@@ -196,8 +228,10 @@ def eval_main(cfg) -> int:
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
     from trainers.common import build_run_rewards, eval_shard, gather_eval_rows, resolve_device
 
-    built = build_run_rewards(cfg)
+    # the accelerator first: it makes this rank's GPU the current device, where reward models without a device
+    # of their own load ("cuda"); built before it, every rank's reward models went to cuda:0
     accelerator = make_accelerator(cfg.model.device, SAMPLING_COLLECTIVE_TIMEOUT)
+    built = build_run_rewards(cfg)
     dist = DistContext.from_accelerator(accelerator)
     device = resolve_device(cfg.model.device, accelerator)
     adapter = _load_eval_adapter(cfg, checkpoint, device)
@@ -272,8 +306,8 @@ def sample_main(cfg) -> int:
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
     from trainers.common import build_run_rewards, eval_shard, image_size, resolve_device
 
+    accelerator = make_accelerator(cfg.model.device, SAMPLING_COLLECTIVE_TIMEOUT)  # first: see eval_main
     built = build_run_rewards(cfg)
-    accelerator = make_accelerator(cfg.model.device, SAMPLING_COLLECTIVE_TIMEOUT)
     # the device the trainer and `diffalign eval` use (model.device=auto: the accelerator's, CUDA when present)
     device = resolve_device(cfg.model.device, accelerator)
     dist = DistContext.from_accelerator(accelerator)

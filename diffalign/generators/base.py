@@ -354,6 +354,15 @@ class GeneratorAdapter:
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
+    def _vae(self):
+        """The pipeline's VAE, moved to float32 first when it is float16 and its config says ``force_upcast``
+        (SDXL's VAE overflows in float16 and decodes NaN / black images; diffusers' SDXL pipeline upcasts it
+        the same way before decoding). It then stays float32: latents are cast to its dtype on the way in."""
+        vae = self.pipeline.vae
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(dtype=torch.float32)
+        return vae
+
     def decode(
         self, latents: torch.Tensor, *, height: Optional[int] = None, width: Optional[int] = None
     ) -> torch.Tensor:
@@ -362,7 +371,7 @@ class GeneratorAdapter:
         Undoes the VAE scaling (and shift), and FLUX's packing (``height``/``width`` in pixels when the
         image is not square).
         """
-        vae = self.pipeline.vae
+        vae = self._vae()
         z = self._unpack(latents, height, width)
         z = z / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
@@ -376,7 +385,7 @@ class GeneratorAdapter:
     ) -> torch.Tensor:
         """Latents ``[B, *L]`` float32 of images ``[B, 3, H, W]`` in ``[0, 1]`` (posterior mode, or a
         sample drawn with ``generator``), scaled as the denoiser expects."""
-        vae = self.pipeline.vae
+        vae = self._vae()
         dist = vae.encode((images * 2 - 1).to(device=vae.device, dtype=vae.dtype)).latent_dist
         z = (dist.sample(generator) if generator is not None else dist.mode()).float()
         shift = getattr(vae.config, "shift_factor", None)
