@@ -164,9 +164,10 @@ def param(
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-def _check_guide_transforms(rewards, guidance) -> None:
+def check_guide_transforms(rewards, guidance) -> None:
     """Guided sampling scores candidates and particles of several prompts in one batch: a reward ranked within its
-    batch (transform ``rank``) would score an image against whatever shares the batch, so it cannot guide."""
+    batch (transform ``rank``) would score an image against whatever shares the batch, so it cannot guide.
+    Checked by ``diffalign sample`` only (training may rank a reward; a config is shared by every command)."""
     for i, spec in enumerate(rewards):
         t = spec.transform
         names = [item if isinstance(item, str) else item.get("name")
@@ -1381,8 +1382,6 @@ class RunConfig:
             check(step != "ddim" or eta <= 1, key,
                   f"got {eta} with step ddim; DDIM's eta is at most 1 (1 = the DDPM posterior's noise; above it the "
                   "step's noise exceeds the next noise level and its mean is NaN): use e.g. 1.0")
-        if g.method != "none" or g.compare:
-            _check_guide_transforms(self.rewards, g)
         steps = g.num_steps or self.sample.eval_num_steps
         check(g.window is None or g.window[1] <= steps, "guidance.window",
               f"got {list(g.window or ())}; end must be <= the guided sampler's {steps} steps (guidance.num_steps, "

@@ -273,7 +273,8 @@ def test_encode_images_gives_latents_the_decoder_reads(name):
 def test_a_float16_vae_that_asks_for_upcasting_decodes_and_encodes_in_float32():
     """SDXL's VAE overflows in float16 (NaN / black images); its config says ``force_upcast`` and diffusers' SDXL
     pipeline decodes in float32. The adapter does the same: such a VAE is moved to float32 at its first use and
-    decodes the float32 VAE's images; one without the flag, or in bfloat16, keeps its dtype."""
+    decodes the float32 VAE's images; one without the flag, or in bfloat16, keeps its dtype, and so do the other
+    models' VAEs (every AutoencoderKL config says ``force_upcast``; diffusers upcasts SDXL's only)."""
     gen = _gen("sdxl")
     latents = torch.randn(2, *gen.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -293,6 +294,11 @@ def test_a_float16_vae_that_asks_for_upcasting_decodes_and_encodes_in_float32():
     gen.pipeline.vae.to(torch.float16)
     gen._vae()
     assert gen.pipeline.vae.dtype == torch.float16
+    sd15 = _gen("sd15")
+    assert sd15.pipeline.vae.config.force_upcast
+    sd15.pipeline.vae.to(torch.float16)
+    sd15._vae()
+    assert sd15.pipeline.vae.dtype == torch.float16
 
 
 # ----------------------------------------------------------------------------- prediction and guidance

@@ -626,3 +626,21 @@ def test_svdd_outside_its_window_is_the_unguided_sampler_and_scores_its_final_sa
     late = guided_sample("svdd", model, sched, x, linear_reward, step="flow_cps", noise_level=0.8,
                          options=dict(num_candidates=3, window=(5, 8), lookahead="reuse_eps"))
     torch.testing.assert_close(late.rewards, linear_reward(late.samples, None))
+
+
+def test_svdd_keeps_the_kernel_streams_in_step_with_the_unguided_sampler():
+    """A selecting step also draws the kernel's noise (unused), so after a window in the middle of the trajectory
+    SVDD's plain steps take the unguided sampler's noise of the same step (before: the kernel streams stood still
+    inside the window, and step 4 got the noise the unguided sampler used at step 2)."""
+    from samplers import make_generators
+    from samplers.guided.baselines import svdd_sample
+
+    sched = make_schedule("flow", 8)
+    model = gmm_model(sched, *TWO_MODES)
+    x = _noise(4, seed=2)
+    plain = make_generators(0, range(4))
+    rollout(model, sched, x, step="flow_sde", noise_level=0.7, generator=plain)
+    kernel = make_generators(0, range(4))
+    svdd_sample(model, sched, x, linear_reward, step="flow_sde", noise_level=0.7, num_candidates=3, window=(2, 4),
+                lookahead="reuse_eps", generator=make_generators(1, range(4)), kernel_generator=kernel)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(plain, kernel))

@@ -563,10 +563,10 @@ def test_a_device_index_is_refused_on_several_processes(monkeypatch):
 
 
 def test_a_process_other_than_the_main_one_is_quiet_and_names_its_rank_in_warnings(monkeypatch):
-    """On rank 1 of 2, diffusers' and transformers' progress bars and info messages are off (before, every rank
-    drew the pipeline-loading bars) and each warning starts with ``[rank 1/2]`` (a reward failing on this rank's
-    samples must still be seen); making the accelerator twice in one process does not prefix twice. The main
-    process changes nothing."""
+    """On rank 1 of 2, diffusers' and transformers' progress bars are off (before, every rank drew the
+    pipeline-loading bars) and each warning starts with ``[rank 1/2]``; their logged warnings stay on (a reward
+    failing, or a prompt truncated, on this rank's samples must still be seen); making the accelerator twice in
+    one process does not prefix twice. The main process changes nothing."""
     import warnings
 
     import diffusers.utils.logging as dlog
@@ -588,7 +588,7 @@ def test_a_process_other_than_the_main_one_is_quiet_and_names_its_rank_in_warnin
         make_accelerator("cpu")
         assert warnings.formatwarning("w", UserWarning, "f.py", 1, "") == "[rank 1/2] " + before
         assert not dlog.is_progress_bar_enabled() and not tlog.is_progress_bar_enabled()
-        assert dlog.get_verbosity() == dlog.ERROR and tlog.get_verbosity() == tlog.ERROR
+        assert [lib.get_verbosity() for lib in (dlog, tlog)] == [verbosity for _, verbosity, _ in saved]
     finally:
         for lib, verbosity, bars in saved:
             lib.set_verbosity(verbosity)

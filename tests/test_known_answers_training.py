@@ -157,11 +157,13 @@ def test_old_policy_update_convention():
 def test_amortised_marble_applies_alpha_bar_weighted_advantages():
     stub = SimpleNamespace(harmonizer=SimpleNamespace(alpha_bar=torch.tensor([0.25, 0.75], dtype=torch.float64)))
     adv = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, -2.0]])
-    # A_bar = 0.25 A_0 + 0.75 A_1: [0.25, 0.75, 0.5 - 1.5 = -1]
-    got = NFTTrainer._applied_advantages(stub, adv)
+    # A_bar = 0.25 A_0 + 0.75 A_1: [0.25, 0.75, 0.5 - 1.5 = -1], each sample weighing 1
+    got, weight = NFTTrainer._applied_advantages(stub, adv, torch.ones(3), torch.ones(3, 2))
     torch.testing.assert_close(got, torch.tensor([0.25, 0.75, -1.0]))
-    one_d = torch.tensor([1.0, -2.0])
-    assert NFTTrainer._applied_advantages(stub, one_d) is one_d  # a [n] advantage is applied as is
+    torch.testing.assert_close(weight, torch.ones(3))
+    one_d, kept = torch.tensor([1.0, -2.0]), torch.tensor([1.0, 0.0])
+    got, weight = NFTTrainer._applied_advantages(stub, one_d, kept, torch.ones(2, 1))
+    assert got is one_d and weight is kept  # a [n] advantage is applied as is, the kept mask as its weight
 
 
 # ----------------------------------------------------------------------------------------- NFT trainer

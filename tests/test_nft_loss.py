@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.nft import nft_loss, nft_loss_terms, nft_policy_loss, old_policy_decay
+from trainers.nft import amortised_advantages, nft_loss, nft_loss_terms, nft_policy_loss, old_policy_decay
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -59,6 +59,28 @@ def test_a_zero_weight_removes_a_samples_pull_towards_the_old_policy():
     torch.testing.assert_close(grad_w[[0, 2]], grad[[0, 2]])  # the mean still divides by 3
     full = 5.0 * (0.5 * l_pos + 0.5 * l_neg)
     torch.testing.assert_close(weighted, (full[0] + full[2]) / 3)
+
+
+def test_amortised_advantages_leave_a_failed_reward_out_as_the_per_reward_losses_do():
+    """Amortised MARBLE's one loss on ``(A_bar, w_bar)`` equals ``sum_k alpha_k l(A_k, w_k)`` (no clip active) when
+    a sample's reward failed (``w_k = 0``; its ``A_k`` is 0): before, ``A_bar = sum_k alpha_k A_k`` with weight 1
+    kept that reward's ``r = 1/2`` pull towards the old policy. With every weight 1 it is MARBLE's ``A_bar``."""
+    torch.manual_seed(1)
+    l_pos, l_neg = torch.rand(4) + 0.5, torch.rand(4) + 0.5
+    adv = torch.randn(4, 3).clamp(-2, 2)
+    w = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = adv * w
+    alpha = torch.tensor([0.5, 0.3, 0.2])
+    a_bar, w_bar = amortised_advantages(adv, w, alpha)
+    want = sum(alpha[k] * nft_policy_loss(l_pos, l_neg, adv[:, k], beta=0.5, adv_clip_max=5.0, weight=w[:, k])
+               for k in range(3))
+    torch.testing.assert_close(nft_policy_loss(l_pos, l_neg, a_bar, beta=0.5, adv_clip_max=5.0, weight=w_bar), want)
+    torch.testing.assert_close(w_bar, torch.tensor([1.0, 0.7, 0.2, 0.8]))
+    full, ones = amortised_advantages(adv, torch.ones(4, 3), alpha)
+    torch.testing.assert_close(full, adv @ alpha)
+    torch.testing.assert_close(ones, torch.ones(4))
+    none, zero = amortised_advantages(adv, torch.zeros(4, 3), alpha)
+    assert torch.equal(none, torch.zeros(4)) and torch.equal(zero, torch.zeros(4))
 
 
 def test_old_policy_decay_schedules():

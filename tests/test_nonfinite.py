@@ -155,9 +155,9 @@ def test_skipped_reward_failures_are_logged_per_epoch(tmp_path):
 
 def test_nft_leaves_a_failed_reward_out_of_the_sample_gradients(tmp_path, monkeypatch):
     """NFT under MARBLE with a reward that fails on one sample of each batch (``on_error: skip``): that sample
-    gets weight 0 in the failed reward's per-reward loss and keeps weight 1 in the other reward's and in the
-    combined loss (its combined reward, here a weighted sum, stays finite). Before, the zeroed advantage still
-    pulled the sample's velocity towards the old policy (r = 1/2) in every loss."""
+    gets weight 0 in the failed reward's per-reward loss, 1 in the other reward's, and in the combined (amortised)
+    loss the coefficient of the reward that worked. Before, the zeroed advantage still pulled the sample's velocity
+    towards the old policy (r = 1/2) in every loss."""
     from test_nft_trainer import nft_config
 
     weights = []
@@ -178,8 +178,22 @@ def test_nft_leaves_a_failed_reward_out_of_the_sample_gradients(tmp_path, monkey
     # per trained timestep: the combined loss, then one loss per reward (3 timesteps, one minibatch of 4)
     assert len(weights) == 9
     for combined, first, second in zip(weights[0::3], weights[1::3], weights[2::3]):
-        assert combined.tolist() == [1.0, 1.0, 1.0, 1.0] and first.tolist() == [1.0, 1.0, 1.0, 1.0]
+        # the combined loss (logged; the QP takes the per-reward ones) at the uniform start alpha_bar = (1/2, 1/2)
+        assert combined.tolist() == [1.0, 0.5, 1.0, 1.0] and first.tolist() == [1.0, 1.0, 1.0, 1.0]
         assert second.tolist() == [1.0, 0.0, 1.0, 1.0]
+    # amortised MARBLE (a QP on the first step, then one loss per timestep): the failed sample weighs
+    # alpha_bar of the rewards that worked (trainers.nft.amortised_advantages)
+    weights.clear()
+    cfg = nft_config(save_tiny(tmp_path), tmp_path / "amortised",
+                     {"num_epochs": 2, "aggregation": "marble", "marble_mode": "amortized", "marble_every": 5,
+                      "shuffle": False}, rewards=rewards)
+    with pytest.warns(RuntimeWarning, match="reward 'nan_second' failed"):
+        trainer = train_run(cfg, nft_mod.NFTTrainer)
+    assert len(weights) == 9 + 3
+    alpha_first = float(trainer.harmonizer.alpha_bar[0])
+    for w in weights[9:]:
+        torch.testing.assert_close(w, torch.tensor([1.0, alpha_first, 1.0, 1.0], dtype=w.dtype))
+    assert 0 < alpha_first < 1
 
 
 def test_a_nan_kl_gradient_skips_the_step_before_marble_moves(tmp_path, monkeypatch):

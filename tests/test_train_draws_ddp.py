@@ -46,8 +46,10 @@ def _configs(model: str, out: Path, world_size: int):
                      train={"num_epochs": 2, "batch_size": per, "gradient_accumulation_steps": 1,
                             "kl_weight": 1e-2, "aggregation": "marble", "marble_mode": "full"})
     # the SDE window leaves the last step deterministic: its std is ~100x smaller, so its log-prob gradient
-    # (~1/std^2) turns the batch-size-dependent rounding of the forward pass into visible differences
-    grpo = run_config(model, out / "grpo",
+    # (~1/std^2) turns the batch-size-dependent rounding of the forward pass into visible differences; and a
+    # smooth reward: JPEG size is a step function of the 8-bit pixels, so the first epoch's rounding difference
+    # (~5e-6) flipped some of the second epoch's rewards and moved the result by ~40% of a step
+    grpo = run_config(model, out / "grpo", rewards=[{"name": "colorfulness"}],
                       sample={"batch_size": per, "num_batches_per_epoch": 1, "group_size": 4, "window": [0, 3]},
                       train={"num_epochs": 2, "batch_size": per // 2, "gradient_accumulation_steps": 2,
                              "timestep_selection": "random", "timestep_fraction": 0.5, "shuffle": True},

@@ -61,6 +61,24 @@ def test_a_sampling_batch_that_does_not_split_into_training_minibatches(capsys, 
                           "of 8, e.g. train.batch_size=8"), err
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["guidance.method=best_of_n", "rewards.0.transform=rank"],
+     "error: rewards.0.transform: got 'rank' on 'shapes', with guidance.method='best_of_n' and compare=[]; guided "
+     "sampling scores candidates and particles of several prompts in one batch"),
+    (["guidance.compare=[fk]", "rewards.0.transform=[clip,rank]"],
+     "error: rewards.0.transform: got ['clip', 'rank'] on 'shapes', with guidance.method='none' and "
+     "compare=['fk']"),
+])
+def test_guided_sampling_refuses_a_reward_ranked_within_its_batch(capsys, safe, no_model, overrides, message):
+    """A rank within a batch of mixed prompts and candidates scores a batch of noise like one of clean images, so
+    ``diffalign sample`` refuses it on a guiding reward before the model loads; training with the same config
+    (which may rank a reward and keep guidance settings for later sampling) is not affected."""
+    err = _error(capsys, ["sample", FLOW, *overrides, *safe])
+    assert err.startswith(message), err
+    assert cli.main(["config", FLOW, *overrides, *safe]) == 0
+    capsys.readouterr()
+
+
 def test_misspelt_builtin_model(capsys, safe):
     err = _error(capsys, ["train", FLOW, "model.path=builtin:shapes-flo", *safe])
     assert err.startswith("error: model.path: got 'builtin:shapes-flo': unknown built-in model; valid: "

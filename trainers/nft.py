@@ -27,8 +27,8 @@ import torch
 from diffalign.config import ConfigError, TrainLoopConfig, check, param, register_trainer_config
 from diffalign.types import LossStats
 
-__all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "nft_loss", "old_policy_decay", "OldPolicy",
-           "NFTTrainer"]
+__all__ = ["NFTConfig", "nft_loss_terms", "nft_policy_loss", "amortised_advantages", "nft_loss", "old_policy_decay",
+           "OldPolicy", "NFTTrainer"]
 
 
 @register_trainer_config("nft")
@@ -154,6 +154,21 @@ def nft_policy_loss(
     if weight is not None:
         terms = terms * _up(weight)
     return c * terms.mean() / beta
+
+
+def amortised_advantages(per_reward: torch.Tensor, weights: torch.Tensor,
+                         alpha: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A_bar [B], w_bar [B])`` for amortised MARBLE's single loss (seed_algorithms.md §6.3).
+
+    MARBLE trains on ``A_bar = sum_k alpha_k A_k``, which (the loss being affine in ``A`` while no clip is active)
+    equals ``sum_k alpha_k l(A_k)``. Where a sample's reward ``k`` failed (``weights[b, k] = 0``, see
+    :func:`nft_policy_loss`), that sum must leave its term out, and does with ``w_bar = sum_k alpha_k w_k`` and
+    ``A_bar = sum_k alpha_k w_k A_k / w_bar``: ``w_bar (r(A_bar) L+ + (1 - r(A_bar)) L-)`` equals
+    ``sum_k alpha_k w_k (r(A_k) L+ + (1 - r(A_k)) L-)``. With every weight 1 this is ``(sum_k alpha_k A_k, 1)``."""
+    w_bar = weights @ alpha
+    weighted = (per_reward * weights) @ alpha
+    a_bar = torch.where(w_bar > 0, weighted / w_bar.clamp_min(torch.finfo(w_bar.dtype).tiny), torch.zeros_like(w_bar))
+    return a_bar, w_bar
 
 
 def nft_loss(
@@ -375,11 +390,13 @@ class NFTTrainer:
                     and self.global_step % cfg.grad_diagnostics_every == 0)
         return refresh, diagnose
 
-    def _applied_advantages(self, adv: torch.Tensor) -> torch.Tensor:
+    def _applied_advantages(self, adv: torch.Tensor, kept: torch.Tensor,
+                            per_weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(advantages [B], weights [B])`` of the one loss of a step: the combined advantage and the kept mask,
+        or under MARBLE the amortised :func:`amortised_advantages`."""
         if adv.ndim == 1:
-            return adv
-        # amortised MARBLE: A_bar = sum_k alpha_bar_k A_k (seed_algorithms.md §6.3)
-        return adv @ self.harmonizer.alpha_bar.to(adv)
+            return adv, kept
+        return amortised_advantages(adv, per_weight, self.harmonizer.alpha_bar.to(adv))
 
     def _velocities(self, model_fn, x_t, timesteps) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         from trainers.common import autocast_ctx
@@ -479,10 +496,10 @@ class NFTTrainer:
                     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
                     x_t = (1 - s) * x0 + s * noise
                     v_old, v_ref, v = self._velocities(model_fn, x_t, timesteps[idx])
-                    applied = self._applied_advantages(adv)
+                    applied, weight = self._applied_advantages(adv, kept, per_weight)
                     l_pos, l_neg = nft_loss_terms(v, v_old, x_t, x0, sigma, beta=cfg.beta, weight_eps=cfg.weight_eps)
                     policy = nft_policy_loss(l_pos, l_neg, applied, beta=cfg.beta, adv_clip_max=cfg.adv_clip_max,
-                                             weight=kept)
+                                             weight=weight)
                     kl = velocity_kl(v, v_ref) if v_ref is not None else torch.zeros((), device=self.device)
                     if refresh or diagnose:
                         # one gradient per reward, each from the SAME samples, noise and timesteps (§6.2 step 2)

@@ -70,11 +70,11 @@ def make_accelerator(device: str = "auto", collective_timeout: Optional[timedelt
 
 
 def quiet_other_rank(rank: int, world_size: int) -> None:
-    """Console hygiene on a process other than the main one: diffusers' and transformers' progress bars and
-    info messages (pipeline loading, once per rank) are switched off, and each warning this process shows starts
-    with ``[rank R/N]``. Warnings stay on: a rank-specific one (a reward failing on this rank's samples) must
-    still be seen, and the prefix says which process wrote it. Idempotent (several commands in one launched
-    process)."""
+    """Console hygiene on a process other than the main one: diffusers' and transformers' progress bars
+    (pipeline loading, once per rank) are switched off, and each Python warning this process shows starts with
+    ``[rank R/N]``. Warnings and the libraries' logged warnings stay on: a rank-specific one (a reward failing on
+    this rank's samples, a prompt truncated by this rank's text encoder) must still be seen, and the prefix says
+    which process wrote it. Idempotent (several commands in one launched process)."""
     import warnings
 
     for name in ("diffusers", "transformers"):
@@ -82,7 +82,6 @@ def quiet_other_rank(rank: int, world_size: int) -> None:
             lib_logging = __import__(f"{name}.utils.logging", fromlist=["logging"])
         except ImportError:  # pragma: no cover - both are dependencies
             continue
-        lib_logging.set_verbosity_error()
         lib_logging.disable_progress_bar()
     base = getattr(warnings.formatwarning, "_diffalign_base", warnings.formatwarning)
     prefix = f"[rank {rank}/{world_size}] "
@@ -299,9 +298,12 @@ def sample_main(cfg) -> int:
     the slowest process's).
     """
     check_reward_config(cfg)
+    from diffalign.config import check_guide_transforms
     from diffalign.distributed import DistContext
     from diffalign.prompts import build_prompt_source
 
+    if cfg.guidance.method != "none" or cfg.guidance.compare:
+        check_guide_transforms(cfg.rewards, cfg.guidance)
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
     from trainers.common import build_run_rewards, eval_shard, image_size, resolve_device

@@ -354,12 +354,17 @@ class GeneratorAdapter:
     def _pack(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
+    #: the VAE overflows in float16 (NaN / black images) and runs in float32 when its config says
+    #: ``force_upcast``: only SDXL's (:class:`~diffalign.generators.unet.UNetAdapter` sets it per pipeline), as in
+    #: diffusers, whose SDXL pipelines alone upcast; every AutoencoderKL config defaults ``force_upcast`` to True
+    upcast_fp16_vae: bool = False
+
     def _vae(self):
-        """The pipeline's VAE, moved to float32 first when it is float16 and its config says ``force_upcast``
-        (SDXL's VAE overflows in float16 and decodes NaN / black images; diffusers' SDXL pipeline upcasts it
-        the same way before decoding). It then stays float32: latents are cast to its dtype on the way in."""
+        """The pipeline's VAE; an SDXL VAE in float16 (``upcast_fp16_vae`` and ``force_upcast``) is first moved to
+        float32, where it stays (latents are cast to its dtype on the way in): diffusers' SDXL pipeline upcasts
+        the same way before decoding. That costs the VAE's weights twice over (160 MB) and float32 activations."""
         vae = self.pipeline.vae
-        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        if self.upcast_fp16_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             vae.to(dtype=torch.float32)
         return vae
 

@@ -48,6 +48,10 @@ class UNetAdapter(GeneratorAdapter):
     def is_sdxl(self) -> bool:
         return getattr(self.denoiser.config, "addition_embed_type", None) == "text_time"
 
+    @property
+    def upcast_fp16_vae(self) -> bool:  # SDXL's VAE overflows in float16 (GeneratorAdapter.upcast_fp16_vae)
+        return self.is_sdxl
+
     def _encode(
         self,
         prompts: List[str],

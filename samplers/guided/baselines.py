@@ -136,6 +136,9 @@ def multinomial_rows(probs: torch.Tensor, num: int, generator: GeneratorLike,
     probs = probs.detach().cpu()
     if not isinstance(generator, (list, tuple)):
         return torch.multinomial(probs, num, replacement=True, generator=generator)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0]} rows of draws; pass one per row (per "
+                         "prompt for resampling, per particle for SVDD's selection)")
     out = torch.zeros(probs.shape[0], num, dtype=torch.long)
     for r in range(probs.shape[0]):
         if rows is None or bool(rows[r]):
@@ -292,7 +295,8 @@ def svdd_sample(
         generator: candidate noise (one per sample when a list); ``select_generator``: the draws of
             ``alpha > 0`` (one CPU generator, or one per sample); ``kernel_generator``: the noise of the plain
             steps outside the window (default: ``generator``); pass the unguided sampler's to share its noise
-            there, as :func:`samplers.guided.guided_sample` does.
+            there, as :func:`samplers.guided.guided_sample` does (a selecting step draws from it too, unused, so
+            the steps after the window get the unguided sampler's noise of the same step).
     """
     if step not in STEPS or step == "flow_euler":
         raise ValueError(f"SVDD needs a stochastic step (flow_sde, flow_cps or ddim), got {step!r}")
@@ -325,6 +329,8 @@ def svdd_sample(
                 x = res.prev_sample
                 out = None
                 continue
+            if kernel_generator is not None:  # keep the kernel streams in step with the unguided sampler's
+                scheduled_step(step, out, x, sched, i, noise_level=noise_level, generator=kernel_generator)
             std = res.std.reshape(-1).expand(B).view(B, *lat_ones) if res.std.numel() == 1 else \
                 res.std.view(B, *lat_ones)
             z = candidate_noise(M, x, generator, antithetic=False)
