@@ -27,6 +27,7 @@ from rewards.clip_backbone import (
     build_clip_backbone,
     load_state_dict_file,
     missing_weights_error,
+    openai_vit_l14,
 )
 from rewards.registry import register_reward
 
@@ -126,8 +127,9 @@ def aesthetic(
     device: Any = None,
     **kwargs: Any,
 ) -> AestheticReward:
-    """LAION aesthetic MLP on CLIP ViT-L/14 image embeddings; ``weights`` (CLIP), ``head_weights`` (MLP)."""
-    kwargs = {"model_name": "ViT-L-14", **kwargs}
+    """LAION aesthetic MLP on CLIP ViT-L/14 image embeddings; ``weights`` (CLIP), ``head_weights`` (MLP). The MLP
+    was trained on OpenAI's ViT-L/14, the default (``pretrained="openai"``: QuickGELU)."""
+    kwargs = openai_vit_l14(kwargs)
     backbone_kwargs = _split_backbone_kwargs(kwargs)
     if kwargs:
         raise TypeError(f"aesthetic: unexpected kwargs {sorted(kwargs)}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from diffalign.types import RewardOutput
 from rewards.base import call_batched, resolve_device
-from rewards.clip_backbone import ClipBackbone, build_clip_backbone
+from rewards.clip_backbone import ClipBackbone, build_clip_backbone, openai_vit_l14
 from rewards.registry import register_reward
 
 __all__ = ["ClipSimilarityReward"]
@@ -34,6 +34,7 @@ _BACKBONE_KEYS = (
     "model_config",
     "weights",
     "tokenizer_path",
+    "pretrained",
     "allow_random_weights",
     "seed",
     "dtype",
@@ -103,8 +104,9 @@ def _build(
 
 @register_reward("clip_score")
 def clip_score(**kwargs: Any) -> ClipSimilarityReward:
-    """Cosine similarity of CLIP image and text embeddings. Range [-1, 1]."""
-    return _build("clip_score", {"model_name": "ViT-L-14"}, False, 1.0, kwargs)
+    """Cosine similarity of CLIP image and text embeddings. Range [-1, 1]. Defaults to OpenAI's ViT-L/14
+    (``pretrained="openai"``: QuickGELU); give ``pretrained`` (or null) for other weights."""
+    return _build("clip_score", openai_vit_l14(kwargs), False, 1.0, {})
 
 
 @register_reward("pickscore")

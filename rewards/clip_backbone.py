@@ -5,7 +5,11 @@ Never downloads. A backbone is built from
 
 * ``backend="open_clip"``: an open_clip config name (``model_name="ViT-L-14"``) or an explicit config dict
   (``model_config={"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``), plus ``weights`` = a local
-  open_clip checkpoint (``.pt`` / ``.bin`` / ``.safetensors``, loaded with ``weights_only=True``); or
+  open_clip checkpoint (``.pt`` / ``.bin`` / ``.safetensors``, loaded with ``weights_only=True``), and
+  ``pretrained`` = the open_clip tag those weights are (``"openai"``, ``"laion2b_s32b_b79k"``, ``"webli"``, ...):
+  nothing is downloaded, but the tag's settings apply as when open_clip loads the weights itself: OpenAI's
+  weights need QuickGELU (the plain config builds GELU, and every layer's activations come out wrong) and
+  SigLIP's a 0.5 / 0.5 normalisation; or
 * ``backend="transformers"``: ``weights`` = a local folder of a ``CLIPModel`` (``config.json`` + weights, e.g.
   PickScore_v1) with its tokenizer there or in ``tokenizer_path``; or a ``CLIPConfig`` dict in
   ``model_config`` for random weights.
@@ -37,6 +41,7 @@ __all__ = [
     "load_state_dict_file",
     "OPENAI_MEAN",
     "OPENAI_STD",
+    "openai_vit_l14",
 ]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -180,15 +185,41 @@ def _clip_bpe_tokenizer(vocab_size: int, max_length: int) -> Any:
     )
 
 
+def openai_vit_l14(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """``kwargs`` with the default backbone of the rewards built on OpenAI's CLIP ViT-L/14 (aesthetic, clip_score,
+    imagereward_style): ``model_name="ViT-L-14"`` with ``pretrained="openai"`` (QuickGELU), unless the caller
+    names another model, config, backend or tag."""
+    if any(k in kwargs for k in ("model_name", "model_config", "backend", "pretrained")):
+        return {"model_name": "ViT-L-14", **kwargs}
+    return {"model_name": "ViT-L-14", "pretrained": "openai", **kwargs}
+
+
+def _pretrained_settings(reward: str, model_name: str, pretrained: Optional[str]) -> Dict[str, Any]:
+    """open_clip's settings for weights ``pretrained`` of ``model_name`` (QuickGELU, mean / std), read from its
+    pretrained table without downloading; ``{}`` without a tag."""
+    import open_clip
+
+    if pretrained is None:
+        return {}
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise ValueError(f"reward {reward!r}: pretrained={pretrained!r} is not an open_clip tag of {model_name!r}; "
+                         f"valid: {tags} (or pretrained=null for weights of another origin)")
+    return cfg
+
+
 def _build_open_clip(
     reward: str,
     model_name: str,
     model_config: Optional[Mapping[str, Any]],
     weights: Optional[str],
     tokenizer_path: Optional[str],
+    pretrained: Optional[str] = None,
 ) -> Tuple[torch.nn.Module, Callable, Any, Sequence, Sequence]:
     import open_clip
 
+    settings: Dict[str, Any] = {}
     if model_config is not None:
         cfg = dict(model_config)
         model = open_clip.model.CLIP(**cfg)
@@ -201,7 +232,9 @@ def _build_open_clip(
                 "pick one of open_clip.list_models() "
                 "or pass model_config={...}"
             )
-        model = open_clip.create_model(model_name, pretrained=None)
+        settings = _pretrained_settings(reward, model_name, pretrained)
+        model = open_clip.create_model(model_name, pretrained=None,
+                                       force_quick_gelu=bool(settings.get("quick_gelu", False)))
         if tokenizer_path is not None:
             tokenizer = open_clip.get_tokenizer(f"local-dir:{tokenizer_path}")
         else:
@@ -210,7 +243,8 @@ def _build_open_clip(
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"reward {reward!r}: open_clip checkpoint {weights!r} does not exist")
         open_clip.load_checkpoint(model, weights, weights_only=True)
-    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    pp = {**(getattr(model.visual, "preprocess_cfg", None) or {}),
+          **{k: settings[k] for k in ("mean", "std") if k in settings}}
     mean, std = pp.get("mean", OPENAI_MEAN), pp.get("std", OPENAI_STD)
 
     def tokenize(prompts: List[str]) -> Dict[str, torch.Tensor]:
@@ -292,6 +326,7 @@ def build_clip_backbone(
     model_config: Optional[Mapping[str, Any]] = None,
     weights: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
+    pretrained: Optional[str] = None,
     allow_random_weights: bool = False,
     seed: int = 0,
     device: Union[None, str, torch.device] = None,
@@ -315,8 +350,11 @@ def build_clip_backbone(
     dev = resolve_device(device)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     name_key = None if (model_config is not None or backend == "transformers") else model_name
+    if pretrained is not None and (backend != "open_clip" or model_config is not None):
+        raise ValueError(f"reward {reward!r}: pretrained={pretrained!r} names open_clip weights of a config name; "
+                         "it does not apply with backend='transformers' or model_config (set pretrained=null)")
     key = json.dumps(
-        [backend, name_key, model_config, weights, tokenizer_path, seed, str(dev), str(torch_dtype)],
+        [backend, name_key, model_config, weights, tokenizer_path, pretrained, seed, str(dev), str(torch_dtype)],
         sort_keys=True,
         default=str,
     )
@@ -327,7 +365,7 @@ def build_clip_backbone(
             torch.manual_seed(seed)
             if backend == "open_clip":
                 model, tokenize, size, mean, std = _build_open_clip(
-                    reward, model_name, model_config, weights, tokenizer_path
+                    reward, model_name, model_config, weights, tokenizer_path, pretrained
                 )
             else:
                 model, tokenize, size, mean, std = _build_transformers(

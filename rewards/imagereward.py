@@ -27,7 +27,7 @@ from diffalign.types import RewardOutput
 from rewards.aesthetic import AestheticMLP, load_head
 from rewards.base import call_batched, resolve_device
 from rewards.clip import _split_backbone_kwargs
-from rewards.clip_backbone import ClipBackbone, build_clip_backbone
+from rewards.clip_backbone import ClipBackbone, build_clip_backbone, openai_vit_l14
 from rewards.registry import register_reward
 
 __all__ = ["ImageRewardStyleHead", "ImageRewardStyleReward"]
@@ -103,7 +103,7 @@ def imagereward_style(
     **kwargs: Any,
 ) -> ImageRewardStyleReward:
     """ImageReward-style head on CLIP features; ``weights`` (CLIP), ``head_weights`` (head): local paths."""
-    kwargs = {"model_name": "ViT-L-14", **kwargs}
+    kwargs = openai_vit_l14(kwargs)
     backbone_kwargs = _split_backbone_kwargs(kwargs)
     if kwargs:
         raise TypeError(f"imagereward_style: unexpected kwargs {sorted(kwargs)}")

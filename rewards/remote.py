@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from diffalign.types import RewardOutput
-from rewards.base import RewardError, as_reward_output, check_inputs, describe_batch
+from rewards.base import FunctionReward, RewardError, as_reward_output, check_inputs, describe_batch
 from rewards.registry import RewardSpec, build_reward, get_factory, register_reward
 
 __all__ = [
@@ -117,6 +117,13 @@ def decode_request(body: bytes) -> Tuple[torch.Tensor, List[str], List[Dict[str,
 # ----------------------------------------------------------------------------------------------- server
 
 
+def _finite_json(obj: Any) -> Any:
+    """A JSON-able copy of ``obj`` (other objects as ``str``) with every non-finite float as ``null``: JSON has no
+    NaN, and the client refuses the bare ``NaN`` that ``json.dumps`` writes, so one NaN in a reward's details
+    (a plugin's "not applicable" value) failed the whole answer."""
+    return json.loads(json.dumps(obj, default=str), parse_constant=lambda constant: None)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
     protocol_version = "HTTP/1.1"
@@ -126,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def _send_json(self, status: int, payload: Dict[str, Any]) -> None:
-        body = json.dumps(payload, default=str).encode("utf-8")
+        body = json.dumps(_finite_json(payload)).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -218,9 +225,7 @@ class _Server(ThreadingHTTPServer):
                 f"reward {name!r} returned NaN/inf at indices {torch.nonzero(bad).flatten().tolist()[:10]} "
                 f"(on {where})"
             )
-        details = None
-        if out.details is not None:
-            details = json.loads(json.dumps(out.details, default=str))
+        details = None if out.details is None else _finite_json(out.details)
         return scores.tolist(), details
 
 
@@ -284,6 +289,8 @@ def serve_reward(
     """
     is_reward = callable(spec) and not isinstance(spec, (str, Mapping, RewardSpec))
     reward = spec if is_reward else build_reward(spec)
+    if is_reward and not hasattr(reward, "name"):  # a plain function: wrapped as build_reward wraps a plugin's
+        reward = FunctionReward(reward)
     server = RewardServer(reward, host, port, verbose=verbose)
     if not block:
         return server.start()

@@ -185,6 +185,35 @@ def test_backbones_are_shared_between_rewards(built):
     assert a is built["clip_score"].backbone is built["hps"].backbone
 
 
+def test_openai_weights_get_quick_gelu_and_a_tag_its_normalisation():
+    """open_clip's plain config builds GELU; OpenAI's weights need QuickGELU, which open_clip applies only when it
+    loads them itself (``pretrained=None`` skipped it: every layer of aesthetic / clip_score / imagereward_style
+    on OpenAI ViT-L/14 ran the wrong activation). ``pretrained`` names the weights' tag (no download); those
+    rewards default to ``openai``, and SigLIP's tag gives its 0.5 / 0.5 normalisation."""
+    import open_clip
+
+    from rewards.clip_backbone import _pretrained_settings, openai_vit_l14
+
+    def activations(backbone):
+        return {type(m).__name__ for m in backbone.model.modules() if "GELU" in type(m).__name__}
+
+    quick = build_clip_backbone(reward="x", model_name="ViT-B-32", pretrained="openai", allow_random_weights=True,
+                                device="cpu", cache=False)
+    plain = build_clip_backbone(reward="x", model_name="ViT-B-32", allow_random_weights=True, device="cpu",
+                                cache=False)
+    assert activations(quick) == {"QuickGELU"} and activations(plain) == {"GELU"}
+    assert _pretrained_settings("x", "ViT-B-16-SigLIP", "webli")["mean"] == (0.5, 0.5, 0.5)
+    assert _pretrained_settings("x", "ViT-B-32", None) == {}
+    with pytest.raises(ValueError, match="pretrained='openai' is not an open_clip tag of 'ViT-B-16-SigLIP'"):
+        _pretrained_settings("x", "ViT-B-16-SigLIP", "openai")
+    with pytest.raises(ValueError, match="does not apply with backend='transformers' or model_config"):
+        build_clip_backbone(reward="x", model_config=TINY_OPEN_CLIP, pretrained="openai", allow_random_weights=True)
+    assert openai_vit_l14({}) == {"model_name": "ViT-L-14", "pretrained": "openai"}
+    assert openai_vit_l14({"model_config": {}}) == {"model_name": "ViT-L-14", "model_config": {}}
+    assert openai_vit_l14({"model_name": "ViT-H-14"}) == {"model_name": "ViT-H-14"}
+    assert open_clip.get_pretrained_cfg("ViT-L-14", "openai")["quick_gelu"]  # what the default relies on
+
+
 # ------------------------------------------------------------------------------------------- DINO
 
 

@@ -223,3 +223,30 @@ def test_timeout_bounds_the_whole_answer_not_each_read():
         assert time.monotonic() - start < 4.0
     finally:
         server.close()
+
+
+def test_a_nan_in_details_and_a_plain_function_are_served(images):
+    """A reward whose details hold a NaN (a plugin's "not applicable" value) is served with that value as null
+    (json.dumps wrote a bare NaN, which the client refuses: the whole answer failed); a plain function given to
+    serve_reward is wrapped as build_reward wraps a plugin (every request failed with a 400 on ``.name``)."""
+    from diffalign.types import RewardOutput
+    from rewards.base import FunctionReward
+
+    def half_applicable(images, prompts, metadata):
+        n = images.shape[0]
+        scores = torch.tensor([float("nan") if i % 2 == 0 else 0.5 for i in range(n)])
+        return RewardOutput(scores=scores, details=[{"raw": float(s), "ok": True} for s in scores])
+
+    half_applicable.allows_nan = True
+    reward = FunctionReward(half_applicable, name="half")
+    with serve_reward(reward, port=0, block=False) as server:
+        out = RemoteReward(url=server.url, encoding="float32")(images, PROMPTS, None)
+    assert torch.isnan(out.scores[0]) and float(out.scores[1]) == 0.5
+    assert out.details[0] == {"raw": None, "ok": True} and out.details[1] == {"raw": 0.5, "ok": True}
+
+    def brightness(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3))
+
+    with serve_reward(brightness, port=0, block=False) as server:
+        out = RemoteReward(url=server.url, encoding="float32")(images, PROMPTS, None)
+    torch.testing.assert_close(out.scores, images.mean(dim=(1, 2, 3)))

@@ -356,14 +356,21 @@ def test_shape_probabilities_known_values_and_monotone_in_the_margins():
     fill = np.array([1.0, 0.79, 0.55, 0.875, 0.85])
     low = np.array([0.5, 0.5, 0.63, 0.5, 0.5])
     p = shape_probabilities(fill, low, temperature=1.0)
-    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-12)
-    away = [0, 1, 2, 4]  # fill 0.875 sits on the square / circle boundary: a tie there
+    assert ((p >= 0) & (p <= 1)).all()
+    away = [0, 1, 2, 4]  # fill 0.875 sits on the square / circle boundary
     assert p[away].argmax(1).tolist() == classify_shape(fill, low)[away].tolist() == [1, 0, 2, 0]
     # Hand value for fill 0.875, low 0.5: P(not triangle) = (1 - s((0.5 - 0.55)/0.02)) (1 - s((0.7 - 0.875)/0.05)),
-    # P(square) = P(not triangle) * s(0): the square's boundary is at one half.
+    # P(square) = P(not triangle) * s(0): the square's boundary is at one half; each column is then divided by its
+    # value at the shape's exact prototype (circle: fill pi/4, square: fill 1, triangle: fill 1/2, low 2/3)
     s = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     not_tri = (1 - s(-2.5)) * (1 - s(-3.5))
-    np.testing.assert_allclose(p[3], [not_tri / 2, not_tri / 2, 1 - not_tri], rtol=1e-12)
+    proto_not_tri = (1 - s(-2.5)) * (1 - s((0.7 - np.pi / 4) / 0.05))
+    proto = [proto_not_tri * (1 - s((np.pi / 4 - 0.875) / 0.05)), (1 - s(-2.5)) * (1 - s(-6.0)) * s(2.5),
+             1 - (1 - s((2 / 3 - 0.55) / 0.02)) * (1 - s(4.0))]
+    np.testing.assert_allclose(p[3], np.array([not_tri / 2, not_tri / 2, 1 - not_tri]) / proto, rtol=1e-12)
+    # a clean shape is a full member of its class (uncalibrated, a clean circle had 0.67 and a square 0.85)
+    exact = shape_probabilities(np.array([np.pi / 4, 1.0, 0.5]), np.array([0.5, 0.5, 2 / 3]))
+    np.testing.assert_allclose(np.diagonal(exact), 1.0)
     # A blob asked to be a square scores higher the squarer it is; asked to be a triangle, the lower it sits.
     fills = np.linspace(0.6, 1.0, 9)
     assert np.all(np.diff(shape_probabilities(fills, np.full(9, 0.5))[:, 1]) > 0)
@@ -373,13 +380,31 @@ def test_shape_probabilities_known_values_and_monotone_in_the_margins():
         shape_probabilities(fill, low, temperature=0.0)
 
 
+@pytest.mark.parametrize("size", [32, 64])
+def test_the_shaped_verifier_scores_the_asked_count_highest(size):
+    """For "a / two / three / four green <shape>s", clean renders of the asked count score highest at the default
+    temperature, by a wide margin. Before the shape memberships were calibrated, clean circles counted 0.67 each:
+    "four green circles" scored highest with one circle, "three" with four, "two" with three."""
+    words = ["a", "two", "three", "four"]
+
+    def text(word, shape):
+        return f"a green {shape}" if word == "a" else f"{word} green {shape}s"
+
+    for shape in SHAPES:
+        renders = {k: render_batch([text(k, shape)] * 8, size=size, seed=1) for k in words}
+        for target in words:
+            means = [float(soft_score_images(renders[k], [text(target, shape)] * 8)[0].mean()) for k in words]
+            right = means[words.index(target)]
+            assert right > 0.9 and right - max(m for m in means if m != right) > 0.15, (shape, target, means)
+
+
 def test_soft_check_known_answer():
     # "two red squares left of a blue circle"; components: a red near-square at x=4, a red blob at x=6, a blue circle
-    # at x=20 (same row) and a stray blue blob at x=21 far above (a secondary offset of 26 px: a violated pair of
-    # small weight). m[0] = [P_sq(0), P_sq(1), 0, 0], m[1] = [0, 0, P_circ(2), P_circ(3)].
+    # at x=20 (same row) and a stray blue square-ish blob at x=21 far above (a secondary offset of 26 px: a violated
+    # pair of small weight). m[0] = [P_sq(0), P_sq(1), 0, 0], m[1] = [0, 0, P_circ(2), P_circ(3)].
     spec = parse_prompt("two red squares left of a blue circle")
     color = np.array([COLORS.index(c) for c in ("red", "red", "blue", "blue")])
-    probs = shape_probabilities(np.array([0.95, 0.8, 0.79, 0.95]), np.array([0.5, 0.5, 0.5, 0.5]))
+    probs = shape_probabilities(np.array([0.95, 0.8, 0.79, 1.0]), np.array([0.5, 0.5, 0.5, 0.5]))
     cx, cy = np.array([4.0, 6.0, 20.0, 21.0]), np.array([10.0, 12.0, 11.0, -15.0])
     score, crit = soft_check(spec, color, probs, cx, cy, side=32.0)
     m0, m1 = probs[:2, 1], probs[2:, 0]

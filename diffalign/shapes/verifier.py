@@ -38,7 +38,7 @@ from diffalign.shapes.prompts import COLORS, SHAPES, PromptSpec, parse_prompt
 from diffalign.shapes.render import PALETTE
 
 __all__ = ["analyse", "classify_shape", "shape_probabilities", "check", "soft_check", "verify", "score_images",
-           "soft_score_images", "DEFAULTS", "SOFT_SCALES"]
+           "soft_score_images", "DEFAULTS", "SOFT_SCALES", "SHAPE_PROTOTYPES"]
 
 DEFAULTS = {"chroma_threshold": 0.3, "min_area_frac": 0.008, "relation_margin_frac": 0.04}
 # Shape boundaries, tuned on clean, blurred and noisy renders at 32 and 64 px (see classify_shape).
@@ -154,21 +154,39 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return special.expit(np.asarray(x, dtype=np.float64))
 
 
-def shape_probabilities(fill: np.ndarray, low: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Soft :func:`classify_shape`: ``[N, 3]`` probabilities over ``SHAPES`` (rows sum to 1).
+#: ``(fill, low)`` of each shape drawn exactly, in ``SHAPES`` order: a disc fills pi/4 of its box, a square all of
+#: it, an upright triangle half, with its mass 2/3 down (clean renders: circle 0.79-0.80 / 0.50, square 1.00 / 0.50,
+#: triangle 0.57-0.67 / 0.62-0.65 at 64 and 32 pixels)
+SHAPE_PROTOTYPES = ((np.pi / 4, 0.5), (1.0, 0.5), (0.5, 2.0 / 3.0))
 
-    The hard rule is "triangle if ``low > 0.55`` or ``fill < 0.7``, else square if ``fill >= 0.875``, else
-    circle"; each comparison becomes a sigmoid of its margin over ``temperature * SOFT_SCALES``, and the
-    "or" the probabilistic union. At ``temperature -> 0`` the argmax is :func:`classify_shape`.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}; use score_images for the hard verifier")
-    fill, low = np.asarray(fill, np.float64), np.asarray(low, np.float64)
+
+def _raw_shape_probabilities(fill: np.ndarray, low: np.ndarray, temperature: float) -> np.ndarray:
     tf, tl = temperature * SOFT_SCALES["fill"], temperature * SOFT_SCALES["low"]
     not_tri = (1.0 - _sigmoid((low - _TRIANGLE_LOW) / tl)) * (1.0 - _sigmoid((_TRIANGLE_FILL - fill) / tf))
     sq = _sigmoid((fill - _SQUARE_FILL) / tf)
     # Columns in SHAPES order: circle, square, triangle (the indices classify_shape returns).
     return np.stack([not_tri * (1.0 - sq), not_tri * sq, 1.0 - not_tri], axis=-1)
+
+
+def shape_probabilities(fill: np.ndarray, low: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Soft :func:`classify_shape`: ``[N, 3]`` shape memberships in ``[0, 1]`` over ``SHAPES``.
+
+    The hard rule is "triangle if ``low > 0.55`` or ``fill < 0.7``, else square if ``fill >= 0.875``, else
+    circle"; each comparison becomes a sigmoid of its margin over ``temperature * SOFT_SCALES``, and the
+    "or" the probabilistic union. Each column is then divided by its value at the shape's exact
+    :data:`SHAPE_PROTOTYPES` and capped at 1, so that a clean shape has membership 1 in its class. Uncalibrated,
+    a clean circle (its fill between two boundaries 0.09 apart from it, at sigmoid scale 0.05) had 0.66 and a
+    clean square 0.85, so the soft count of four clean circles was 2.7, and the shaped verifier scored "four
+    circles" highest with one circle and "three circles" with four. Rows no longer sum to 1 near a boundary. At
+    ``temperature -> 0`` the calibration tends to 1 and the argmax is :func:`classify_shape`.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use score_images for the hard verifier")
+    fill, low = np.asarray(fill, np.float64), np.asarray(low, np.float64)
+    raw = _raw_shape_probabilities(fill, low, temperature)
+    proto = np.asarray(SHAPE_PROTOTYPES, np.float64)
+    at_prototype = np.diagonal(_raw_shape_probabilities(proto[:, 0], proto[:, 1], temperature))
+    return np.minimum(raw / at_prototype, 1.0)
 
 
 def _relation_holds(a: List[Tuple[float, float]], b: List[Tuple[float, float]], relation: str,
