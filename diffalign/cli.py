@@ -139,24 +139,31 @@ def _split_config_arg(args: argparse.Namespace) -> None:
         args.config = None
 
 
-def _hoist_guidance(argv: list) -> None:
-    """Move ``--guidance METHOD`` (or ``--guidance=METHOD``) of a ``sample`` command line to just after the command,
-    wherever it stands among the ``key=value`` overrides (argparse cannot intermix an option with a trailing
-    positional list); argparse then parses and validates it."""
-    if not argv or argv[0] != "sample":
+#: the options a command takes among its ``key=value`` overrides: ``{command: {option: takes a value}}``
+_HOISTED = {"sample": {"--guidance": True}, "config": {"--out": True, "--help-keys": False}}
+
+
+def _hoist_options(argv: list) -> None:
+    """Move a command's options (:data:`_HOISTED`: ``--guidance METHOD`` of ``sample``, ``--out PATH`` and
+    ``--help-keys`` of ``config``; ``--opt=VALUE`` too) to just after the command, wherever they stand among the
+    ``key=value`` overrides (argparse cannot intermix an option with a trailing positional list, and failed with
+    "unrecognized arguments"); argparse then parses and validates them."""
+    options = _HOISTED.get(argv[0]) if argv else None
+    if not options:
         return
-    for i, a in enumerate(argv):
-        if a.startswith("--guidance="):
-            value = a.split("=", 1)[1]
-            del argv[i]
-            break
-        if a == "--guidance" and i + 1 < len(argv):
-            value = argv[i + 1]
-            del argv[i:i + 2]
-            break
-    else:
-        return
-    argv[1:1] = ["--guidance", value]
+    moved, rest, i = [], [argv[0]], 1
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in options and ("=" in a or not options[name]):
+            moved.append(a)
+        elif a in options and i + 1 < len(argv):
+            moved += argv[i:i + 2]
+            i += 1
+        else:
+            rest.append(a)
+        i += 1
+    argv[:] = [rest[0], *moved, *rest[1:]]
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
@@ -188,6 +195,9 @@ def _run_config_command(args: argparse.Namespace) -> int:
         return 0
     cfg = _load(args)
     if args.out:
+        if os.path.isdir(args.out):
+            raise ConfigError(f"--out {args.out!r} is a folder; give a file path for the resolved config, e.g. "
+                              f"{os.path.join(args.out, 'config.yaml')}")
         save_config(cfg, args.out)
     sys.stdout.write(dump_yaml(cfg))
     return 0
@@ -207,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Everything after the name belongs to the command, `--help` included (argparse's REMAINDER
             # would not take a leading option).
             return _dispatch(argv[0], lambda: argv[1:])
-        _hoist_guidance(argv)
+        _hoist_options(argv)
         args = build_parser().parse_args(argv)
         if args.command == "config":
             return _run_config_command(args)

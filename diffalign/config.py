@@ -246,7 +246,9 @@ class TrainLoopConfig:
 
     def check_batch_split(self, sample) -> None:
         """An epoch's samples on a process (``sample.batch_size x sample.num_batches_per_epoch``) split into whole
-        training minibatches of ``batch_size`` (a ``train`` key of every trainer)."""
+        training minibatches of ``batch_size`` (a ``train`` key of every trainer). Checked by the trainers when
+        they are built, not with the config: ``diffalign eval`` / ``sample`` share the config and may use another
+        sampling batch (to fit memory) without training."""
         import math
 
         total = sample.batch_size * sample.num_batches_per_epoch
@@ -1210,13 +1212,25 @@ class PromptsConfig:
     def __post_init__(self) -> None:
         if self.source == "file":
             check(self.path is not None, "path", "source=file needs prompts.path (one prompt per line)")
+            check(self.categories is None, "categories",
+                  f"got {self.categories} with source=file; categories choose among the built-in shapes prompts: "
+                  "set prompts.source=shapes, or categories=null")
+        else:  # a prompt file named with the default source=shapes was silently not read
+            for key in ("path", "eval_path"):
+                check(getattr(self, key) is None, key,
+                      f"got {getattr(self, key)!r} with source=shapes, which draws the built-in prompts and reads no "
+                      f"file: add prompts.source=file to use it (or drop prompts.{key})")
         if self.categories is not None:
-            from diffalign.shapes.prompts import CATEGORIES
+            from diffalign.shapes.prompts import CATEGORIES, COLORED_CATEGORIES
 
             bad = [c for c in self.categories if c not in CATEGORIES]
             check(not bad, "categories", f"unknown shapes categories {bad}; valid categories are {list(CATEGORIES)}")
             check(bool(self.categories), "categories",
                   f"got []; name at least one of {list(CATEGORIES)}, or null for all of the split")
+            plain = [c for c in self.categories if c not in COLORED_CATEGORIES]
+            check(self.split != "held_out" or not plain, "categories",
+                  f"{plain} have no colours, so split=held_out (colour-shape pairs held out of training) has no "
+                  f"prompts of them: use categories among {list(COLORED_CATEGORIES)}, or split=held_in")
 
 
 _GUIDANCE_METHODS = ("none", "doob", "fk", "svdd", "best_of_n")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 
@@ -151,17 +152,21 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_lora:
         _say(f"writing LoRA (diffusers format) to {out_dir / 'lora'}")
-        adapter.save_lora(str(out_dir / "lora"))
+        _write_folder(out_dir / "lora", lambda tmp: adapter.save_lora(str(tmp)))
         written["lora"] = out_dir / "lora"
     if merged or not is_lora:
         if is_lora:
             _fuse_lora(adapter.denoiser)
         adapter.denoiser.to(out_dtype)
         _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
-        adapter.pipeline.save_pretrained(str(out_dir / "merged"), safe_serialization=True)
-        if adapter.call_kwargs:  # what the base folder's diffalign.json says every call needs (diffalign reads it)
-            _write_text_atomic(out_dir / "merged" / "diffalign.json",
-                               _json_text({"call_kwargs": adapter.call_kwargs}, "call_kwargs"))
+
+        def write_merged(tmp: Path) -> None:
+            adapter.pipeline.save_pretrained(str(tmp), safe_serialization=True)
+            if adapter.call_kwargs:  # what the base folder's diffalign.json says every call needs (diffalign reads it)
+                _write_text_atomic(tmp / "diffalign.json", _json_text({"call_kwargs": adapter.call_kwargs},
+                                                                      "call_kwargs"))
+
+        _write_folder(out_dir / "merged", write_merged)
         written["merged"] = out_dir / "merged"
     if (out_dir / "export.json").is_file():  # an earlier export into this folder: drop what this one replaces
         for name in ("lora", "merged"):
@@ -179,6 +184,26 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     if "merged" in written:
         _say(f"load the merged pipeline with {load_hint(written['merged'], out_dtype, adapter.call_kwargs)}")
     return written
+
+
+def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(folder)`` into a fresh folder beside ``target``, then swap it in: an export into a used folder
+    replaces the earlier one whole (written over in place, a sharded earlier export left its shard index behind
+    and the new folder did not load), and an export that fails midway leaves the earlier one as it was."""
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_parser() -> argparse.ArgumentParser:

@@ -149,13 +149,25 @@ class MetricsLogger:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and resume_step < 0 and self.path.exists() and self.path.stat().st_size:
-            # a fresh start in a used folder: keep the earlier run's log beside it (it may be all that explains
-            # why that run stopped) instead of appending to it or deleting it
-            kept = self.path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-            os.replace(self.path, kept)
-            warnings.warn(f"{self.run_dir} already had a metrics log and this run starts afresh: the old log was "
-                          f"moved to {kept.name}", UserWarning)
+        tb_dir = self.run_dir / TENSORBOARD_DIR
+        old_log = self.path.exists() and self.path.stat().st_size > 0
+        old_tb = tb_dir.is_dir() and any(tb_dir.iterdir())
+        if resume_step is not None and resume_step < 0 and (old_log or old_tb):
+            # a fresh start in a used folder: keep the earlier run's logs beside them (they may be all that explains
+            # why that run stopped) instead of appending to them (TensorBoard showed two values per step) or
+            # deleting them
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            moved = []
+            if old_log:
+                kept = self.path.with_name(f"metrics.{stamp}.jsonl")
+                os.replace(self.path, kept)
+                moved.append(f"the metrics log to {kept.name}")
+            if old_tb:
+                kept_tb = tb_dir.with_name(f"{TENSORBOARD_DIR}.{stamp}")
+                os.replace(tb_dir, kept_tb)
+                moved.append(f"the TensorBoard events to {kept_tb.name}")
+            warnings.warn(f"{self.run_dir} already had logs and this run starts afresh: moved "
+                          f"{' and '.join(moved)}", UserWarning)
         elif resume_step is not None and self.path.exists():
             _truncate_after(self.path, int(resume_step))
         if wandb:  # before opening the jsonl, so a missing package leaves no open file behind

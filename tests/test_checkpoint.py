@@ -446,6 +446,38 @@ def test_export_of_the_shapes_model_keeps_its_call_kwargs_and_replaces_an_earlie
     assert "--out " in capsys.readouterr().err
 
 
+def test_an_export_over_an_earlier_sharded_one_replaces_it_whole(tmp_path, base_model, monkeypatch):
+    """Re-exporting into a used folder swaps in a freshly written one: written over in place, a sharded earlier
+    export left its shard index beside the new single file and from_pretrained looked for the missing shards. An
+    export that fails midway leaves the earlier one as it was."""
+    from diffusers import DiffusionPipeline
+
+    import diffalign.export as export_mod
+
+    _run_with_checkpoint(tmp_path, base_model, lora=True)
+    out = tmp_path / "export"
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--merged"]) == 0
+    transformer = out / "merged" / "transformer"
+    DiffusionPipeline.from_pretrained(str(out / "merged")).transformer.save_pretrained(
+        str(transformer), max_shard_size="20KB")  # an earlier export in shards
+    assert (transformer / "diffusion_pytorch_model.safetensors.index.json").exists()
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--merged"]) == 0
+    assert not (transformer / "diffusion_pytorch_model.safetensors.index.json").exists()
+    DiffusionPipeline.from_pretrained(str(out / "merged"))  # loads
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def failing(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_mod, "_fuse_lora", failing)  # fails after the LoRA folder, before the merged one
+    with pytest.raises(OSError, match="disk full"):
+        export_mod.export_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000003", out, merged=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    DiffusionPipeline.from_pretrained(str(out / "merged"))
+
+
 def test_export_errors(tmp_path, capsys):
     assert export_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

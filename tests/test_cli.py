@@ -328,3 +328,19 @@ def test_trainer_config_class_without_a_usable_trainer_is_one_line(config_class,
 def test_trainer_registered_in_an_unimported_module_names_the_path_form(capsys):
     assert cli.main(["config", FLOW, "trainer=mygrpo"]) == 2
     assert "so name it as my_module:MyConfig" in capsys.readouterr().err
+
+
+def test_a_run_that_stops_before_evaluating_again_labels_its_last_evaluation(tmp_path, capsys):
+    """train.stop_after_epochs ends a run without a final evaluation: the printed result is labelled with the
+    epoch it was measured at (it was printed as the "final eval", though it was the untrained model's)."""
+    out = tmp_path / "run"
+    argv = ["train", FLOW, f"output_dir={out}", *TINY_RUN, "train.num_epochs=5", "train.eval_every=10",
+            "train.stop_after_epochs=1"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "last eval (epoch 0; the run stopped at epoch 1 without evaluating again): eval/reward/shapes=" \
+        in captured.out
+    assert "final eval" not in captured.out
+    import re
+
+    assert re.findall(r"(\d+)/5 \[", captured.err)[-1] == "1"  # the bar counts the epoch it stopped after (was 0)

@@ -714,6 +714,13 @@ def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
     ("guidance.window=[0,100]", "guidance.window: got [0, 100]; end must be <= the guided sampler's 20 steps"),
     ("sample.step=ddim sample.noise_level=1.5", "sample.noise_level: got 1.5 with step ddim; DDIM's eta is at most 1"),
     ("guidance.step=ddim guidance.noise_level=2", "guidance.noise_level: got 2.0 with step ddim; DDIM's eta is at"),
+    # crashed after the model loaded and the first evaluation ran
+    ("prompts.split=held_out prompts.categories=[single_object]",
+     "prompts.categories: ['single_object'] have no colours, so split=held_out"),
+    # a prompt file named without source=file was silently not read
+    ("prompts.path=/data/prompts.txt", "prompts.path: got '/data/prompts.txt' with source=shapes"),
+    ("prompts.source=file prompts.path=p.txt prompts.categories=[counting]",
+     "prompts.categories: got ['counting'] with source=file"),
     # DOIT named in compare only: found after the model loaded and the earlier rows sampled
     ("guidance.method=fk guidance.compare=[doob] guidance.num_candidates=7",
      "guidance.num_candidates: got 7; antithetic DOIT needs an even number"),

@@ -199,6 +199,10 @@ def test_diffalign_eval_of_a_checkpoint_reproduces_the_logged_evaluation(tmp_pat
         assert eval_main(eval_cfg) == 0
         out = json.loads((tmp_path / "run" / "eval.json").read_text())
         assert out["eval/reward/jpeg_compressibility"] == expected["eval/reward/jpeg_compressibility"]
+        # which checkpoint: as asked and as resolved (`latest` moves on as training continues)
+        assert out["checkpoint"] == resume and out["checkpoint_step"] == (1 if resume else None)
+        assert out["checkpoint_path"] == (str((tmp_path / "run" / "checkpoints" / "step-00000001").resolve())
+                                          if resume else None)
         # `diffalign sample` draws the images it scores (it used the run seed and the sample section's settings)
         assert sample_main(eval_cfg) == 0
         out = json.loads((tmp_path / "run" / "samples_rewards.json").read_text())

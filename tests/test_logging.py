@@ -74,6 +74,29 @@ def test_tensorboard_scalars_and_purge_on_resume(tmp_path):
     assert [(e.step, e.value) for e in events] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
 
 
+def test_a_fresh_start_moves_the_earlier_tensorboard_events_aside(tmp_path):
+    """A fresh start (resume_step=-1) in a used folder moves the earlier run's TensorBoard events aside with its
+    metrics log, so the new run's scalars are its own (appended, the folder showed two values per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path) as logger:
+        for step in range(3):
+            logger.log(step, {"reward/shapes": 1.0})
+    with pytest.warns(UserWarning, match="moved the metrics log to metrics.* and the TensorBoard events to "
+                                         "tensorboard."):
+        logger = MetricsLogger(tmp_path, resume_step=-1)
+    with logger:
+        for step in range(2):
+            logger.log(step, {"reward/shapes": 2.0})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("reward/shapes")] == [(0, 2.0), (1, 2.0)]
+    (kept,) = tmp_path.glob("tensorboard.*")
+    old = EventAccumulator(str(kept))
+    old.Reload()
+    assert [e.step for e in old.Scalars("reward/shapes")] == [0, 1, 2]
+
+
 def _cell_pixels(grid, x0, y0, h, w, scale):
     return np.asarray(grid)[y0:y0 + h * scale, x0:x0 + w * scale]
 

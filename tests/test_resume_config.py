@@ -178,7 +178,7 @@ def test_a_fresh_start_in_a_used_folder_replaces_its_metrics(tmp_path):
     with pytest.warns(UserWarning) as record:
         train_run(cfg)
     messages = " ".join(str(w.message) for w in record)
-    assert "the old log was moved to metrics." in messages and "this run starts afresh" in messages
+    assert "moved the metrics log to metrics." in messages and "this run starts afresh" in messages
     second = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert second == first and sorted(set(first)) == [0, 1, 2]
     (moved,) = (tmp_path / "run").glob("metrics.*.jsonl")  # the first run's log, kept
@@ -265,3 +265,32 @@ def test_shared_group_noise_ids_run_on_after_a_resume_with_fewer_samples(tmp_pat
     with pytest.warns(UserWarning, match="differs from the checkpoint"):
         train_run(fewer)
     assert first == {0, 1, 8, 9} and set(seen) == {16, 20}  # the epochs' first sample ids, + group 0
+
+
+def test_eval_of_a_checkpoint_on_another_model_is_one_line_or_warned(tmp_path, capsys):
+    """A checkpoint loaded onto a model of another architecture stops with one line naming the checkpoint and the
+    model (it was a traceback); onto a copy of the model at another path it loads, with a warning that the run
+    trained another model.path (it loaded silently)."""
+    import shutil
+
+    from diffalign import cli
+    from diffalign.config import save_config
+
+    model = save_tiny(tmp_path)
+    cfg = run_config(model, tmp_path / "run", train={"num_epochs": 1}, checkpoint={"every": 1})
+    train_run(cfg)
+    path = tmp_path / "run.yaml"
+    save_config(cfg, path)
+    other = save_tiny(tmp_path, kind="sd15")
+    args = ["eval", str(path), "checkpoint.resume_from=latest", "prompts.eval_size=2", "sample.step=ddim"]
+    assert cli.main([*args, f"model.path={other}"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint ") and f"is model.path='{other}' the model the run trained" in last
+    assert "Traceback" not in err
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    with pytest.warns(UserWarning, match=f"was trained on model.path='{model}' and is loaded onto "
+                                         f"model.path='{copy}'"):
+        assert cli.main(["eval", str(path), "checkpoint.resume_from=latest", "prompts.eval_size=2",
+                         f"model.path={copy}"]) == 0

@@ -51,14 +51,30 @@ def test_group_size_that_does_not_divide_the_epoch(capsys, safe):
                           "sample.num_batches_per_epoch = 1 x 16 x 4 = 64 samples per epoch is not a multiple")
 
 
-@pytest.mark.parametrize("command,config", [("sample", FLOW), ("train", NFT)])
-def test_a_sampling_batch_that_does_not_split_into_training_minibatches(capsys, safe, no_model, command, config):
-    """The error names both sample keys and gives a train.batch_size that fits (``diffalign sample`` reads the
-    trainer's section too: a smaller sampling batch alone used to stop it with no fix in the message)."""
-    err = _error(capsys, [command, config, "sample.batch_size=2", "sample.num_batches_per_epoch=4", *safe])
+@pytest.mark.parametrize("config", [FLOW, NFT])
+def test_a_sampling_batch_that_does_not_split_into_training_minibatches(capsys, safe, no_model, monkeypatch,
+                                                                        config):
+    """Training stops before the model loads, with an error naming both sample keys and a train.batch_size that
+    fits; ``diffalign eval`` / ``sample`` do not train and take the smaller sampling batch (they were refused by
+    this training rule, with no fix in the message)."""
+    import trainers.common as common
+
+    small = ["sample.batch_size=2", "sample.num_batches_per_epoch=4", *safe]
+    err = _error(capsys, ["train", config, *small])
     assert err.startswith("error: train.batch_size: 8 samples per process per epoch (sample.batch_size=2 x "
                           "sample.num_batches_per_epoch=4) are not a multiple of train.batch_size=16; use a divisor "
                           "of 8, e.g. train.batch_size=8"), err
+
+    calls = []
+
+    def reached(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt  # the model would load now: the config was accepted (the CLI exits 130)
+
+    monkeypatch.setattr(common, "build_adapter", reached)
+    for command in ("eval", "sample"):
+        assert cli.main([command, config, *small]) == 130
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -340,3 +356,25 @@ def test_eval_and_sample_build_their_rewards_after_the_accelerator(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         getattr(run, f"{command}_main")(cfg)
     assert calls == ["accelerator", "rewards"]
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample"])
+def test_an_output_dir_that_is_a_file_stops_before_the_model(tmp_path, capsys, no_model, command):
+    """Found before the model loads (eval found it when writing eval.json, after all the sampling)."""
+    target = tmp_path / "p.txt"
+    target.write_text("")
+    err = _error(capsys, [command, FLOW, f"output_dir={target}", "checkpoint.resume_from=null"])
+    assert err.startswith(f"error: output_dir: got '{target}', which is a file"), err
+
+
+def test_config_options_may_follow_the_overrides(tmp_path, capsys):
+    """``diffalign config CONFIG seed=3 --out PATH`` and ``--help-keys trainer=nft`` after an override work (they
+    failed with "unrecognized arguments"); a folder as --out is one line naming the fix (it was a traceback)."""
+    out = tmp_path / "resolved.yaml"
+    assert cli.main(["config", FLOW, "seed=3", "--out", str(out)]) == 0
+    assert "seed: 3" in out.read_text()
+    capsys.readouterr()
+    assert cli.main(["config", FLOW, "trainer=nft", "--help-keys"]) == 0
+    assert "train section of trainer 'nft'" in capsys.readouterr().out
+    assert cli.main(["config", FLOW, f"--out={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out '{tmp_path}' is a folder")

@@ -783,13 +783,15 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
         print(f"{desc}: {run.output_dir} is already at epoch {trainer.epoch} of train.num_epochs={cfg.num_epochs} "
               "(resumed from its latest checkpoint): nothing to train. Raise train.num_epochs to continue, or use "
               "checkpoint.resume_from=null (or another output_dir) to start over")
+    trainer.last_eval_epoch = None  # the epoch of the evaluation run_epochs returns (train_main says which)
     if trainer.epoch == 0 and cfg.eval_every:
         last_eval = trainer.evaluate()
+        trainer.last_eval_epoch = 0
         trainer.logger.log(0, last_eval)
-    bar = progress(range(trainer.epoch, cfg.num_epochs), desc=desc, disable=not dist.is_main,
-                   initial=trainer.epoch, total=cfg.num_epochs)
+    # counted by hand after each epoch: a bar iterated over breaks on a stop and fell back to the epoch before
+    bar = progress(None, desc=desc, disable=not dist.is_main, initial=trainer.epoch, total=cfg.num_epochs)
     saved_at = trainer.epoch  # a resumed run's checkpoint is this epoch's
-    for epoch in bar:
+    for epoch in range(trainer.epoch, cfg.num_epochs):
         signalled = shared_signal(dist, trainer.device)
         if signalled:  # a signal during the last evaluation or checkpoint (or the first evaluation): stop now
             trainer.stopped_by = signalled
@@ -822,6 +824,7 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
             or timed_out
         if evaluated:
             last_eval = trainer.evaluate()
+            trainer.last_eval_epoch = trainer.epoch
             metrics.update(last_eval)
         if dist.is_main:
             bar.set_postfix(reward=f"{stats['reward/combined']:.3f}")
@@ -833,8 +836,10 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
                 or trainer.epoch == cfg.num_epochs:
             trainer.save_checkpoint()
             saved_at = trainer.epoch
+        bar.update(1)
         if stop:
             break
+    bar.close()
     trainer.saved_any = saved_at > 0  # a checkpoint of this run is on disk (resumed from, or written)
     return last_eval
 

@@ -86,7 +86,6 @@ class GRPOConfig(TrainLoopConfig):
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
         check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
               f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")
-        self.check_batch_split(s)
         check(self.aggregation == "weighted_sum" or self.advantage == "group", "train.aggregation",
               f"{self.aggregation!r} needs train.advantage='group' (got {self.advantage!r})")
         check(self.marble_grad_ema == 0 or self.aggregation == "marble", "train.marble_grad_ema",
@@ -248,6 +247,7 @@ class GRPOTrainer:
         self.run = run_cfg
         self.pipeline = pipeline
         self.cfg: GRPOConfig = resolve_train_section(run_cfg)
+        self.cfg.check_batch_split(run_cfg.sample)  # a training rule: eval and sample may batch as they like
         self.accelerator = accelerator
 
     # ------------------------------------------------------------------ setup

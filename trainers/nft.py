@@ -91,7 +91,6 @@ class NFTConfig(TrainLoopConfig):
         check(not s.shared_group_noise, "sample.shared_group_noise",
               "got true; with deterministic ODE sampling a group sharing its initial noise would hold identical "
               "images: set sample.shared_group_noise=false")
-        self.check_batch_split(s)
         check(self.beta > 0, "train.beta", "got 0; the implicit policies need beta > 0 (DiffusionNFT uses 0.1-1)")
         check(self.adv_clip_max > 0, "train.adv_clip_max", "got 0; r = A / 2C + 1/2 needs C > 0 (default 5)")
         check(self.marble_grad_ema == 0 or (self.aggregation == "marble" and self.marble_mode == "full"),
@@ -256,6 +255,7 @@ class NFTTrainer:
         self.run = run_cfg
         self.pipeline = pipeline
         self.cfg: NFTConfig = resolve_train_section(run_cfg)
+        self.cfg.check_batch_split(run_cfg.sample)  # a training rule: eval and sample may batch as they like
         self.accelerator = accelerator
 
     # ------------------------------------------------------------------ setup

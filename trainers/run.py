@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -136,9 +137,18 @@ def _check_loggers(logging_cfg) -> None:
                               f"logging.{key}=false", key=f"logging.{key}")
 
 
+def _check_output_dir(cfg) -> None:
+    """``output_dir`` must be a folder (or not exist yet): found before the model loads, not when a long run or
+    evaluation writes its first file."""
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+        raise ConfigError(f"got {cfg.output_dir!r}, which is a file; output_dir is the folder for the command's "
+                          "files (created if missing): give a folder path", key="output_dir")
+
+
 def train_main(cfg) -> int:
     """``diffalign train CONFIG [key=value ...]``: build the trainer named by ``cfg.trainer`` and run it."""
     check_reward_config(cfg)
+    _check_output_dir(cfg)
     if cfg.trainer is None:
         raise ConfigError("the config names no trainer; add `trainer: grpo` (or nft), or the override "
                           "trainer=grpo", key="trainer")
@@ -168,7 +178,10 @@ def train_main(cfg) -> int:
                   "saved; run the same command to start again", file=sys.stderr)
         return 128 + stopped_by
     if accelerator.is_main_process and result:
-        print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
+        at = getattr(trainer, "last_eval_epoch", None)
+        label = ("final eval" if at is None or at == trainer.epoch else
+                 f"last eval (epoch {at}; the run stopped at epoch {trainer.epoch} without evaluating again)")
+        print(f"{label}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
     return 0
 
 
@@ -176,6 +189,7 @@ def _load_eval_adapter(cfg, checkpoint: str | None, device=None):
     from trainers.common import build_adapter, resolve_device
 
     adapter = build_adapter(cfg.model, device if device is not None else resolve_device(cfg.model.device))
+    adapter.loaded_checkpoint = None  # the folder and step loaded, for the files the command writes
     if checkpoint:
         from diffalign.checkpoint import CheckpointError, check_model_config, load_checkpoint, resolve_resume
 
@@ -186,10 +200,21 @@ def _load_eval_adapter(cfg, checkpoint: str | None, device=None):
                 "output_dir at a run, or use checkpoint.resume_from=null for the base model)")
         state = load_checkpoint(path)
         check_model_config(state, cfg.model, "load")
+        saved_path = (state.config or {}).get("model", {}).get("path")
+        if saved_path is not None and saved_path != cfg.model.path:
+            import warnings
+
+            warnings.warn(f"checkpoint {path} was trained on model.path={saved_path!r} and is loaded onto "
+                          f"model.path={cfg.model.path!r}: its weights are a change of that model, so the results "
+                          "describe neither (drop the model.path override to use the run's model)", stacklevel=2)
         from trainers.common import load_trainable_state
 
-        # evaluate the EMA weights when the run kept them
-        load_trainable_state(adapter, state.ema_state or state.trainable_state)
+        try:  # evaluate the EMA weights when the run kept them
+            load_trainable_state(adapter, state.ema_state or state.trainable_state)
+        except ValueError as exc:  # weights of another architecture: one line, as when training resumes
+            raise CheckpointError(f"checkpoint {path}: {exc} (is model.path={cfg.model.path!r} the model the run "
+                                  f"trained{'' if saved_path is None else f', {saved_path!r}'}?)") from exc
+        adapter.loaded_checkpoint = {"path": str(Path(path).resolve()), "step": state.step}
     return adapter
 
 
@@ -220,6 +245,7 @@ def eval_main(cfg) -> int:
     as in the trainers' evaluation (:func:`trainers.common.eval_shard`), the rewards gathered, and the main
     process writes the result: N processes give the numbers one process gives, about N times sooner."""
     check_reward_config(cfg)
+    _check_output_dir(cfg)
     from diffalign.distributed import DistContext
     from diffalign.prompts import build_prompt_source
 
@@ -239,7 +265,7 @@ def eval_main(cfg) -> int:
     names, rows, _ = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, ids=mine)
     rows = gather_eval_rows(rows, per, dist, device)
     if dist.is_main:
-        _write_eval(cfg, checkpoint, prompts, names, rows, dist.world_size)
+        _write_eval(cfg, checkpoint, adapter.loaded_checkpoint, prompts, names, rows, dist.world_size)
     _finish(accelerator)
     return 0
 
@@ -263,15 +289,25 @@ def _end_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-def _write_eval(cfg, checkpoint, prompts, names, rows, world_size: int) -> None:
+def _write_eval(cfg, checkpoint, loaded, prompts, names, rows, world_size: int) -> None:
+    """``eval.json``: the means per column, and which checkpoint they describe: as asked (``latest``) and as
+    resolved (its folder and step; ``latest`` moves on as training continues)."""
     means = (float(torch.nanmean(rows[:, j])) for j in range(len(names)))
     # a column with no finite value is null (strict JSON, as in metrics.jsonl)
     finite = {f"eval/reward/{n}": (m if math.isfinite(m) else None) for n, m in zip(names, means)}
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
-        json.dump({"checkpoint": checkpoint, "num_prompts": len(prompts), "num_processes": world_size, **finite},
-                  f, indent=2)
+    _write_json(os.path.join(cfg.output_dir, "eval.json"),
+                {"checkpoint": checkpoint, "checkpoint_path": (loaded or {}).get("path"),
+                 "checkpoint_step": (loaded or {}).get("step"), "num_prompts": len(prompts),
+                 "num_processes": world_size, **finite})
     print(json.dumps(finite, indent=2))
+
+
+def _write_json(path: str, data) -> None:
+    """``data`` as indented JSON, written atomically (an interrupted write never leaves half a file)."""
+    from diffalign.checkpoint import _write_text_atomic
+
+    _write_text_atomic(Path(path), json.dumps(data, indent=2))
 
 
 def sample_main(cfg) -> int:
@@ -298,6 +334,7 @@ def sample_main(cfg) -> int:
     the slowest process's).
     """
     check_reward_config(cfg)
+    _check_output_dir(cfg)
     from diffalign.config import check_guide_transforms
     from diffalign.distributed import DistContext
     from diffalign.prompts import build_prompt_source
@@ -353,9 +390,9 @@ def _plain_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> No
     path = save_image_grid(images, caps, os.path.join(cfg.output_dir, "samples.png"))
     print(f"wrote {path} (captions: {names[0] if n_train == 1 else 'weighted sum of ' + ', '.join(names[:n_train])})")
     means = {n: float(torch.nanmean(rows[:, j])) for j, n in enumerate(names)}
-    with open(os.path.join(cfg.output_dir, "samples_rewards.json"), "w") as f:
-        json.dump({"prompts": prompts, "names": names, "eval_names": names[n_train:], "mean": means,
-                   "rewards": rows.tolist(), "num_processes": dist.world_size}, f, indent=2)
+    _write_json(os.path.join(cfg.output_dir, "samples_rewards.json"),
+                {"prompts": prompts, "names": names, "eval_names": names[n_train:], "mean": means,
+                 "rewards": rows.tolist(), "num_processes": dist.world_size})
     print(json.dumps(means, indent=2))
 
 
@@ -411,8 +448,7 @@ def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> N
             record["methods"][m]["eval_rewards"] = {n: judged[m][:, j].tolist() for j, n in enumerate(judges.names)}
     if judges is not None:
         record["eval_names"] = judges.names
-    with open(os.path.join(cfg.output_dir, "guidance_rewards.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    _write_json(os.path.join(cfg.output_dir, "guidance_rewards.json"), record)
     table = format_table(results, weights, reward.names, judged=judged,
                          judge_names=judges.names if judges is not None else ())
     with open(os.path.join(cfg.output_dir, "guidance_table.md"), "w") as f:
