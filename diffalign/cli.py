@@ -195,11 +195,18 @@ def _run_config_command(args: argparse.Namespace) -> int:
         return 0
     cfg = _load(args)
     if args.out:
-        if os.path.isdir(args.out):
+        if os.path.isdir(args.out) or args.out.endswith(os.sep):
             raise ConfigError(f"--out {args.out!r} is a folder; give a file path for the resolved config, e.g. "
                               f"{os.path.join(args.out, 'config.yaml')}")
         save_config(cfg, args.out)
     sys.stdout.write(dump_yaml(cfg))
+    if cfg.trainer is not None:  # a rule of training only (eval and sample take any sampling batch): a warning here
+        from diffalign.config import resolve_train_section
+
+        try:
+            resolve_train_section(cfg).check_batch_split(cfg.sample)
+        except ConfigError as exc:
+            print(f"warning: diffalign train would stop with: {exc}", file=sys.stderr)
     return 0
 
 

@@ -150,24 +150,34 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
         adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
     _load_weights_into(adapter, tensors, is_lora)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if is_lora:
-        _say(f"writing LoRA (diffusers format) to {out_dir / 'lora'}")
-        _write_folder(out_dir / "lora", lambda tmp: adapter.save_lora(str(tmp)))
-        written["lora"] = out_dir / "lora"
-    if merged or not is_lora:
+    for leftover in [*out_dir.glob(".lora.*-*"), *out_dir.glob(".merged.*-*")]:  # of an export killed midway
+        if leftover.is_dir() and leftover.name.split(".")[2].split("-")[0] in ("tmp", "old"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staged: Dict[str, Path] = {}  # written beside their targets, swapped in together once all are written
+    try:
         if is_lora:
-            _fuse_lora(adapter.denoiser)
-        adapter.denoiser.to(out_dtype)
-        _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
+            _say(f"writing LoRA (diffusers format) to {out_dir / 'lora'}")
+            staged["lora"] = _stage_folder(out_dir / "lora", lambda tmp: adapter.save_lora(str(tmp)))
+        if merged or not is_lora:
+            if is_lora:
+                _fuse_lora(adapter.denoiser)
+            adapter.denoiser.to(out_dtype)
+            _say(f"writing merged pipeline ({str(out_dtype).replace('torch.', '')}) to {out_dir / 'merged'}")
 
-        def write_merged(tmp: Path) -> None:
-            adapter.pipeline.save_pretrained(str(tmp), safe_serialization=True)
-            if adapter.call_kwargs:  # what the base folder's diffalign.json says every call needs (diffalign reads it)
-                _write_text_atomic(tmp / "diffalign.json", _json_text({"call_kwargs": adapter.call_kwargs},
-                                                                      "call_kwargs"))
+            def write_merged(tmp: Path) -> None:
+                adapter.pipeline.save_pretrained(str(tmp), safe_serialization=True)
+                if adapter.call_kwargs:  # what the base folder's diffalign.json says every call needs
+                    _write_text_atomic(tmp / "diffalign.json", _json_text({"call_kwargs": adapter.call_kwargs},
+                                                                          "call_kwargs"))
 
-        _write_folder(out_dir / "merged", write_merged)
-        written["merged"] = out_dir / "merged"
+            staged["merged"] = _stage_folder(out_dir / "merged", write_merged)
+    except BaseException:
+        for tmp in staged.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for name, tmp in staged.items():
+        _swap_in(tmp, out_dir / name)
+        written[name] = out_dir / name
     if (out_dir / "export.json").is_file():  # an earlier export into this folder: drop what this one replaces
         for name in ("lora", "merged"):
             if name not in written and (out_dir / name).is_dir():
@@ -186,23 +196,33 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     return written
 
 
-def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
-    """``write(folder)`` into a fresh folder beside ``target``, then swap it in: an export into a used folder
-    replaces the earlier one whole (written over in place, a sharded earlier export left its shard index behind
-    and the new folder did not load), and an export that fails midway leaves the earlier one as it was."""
+def _stage_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a fresh folder beside ``target`` and return it (:func:`_swap_in` puts it in place).
+
+    An export into a used folder thus replaces the earlier one whole: written over in place, a sharded earlier
+    export left its shard index beside the new files and the folder did not load. An export that fails leaves the
+    earlier one as it was; one killed midway leaves ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders, which the next
+    export into the folder removes."""
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
     try:
         write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return tmp
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace ``target`` by the staged folder ``tmp``; the earlier folder is put back if the second rename fails."""
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
     if target.exists():
         os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -7,9 +7,9 @@ Never downloads. A backbone is built from
   (``model_config={"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``), plus ``weights`` = a local
   open_clip checkpoint (``.pt`` / ``.bin`` / ``.safetensors``, loaded with ``weights_only=True``), and
   ``pretrained`` = the open_clip tag those weights are (``"openai"``, ``"laion2b_s32b_b79k"``, ``"webli"``, ...):
-  nothing is downloaded, but the tag's settings apply as when open_clip loads the weights itself: OpenAI's
-  weights need QuickGELU (the plain config builds GELU, and every layer's activations come out wrong) and
-  SigLIP's a 0.5 / 0.5 normalisation; or
+  nothing is downloaded, but the tag's activation and normalisation apply as when open_clip loads the weights
+  itself: OpenAI's weights need QuickGELU (the plain config builds GELU, and every layer's activations come out
+  wrong) and SigLIP's a 0.5 / 0.5 normalisation (its resize mode is not applied); or
 * ``backend="transformers"``: ``weights`` = a local folder of a ``CLIPModel`` (``config.json`` + weights, e.g.
   PickScore_v1) with its tokenizer there or in ``tokenizer_path``; or a ``CLIPConfig`` dict in
   ``model_config`` for random weights.
@@ -188,10 +188,11 @@ def _clip_bpe_tokenizer(vocab_size: int, max_length: int) -> Any:
 def openai_vit_l14(kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """``kwargs`` with the default backbone of the rewards built on OpenAI's CLIP ViT-L/14 (aesthetic, clip_score,
     imagereward_style): ``model_name="ViT-L-14"`` with ``pretrained="openai"`` (QuickGELU), unless the caller
-    names another model, config, backend or tag."""
-    if any(k in kwargs for k in ("model_name", "model_config", "backend", "pretrained")):
-        return {"model_name": "ViT-L-14", **kwargs}
-    return {"model_name": "ViT-L-14", "pretrained": "openai", **kwargs}
+    gives a tag (``null`` included), a config, another backend or another model name."""
+    out = {"model_name": "ViT-L-14", **kwargs}
+    other = ("pretrained" in kwargs or "model_config" in kwargs or out.get("backend", "open_clip") != "open_clip"
+             or out["model_name"] != "ViT-L-14")
+    return out if other else {**out, "pretrained": "openai"}
 
 
 def _pretrained_settings(reward: str, model_name: str, pretrained: Optional[str]) -> Dict[str, Any]:

@@ -467,14 +467,17 @@ def test_an_export_over_an_earlier_sharded_one_replaces_it_whole(tmp_path, base_
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    folders = {name: (out / name).stat().st_ino for name in ("lora", "merged")}
+    (out / ".merged.tmp-99999").mkdir()  # a killed export's leftover
 
     def failing(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_mod, "_fuse_lora", failing)  # fails after the LoRA folder, before the merged one
+    monkeypatch.setattr(export_mod, "_fuse_lora", failing)  # fails after the LoRA is staged, before the merged one
     with pytest.raises(OSError, match="disk full"):
         export_mod.export_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000003", out, merged=True)
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no new LoRA beside the old merged one
+    assert {name: (out / name).stat().st_ino for name in ("lora", "merged")} == folders
     DiffusionPipeline.from_pretrained(str(out / "merged"))
 
 

@@ -715,3 +715,19 @@ def test_gather_rows_concatenates_uneven_shares_in_rank_order():
     alone = torch.tensor([[7.0, 8.0]])
     assert torch.equal(DistContext().gather_rows(alone), alone)
     assert DistContext(0, 2, lambda t: torch.tensor([0, 0])).gather_rows(torch.zeros(0, 2)).shape == (0, 2)
+
+
+def test_weights_of_another_shape_are_a_checkpoint_error_and_other_failures_are_not():
+    """Same-named layers of another width (an SD3.5-M LoRA on SD3.5-L) raise torch's RuntimeError "Error(s) in
+    loading state_dict": a CheckpointError naming the checkpoint (it was a traceback), like other names (ValueError);
+    any other RuntimeError (out of memory) is not dressed up as one."""
+    from diffalign.checkpoint import CheckpointError
+
+    adapter, params = _linear_adapter()
+    wide = torch.nn.Linear(2, 2, bias=False).state_dict()
+    state = NS(ema_state=None, trainable_state=wide, counters={}, path="ckpt-7")
+    with pytest.raises(CheckpointError,
+                       match="(?s)checkpoint ckpt-7: Error\\(s\\) in loading state_dict .*size mismatch"):
+        common.restore_weights(adapter, params, None, state)
+    assert common.weights_mismatch(ValueError("LoRA state dict has keys the adapter does not"))
+    assert not common.weights_mismatch(RuntimeError("CUDA out of memory"))

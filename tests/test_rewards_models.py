@@ -211,6 +211,10 @@ def test_openai_weights_get_quick_gelu_and_a_tag_its_normalisation():
     assert openai_vit_l14({}) == {"model_name": "ViT-L-14", "pretrained": "openai"}
     assert openai_vit_l14({"model_config": {}}) == {"model_name": "ViT-L-14", "model_config": {}}
     assert openai_vit_l14({"model_name": "ViT-H-14"}) == {"model_name": "ViT-H-14"}
+    # naming the default model keeps the default tag (it dropped it: OpenAI weights ran with GELU)
+    assert openai_vit_l14({"model_name": "ViT-L-14", "weights": "w.pt"})["pretrained"] == "openai"
+    assert openai_vit_l14({"pretrained": None}) == {"model_name": "ViT-L-14", "pretrained": None}
+    assert "pretrained" not in openai_vit_l14({"backend": "transformers"})
     assert open_clip.get_pretrained_cfg("ViT-L-14", "openai")["quick_gelu"]  # what the default relies on
 
 

@@ -378,3 +378,8 @@ def test_config_options_may_follow_the_overrides(tmp_path, capsys):
     assert "train section of trainer 'nft'" in capsys.readouterr().out
     assert cli.main(["config", FLOW, f"--out={tmp_path}"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --out '{tmp_path}' is a folder")
+    assert cli.main(["config", FLOW, f"--out={tmp_path / 'new'}/"]) == 2  # a folder that does not exist yet
+    assert capsys.readouterr().err.startswith(f"error: --out '{tmp_path / 'new'}/' is a folder")
+    # the training-only batch rule: diffalign config warns (train refuses, eval and sample accept)
+    assert cli.main(["config", FLOW, "sample.batch_size=2", "sample.num_batches_per_epoch=4"]) == 0
+    assert "warning: diffalign train would stop with: train.batch_size: 8 samples" in capsys.readouterr().err

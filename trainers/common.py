@@ -133,8 +133,17 @@ def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional
             # written without an EMA (train.ema turned on at the resume): a fresh EMA of the restored weights, not
             # of the weights the model was built with
             ema.load_state_dict({"num_updates": 0, "shadow": [p.detach().clone() for p in params]})
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
+        if not weights_mismatch(exc):
+            raise
         raise CheckpointError(f"checkpoint {state.path}: {exc}") from exc
+
+
+def weights_mismatch(exc: BaseException) -> bool:
+    """Whether loading weights failed because they do not fit the model: other names (a ValueError of the LoRA
+    loader) or other shapes (torch's "Error(s) in loading state_dict" RuntimeError, e.g. an SD3.5-M LoRA on
+    SD3.5-L), not another RuntimeError (out of memory)."""
+    return isinstance(exc, ValueError) or (isinstance(exc, RuntimeError) and "loading state_dict" in str(exc))
 
 
 def lr_factor(step: int, warmup: int = 0, schedule: str = "constant", decay_steps: int = 0) -> float:

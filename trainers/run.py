@@ -207,11 +207,13 @@ def _load_eval_adapter(cfg, checkpoint: str | None, device=None):
             warnings.warn(f"checkpoint {path} was trained on model.path={saved_path!r} and is loaded onto "
                           f"model.path={cfg.model.path!r}: its weights are a change of that model, so the results "
                           "describe neither (drop the model.path override to use the run's model)", stacklevel=2)
-        from trainers.common import load_trainable_state
+        from trainers.common import load_trainable_state, weights_mismatch
 
         try:  # evaluate the EMA weights when the run kept them
             load_trainable_state(adapter, state.ema_state or state.trainable_state)
-        except ValueError as exc:  # weights of another architecture: one line, as when training resumes
+        except (ValueError, RuntimeError) as exc:  # weights of another architecture: one line, as when resuming
+            if not weights_mismatch(exc):
+                raise
             raise CheckpointError(f"checkpoint {path}: {exc} (is model.path={cfg.model.path!r} the model the run "
                                   f"trained{'' if saved_path is None else f', {saved_path!r}'}?)") from exc
         adapter.loaded_checkpoint = {"path": str(Path(path).resolve()), "step": state.step}
