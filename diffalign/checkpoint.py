@@ -435,6 +435,13 @@ def resolve_resume(run_dir: PathLike, resume_from: Optional[PathLike], key: str 
     path = Path(text).expanduser()
     if not path.exists() and (Path(run_dir) / CHECKPOINTS_DIR / text).exists():
         path = Path(run_dir) / CHECKPOINTS_DIR / text
+    if path.is_file() and path.name == LATEST_FILE and path.parent.name == CHECKPOINTS_DIR:
+        # the run's `latest` pointer given as a path: the newest complete checkpoint of that run, as 'latest' is
+        found = latest_checkpoint(path.parent.parent)
+        if found is None:
+            raise CheckpointError(f"{key}={text!r} is the run's pointer to its latest checkpoint, and the run has no "
+                                  "complete checkpoint yet")
+        return found
     if not path.exists():
         fresh = ", or null to start fresh" if key == "resume_from" else ""
         raise CheckpointError(f"{key}={text!r}: no such folder ({_available(run_dir)}); give 'latest', one of those "

@@ -27,12 +27,16 @@ class PromptSource:
         self.lines, self.eval_lines = lines, eval_lines
         self.eval_size, self.eval_split = eval_size, eval_split
 
-    def epoch_prompts(self, epoch: int, n: int) -> List[str]:
+    def epoch_prompts(self, epoch: int, n: int, position: Optional[int] = None) -> List[str]:
+        """The ``n`` prompts of ``epoch``. Shapes prompts are the sampler's stream from ``position`` (default
+        ``epoch x n``; a resumed run passes where its last epoch stopped, so a resume with fewer prompts per epoch
+        does not repeat earlier ones); a prompt file's are drawn from a stream of the epoch."""
         if self.kind == "shapes":
             from diffalign.shapes.prompts import PromptSampler
 
             sampler = PromptSampler(seed=self.seed, split=self.split, categories=self.categories)
-            sampler.load_state_dict({**sampler.state_dict(), "position": epoch * n})
+            start = epoch * n if position is None else int(position)
+            sampler.load_state_dict({**sampler.state_dict(), "position": start})
             return sampler.sample_batch(n)
         rng = np.random.default_rng(seed_for(self.seed, epoch, 3))
         return [self.lines[i] for i in rng.choice(len(self.lines), size=n, replace=n > len(self.lines))]

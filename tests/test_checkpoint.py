@@ -209,6 +209,9 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume(tmp_path, "latest") == second
     assert resolve_resume(tmp_path, str(first)) == first
     assert resolve_resume(tmp_path, "step-00000010") == first
+    # the run's pointer file given as a path (export --checkpoint RUN/checkpoints/latest) is followed, from anywhere
+    # (it was diagnosed as an interrupted save)
+    assert resolve_resume("/elsewhere", str(tmp_path / "checkpoints" / "latest"), key="--checkpoint") == second
     with pytest.raises(CheckpointError, match="no such folder"):
         resolve_resume(tmp_path, str(tmp_path / "nope"))
     with pytest.raises(CheckpointError, match="run folder"):

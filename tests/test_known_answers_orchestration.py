@@ -145,12 +145,14 @@ class _StubTrainer:
         self.dist, self.device, self.epoch = DistContext(), torch.device("cpu"), epoch
         self.rewards = NS(total_failures={}, names=[], specs=[])
         self.evals, self.logged, self.images, self.saved, self.requested, self.assignments = [], [], [], [], [], []
+        self.positions = []
         self.prompts = NS(epoch_prompts=self._epoch_prompts)
         self.logger = NS(log=lambda step, m: self.logged.append(step),
                          log_images=lambda step, imgs, prompts: self.images.append((step, len(imgs), len(prompts))))
 
-    def _epoch_prompts(self, epoch, n):
+    def _epoch_prompts(self, epoch, n, position=None):
         self.requested.append((epoch, n))
+        self.positions.append(position)
         return [f"p{epoch}-{i}" for i in range(n)]
 
     def evaluate(self):
@@ -178,6 +180,7 @@ def test_run_epochs_evaluates_logs_saves_and_draws_prompts_on_schedule():
     assert t.images == [(2, 16, 16), (4, 16, 16)]  # 20 samples per epoch, the first 16 shown
     assert t.saved == [2, 4, 5]
     assert t.requested == [(e, 10) for e in range(5)]  # 1 x 4 x 5 samples / group 2 = 10 prompts of epoch e
+    assert t.positions == [10 * e for e in range(5)]  # the shapes stream runs on from where the last epoch stopped
     for e, (epoch, ids, prompt) in enumerate(t.assignments):
         assert epoch == e and ids == [20 * e, 20 * e + 1]  # global ids unique across epochs
         assert prompt[0].startswith(f"p{e}-")

@@ -243,6 +243,32 @@ def test_a_resume_with_fewer_samples_per_epoch_draws_fresh_sample_ids(tmp_path, 
     assert first == list(range(16)) and seen == [list(range(16, 20)), list(range(20, 24))]
 
 
+def test_a_resume_with_fewer_prompts_per_epoch_continues_the_prompt_stream(tmp_path, monkeypatch):
+    """The shapes prompts of an epoch were the sampler's stream from epoch x prompts per epoch, so a resume with
+    fewer prompts per epoch trained on earlier epochs' prompts again; the position now runs on (saved with the
+    loop state), as the sample ids do. With an unchanged setting the prompts are those of an uninterrupted run."""
+    from diffalign.prompts import PromptSource
+
+    seen, orig = [], PromptSource.epoch_prompts
+
+    def record(self, epoch, n, position=None):
+        out = orig(self, epoch, n, position)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(PromptSource, "epoch_prompts", record)
+    model = save_tiny(tmp_path)
+    train_run(run_config(model, tmp_path / "run", train={"num_epochs": 2}))  # 8 samples, 2 prompts per epoch
+    stream = orig(PromptSource("shapes", 3, eval_size=4), 0, 8)  # run_config's seed: positions 0..7
+    assert [p for ps in seen for p in ps] == stream[:4]
+    seen.clear()
+    fewer = run_config(model, tmp_path / "run", train={"num_epochs": 4, "gradient_accumulation_steps": 1},
+                       sample={"num_batches_per_epoch": 1})  # 4 samples, 1 prompt per epoch
+    with pytest.warns(UserWarning, match="differs from the checkpoint"):
+        train_run(fewer)
+    assert seen == [stream[4:5], stream[5:6]]  # before: positions 2 and 3, the second epoch's prompts again
+
+
 def test_shared_group_noise_ids_run_on_after_a_resume_with_fewer_samples(tmp_path, monkeypatch):
     """With sample.shared_group_noise a group's initial noise is keyed by the epoch's first sample id plus the group
     (it was epoch x samples per epoch + group, which a resume with fewer samples per epoch repeated)."""

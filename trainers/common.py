@@ -431,6 +431,8 @@ def loop_state(trainer) -> Dict:
     out = {"loss_scaler": trainer.scaler.state_dict(), "skipped_streak": getattr(trainer, "skipped_streak", 0)}
     if getattr(trainer, "next_sample_id", None) is not None:
         out["next_sample_id"] = int(trainer.next_sample_id)
+    if getattr(trainer, "next_prompt_position", None) is not None:
+        out["next_prompt_position"] = int(trainer.next_prompt_position)
     return out
 
 
@@ -441,6 +443,8 @@ def restore_loop_state(trainer, extra: Dict) -> None:
         trainer.scaler.load_state_dict(extra["loss_scaler"])
     trainer.skipped_streak = int(extra.get("skipped_streak", 0))
     trainer.next_sample_id = int(extra["next_sample_id"]) if "next_sample_id" in extra else None
+    trainer.next_prompt_position = (int(extra["next_prompt_position"]) if "next_prompt_position" in extra
+                                    else None)
 
 
 def no_reward_epoch(trainer, stats: Dict[str, float], epoch: int) -> Optional[Dict[str, float]]:
@@ -812,7 +816,11 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
         # global sample ids (they key every sample's noise) run on from the last epoch's, so a resume that changes
         # the samples per epoch draws fresh noise (epoch x samples per epoch would repeat earlier epochs' ids)
         first_id = trainer.next_sample_id if getattr(trainer, "next_sample_id", None) is not None else epoch * total
-        assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts), s.group_size,
+        # the shapes prompt stream runs on the same way (epoch x prompts per epoch repeated or skipped prompts)
+        position = getattr(trainer, "next_prompt_position", None)
+        position = epoch * n_prompts if position is None else position
+        trainer.next_prompt_position = position + n_prompts
+        assignment = repeat_assignment(trainer.prompts.epoch_prompts(epoch, n_prompts, position), s.group_size,
                                        epoch=epoch, seed=run.seed, rank=dist.rank, world_size=dist.world_size,
                                        first_id=first_id)
         trainer.next_sample_id = first_id + total
