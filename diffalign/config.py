@@ -249,8 +249,6 @@ class TrainLoopConfig:
         training minibatches of ``batch_size`` (a ``train`` key of every trainer). Checked by the trainers when
         they are built, not with the config: ``diffalign eval`` / ``sample`` share the config and may use another
         sampling batch (to fit memory) without training."""
-        import math
-
         total = sample.batch_size * sample.num_batches_per_epoch
         check(total % self.batch_size == 0, "train.batch_size",
               f"{total} samples per process per epoch (sample.batch_size={sample.batch_size} x "

@@ -150,9 +150,10 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
         adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
     _load_weights_into(adapter, tensors, is_lora)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in [*out_dir.glob(".lora.*-*"), *out_dir.glob(".merged.*-*")]:  # of an export killed midway
-        if leftover.is_dir() and leftover.name.split(".")[2].split("-")[0] in ("tmp", "old"):
-            shutil.rmtree(leftover, ignore_errors=True)
+    for name in ("lora", "merged"):  # the staging folders of an export killed midway
+        for kind in ("tmp", "old"):
+            for leftover in out_dir.glob(_aside(out_dir / name, kind, "*").name):
+                shutil.rmtree(leftover, ignore_errors=True)
     staged: Dict[str, Path] = {}  # written beside their targets, swapped in together once all are written
     try:
         if is_lora:
@@ -196,6 +197,11 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
     return written
 
 
+def _aside(target: Path, kind: str, pid: object = None) -> Path:
+    """The folder beside ``target`` where an export stages (``tmp``) or parks (``old``) it: ``.NAME.KIND-PID``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid() if pid is None else pid}"
+
+
 def _stage_folder(target: Path, write: Callable[[Path], None]) -> Path:
     """``write(folder)`` into a fresh folder beside ``target`` and return it (:func:`_swap_in` puts it in place).
 
@@ -203,7 +209,7 @@ def _stage_folder(target: Path, write: Callable[[Path], None]) -> Path:
     export left its shard index beside the new files and the folder did not load. An export that fails leaves the
     earlier one as it was; one killed midway leaves ``.NAME.tmp-PID`` / ``.NAME.old-PID`` folders, which the next
     export into the folder removes."""
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = _aside(target, "tmp")
     try:
         write(tmp)
     except BaseException:
@@ -214,7 +220,7 @@ def _stage_folder(target: Path, write: Callable[[Path], None]) -> Path:
 
 def _swap_in(tmp: Path, target: Path) -> None:
     """Replace ``target`` by the staged folder ``tmp``; the earlier folder is put back if the second rename fails."""
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    old = _aside(target, "old")
     if target.exists():
         os.replace(target, old)
     try:

@@ -488,6 +488,8 @@ class NFTTrainer:
                 per = per_reward[mb].to(self.device) * kept[:, None]
                 # a reward that failed (or does not apply: NaN) on a sample leaves that sample out of its gradient
                 per_weight = kept[:, None] * torch.isfinite(data["rewards"][mb]).to(self.device, kept.dtype)
+                # alpha_bar moves only at an optimizer step, which ends a minibatch: one value for its timesteps
+                applied, weight = self._applied_advantages(adv, kept, per_weight)
                 for j in range(num_train_t):
                     idx = t_idx[mb, j].to(self.device)
                     sigma = sigmas[idx]
@@ -496,7 +498,6 @@ class NFTTrainer:
                     s = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
                     x_t = (1 - s) * x0 + s * noise
                     v_old, v_ref, v = self._velocities(model_fn, x_t, timesteps[idx])
-                    applied, weight = self._applied_advantages(adv, kept, per_weight)
                     l_pos, l_neg = nft_loss_terms(v, v_old, x_t, x0, sigma, beta=cfg.beta, weight_eps=cfg.weight_eps)
                     policy = nft_policy_loss(l_pos, l_neg, applied, beta=cfg.beta, adv_clip_max=cfg.adv_clip_max,
                                              weight=weight)

@@ -110,11 +110,12 @@ def guided_sample(
     dev = "cpu"
     kernel_gens = list(generator) if generator is not None else make_generators(seed, ids, device=dev)
     candidate_gens = make_generators(seed + 1_000_003, ids, device=dev)
-    # resampling (FK, DOIT's resample_lambda) draws per prompt, from its first particle's id, and SVDD's
-    # selection per particle: a prompt's draws do not depend on its batch (one generator per call restarted at
-    # every batch, and gave a prompt draws that depended on its neighbours)
-    group_gens = make_generators(seed + 17, ids[::group_size], device=dev)
-    select_gens = make_generators(seed + 17, ids, device=dev)
+
+    def draw_gens(keys):
+        # resampling (FK, DOIT's resample_lambda) draws per prompt, keyed by its first particle's id, and SVDD's
+        # selection per particle: a prompt's draws do not depend on its batch (one generator per call restarted at
+        # every batch, and gave a prompt draws that depended on its neighbours)
+        return make_generators(seed + 17, keys, device=dev)
     counter = EvalCounter()
     counted = counting_model(model_fn, counter)
     common = dict(reward_weights=reward_weights, counter=counter)
@@ -124,11 +125,12 @@ def guided_sample(
                          noise_level=noise_level, generator=kernel_gens, **common)
     if method == "fk":
         return fk_steering(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
-                           noise_level=noise_level, generator=kernel_gens, resample_generator=group_gens,
+                           noise_level=noise_level, generator=kernel_gens,
+                           resample_generator=draw_gens(ids[::group_size]),
                            **options, **common)
     if method == "svdd":
         return svdd_sample(counted, schedule, initial_latents, reward_fn, group_size=group_size, step=step,
-                           noise_level=noise_level, generator=candidate_gens, select_generator=select_gens,
+                           noise_level=noise_level, generator=candidate_gens, select_generator=draw_gens(ids),
                            kernel_generator=kernel_gens, **options, **common)
     select = options.pop("select", "best")
     if select not in ("best", "all"):
@@ -147,7 +149,7 @@ def guided_sample(
         fn = doob_model_fn(counted, schedule, reward_fn, step=step, noise_level=noise_level,
                            generator=candidate_gens, pool=pool, twist=twist, **options, **common)
         if twist is not None:
-            before = _twist_resampler(twist, lam, group_size, group_gens, extras)
+            before = _twist_resampler(twist, lam, group_size, draw_gens(ids[::group_size]), extras)
     traj = rollout(fn, schedule, initial_latents, step=step, noise_level=noise_level, generator=kernel_gens,
                    before_step=before)
     final = traj.final
