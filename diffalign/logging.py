@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -100,7 +101,8 @@ def read_metrics(path: PathLike) -> List[Dict[str, Any]]:
 
 
 def _truncate_after(path: Path, step: int) -> int:
-    """Drop the records with ``step > step`` (and malformed lines); atomic rewrite. Returns how many went."""
+    """Drop the records with ``step > step`` (and malformed lines); atomic rewrite. Returns how many records had a
+    later step (malformed lines are not counted)."""
     kept, dropped = [], 0
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -109,7 +111,6 @@ def _truncate_after(path: Path, step: int) -> int:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                dropped += 1
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] > step:
                 dropped += 1
@@ -133,6 +134,12 @@ class MetricsLogger:
     folder that already has a log passes ``-1``: the old jsonl is moved aside to ``metrics.<time>.jsonl`` (with a
     warning), tensorboard appends, and a new W&B run begins. ``wandb_config``: the
     resolved run config shown in the W&B UI; the W&B run id is kept in ``run_dir`` so a resume continues it.
+
+    W&B cannot rewrite a run's history (it drops a logged step lower than the run's last one), so a resume that
+    redoes steps the log already has (the run went on past its last checkpoint) does not continue the old W&B run:
+    it starts a new one, named after the old, whose history is replayed from the truncated ``metrics.jsonl`` up to
+    ``resume_step`` (scalars; image grids are not replayed), with a warning. The new run's config records
+    ``wandb_resumed_from`` (the old run's id); the old run stays as it was.
     """
 
     def __init__(self, run_dir: PathLike, *, tensorboard: bool = True, wandb: bool = False,
@@ -168,14 +175,16 @@ class MetricsLogger:
                 moved.append(f"the TensorBoard events to {kept_tb.name}")
             warnings.warn(f"{self.run_dir} already had logs and this run starts afresh: moved "
                           f"{' and '.join(moved)}", UserWarning)
-        elif resume_step is not None and self.path.exists():
-            _truncate_after(self.path, int(resume_step))
+        redone = 0
+        if resume_step is not None and resume_step >= 0 and self.path.exists():
+            redone = _truncate_after(self.path, int(resume_step))
         if wandb:  # before opening the jsonl, so a missing package leaves no open file behind
-            self._wandb = self._init_wandb(wandb_project or "diffalign", wandb_config, run_name)
+            self._wandb = self._init_wandb(wandb_project or "diffalign", wandb_config, run_name, redone=redone)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run, see close()
 
     # ------------------------------------------------------------------ backends
-    def _init_wandb(self, project: str, config: Optional[Mapping[str, Any]], run_name: Optional[str]):
+    def _init_wandb(self, project: str, config: Optional[Mapping[str, Any]], run_name: Optional[str],
+                    redone: int = 0):
         try:
             import wandb
         except ImportError:
@@ -183,11 +192,28 @@ class MetricsLogger:
                               "(or pip install wandb), or set logging.wandb=false") from None
         id_file = self.run_dir / WANDB_ID_FILE
         fresh = self.resume_step is not None and self.resume_step < 0
-        run_id = (id_file.read_text(encoding="utf-8").strip() if id_file.is_file() and not fresh
-                  else wandb.util.generate_id())
+        old_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() and not fresh else ""
+        config = dict(config) if config is not None else None
+        rewind = bool(old_id) and redone > 0
+        if rewind:
+            # the old run's history goes past resume_step: W&B would silently drop every redone step
+            warnings.warn(f"this run resumes at step {self.resume_step}, but {redone} metric record(s) after it were "
+                          f"logged (the run went on past its last checkpoint); W&B cannot rewrite run {old_id}'s "
+                          "history, so metrics go to a new W&B run, replayed from metrics.jsonl up to step "
+                          f"{self.resume_step}", UserWarning)
+            config = {**(config or {}), "wandb_resumed_from": old_id}
+            run_name = f"{run_name or old_id}-resumed@{self.resume_step}"
+        # our own id: wandb.util.generate_id is gone from recent wandb releases (0.31 has none)
+        run_id = old_id if old_id and not rewind else secrets.token_hex(4)
         id_file.write_text(run_id + "\n", encoding="utf-8")
-        return wandb.init(project=project, id=run_id, resume="allow", dir=str(self.run_dir), name=run_name,
-                          config=dict(config) if config is not None else None)
+        run = wandb.init(project=project, id=run_id, resume="allow", dir=str(self.run_dir), name=run_name,
+                         config=config)
+        if rewind:
+            for record in read_metrics(self.path):
+                values = {k: v for k, v in record.items() if k not in ("step", "time") and v is not None}
+                if values and isinstance(record.get("step"), (int, float)):
+                    run.log(values, step=int(record["step"]))
+        return run
 
     def _tensorboard(self):
         if self._tb is None and self._use_tensorboard:

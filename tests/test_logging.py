@@ -224,6 +224,77 @@ def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
         MetricsLogger(tmp_path, tensorboard=False, wandb=True)
 
 
+class _FakeWandb:
+    """Stands in for the wandb package, with its server's rule: a run keeps one history, and a log whose step is
+    below the run's last step is dropped (with a warning on the console only)."""
+
+    def __init__(self):
+        self.histories, self.configs, self.names = {}, {}, {}
+        fake = self
+
+        class Run:
+            def __init__(self, run_id):
+                self.id = run_id
+
+            def log(self, values, step):
+                history = fake.histories[self.id]
+                if history and step < history[-1][0]:
+                    return  # what W&B does with a redone step
+                history.append((step, dict(values)))
+
+            def finish(self):
+                pass
+
+        self._run = Run
+
+    def init(self, project, id, resume, dir, name, config):  # noqa: A002 - wandb's own argument names
+        assert resume == "allow"
+        self.histories.setdefault(id, [])
+        self.configs[id], self.names[id] = config, name
+        return self._run(id)
+
+
+def _wandb_history(fake, run_id):
+    """The history as {step: merged values}, as W&B shows it."""
+    merged = {}
+    for step, values in fake.histories[run_id]:
+        merged.setdefault(step, {}).update(values)
+    return merged
+
+
+def test_wandb_resume_that_redoes_steps_starts_a_replayed_run(tmp_path, monkeypatch):
+    """A run that went on past its last checkpoint (steps 4..5 logged, checkpoint at 3) and resumes: W&B drops a
+    step lower than its run's last one, so the redone steps 4..5 vanished from the W&B run. The resume now starts a
+    new W&B run whose history is the jsonl's (replayed up to step 3) plus what the resumed run logs."""
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=-1, run_name="exp") as logger:
+        for step in range(6):
+            logger.log(step, {"reward": step / 10, "eval": {"shapes": 0.5} if step == 2 else None})
+    first = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    assert set(fake.histories) == {first}
+    with pytest.warns(UserWarning, match=r"resumes at step 3, but 2 metric record\(s\) after it.*new W&B run"):
+        logger = MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=3, run_name="exp",
+                               wandb_config={"seed": 0})
+    with logger:
+        for step in (4, 5):
+            logger.log(step, {"reward": step + 0.5})  # the redone steps differ from the first time
+    second = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    assert second != first and set(fake.histories) == {first, second}
+    assert fake.configs[second] == {"seed": 0, "wandb_resumed_from": first} and fake.names[second] == "exp-resumed@3"
+    expected = {0: {"reward": 0.0}, 1: {"reward": 0.1}, 2: {"reward": 0.2, "eval/shapes": 0.5}, 3: {"reward": 0.3},
+                4: {"reward": 4.5}, 5: {"reward": 5.5}}
+    assert _wandb_history(fake, second) == expected
+    jsonl = {r["step"]: {k: v for k, v in r.items() if k not in ("step", "time") and v is not None}
+             for r in read_metrics(tmp_path)}
+    assert jsonl == expected
+    # a resume at the last logged step redoes nothing: the same W&B run goes on
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=5) as logger:
+        logger.log(6, {"reward": 0.6})
+    assert (tmp_path / "wandb_run_id.txt").read_text().strip() == second
+    assert _wandb_history(fake, second)[6] == {"reward": 0.6} and set(fake.histories) == {first, second}
+
+
 def test_progress():
     bar = progress(3, "steps")
     assert bar.total == 3 and bar.desc.startswith("steps")
