@@ -664,12 +664,15 @@ class CheckpointManager:
                 found.append(p)
         return sorted(found, key=lambda p: p.name)
 
-    def _move_aside(self) -> None:
+    def _move_aside(self) -> Optional[BaseException]:
         """The deferred move of :meth:`set_aside_after` (every rank calls it at the start of a save; rank 0 moves,
-        and every rank passes the barrier whatever happens)."""
+        and every rank passes the barrier whatever happens). Returns rank 0's error instead of raising it, so that
+        :meth:`save` skips the write and every rank still passes its barriers (a raise here left the other ranks
+        waiting at the next one)."""
         step, self._aside_after = self._aside_after, None
         if step is None:
-            return
+            return None
+        error: Optional[BaseException] = None
         try:
             above = self._above(step) if self.rank == 0 else []
             if above:
@@ -688,8 +691,11 @@ class CheckpointManager:
                         pointer.unlink()
                 _fsync_dir(self.checkpoints_dir)
                 print(f"moved the replaced run's checkpoints {[p.name for p in above]} to {dest}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - raised by save() after its barriers
+            error = exc
         finally:
             self._barrier()
+        return error
 
     # ------------------------------------------------------------------ queries
     def checkpoints(self) -> List[Path]:
@@ -730,15 +736,14 @@ class CheckpointManager:
         raised on the rank where it happened (the other ranks raise a CheckpointError).
         """
         step = int(step)
-        self._move_aside()
+        error: Optional[BaseException] = self._move_aside()
         name = checkpoint_name(step)
         final = self.checkpoints_dir / name
         tmp = self.checkpoints_dir / f"{_TMP_PREFIX}{name}"
-        error: Optional[BaseException] = None
         files: List[str] = []
         published = False
         try:
-            if self.rank == 0:
+            if self.rank == 0 and error is None:
                 try:
                     # JSON problems surface before anything is written
                     _json_text([counters, sampler_state, extra], "counters / sampler_state / extra")

@@ -285,6 +285,45 @@ def test_every_rank_saves_and_no_rank_hangs_on_failure(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000005"
 
 
+def test_failed_set_aside_raises_on_every_rank_without_a_hang(tmp_path, monkeypatch):
+    """Rank 0's move of a replaced timeline's checkpoints fails (a full disk): it raised out of save() past its
+    barriers, and the other ranks waited at the next one for ever. Now nothing is written, rank 0 raises the
+    CheckpointWriteError that says what to do, the other ranks a CheckpointError, and `latest` is untouched."""
+    model, opt, sched, _ = _make()
+    for step in (2, 4):
+        _save(CheckpointManager(tmp_path), step, model, opt, sched)
+    real_mkdir = ckpt_mod.Path.mkdir
+
+    def full_disk(self, *args, **kwargs):
+        if self.name.startswith("superseded-"):
+            raise OSError(28, "No space left on device")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.Path, "mkdir", full_disk)
+    barrier = threading.Barrier(2, timeout=30)
+    results = {}
+
+    def worker(rank):
+        manager = CheckpointManager(tmp_path, rank=rank, world_size=2, barrier=barrier.wait)
+        manager.set_aside_after(2)  # resumed from step 2: step 4 belongs to a replaced timeline
+        try:
+            results[rank] = _save(manager, 3, model, opt, sched)
+        except Exception as exc:  # noqa: BLE001
+            results[rank] = exc
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert isinstance(results[0], ckpt_mod.CheckpointWriteError) and "No space left" in str(results[0])
+    assert isinstance(results[1], CheckpointError) and "not published by rank 0" in str(results[1])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000002", "step-00000004"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+
+
 # ----------------------------------------------------------------------------------------------------
 # export
 # ----------------------------------------------------------------------------------------------------
