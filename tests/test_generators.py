@@ -216,6 +216,33 @@ def test_ode_rollout_reproduces_pipeline(name, guidance):
     assert rel_err(traj.final, x_T) > 0.1  # the sampler actually moved
 
 
+def test_sdxl_rollouts_at_a_non_native_size_carry_that_size_in_their_conditioning():
+    """SDXL conditions on (original size, crop, target size). The trainers' and guided sampling's rollouts encoded
+    their prompts without the size, so at 48x64 they were conditioned on the model's native size while diffusers'
+    pipeline (and so the exported LoRA's users) conditions on 48x64."""
+    from samplers.guided.pipeline import guided_sample_prompts
+    from trainers.common import sample_batch
+
+    gen = _gen("sdxl")
+    assert gen.default_image_size() == (32, 32)
+    kwargs = dict(seed=0, num_steps=3, guidance_scale=5.0, negative_prompt="", height=48, width=64, step="ddim",
+                  noise_level=0.0)
+    traj, cond, _, _ = sample_batch(gen, PROMPTS, [0, 1], **kwargs)
+    assert cond.add_time_ids[0].tolist() == [48.0, 64.0, 0.0, 0.0, 48.0, 64.0]
+    expected = gen.pipeline(PROMPTS, num_inference_steps=3, guidance_scale=5.0, latents=traj.latents[:, 0],
+                            output_type="latent", height=48, width=64).images
+    assert rel_err(traj.final, expected) < 1e-5
+    seen = []
+    real = gen.encode_prompts
+    gen.encode_prompts = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+    try:
+        guided_sample_prompts(gen, PROMPTS[:1], lambda images, prompts, meta: torch.zeros(len(prompts)), "none",
+                              prompt_ids=[0], **kwargs)
+    finally:
+        del gen.encode_prompts
+    assert seen[0].add_time_ids[0].tolist() == [48.0, 64.0, 0.0, 0.0, 48.0, 64.0]
+
+
 def test_flux_true_cfg_without_guidance_embedding_matches_pipeline():
     name, g = "flux_schnell", 2.5
     gen = _gen(name)

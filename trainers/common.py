@@ -704,7 +704,7 @@ def sample_batch(
     from samplers import make_generators, rollout
 
     device = adapter.device
-    cond = adapter.encode_prompts(prompts, negative_prompt, guidance_scale)
+    cond = adapter.encode_prompts(prompts, negative_prompt, guidance_scale, height=height, width=width)
     gens = make_generators(seed, list(sample_ids), device="cpu")
     init_gens = gens if noise_ids is None else make_generators(seed_for(seed, 11), list(noise_ids),
                                                                device="cpu")

@@ -140,7 +140,7 @@ def guided_sample_prompts(
     if reward_weights is None and hasattr(reward, "weights"):
         reward_weights = [float(w) for w in reward.weights]
     with torch.no_grad():
-        cond = adapter.encode_prompts(rows, negative_prompt, guidance_scale)
+        cond = adapter.encode_prompts(rows, negative_prompt, guidance_scale, height=height, width=width)
         gens = make_generators(seed, row_ids, device="cpu")
         noise = adapter.prepare_latents(len(rows), height, width, generator=gens).to(adapter.device)
     schedule = adapter.make_schedule(num_steps, height, width)
