@@ -179,6 +179,47 @@ def test_load_lora_frozen_keeps_other_flags(tmp_path):
         fresh.load_lora(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("name", ["sd3", "sd15"])
+def test_a_second_frozen_lora_adds_to_the_trained_one(name, tmp_path):
+    """diffusers makes a newly loaded adapter the only active one: a frozen second LoRA loaded beside the trained
+    one switched the trained one off (its weights no longer reached the prediction or the gradient). Now both
+    are active, the prediction moves by the sum of their deltas (LoRA deltas add), and only the first trains."""
+    gen, cond, x, t = _setup(name)
+    gen.add_lora(rank=2)
+    _perturb_lora(gen, seed=1)
+    gen.save_lora(str(tmp_path))
+    with torch.no_grad():
+        with gen.disable_adapter():
+            base = gen.predict(x, t, cond)
+        one = gen.predict(x, t, cond)
+    gen.load_lora(str(tmp_path), adapter_name="ref", trainable=False)
+    assert set(gen.denoiser.active_adapters()) == {"default", "ref"}
+    doubled, *_ = _setup(name)  # the same LoRA twice = one LoRA with B doubled (s B A twice in every layer)
+    doubled.add_lora(rank=2)
+    doubled.load_lora_state_dict({k: 2 * v if "lora_B" in k else v for k, v in gen.lora_state_dict().items()})
+    with torch.no_grad():
+        both = gen.predict(x, t, cond)
+        assert rel_err(both, doubled.predict(x, t, cond)) < 1e-5
+    assert rel_err(both, one) > 1e-3 and rel_err(one, base) > 1e-3
+    trained = {n for n, p in gen.denoiser.named_parameters() if p.requires_grad}
+    assert trained and all(is_lora_parameter(n, "default") for n in trained)
+    gen.predict(x, t, cond).square().mean().backward()
+    assert all(p.grad is not None for p in gen.trainable_parameters())
+
+
+def test_lora_dropout_is_off_outside_training_mode():
+    """peft builds the LoRA modules in train mode while diffusers' denoiser is in eval mode: with dropout every
+    rollout and rescoring was random (the GRPO ratio was not 1 at equal weights). The LoRA follows the
+    denoiser's mode."""
+    gen, cond, x, t = _setup("sd15")
+    assert not gen.denoiser.training
+    gen.add_lora(rank=4, dropout=0.5)
+    _perturb_lora(gen)
+    assert not any(m.training for m in gen.denoiser.modules())
+    with torch.no_grad():
+        assert torch.equal(gen.predict(x, t, cond), gen.predict(x, t, cond))
+
+
 def test_full_finetuning_updates_denoiser_only():
     gen, cond, x, t = _setup("sd3")
     params = gen.trainable_parameters()

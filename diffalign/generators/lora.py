@@ -68,8 +68,20 @@ def add_lora(
         target_modules=list(target_modules),
         lora_dropout=dropout,
     )
-    denoiser.add_adapter(config, adapter_name=adapter_name)
+    _attach(denoiser, adapter_name, lambda: denoiser.add_adapter(config, adapter_name=adapter_name))
     _train_only(denoiser, adapter_name)
+
+
+def _attach(denoiser: torch.nn.Module, adapter_name: str, attach) -> None:
+    """Run ``attach()`` (diffusers' ``add_adapter`` / ``load_lora_weights``), which makes the new adapter the only
+    active one and leaves its modules in train mode: the adapters active before stay active (a second, frozen
+    LoRA had switched the trained one off), and the new modules take the denoiser's mode (LoRA dropout ran in
+    every rollout, so predictions and log-probs were random). The caller sets the ``requires_grad`` flags after."""
+    before = list(denoiser.active_adapters()) if getattr(denoiser, "peft_config", None) else []
+    attach()
+    if before:
+        denoiser.set_adapters(before + [adapter_name])
+    denoiser.train(denoiser.training)
 
 
 def _check_targets(denoiser: torch.nn.Module, target_modules: Sequence[str]) -> None:
@@ -143,7 +155,8 @@ def load_lora(
     """``pipeline.load_lora_weights(directory)`` as ``adapter_name``.
 
     ``trainable=True`` makes that adapter the only trainable weights (resume LoRA training);
-    ``False`` freezes it and leaves the other parameters' flags unchanged.
+    ``False`` freezes it and leaves the other parameters' flags unchanged. Adapters already active stay active
+    (the prediction adds every active LoRA).
     """
     if not os.path.isdir(directory):
         raise ValueError(
@@ -153,7 +166,7 @@ def load_lora(
     if adapter_name in (getattr(denoiser, "peft_config", None) or {}):
         raise ValueError(f"the denoiser already has a LoRA adapter named {adapter_name!r}; pick another name")
     flags = {_base_name(name): param.requires_grad for name, param in denoiser.named_parameters()}
-    pipeline.load_lora_weights(directory, adapter_name=adapter_name)
+    _attach(denoiser, adapter_name, lambda: pipeline.load_lora_weights(directory, adapter_name=adapter_name))
     if trainable:
         _train_only(denoiser, adapter_name)
         return
