@@ -243,6 +243,35 @@ def test_sdxl_rollouts_at_a_non_native_size_carry_that_size_in_their_conditionin
     assert seen[0].add_time_ids[0].tolist() == [48.0, 64.0, 0.0, 0.0, 48.0, 64.0]
 
 
+def test_sdxl_vae_latents_mean_and_std_normalise_as_in_the_pipeline():
+    """A VAE whose config has per-channel latents_mean / latents_std: diffusers' SDXL pipeline decodes
+    ``z * std / scaling + mean`` (and its img2img encodes the inverse); the adapter used scaling only (images off
+    by 0.25). And an EDM scheduler, which has no DDPM betas, is refused instead of sampled with DDIM's defaults."""
+    from diffusers import EDMEulerScheduler
+
+    from trainers.common import sample_batch
+
+    gen = _gen("sdxl")
+    gen.pipeline.vae.register_to_config(latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[0.7, 1.3, 0.9, 1.1])
+    try:
+        traj, _, images, _ = sample_batch(gen, PROMPTS, [0, 1], seed=0, num_steps=2, guidance_scale=5.0,
+                                          negative_prompt="", height=32, width=32, step="ddim", noise_level=0.0)
+        expected = gen.pipeline(PROMPTS, num_inference_steps=2, guidance_scale=5.0, latents=traj.latents[:, 0],
+                                output_type="pt", height=32, width=32).images
+        assert rel_err(images, expected) < 1e-5
+        latents = gen.encode_images(images)  # the inverse normalisation, as diffusers' SDXL img2img encodes
+        z = gen.pipeline.vae.encode(images * 2 - 1).latent_dist.mode()
+        mean = torch.tensor([0.3, -0.2, 0.1, 0.5]).view(1, 4, 1, 1)
+        std = torch.tensor([0.7, 1.3, 0.9, 1.1]).view(1, 4, 1, 1)
+        torch.testing.assert_close(latents, (z - mean) * gen.pipeline.vae.config.scaling_factor / std)
+    finally:
+        gen.pipeline.vae.register_to_config(latents_mean=None, latents_std=None)
+    pipe = BUILDERS["sdxl"]()
+    pipe.scheduler = EDMEulerScheduler()
+    with pytest.raises(ValueError, match="EDMEulerScheduler defines no DDPM betas"):
+        adapter_for_pipeline(pipe)
+
+
 def test_flux_true_cfg_without_guidance_embedding_matches_pipeline():
     name, g = "flux_schnell", 2.5
     gen = _gen(name)

@@ -378,10 +378,14 @@ class GeneratorAdapter:
         """
         vae = self._vae()
         z = self._unpack(latents, height, width)
-        z = z / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            z = z + shift
+        stats = self._latent_stats(vae, z)
+        if stats is not None:
+            z = z * stats[1] / vae.config.scaling_factor + stats[0]
+        else:
+            z = z / vae.config.scaling_factor
+            shift = getattr(vae.config, "shift_factor", None)
+            if shift is not None:
+                z = z + shift
         image = vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
         return (image / 2 + 0.5).clamp(0, 1)
 
@@ -393,10 +397,26 @@ class GeneratorAdapter:
         vae = self._vae()
         dist = vae.encode((images * 2 - 1).to(device=vae.device, dtype=vae.dtype)).latent_dist
         z = (dist.sample(generator) if generator is not None else dist.mode()).float()
+        stats = self._latent_stats(vae, z)
+        if stats is not None:
+            return self._pack((z - stats[0]) * vae.config.scaling_factor / stats[1])
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             z = z - shift
         return self._pack(z * vae.config.scaling_factor)
+
+    #: whether the VAE's per-channel ``latents_mean`` / ``latents_std`` (when its config has them) normalise the
+    #: latents, as diffusers' SDXL pipelines do (its SD3 / FLUX / SD1.5 pipelines use scaling and shift only)
+    uses_latent_stats = False
+
+    def _latent_stats(self, vae, like: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(mean, std)`` as ``[1, C, 1, 1]`` tensors like ``like`` when the pipeline normalises with them."""
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if not self.uses_latent_stats or mean is None or std is None:
+            return None
+        shape = (1, len(mean), 1, 1)
+        return (torch.tensor(mean).view(shape).to(like.device, like.dtype),
+                torch.tensor(std).view(shape).to(like.device, like.dtype))
 
     # ------------------------------------------------------------------ training knobs
     def enable_gradient_checkpointing(self) -> None:

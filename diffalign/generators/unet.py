@@ -42,7 +42,17 @@ class UNetAdapter(GeneratorAdapter):
         scheduler = self.pipeline.scheduler
         if isinstance(scheduler, DDIMScheduler):
             return scheduler
-        return DDIMScheduler.from_config(scheduler.config)
+        config = scheduler.config
+        if "beta_schedule" not in config and config.get("trained_betas") is None:
+            # an EDM scheduler (Playground v2.5): DDIM would fall back to its default betas, another model's noise
+            raise ValueError(f"the pipeline's {type(scheduler).__name__} defines no DDPM betas (beta_schedule or "
+                             "trained_betas); diffalign samples diffusion models with DDIM on the model's betas, so "
+                             "EDM-parametrised models (sigma_min / sigma_max / sigma_data) are not supported")
+        return DDIMScheduler.from_config(config)
+
+    @property
+    def uses_latent_stats(self) -> bool:  # diffusers' SDXL pipelines normalise by the VAE's latents_mean / std
+        return self.is_sdxl
 
     @property
     def is_sdxl(self) -> bool:
