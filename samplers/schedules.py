@@ -182,7 +182,10 @@ def flow_schedule(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> Sche
     )
 
 
-_UNSUPPORTED_FLOW_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+#: scheduler options diffalign's flow schedule and steps do not reproduce (``stochastic_sampling``: diffusers' step
+#: re-noises its x0 estimate with fresh noise, another sampler than the Euler / SDE steps here)
+_UNSUPPORTED_FLOW_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                             "stochastic_sampling")
 
 
 def flow_schedule_from_scheduler_config(

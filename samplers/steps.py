@@ -297,7 +297,7 @@ def scheduled_step(
         return flow_euler_step(model_output, x_t, _gather(schedule.sigmas, index, dev),
                                _gather(schedule.sigmas, nxt, dev))
     if kind == "flow_sde":
-        cap = float(schedule.sigmas[1]) if schedule.num_steps > 1 else None
+        cap = float(schedule.sigmas[1])  # one step: sigmas[1] = 0, so g = noise_level at sigma 1 (as Flow-GRPO)
         return flow_sde_step(model_output, x_t, _gather(schedule.sigmas, index, dev),
                              _gather(schedule.sigmas, nxt, dev), noise_level=noise_level, sigma_cap=cap,
                              prev_sample=prev_sample, generator=generator)

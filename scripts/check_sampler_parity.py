@@ -93,7 +93,10 @@ def main(argv=None) -> int:
         if given_noise:  # diffalign's float32 draw, cast to the model dtype (the pipeline otherwise draws in it)
             kwargs["latents"] = float32_noise(adapter, ids, args.size)
         with torch.no_grad():
-            return pipe(prompt=prompts, negative_prompt="", num_inference_steps=args.steps,
+            # the empty negative as the adapter encodes it: SDXL's pipeline zeroes it only when given None
+            # (force_zeros_for_empty_prompt); SD1.5's pipeline wants a list beside a list of prompts
+            negative = None if getattr(adapter, "is_sdxl", False) else [""] * len(prompts)
+            return pipe(prompt=prompts, negative_prompt=negative, num_inference_steps=args.steps,
                         guidance_scale=args.guidance, height=args.size, width=args.size,
                         generator=make_generators(0, ids), output_type="latent", return_dict=False, **kwargs)[0]
 

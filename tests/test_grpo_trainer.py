@@ -346,3 +346,35 @@ def test_eval_json_is_strict_json_when_a_column_has_no_finite_value(tmp_path):
     out = json.loads((tmp_path / "run" / "eval.json").read_text(), parse_constant=refuse)
     assert out["eval/reward/raising"] is None
     assert isinstance(out["eval/reward/jpeg_compressibility"], float)
+
+
+@pytest.mark.parametrize("kind,sample,key", [
+    ("sd3", {"step": "flow_cps", "window": [0, 1], "random_window": [0, 4]}, "sample.random_window"),
+    ("sd3", {"step": "flow_cps", "window": [3, 4]}, "sample.window"),
+    ("sd15", {"step": "ddim", "noise_level": 1.0, "window": [0, 1], "random_window": [1, 4]}, None),
+])
+def test_windows_that_can_leave_an_epoch_nothing_to_train_are_refused_before_sampling(tmp_path, kind, sample, key):
+    """flow_cps (and DDIM into noise level 0) take the last step without noise: a one-step window drawn there left
+    its epoch no stochastic step, and the run stopped at that epoch (a resume drew the same window again). Such
+    settings are refused at setup; DDIM on SD1.5 (final noise above 0: set_alpha_to_one is false) draws noise at
+    its last step too and trains every window."""
+    from diffalign.config import ConfigError
+    from trainers.grpo import select_train_steps
+
+    cfg = run_config(save_tiny(tmp_path, kind), tmp_path / "run", sample=sample)
+    trainer = GRPOTrainer(cfg)
+    if key is not None:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            trainer.setup()
+        return
+    trainer.setup()
+    try:
+        from trainers.common import sample_batch
+
+        assert float(trainer.adapter.make_schedule(4, 32, 32).sigmas[-1]) > 0
+        assert (3, 4) in {trainer._window(epoch) for epoch in range(40)}  # the last step is drawn, and is noisy:
+        traj, *_ = sample_batch(trainer.adapter, ["a red circle"], [0], seed=0, num_steps=4, guidance_scale=1.0,
+                                negative_prompt="", height=32, width=32, step="ddim", noise_level=1.0, window=(3, 4))
+        assert select_train_steps(traj.stochastic, 1, fraction=1.0, mode="first").tolist() == [[3]]
+    finally:
+        trainer.cleanup()

@@ -86,6 +86,11 @@ def test_schedule_errors_name_the_value():
         alphas_cumprod_from_betas(beta_schedule="cosine")
     with pytest.raises(ValueError, match="end in 0"):
         flow_schedule(torch.tensor([1.0, 0.5]))
+    # options whose sampler is not the one diffalign runs are refused, not ignored
+    for option in ("use_karras_sigmas", "invert_sigmas", "stochastic_sampling"):
+        config = {**FlowMatchEulerDiscreteScheduler(shift=3.0).config, option: True}
+        with pytest.raises(ValueError, match=f"scheduler option {option}=True is not supported"):
+            flow_schedule_from_scheduler_config(config, 4)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -139,6 +144,17 @@ def test_flow_sde_mean_std_hand_computed(state):
     # sigma = 1 uses the cap inside 1 - sigma (Flow-GRPO's fix)
     first = flow_sde_step(v, x, 1.0, 0.9, noise_level=a, sigma_cap=cap)
     assert first.std[0].item() == pytest.approx(a * math.sqrt(1.0 / (1 - cap)) * math.sqrt(0.1), rel=1e-6)
+
+
+def test_flow_sde_with_one_step_takes_the_schedules_second_sigma_as_its_cap(state):
+    """A 1-step schedule (sigmas [1, 0]) has a second sigma, 0: g = a sqrt(1 / (1 - 0)) = a, as Flow-GRPO's code
+    computes it. It raised "needs sigma_cap", which users cannot set."""
+    x, v = state
+    schedule = flow_schedule(torch.tensor([1.0, 0.0]))
+    assert schedule.sigmas.tolist() == [1.0, 0.0]
+    out = scheduled_step("flow_sde", v, x, schedule, 0, noise_level=0.7, generator=torch.Generator().manual_seed(0))
+    assert out.extras["g"].item() == pytest.approx(0.7) and out.std[0].item() == pytest.approx(0.7)
+    torch.testing.assert_close(out.mean, x - v - (0.7**2 / 2) * x)
 
 
 def test_ddim_mean_std_hand_computed(state):
@@ -373,14 +389,14 @@ def test_prefetching_is_on_for_cpu_generators_on_a_gpu_only():
 
 
 def test_a_step_that_raises_leaves_the_generators_as_drawing_at_use_would():
-    """A prefetched draw is rewound also when the step raises (a 1-step flow schedule has no sigma_cap for the SDE
-    step), so a caller that catches the error continues from the same generator state either way."""
-    sched = flow_schedule(flow_sigmas(1))
+    """A prefetched draw is rewound also when the step raises (DDIM refuses eta above 1 inside the step), so a
+    caller that catches the error continues from the same generator state either way."""
+    sched = flow_schedule(flow_sigmas(2))
     x = torch.zeros(2, 2, 2)
     nxt = {}
     for prefetch in (False, True):
         gens = make_generators(3, [0, 1])
-        with pytest.raises(ValueError, match="sigma_cap"):
-            rollout(lambda x, t: x, sched, x, step="flow_sde", generator=gens, prefetch_noise=prefetch)
+        with pytest.raises(ValueError, match="eta must be in"):
+            rollout(lambda x, t: x, sched, x, step="ddim", noise_level=1.5, generator=gens, prefetch_noise=prefetch)
         nxt[prefetch] = torch.randn(4, generator=gens[0])
     assert torch.equal(nxt[False], nxt[True])

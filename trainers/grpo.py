@@ -82,7 +82,7 @@ class GRPOConfig(TrainLoopConfig):
         check(self.adv_clip_max > 0, "train.adv_clip_max",
               f"got {self.adv_clip_max}; 0 clips every advantage to 0 and nothing is learned: use e.g. 5")
         check(self.timestep_fraction > 0, "train.timestep_fraction",
-              f"got {self.timestep_fraction}; a fraction > 0 of the stochastic steps is trained (e.g. 0.99 or 1.0)")
+              f"got {self.timestep_fraction}; a fraction > 0 of the trajectory's steps is trained (e.g. 0.99 or 1.0)")
         check(s.group_size >= 2, "sample.group_size", f"got {s.group_size}; GRPO needs >= 2 images per prompt")
         check(s.step != "flow_euler" and s.noise_level > 0, "sample.noise_level",
               f"GRPO needs stochastic steps; got step={s.step!r} noise_level={s.noise_level}")
@@ -187,6 +187,26 @@ def kl_to_reference(
     return diff2 / (2 * scale**2)
 
 
+def check_noisy_windows(schedule, sample) -> None:
+    """Refuse a window that can fall on the last step alone where that step draws no noise (``flow_cps``, and
+    ``ddim`` into a final noise level of 0: their std is proportional to the next state's noise), before any epoch
+    runs: that epoch had no stochastic step to train. A random window fell there in some epochs only, hours into a
+    run, and a resume drew the same window again. (A deterministic sampler is refused by the config.)"""
+    T = sample.num_steps
+    if sample.step not in ("flow_cps", "ddim") or float(schedule.sigmas[-1]) != 0.0:
+        return
+    k = (sample.window[1] - sample.window[0]) if sample.window is not None else T
+    if sample.random_window is not None and k == 1 and sample.random_window[1] == T:
+        lo = sample.random_window[0]
+        raise ConfigError(f"got {list(sample.random_window)}: a one-step window drawn there can be the last step, "
+                          f"which {sample.step} takes into noise level 0 without noise, leaving that epoch nothing "
+                          f"to train; use [{lo}, {T - 1}]", key="sample.random_window")
+    if sample.random_window is None and sample.window is not None and list(sample.window) == [T - 1, T]:
+        raise ConfigError(f"got {list(sample.window)}: the last step, which {sample.step} takes into noise level 0 "
+                          f"without noise, so there is nothing to train; use e.g. [{max(0, T - 3)}, {T - 1}]",
+                          key="sample.window")
+
+
 def select_train_steps(
     stochastic: torch.Tensor,
     num_samples: int,
@@ -275,6 +295,7 @@ class GRPOTrainer:
                               "eta)",
                               key="sample.step")
         self.height, self.width = image_size(self.adapter, run.sample)
+        check_noisy_windows(self.adapter.make_schedule(run.sample.num_steps, self.height, self.width), run.sample)
         self.params = self.adapter.trainable_parameters()
         self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
         self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
