@@ -96,12 +96,15 @@ def main(argv=None) -> int:
     keep = torch.ones(n, dtype=torch.bool)
 
     cpu = {"single": [], "amort": [], "full": []}
+    # each trainer's reward columns (finite: every sample counts in every reward's loss); the samples were
+    # scored by the single-reward trainer, and the K-reward ones weight each reward's loss by its column
+    widths = {t.num_rewards: {**data, "rewards": torch.zeros(n, t.num_rewards)} for t in (single, amort)}
 
     def step(trainer, epoch, key=None):
         adv = per[:, 0] if trainer.num_rewards == 1 else per
         t0, c0 = time.perf_counter(), time.process_time()
         # the same samples every call (data["sample_ids"] included, so the same timesteps and noise): a timing only
-        trainer._train_epoch(epoch, data, adv, per[:, :trainer.num_rewards], keep)
+        trainer._train_epoch(epoch, widths[trainer.num_rewards], adv, per[:, :trainer.num_rewards], keep)
         if key:
             # process CPU time: robust to other jobs on a shared machine (exact when torch runs one thread)
             cpu[key].append(time.process_time() - c0)

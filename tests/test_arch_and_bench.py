@@ -209,3 +209,12 @@ def test_wrap_pipeline_keeps_layers_held_in_float32_and_random_pipeline_leaves_c
     folder, _ = config_folder
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("reseeded every GPU"))
     random_pipeline(folder, seed=3)
+
+
+def test_bench_marble_runs_on_the_tiny_model(monkeypatch, capsys):
+    """The benchmark times K-reward trainers on samples scored by the single-reward one: since the NFT loss weights
+    each reward by its column's finiteness it crashed at its first step (no test ran it)."""
+    out = _run_script(monkeypatch, capsys, "bench_marble", ["--tiny", "--threads", "1", "--k", "3", "--every", "2"])
+    rows = dict(re.findall(r"^\| (MARBLE [a-z]+ step)[^|]*\| ([0-9.]+) ms \|", out, flags=re.M))
+    assert set(rows) == {"MARBLE amortised step", "MARBLE full step"} and all(float(v) > 0 for v in rows.values())
+    assert "QP solve K=3" in out and "cvxpy reference solve" in out
