@@ -50,3 +50,24 @@ def test_image_stats_pair_the_trainers_own_evaluations(tmp_path):
         assert stats[side]["components_per_image"] >= 0 and 0 <= stats[side]["largest_component_share"] <= 1
         assert {"pass/object", "pass/count", "pass/no_extra"} <= stats[side].keys()
     assert (tmp_path / "samples_weighted_sum.png").stat().st_size > 0
+
+
+def test_worst_cosine_columns_mix_qp_and_plain_steps_as_the_run_does():
+    """Amortised MARBLE (QP every 5 steps, diagnostics every 2): the QP steps' cosines are >= 0 by construction and
+    were a third of the pooled rows but are a fifth of the run. The columns weight each kind by its share."""
+    script = load_script("marble_experiment")
+    rows = [{"epoch": 1, "steps/refresh": 1, "marble/worst_cos": 0.4},
+            {"epoch": 2, "steps/plain": 1},
+            {"epoch": 3, "steps/diagnose": 1, "marble/worst_cos": -0.2},
+            {"epoch": 5, "steps/diagnose": 1, "marble/worst_cos": 0.1},
+            {"epoch": 6, "steps/refresh": 1, "marble/worst_cos": 0.2},
+            {"epoch": 7, "steps/diagnose": 1, "marble/worst_cos": -0.5}]
+    out = script.worst_cosine_summary(rows, 0.2)
+    assert out["worst_cos_mean"] == pytest.approx(0.2 * 0.3 + 0.8 * (-0.2))  # pooled: 0.0
+    assert out["worst_cos_negative_fraction"] == pytest.approx(0.8 * 2 / 3)  # pooled: 0.4
+    assert (out["num_cos_qp"], out["num_cos_plain"]) == (2, 3)
+    assert script.worst_cosine_summary(rows[2:4], 0.0)["worst_cos_mean"] == pytest.approx(-0.05)
+    assert math.isnan(script.worst_cosine_summary(rows[2:4], 0.2)["worst_cos_mean"])  # QP steps never measured
+    with pytest.raises(SystemExit, match="one optimizer step per epoch"):
+        script.worst_cosine_summary([{"epoch": 1, "steps/refresh": 1, "steps/diagnose": 1, "marble/worst_cos": 0}],
+                                    0.2)
