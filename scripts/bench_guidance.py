@@ -31,6 +31,7 @@ import json
 import os
 import sys
 import time
+from typing import List
 
 import torch
 
@@ -122,6 +123,31 @@ def plans(args, T: int):
     return rows
 
 
+def planned_evals(plan) -> int:
+    """Reward evaluations per prompt a row's plan spends (the table's "reward evals/prompt" column measures it):
+    FK scores its P particles at each resampling step and at the end, SVDD its M candidates at each step of its
+    window (the last step's selection stands in for a final score), DOIT P chains x (M candidates x k steps + 1
+    final); best-of-N its N samples, unguided its one sample (counted as best-of-1)."""
+    method, P, options = plan
+    if method == "fk":
+        lo, hi = options["window"]
+        return P * (len(range(lo, hi, options["every"])) + 1)
+    if method == "svdd":
+        lo, hi = options["window"]
+        return options["num_candidates"] * (hi - lo)
+    if method == "doob":
+        lo, hi = options["window"]
+        return P * (options["num_candidates"] * (hi - lo) + 1)
+    return P  # best_of_n, none
+
+
+def over_budget(table_plans, selected, budget: int) -> List[str]:
+    """The selected rows whose plan spends more than ``budget`` reward evaluations per prompt (a plan takes at
+    least one resampling / guided step whatever the budget), as printable lines."""
+    return [f"{label}: {planned_evals(table_plans[label])} reward evaluations per prompt, over --budget {budget}"
+            for label in selected if planned_evals(table_plans[label]) > budget]
+
+
 def paired_lines(results, reference: str = "best_of_n_matched") -> str:
     """Per-prompt paired differences of every row against ``reference`` (same prompts, same initial noise),
     as ``mean +- standard error``: an "at least as good" claim is only as firm as this interval."""
@@ -168,6 +194,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(selected) - set(table_plans))
     if unknown:
         raise SystemExit(f"unknown --methods {unknown}; valid: {sorted(table_plans)}")
+    for line in over_budget(table_plans, selected, args.budget):
+        # the comparison with best_of_n (N = --budget) is then uneven; best_of_n_matched stays matched to DOIT
+        print(f"warning: {line}; raise --budget or lower the particles / candidates", file=sys.stderr)
     def progress(label, res):
         method, P, options = table_plans[label]
         score = float(torch.nanmean(res.rewards[:, 0]))
@@ -194,7 +223,8 @@ def main(argv=None) -> int:
         f.write(header + "\n\n" + table + "\n" + ("\n" + paired + "\n" if paired else ""))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         rows_out = {
-            k: {"options": {o: list(v) if isinstance(v, tuple) else v for o, v in table_plans[k][2].items()},
+            k: {"method": table_plans[k][0],
+                "options": {o: list(v) if isinstance(v, tuple) else v for o, v in table_plans[k][2].items()},
                 "particles": table_plans[k][1], **r.counter.as_dict(), "wall_s": r.wall_s,
                 "scores": r.rewards[:, 0].tolist()}
             for k, r in results.items()

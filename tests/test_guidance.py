@@ -557,6 +557,32 @@ def test_bench_rows_spend_the_matched_budget(tmp_path):
     assert rows["best_of_n_matched"]["scores"] != rows["none"]["scores"]
 
 
+def test_bench_plans_count_their_reward_evaluations_and_warn_over_budget(tmp_path, capsys):
+    """Each plan's reward evaluations per prompt, as counted by the samplers, and a warning for a plan that spends
+    more than --budget (a plan takes at least one resampling / guided step: FK with 3 particles at budget 4
+    spends 6), so a small-budget table does not silently compare uneven rows with best_of_n."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_guidance.py"
+    spec = importlib.util.spec_from_file_location("bench_guidance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    methods = ["none", "best_of_n", "fk", "svdd", "doob"]
+    assert bench.main(["--model", "tiny", "--prompts", "2", "--batch-size", "2", "--budget", "4", "--steps", "4",
+                       "--fk-particles", "3", "--svdd-candidates", "2", "--doob-particles", "2",
+                       "--doob-candidates", "2", "--methods", ",".join(methods), "--out", str(out)]) == 0
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    err = capsys.readouterr().err
+    for label in methods:
+        planned = bench.planned_evals((rows[label]["method"], rows[label]["particles"], rows[label]["options"]))
+        assert rows[label]["reward_evals"] == 2 * planned, label
+    assert "warning: fk: 6 reward evaluations per prompt, over --budget 4" in err
+    assert "warning: doob" in err and "warning: svdd" not in err and "warning: best_of_n" not in err
+
+
 def test_svdd_and_doob_pool_compare_a_prompts_particles_on_common_columns():
     """A reward column that failed on one of a particle's candidates is dropped for that particle's choice, but the
     prompt's particles are then compared on the columns all of them have (a review found SVDD comparing particle
