@@ -398,6 +398,24 @@ def test_the_shaped_verifier_scores_the_asked_count_highest(size):
             assert right > 0.9 and right - max(m for m in means if m != right) > 0.15, (shape, target, means)
 
 
+@pytest.mark.parametrize("groups_share_a_colour", [True, False])
+def test_soft_relation_tells_a_correct_layout_from_its_mirror_when_the_groups_share_a_colour(groups_share_a_colour):
+    """With both groups purple every component belongs a little to both (a clean circle about 0.2 to the square
+    class): the pairs circle-circle and square-circle weighed in, and a correct "two purple circles above a purple
+    square" scored a soft relation of 0.000, the same as its mirror image. Each pair now counts as far as its
+    components belong to their own groups only."""
+    second = "purple" if groups_share_a_colour else "blue"
+    prompt = f"two purple circles above a {second} square"
+    right = [PlacedObject(0, "circle", "purple", 9, 7, 8), PlacedObject(0, "circle", "purple", 23, 7, 8),
+             PlacedObject(1, "square", second, 16, 25, 8)]
+    mirror = [PlacedObject(0, "circle", "purple", 9, 25, 8), PlacedObject(0, "circle", "purple", 23, 25, 8),
+              PlacedObject(1, "square", second, 16, 7, 8)]
+    images = torch.from_numpy(np.stack([draw(right, 32), draw(mirror, 32)])).permute(0, 3, 1, 2).float() / 255
+    assert [verify(draw(p, 32), prompt)[1]["criteria"]["relation"] for p in (right, mirror)] == [True, False]
+    _, details = soft_score_images(images, [prompt, prompt])
+    assert details[0]["criteria"]["relation"] > 0.9 and details[1]["criteria"]["relation"] < 0.01
+
+
 def test_soft_check_known_answer():
     # "two red squares left of a blue circle"; components: a red near-square at x=4, a red blob at x=6, a blue circle
     # at x=20 (same row) and a stray blue square-ish blob at x=21 far above (a secondary offset of 26 px: a violated

@@ -283,9 +283,14 @@ def soft_check(spec: PromptSpec, color: np.ndarray, shape_probs: np.ndarray, cx:
     ``m[i, j]`` = P(component ``j`` belongs to object group ``i``) = colour match (hard, from hue) x the
     component's probability of the group's shape. Criteria: ``object_i`` = max_j P(shape_i); ``color_i`` =
     max_j m[i, j]; ``count_i`` = max(0, 1 - |sum_j m[i, j] - count|); ``relation`` = max_{a != b} m[0, a] m[1, b] x
-    prod_{a != b} (sigmoid(primary - margin) sigmoid(primary - |secondary|))^(m[0, a] m[1, b]) over pairs of distinct
-    components (in this grammar no component can match both groups), margins over ``temperature *
-    SOFT_SCALES["relation"] * side`` (computed in log space, so a far-off pair of tiny weight costs little);
+    prod_{a != b} (sigmoid(primary - margin) sigmoid(primary - |secondary|))^(e[a, b]) over pairs of distinct
+    components, with exponent ``e[a, b] = m[0, a] m[1, b] (1 - m[1, a]) (1 - m[0, b])``: a pair counts as far as
+    each component belongs to its own group only. When the groups share a colour (about 1 in 6 position prompts)
+    every component has some membership in both (a clean circle about 0.2 of a square), and without the
+    exclusivity factors the pairs circle-circle and square-as-group-0 weighed in, so a correct image scored about
+    as low as its mirror image; with groups of different colours ``e = m[0, a] m[1, b]``. Margins are over
+    ``temperature * SOFT_SCALES["relation"] * side`` (computed in log space, so a far-off pair of tiny weight costs
+    little);
     ``no_extra`` = prod_j min(1, sum_i m[i, j]) (the groups are exclusive). With memberships in {0, 1} and margins
     far from 0 each criterion equals :func:`check`'s boolean.
     """
@@ -318,7 +323,8 @@ def soft_check(spec: PromptSpec, color: np.ndarray, shape_probs: np.ndarray, cx:
                          + special.log_expit((primary - np.abs(secondary)) / scale))
             weight = member[0][:, None] * member[1][None, :]
             np.fill_diagonal(weight, 0.0)  # a component is not paired with itself
-            criteria["relation"] = float(weight.max() * np.exp((weight * log_holds).sum()))
+            exclusive = weight * (1 - member[1])[:, None] * (1 - member[0])[None, :]
+            criteria["relation"] = float(weight.max() * np.exp((exclusive * log_holds).sum()))
     criteria["no_extra"] = float(np.prod(np.minimum(member.sum(axis=0), 1.0))) if n else 1.0
     return float(np.mean(list(criteria.values()))), criteria
 
