@@ -144,7 +144,8 @@ def classify_shape(fill: np.ndarray, low: np.ndarray) -> np.ndarray:
     """Shape index (into ``SHAPES``) from bounding-box fill and centroid lowness.
 
     Clean fills: square ~1.0, circle ~0.79, triangle ~0.55-0.7 (small triangles lose their apex);
-    lowness: triangle ~0.6-0.65, others 0.5. Boundaries were set on clean, blurred and noisy renders.
+    lowness: triangle ~0.6-0.65, others 0.5. Boundaries were set on clean, blurred and noisy renders. Aspect ratio
+    is not read (the renderer draws shapes as wide as tall): a solid bar is a "square", a flat ellipse a "circle".
     """
     triangle = (low > _TRIANGLE_LOW) | (fill < _TRIANGLE_FILL)
     return np.where(triangle, 2, np.where(fill >= _SQUARE_FILL, 1, 0))
