@@ -340,7 +340,7 @@ def test_guided_sample_prompts_gives_particle_j_of_prompt_i_the_stream_i_stride_
     class Stub:
         device = "cpu"
 
-        def encode_prompts(self, rows, negative, scale):
+        def encode_prompts(self, rows, negative, scale, height=None, width=None):
             return SimpleNamespace(batch_size=len(rows))
 
         def prepare_latents(self, n, height, width, generator):

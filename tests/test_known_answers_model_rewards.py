@@ -280,11 +280,13 @@ def test_grad_snr_resolved_is_strictly_more_than_two_standard_errors():
 
 def _marble_rows():
     base = {"epoch": 0, "step": 0, "eval/reward/a": 1.0, "eval/reward/b": 0.5}
+    # epochs 1-3: a plain step (timed) and a diagnosed step (the cosine); epoch 4: a QP step
     train = [{"epoch": i, "step": i, "reward/a": 0.1 * i, "marble/worst_cos": w, "cpu_time/step_plain": 2.0,
-              "steps/plain": 1, "cpu_time/step_refresh": 0.0, "steps/refresh": 0}
+              "steps/plain": 1, "cpu_time/step_diagnose": 5.0, "steps/diagnose": 1, "cpu_time/step_refresh": 0.0,
+              "steps/refresh": 0}
              for i, w in enumerate([-0.5, 0.0, 0.3, -0.2], start=1)]
     train[-1].update({"cpu_time/step_refresh": 7.0, "steps/refresh": 1, "cpu_time/step_plain": 0.0, "steps/plain": 0,
-                      "marble/alpha_bar/a": 0.25})
+                      "cpu_time/step_diagnose": 0.0, "steps/diagnose": 0, "marble/alpha_bar/a": 0.25})
     mid = {"step": 2, "eval/reward/a": 9.0, "eval/reward/b": 9.0}
     final = {"step": 4, "eval/reward/a": 1.5, "eval/reward/b": 0.25}
     return base, [base, train[0], train[1], mid, train[2], train[3], final]
@@ -296,8 +298,9 @@ def test_marble_summary_and_table_by_hand():
     cfg = SimpleNamespace(aggregation="marble", marble_mode="amortized", marble_every=5)
     res = exp.summarise("marble", rows, ["a", "b"], cfg, base)
     assert res["delta"] == pytest.approx({"a": 0.5, "b": -0.25})
-    assert res["worst_cos_mean"] == pytest.approx(-0.1)
-    assert res["worst_cos_negative_fraction"] == pytest.approx(0.5)  # -0.5 and -0.2; 0.0 is not negative
+    # the QP step (-0.2) weighs 1/5, the diagnosed plain steps (-0.5, 0.0, 0.3) 4/5; 0.0 is not negative
+    assert res["worst_cos_mean"] == pytest.approx(0.2 * -0.2 + 0.8 * (-0.2 / 3))
+    assert res["worst_cos_negative_fraction"] == pytest.approx(0.2 * 1 + 0.8 * (1 / 3))
     assert res["num_cos_steps"] == 4
     # plain steps 2 s (3 of them), QP steps 7 s (1): amortised share 1/5 -> 0.8 * 2 + 0.2 * 7 = 3.0
     assert res["time_per_step"] == pytest.approx(3.0)
@@ -308,4 +311,4 @@ def test_marble_summary_and_table_by_hand():
     ws = exp.summarise("weighted_sum", rows, ["a"], SimpleNamespace(aggregation="weighted_sum"), base)
     assert ws["time_per_step"] == pytest.approx(2.0)
     line = exp.table([res], ["a", "b"]).splitlines()[2]
-    assert line == "| marble | +0.5000 | -0.2500 | -0.100 | 50% of 4 | 3.00 s |"
+    assert line == "| marble | +0.5000 | -0.2500 | -0.093 | 47% (1 + 3) | 3.00 s |"
