@@ -20,14 +20,16 @@ HERE = Path(__file__).resolve().parent
 def _worker(model: str, out: str) -> None:
     torch.set_num_threads(1)
     sys.path.insert(0, str(HERE))
-    from test_nft_trainer import nft_config
+    from test_nft_trainer import REWARDS, nft_config
 
     from trainers.nft import NFTTrainer
     from trainers.run import make_accelerator
 
     acc = make_accelerator("cpu")
     assert acc.num_processes == 2, acc.num_processes
-    cfg = nft_config(model, Path(out) / "run", {"num_epochs": 2, "aggregation": "marble", "marble_mode": "full"})
+    # three rewards: two normalised gradients always give the coefficients (1/2, 1/2), on any rank
+    cfg = nft_config(model, Path(out) / "run", {"num_epochs": 2, "aggregation": "marble", "marble_mode": "full"},
+                     rewards=REWARDS + [{"name": "colorfulness"}])
     trainer = NFTTrainer(cfg, acc)
     trainer.setup()
     try:
@@ -50,7 +52,8 @@ def test_marble_ddp_two_ranks_identical(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
-    assert r0["alpha"].shape == (2, 2)  # one QP per optimizer step, K = 2 rewards
+    assert r0["alpha"].shape == (2, 3)  # one QP per optimizer step, K = 3 rewards
+    assert (r0["alpha"] - 1 / 3).abs().max() > 1e-3  # solutions that depend on the gradients
     assert torch.equal(r0["alpha"], r1["alpha"]) and torch.equal(r0["alpha_bar"], r1["alpha_bar"])
     for k in r0["lora"]:
         assert torch.equal(r0["lora"][k], r1["lora"][k]), k
