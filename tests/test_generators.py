@@ -314,6 +314,30 @@ def test_decode_matches_pipeline_images(name):
     assert torch.allclose(decoded, images, atol=1e-6)
 
 
+def test_flux_predictions_take_their_image_ids_from_the_size_the_prompts_were_encoded_for():
+    """Packed FLUX latents of 32x48 and 48x32 pixels have the same token count; the image position ids came from
+    the last size the adapter prepared, so a prediction on 32x48 latents after a 48x32 batch was prepared used
+    transposed ids. A conditioning encoded for a size keeps that size's grid, through CFG doubling, selection
+    and concatenation."""
+    from diffalign.generators import Conditioning
+
+    gen = _gen("flux")
+    cond = gen.encode_prompts(PROMPTS, guidance_scale=3.5, height=32, width=48, **text_kwargs("flux"))
+    assert cond.latent_grid == gen._latent_grid(32, 48) == (16, 24)  # the VAE grid (packed: 8 x 12 tokens)
+    x = gen.prepare_latents(2, 32, 48, torch.Generator().manual_seed(0))
+    t = gen.make_schedule(4, 32, 48).timesteps[1].expand(2)
+    with torch.no_grad():
+        want = gen.predict(x, t, cond, 3.5)
+        gen.prepare_latents(2, 48, 32, torch.Generator().manual_seed(1))  # another size in between
+        assert torch.equal(gen.predict(x, t, cond, 3.5), want)
+        unbound = Conditioning(**{**vars(cond), "latent_grid": None})
+        assert not torch.equal(gen.predict(x, t, unbound, 3.5), want)  # what it did before
+    assert cond.index_select([1]).latent_grid == Conditioning.cat([cond, cond]).latent_grid == (16, 24)
+    other = gen.encode_prompts(PROMPTS, guidance_scale=3.5, height=48, width=32, **text_kwargs("flux"))
+    with pytest.raises(ValueError, match="different image sizes"):
+        Conditioning.cat([cond, other])
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux", "sd15"])
 def test_encode_images_gives_latents_the_decoder_reads(name):
     gen = _gen(name)

@@ -56,6 +56,9 @@ class Conditioning:
             counterparts, present only when the batch was encoded for classifier-free guidance.
         add_time_ids / negative_add_time_ids: ``[B, 6]`` SDXL micro-conditioning (size/crop).
         text_ids: ``[S, 3]`` FLUX text position ids; shared by every sample (not batched).
+        latent_grid: ``(h, w)`` FLUX latent grid of the images these prompts were encoded for (``encode_prompts``
+            with ``height`` / ``width``); the image position ids of a prediction come from it, not from the last
+            size the adapter prepared (latents of 32x48 and 48x32 pixels have the same token count). Not a tensor.
     """
 
     prompt_embeds: torch.Tensor
@@ -65,9 +68,12 @@ class Conditioning:
     add_time_ids: Optional[torch.Tensor] = None
     negative_add_time_ids: Optional[torch.Tensor] = None
     text_ids: Optional[torch.Tensor] = None
+    latent_grid: Optional[Tuple[int, int]] = None
 
     #: Fields without a batch axis.
     SHARED = ("text_ids",)
+    #: Fields that are not tensors: every copy keeps them as they are.
+    META = ("latent_grid",)
 
     @property
     def batch_size(self) -> int:
@@ -81,7 +87,7 @@ class Conditioning:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.name not in self.META:
                 value = (shared_fn(value) if shared_fn else value) if f.name in self.SHARED else fn(value)
             out[f.name] = value
         return Conditioning(**out)
@@ -135,6 +141,7 @@ class Conditioning:
             pooled_prompt_embeds=both(self.negative_pooled_prompt_embeds, self.pooled_prompt_embeds),
             add_time_ids=both(self.negative_add_time_ids, self.add_time_ids),
             text_ids=self.text_ids,
+            latent_grid=self.latent_grid,
         )
 
     @staticmethod
@@ -149,6 +156,11 @@ class Conditioning:
                 raise ValueError(f"Conditioning.cat: field {f.name!r} is set on some items but not others")
             if values[0] is None:
                 out[f.name] = None
+            elif f.name in Conditioning.META:
+                if any(v != values[0] for v in values):
+                    raise ValueError(f"Conditioning.cat: items encoded for different image sizes ({f.name} "
+                                     f"{sorted(set(values))}); concatenate items of one size")
+                out[f.name] = values[0]
             elif f.name in Conditioning.SHARED:
                 out[f.name] = values[0]
             else:

@@ -56,6 +56,8 @@ class FluxAdapter(GeneratorAdapter):
         negatives: Optional[List[str]],
         *,
         max_sequence_length: Optional[int] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
         **_: Any,
     ) -> Conditioning:
         msl = 512 if max_sequence_length is None else int(max_sequence_length)
@@ -71,7 +73,8 @@ class FluxAdapter(GeneratorAdapter):
             num_images_per_prompt=1,
             max_sequence_length=msl,
         )
-        cond = Conditioning(prompt_embeds=pe, pooled_prompt_embeds=pooled, text_ids=text_ids)
+        grid = self._latent_grid(height, width) if height is not None and width is not None else None
+        cond = Conditioning(prompt_embeds=pe, pooled_prompt_embeds=pooled, text_ids=text_ids, latent_grid=grid)
         if negatives is not None:
             npe, npooled, _ = self.pipeline.encode_prompt(
                 prompt=negatives,
@@ -158,7 +161,8 @@ class FluxAdapter(GeneratorAdapter):
     ) -> torch.Tensor:
         dtype = self.dtype
         batch, seq_len = x_t.shape[0], x_t.shape[1]
-        h, w = self._grid_for(seq_len)
+        grid = cond.latent_grid
+        h, w = grid if grid is not None and (grid[0] // 2) * (grid[1] // 2) == seq_len else self._grid_for(seq_len)
         img_ids = self.pipeline._prepare_latent_image_ids(batch, h // 2, w // 2, x_t.device, dtype)
         guidance = None
         if self.guidance_embeds:
