@@ -56,7 +56,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -609,6 +609,15 @@ def _dump_config(config: Any) -> str:
     return dump_yaml({} if config is None else config)
 
 
+def _file_id(path: Path) -> Optional[Tuple[int, int]]:
+    """``(device, inode)`` of ``path`` (kept by a rename), or None when it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class CheckpointManager:
     """Saves, lists, prunes and loads the checkpoints of ``run_dir`` for process ``rank`` of ``world_size``.
 
@@ -742,6 +751,7 @@ class CheckpointManager:
         tmp = self.checkpoints_dir / f"{_TMP_PREFIX}{name}"
         files: List[str] = []
         published = False
+        mine = None  # (device, inode) of this rank's RNG file: proof, after the publish, that it is this save's
         try:
             if self.rank == 0 and error is None:
                 try:
@@ -757,6 +767,8 @@ class CheckpointManager:
             if error is None and tmp.is_dir():
                 try:
                     _save_torch(capture_rng_state(generators), tmp / rng_file(self.rank))
+                    st = (tmp / rng_file(self.rank)).stat()
+                    mine = (st.st_dev, st.st_ino)
                     if self.rank == 0:
                         files = self._write_payload(tmp, step, trainable_state, ema_state, optimizer,
                                                     lr_scheduler, grad_scaler, config)
@@ -802,8 +814,13 @@ class CheckpointManager:
         if error is not None:
             raise error
         if self.rank != 0:
+            # `latest` naming this step is not enough: a re-save of the step it names (a resume that saves the step
+            # it resumed from, or the replaced timeline's copy of that step) would pass on the earlier copy
             pointer = self.checkpoints_dir / LATEST_FILE
-            if not pointer.is_file() or pointer.read_text(encoding="utf-8").strip() != name or missing_files(final):
+            published_here = (pointer.is_file() and pointer.read_text(encoding="utf-8").strip() == name
+                              and not missing_files(final) and mine is not None
+                              and _file_id(final / rng_file(self.rank)) == mine)
+            if not published_here:
                 raise CheckpointError(f"checkpoint {name} was not published by rank 0 (see its error)")
         return final
 

@@ -285,10 +285,12 @@ def test_every_rank_saves_and_no_rank_hangs_on_failure(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000005"
 
 
-def test_failed_set_aside_raises_on_every_rank_without_a_hang(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", [3, 4])  # 4: the replaced timeline's copy of that step is where `latest` points
+def test_failed_set_aside_raises_on_every_rank_without_a_hang(tmp_path, monkeypatch, step):
     """Rank 0's move of a replaced timeline's checkpoints fails (a full disk): it raised out of save() past its
     barriers, and the other ranks waited at the next one for ever. Now nothing is written, rank 0 raises the
-    CheckpointWriteError that says what to do, the other ranks a CheckpointError, and `latest` is untouched."""
+    CheckpointWriteError that says what to do, the other ranks a CheckpointError, and `latest` is untouched. Also
+    when the save is of the step `latest` names: the other ranks took the old copy of that step for this save's."""
     model, opt, sched, _ = _make()
     for step in (2, 4):
         _save(CheckpointManager(tmp_path), step, model, opt, sched)
@@ -307,7 +309,7 @@ def test_failed_set_aside_raises_on_every_rank_without_a_hang(tmp_path, monkeypa
         manager = CheckpointManager(tmp_path, rank=rank, world_size=2, barrier=barrier.wait)
         manager.set_aside_after(2)  # resumed from step 2: step 4 belongs to a replaced timeline
         try:
-            results[rank] = _save(manager, 3, model, opt, sched)
+            results[rank] = _save(manager, step, model, opt, sched)
         except Exception as exc:  # noqa: BLE001
             results[rank] = exc
 

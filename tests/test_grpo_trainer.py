@@ -360,6 +360,8 @@ def test_eval_json_is_strict_json_when_a_column_has_no_finite_value(tmp_path):
 @pytest.mark.parametrize("kind,sample,key", [
     ("sd3", {"step": "flow_cps", "window": [0, 1], "random_window": [0, 4]}, "sample.random_window"),
     ("sd3", {"step": "flow_cps", "window": [3, 4]}, "sample.window"),
+    ("sd3", {"step": "flow_cps", "random_window": [0, 4]}, "sample.random_window"),  # one-step windows drawn
+    ("sd3", {"step": "flow_cps", "num_steps": 1, "eval_num_steps": 1}, "sample.num_steps"),
     ("sd15", {"step": "ddim", "noise_level": 1.0, "window": [0, 1], "random_window": [1, 4]}, None),
 ])
 def test_windows_that_can_leave_an_epoch_nothing_to_train_are_refused_before_sampling(tmp_path, kind, sample, key):
@@ -387,3 +389,23 @@ def test_windows_that_can_leave_an_epoch_nothing_to_train_are_refused_before_sam
         assert select_train_steps(traj.stochastic, 1, fraction=1.0, mode="first").tolist() == [[3]]
     finally:
         trainer.cleanup()
+
+
+def test_a_wandb_run_gets_the_resolved_config_and_the_output_folders_name(tmp_path, monkeypatch):
+    """The trainers opened W&B without the config or a name (the README promised both)."""
+    import diffalign.logging as logging_mod
+
+    seen = {}
+    real = logging_mod.MetricsLogger
+
+    class Recording(real):
+        def __init__(self, run_dir, **kwargs):
+            seen.update(kwargs)
+            super().__init__(run_dir, **{**kwargs, "wandb": False})  # W&B itself is tested in test_logging.py
+
+    monkeypatch.setattr(logging_mod, "MetricsLogger", Recording)
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "my-run", train={"num_epochs": 1},
+                     logging={"wandb": True, "image_every": 0})
+    _train(cfg)
+    assert seen["wandb"] is True and seen["run_name"] == "my-run"
+    assert seen["wandb_config"]["trainer"] == "grpo" and seen["wandb_config"]["train"]["num_epochs"] == 1

@@ -248,12 +248,15 @@ def _open_locked_run(run, dist, restore, ckpt) -> tuple:
                       f"{ckpt.checkpoints_dir}/superseded-<time>/ when this run writes its first checkpoint (until "
                       "then resume_from=latest still finds them); use a new output_dir to keep runs apart",
                       UserWarning)
+    config_dict = to_dict(run)
+    # the W&B run shows the resolved config and is named after the output folder (it had neither)
     logger = MetricsLogger(run.output_dir, tensorboard=run.logging.tensorboard, wandb=run.logging.wandb,
                            wandb_project=run.logging.wandb_project, is_main=dist.is_main,
-                           resume_step=resumed_epoch if resumed_epoch is not None else -1)
+                           resume_step=resumed_epoch if resumed_epoch is not None else -1,
+                           wandb_config=config_dict, run_name=os.path.basename(os.path.normpath(run.output_dir)))
     if dist.is_main:
         save_config(run, f"{run.output_dir}/config.yaml")
-    return ckpt, logger, to_dict(run)
+    return ckpt, logger, config_dict
 
 
 def restore_run_state(state, adapter, params: Sequence[torch.nn.Parameter], ema: Optional["EMA"], optimizer,

@@ -195,16 +195,22 @@ def check_noisy_windows(schedule, sample) -> None:
     T = sample.num_steps
     if sample.step not in ("flow_cps", "ddim") or float(schedule.sigmas[-1]) != 0.0:
         return
-    k = (sample.window[1] - sample.window[0]) if sample.window is not None else T
-    if sample.random_window is not None and k == 1 and sample.random_window[1] == T:
-        lo = sample.random_window[0]
-        raise ConfigError(f"got {list(sample.random_window)}: a one-step window drawn there can be the last step, "
-                          f"which {sample.step} takes into noise level 0 without noise, leaving that epoch nothing "
-                          f"to train; use [{lo}, {T - 1}]", key="sample.random_window")
-    if sample.random_window is None and sample.window is not None and list(sample.window) == [T - 1, T]:
+    if sample.random_window is not None:
+        # the window drawn is as long as sample.window, or one step without it (GRPOTrainer._window)
+        k = (sample.window[1] - sample.window[0]) if sample.window is not None else 1
+        if k == 1 and sample.random_window[1] == T:
+            lo = sample.random_window[0]
+            raise ConfigError(f"got {list(sample.random_window)}: a one-step window drawn there can be the last step, "
+                              f"which {sample.step} takes into noise level 0 without noise, leaving that epoch "
+                              f"nothing to train; use [{lo}, {T - 1}]", key="sample.random_window")
+        return
+    if sample.window is not None and list(sample.window) == [T - 1, T]:
         raise ConfigError(f"got {list(sample.window)}: the last step, which {sample.step} takes into noise level 0 "
                           f"without noise, so there is nothing to train; use e.g. [{max(0, T - 3)}, {T - 1}]",
                           key="sample.window")
+    if sample.window is None and T == 1:
+        raise ConfigError(f"got 1: the only step, which {sample.step} takes into noise level 0 without noise, so "
+                          "there is nothing to train; use 2 or more steps, or step=flow_sde", key="sample.num_steps")
 
 
 def select_train_steps(
