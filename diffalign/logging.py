@@ -125,6 +125,13 @@ def _truncate_after(path: Path, step: int) -> int:
     return dropped
 
 
+def _grid_step(filename: str) -> Optional[int]:
+    """The step of an image grid file ``{tag}-step{step:06d}.png`` (:meth:`MetricsLogger.log_images`), or None."""
+    stem = filename[:-4] if filename.endswith(".png") else ""
+    head, sep, digits = stem.rpartition("-step")
+    return int(digits) if sep and head and digits.isdigit() else None
+
+
 class MetricsLogger:
     """Append metrics to ``run_dir/metrics.jsonl`` and, optionally, tensorboard and wandb.
 
@@ -178,6 +185,10 @@ class MetricsLogger:
         redone = 0
         if resume_step is not None and resume_step >= 0 and self.path.exists():
             redone = _truncate_after(self.path, int(resume_step))
+        if resume_step is not None and resume_step >= 0:
+            # image grids went to W&B at their own steps, also on epochs without a metrics row (logging.log_every)
+            redone += sum(1 for p in (self.run_dir / SAMPLES_DIR).glob("*-step*.png")
+                          if _grid_step(p.name) is not None and _grid_step(p.name) > resume_step)
         if wandb:  # before opening the jsonl, so a missing package leaves no open file behind
             self._wandb = self._init_wandb(wandb_project or "diffalign", wandb_config, run_name, redone=redone)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run, see close()
@@ -197,8 +208,9 @@ class MetricsLogger:
         rewind = bool(old_id) and redone > 0
         if rewind:
             # the old run's history goes past resume_step: W&B would silently drop every redone step
-            warnings.warn(f"this run resumes at step {self.resume_step}, but {redone} metric record(s) after it were "
-                          f"logged (the run went on past its last checkpoint); W&B cannot rewrite run {old_id}'s "
+            warnings.warn(f"this run resumes at step {self.resume_step}, but {redone} metric record(s) or image grid(s) "
+                          f"after it were logged (the run went on past its last checkpoint); W&B cannot rewrite run "
+                          f"{old_id}'s "
                           "history, so metrics go to a new W&B run, replayed from metrics.jsonl up to step "
                           f"{self.resume_step}", UserWarning)
             config = {**(config or {}), "wandb_resumed_from": old_id}

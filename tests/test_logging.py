@@ -246,6 +246,7 @@ class _FakeWandb:
                 pass
 
         self._run = Run
+        self.Image = lambda array: ("image", getattr(array, "shape", None))
 
     def init(self, project, id, resume, dir, name, config):  # noqa: A002 - wandb's own argument names
         assert resume == "allow"
@@ -273,7 +274,8 @@ def test_wandb_resume_that_redoes_steps_starts_a_replayed_run(tmp_path, monkeypa
             logger.log(step, {"reward": step / 10, "eval": {"shapes": 0.5} if step == 2 else None})
     first = (tmp_path / "wandb_run_id.txt").read_text().strip()
     assert set(fake.histories) == {first}
-    with pytest.warns(UserWarning, match=r"resumes at step 3, but 2 metric record\(s\) after it.*new W&B run"):
+    with pytest.warns(UserWarning, match=r"resumes at step 3, but 2 metric record\(s\) or image grid\(s\) after "
+                                         r"it.*new W&B run"):
         logger = MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=3, run_name="exp",
                                wandb_config={"seed": 0})
     with logger:
@@ -293,6 +295,23 @@ def test_wandb_resume_that_redoes_steps_starts_a_replayed_run(tmp_path, monkeypa
         logger.log(6, {"reward": 0.6})
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() == second
     assert _wandb_history(fake, second)[6] == {"reward": 0.6} and set(fake.histories) == {first, second}
+
+
+def test_wandb_resume_counts_image_grids_logged_after_the_checkpoint(tmp_path, monkeypatch):
+    """With logging.log_every > 1 an epoch can send only an image grid to W&B; a resume before it redoes that
+    step too, which W&B would drop from the old run."""
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=-1) as logger:
+        logger.log(2, {"reward": 0.2})
+        logger.log_images(3, torch.rand(2, 3, 8, 8), ["a", "b"])  # no metrics row at step 3
+    first = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    with pytest.warns(UserWarning, match=r"1 metric record\(s\) or image grid\(s\)"):
+        MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=2).close()
+    assert (tmp_path / "wandb_run_id.txt").read_text().strip() != first
+    with MetricsLogger(tmp_path, tensorboard=False, wandb=True, resume_step=3) as logger:  # nothing redone
+        pass
+    assert len(fake.histories) == 2
 
 
 def test_progress():
