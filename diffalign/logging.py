@@ -209,8 +209,8 @@ class MetricsLogger:
         if rewind:
             # the old run's history goes past resume_step: W&B would silently drop every redone step
             warnings.warn(f"this run resumes at step {self.resume_step}, but {redone} metric record(s) or image "
-                          f"grid(s) after it were logged (the run went on past its last checkpoint); W&B cannot rewrite run "
-                          f"{old_id}'s "
+                          f"grid(s) after it were logged (the run went on past its last checkpoint); W&B cannot "
+                          f"rewrite run {old_id}'s "
                           "history, so metrics go to a new W&B run, replayed from metrics.jsonl up to step "
                           f"{self.resume_step}", UserWarning)
             config = {**(config or {}), "wandb_resumed_from": old_id}
