@@ -138,3 +138,22 @@ def test_gdpo_known_answer_with_an_all_nan_row():
     got = gdpo_advantages(r, groups, w, eps=eps, clip=None)
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     assert float(got[3]) == 0.0
+
+
+def test_tracker_leaves_nan_rewards_out_of_a_prompts_buffer():
+    """A NaN reward (OCR on a prompt without quotes, on_error: skip) entering the per-prompt buffer made the prompt's
+    mean and std NaN for buffer_size epochs: every step's gradient non-finite, and the run stopped (mutation audit)."""
+    t = PerPromptStatTracker(buffer_size=8, min_count=1, eps=0.0)
+    adv = t.update(["p", "p", "p"], torch.tensor([0.0, float("nan"), 2.0]))
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0]))
+    assert not any(math.isnan(v) for v in t.buffers["p"])
+    assert torch.isfinite(t.update(["p", "p"], torch.tensor([1.0, 1.0]))).all()  # later epochs stay finite
+
+
+def test_tracker_keeps_only_the_last_buffer_size_rewards():
+    t = PerPromptStatTracker(buffer_size=2, min_count=1, eps=0.0)
+    t.update(["p"], torch.tensor([100.0]))
+    t.update(["p"], torch.tensor([0.0]))
+    adv = t.update(["p"], torch.tensor([2.0]))  # buffer [0, 2]: mean 1, std 1, so A = 1 (with 100: about -0.7)
+    assert len(t.buffers["p"]) == 2
+    torch.testing.assert_close(adv, torch.tensor([1.0]))

@@ -319,3 +319,12 @@ def test_tracking_recovers_a_conflict_that_per_batch_noise_hides():
     tracked = mean_direction(0.95)
     # seeds 0-3: 0.33-0.34 and 0.65-0.66
     assert float(cos(tracked, s[1], dim=0)) > 0.25 and float(cos(tracked, s[0], dim=0)) > 0.25
+
+
+def test_min_pairwise_cos_is_the_minimum_over_three_rewards():
+    """With two rewards there is one pair, so taking the max instead of the min passed every test."""
+    from diffalign.balance import cosine_summary
+
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    out = cosine_summary(torch.tensor([0.5, 0.2, -0.1], dtype=torch.float64), g @ g.T)  # pairwise cos 0, -1, 0
+    assert out["marble/min_pairwise_cos"] == -1.0 and out["marble/worst_cos"] == -0.1

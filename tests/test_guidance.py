@@ -670,3 +670,26 @@ def test_svdd_keeps_the_kernel_streams_in_step_with_the_unguided_sampler():
     svdd_sample(model, sched, x, linear_reward, step="flow_sde", noise_level=0.7, num_candidates=3, window=(2, 4),
                 lookahead="reuse_eps", generator=make_generators(1, range(4)), kernel_generator=kernel)
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(plain, kernel))
+
+
+def test_svdd_greedy_never_keeps_a_candidate_whose_reward_failed():
+    """With alpha = 0 SVDD keeps the best candidate; one whose reward is NaN (on_error: skip) must lose, not win
+    (no test mixed NaN and finite candidates). Zero velocity: a candidate's clean estimate is the candidate, and
+    the last step into sigma 0 returns it, so the output is the chosen candidate."""
+    from samplers.guided import baselines
+
+    seen = []
+
+    def reward_fn(x0, index):
+        v = x0[:, 0].clone()
+        if not seen:  # the selection step: the best candidate's reward failed
+            seen.append(x0.clone())
+            v[v.argmax()] = float("nan")
+        return v
+
+    sched = flow_schedule(torch.tensor([1.0, 0.5, 0.0]))
+    out = baselines.svdd_sample(lambda x, t: torch.zeros_like(x), sched, torch.zeros(1, 3), reward_fn,
+                                step="flow_cps", noise_level=0.5, num_candidates=4, alpha=0.0, window=(0, 1),
+                                generator=torch.Generator().manual_seed(0))
+    candidates = seen[0]
+    torch.testing.assert_close(out.samples[0], candidates[candidates[:, 0].argsort()[-2]])

@@ -395,3 +395,41 @@ def test_weighted_sum_over_groups_uses_the_columns_every_row_of_a_group_has():
     assert out[6] == pytest.approx(1.0) and torch.isnan(out[7])
     assert torch.equal(weighted_sum(m, [1.0, 0.0], groups=groups).isnan(), torch.tensor([False] * 4 + [True, False,
                                                                                           False, True]))
+
+
+def test_jpeg_quality_option_is_used():
+    """The reward's `quality` kwarg was not guarded: a reward always at quality 95 passed every test."""
+    from rewards.jpeg import jpeg_size_kb, to_uint8_hwc
+
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    got = float(build_reward({"name": "jpeg_incompressibility", "kwargs": {"quality": 20}})(img, ["p"]).scores[0])
+    assert got == pytest.approx(jpeg_size_kb(to_uint8_hwc(img)[0], quality=20), abs=1e-5)
+    assert got < jpeg_size_kb(to_uint8_hwc(img)[0], quality=95)
+
+
+def test_par_averages_sigmoids_over_references_that_are_not_symmetric():
+    """The earlier PAR test's references sat symmetrically around the score, where the mean of the sigmoids equals the
+    sigmoid of the mean: the wrong formula passed."""
+    want = (torch.sigmoid(torch.tensor(1.0)) + torch.sigmoid(torch.tensor(-3.0))) / 2  # 0.389; sigmoid(1 - 2): 0.269
+    torch.testing.assert_close(par(torch.tensor([1.0]), reference=torch.tensor([[0.0, 4.0]])), want.reshape(1))
+
+
+def test_a_spec_device_and_batch_size_reach_the_factory(monkeypatch):
+    """`device` in a reward spec was not guarded: a reward asked onto the CPU (or a second GPU) loading on the
+    training device passed every test."""
+    from rewards import registry
+
+    seen = {}
+
+    class Probe:
+        name, differentiable, trainable, range, allows_nan = "probe", False, False, (0.0, 1.0), False
+
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+        def __call__(self, images, prompts, metadata=None):
+            return torch.zeros(images.shape[0])
+
+    monkeypatch.setitem(registry.REWARDS, "_device_probe", registry.reward_factory(Probe))
+    build_reward({"name": "_device_probe", "device": "cpu", "batch_size": 3})
+    assert seen == {"device": "cpu", "batch_size": 3}

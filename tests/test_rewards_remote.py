@@ -250,3 +250,54 @@ def test_a_nan_in_details_and_a_plain_function_are_served(images):
     with serve_reward(brightness, port=0, block=False) as server:
         out = RemoteReward(url=server.url, encoding="float32")(images, PROMPTS, None)
     torch.testing.assert_close(out.scores, images.mean(dim=(1, 2, 3)))
+
+
+def test_a_transient_server_error_is_retried():
+    """Only connection errors were tested: a client that gave up on the first 503 (a proxy, a restarting server)
+    passed, and would end a long run."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(1)
+            code, body = (503, {"error": "busy"}) if len(calls) == 1 else (200, {"scores": [0.5, 0.25]})
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = RemoteReward(url=f"http://127.0.0.1:{server.server_address[1]}", retries=2, backoff=0.01)(
+            torch.rand(2, 3, 4, 4), ["a", "b"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(calls) == 2
+    torch.testing.assert_close(out.scores, torch.tensor([0.5, 0.25]))
+
+
+def test_the_client_sends_at_most_batch_size_images_per_request():
+    """`batch_size` keeps a request within the server's memory; a client sending the whole batch passed (the scores
+    are the same)."""
+    sizes = []
+
+    class Recorder:
+        name, differentiable, trainable, range, allows_nan = "rec", False, False, (0.0, 1.0), False
+
+        def __call__(self, images, prompts, metadata):
+            sizes.append(images.shape[0])
+            return images.mean(dim=(1, 2, 3))
+
+    with RewardServer(Recorder()).start() as server:
+        out = RemoteReward(url=server.url, batch_size=2, retries=0)(torch.rand(5, 3, 8, 8), ["p"] * 5)
+    assert sizes == [2, 2, 1] and out.scores.shape == (5,)
