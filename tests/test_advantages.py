@@ -157,3 +157,16 @@ def test_tracker_keeps_only_the_last_buffer_size_rewards():
     adv = t.update(["p"], torch.tensor([2.0]))  # buffer [0, 2]: mean 1, std 1, so A = 1 (with 100: about -0.7)
     assert len(t.buffers["p"]) == 2
     torch.testing.assert_close(adv, torch.tensor([1.0]))
+
+
+def test_gdpo_advantages_are_zero_where_the_combined_reward_is_not_kept():
+    """A group whose rows share no finite reward column has no combined reward (NaN): such rows are not kept and
+    their GDPO advantage is 0, although the per-column normalisation alone gives rows 1 and 2 -1 and +1 on column 0.
+    (Both trainers mask again; the function's contract and the logged advantage statistics did not hold.)"""
+    from diffalign.advantages import multi_reward_advantages
+
+    nan = float("nan")
+    rewards = torch.tensor([[nan, 1.0], [1.0, nan], [2.0, nan], [0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    res = multi_reward_advantages(rewards, torch.tensor([0, 0, 0, 1, 1, 1]), [1.0, 1.0], aggregation="gdpo")
+    assert res.keep.tolist() == [False, False, False, True, True, True]
+    assert res.advantages[:3].tolist() == [0.0, 0.0, 0.0] and res.advantages[3:].abs().sum() > 0
