@@ -767,8 +767,7 @@ class CheckpointManager:
             if error is None and tmp.is_dir():
                 try:
                     _save_torch(capture_rng_state(generators), tmp / rng_file(self.rank))
-                    st = (tmp / rng_file(self.rank)).stat()
-                    mine = (st.st_dev, st.st_ino)
+                    mine = _file_id(tmp / rng_file(self.rank))
                     if self.rank == 0:
                         files = self._write_payload(tmp, step, trainable_state, ema_state, optimizer,
                                                     lr_scheduler, grad_scaler, config)

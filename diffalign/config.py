@@ -1092,6 +1092,11 @@ class SampleConfig:
         "group-relative trainers with stochastic steps only)",
     )
 
+    @property
+    def drawn_window_length(self) -> int:
+        """The length of the windows drawn inside ``random_window``: ``window``'s, or one step without it."""
+        return (self.window[1] - self.window[0]) if self.window is not None else 1
+
     def __post_init__(self) -> None:
         if self.window is not None:
             start, end = self.window
@@ -1103,7 +1108,7 @@ class SampleConfig:
             )
         if self.random_window is not None:
             lo, hi = self.random_window
-            k = (self.window[1] - self.window[0]) if self.window is not None else 1
+            k = self.drawn_window_length
             check(
                 0 <= lo and lo + k <= hi <= self.num_steps,
                 "random_window",

@@ -182,13 +182,13 @@ class MetricsLogger:
                 moved.append(f"the TensorBoard events to {kept_tb.name}")
             warnings.warn(f"{self.run_dir} already had logs and this run starts afresh: moved "
                           f"{' and '.join(moved)}", UserWarning)
-        redone = 0
-        if resume_step is not None and resume_step >= 0 and self.path.exists():
-            redone = _truncate_after(self.path, int(resume_step))
+        redone = 0  # records and image grids after resume_step: steps W&B has and would drop when redone
         if resume_step is not None and resume_step >= 0:
-            # image grids went to W&B at their own steps, also on epochs without a metrics row (logging.log_every)
-            redone += sum(1 for p in (self.run_dir / SAMPLES_DIR).glob("*-step*.png")
-                          if _grid_step(p.name) is not None and _grid_step(p.name) > resume_step)
+            if self.path.exists():
+                redone = _truncate_after(self.path, int(resume_step))
+            if wandb:  # image grids went to W&B at their own steps, also on epochs without a metrics row
+                steps = (_grid_step(p.name) for p in (self.run_dir / SAMPLES_DIR).glob("*-step*.png"))
+                redone += sum(1 for step in steps if step is not None and step > resume_step)
         if wandb:  # before opening the jsonl, so a missing package leaves no open file behind
             self._wandb = self._init_wandb(wandb_project or "diffalign", wandb_config, run_name, redone=redone)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run, see close()
@@ -210,9 +210,8 @@ class MetricsLogger:
             # the old run's history goes past resume_step: W&B would silently drop every redone step
             warnings.warn(f"this run resumes at step {self.resume_step}, but {redone} metric record(s) or image "
                           f"grid(s) after it were logged (the run went on past its last checkpoint); W&B cannot "
-                          f"rewrite run {old_id}'s "
-                          "history, so metrics go to a new W&B run, replayed from metrics.jsonl up to step "
-                          f"{self.resume_step}", UserWarning)
+                          f"rewrite run {old_id}'s history, so metrics go to a new W&B run, replayed from "
+                          f"metrics.jsonl up to step {self.resume_step}", UserWarning)
             config = {**(config or {}), "wandb_resumed_from": old_id}
             run_name = f"{run_name or old_id}-resumed@{self.resume_step}"
         # our own id: wandb.util.generate_id is gone from recent wandb releases (0.31 has none)

@@ -196,9 +196,7 @@ def check_noisy_windows(schedule, sample) -> None:
     if sample.step not in ("flow_cps", "ddim") or float(schedule.sigmas[-1]) != 0.0:
         return
     if sample.random_window is not None:
-        # the window drawn is as long as sample.window, or one step without it (GRPOTrainer._window)
-        k = (sample.window[1] - sample.window[0]) if sample.window is not None else 1
-        if k == 1 and sample.random_window[1] == T:
+        if sample.drawn_window_length == 1 and sample.random_window[1] == T:
             lo = sample.random_window[0]
             raise ConfigError(f"got {list(sample.random_window)}: a one-step window drawn there can be the last step, "
                               f"which {sample.step} takes into noise level 0 without noise, leaving that epoch "
@@ -357,7 +355,7 @@ class GRPOTrainer:
             return tuple(s.window) if s.window is not None else None
         from diffalign.distributed import seed_for
 
-        k = (s.window[1] - s.window[0]) if s.window is not None else 1
+        k = s.drawn_window_length
         lo, hi = s.random_window
         start = int(np.random.default_rng(seed_for(self.run.seed, epoch, 5)).integers(lo, max(lo, hi - k) + 1))
         return (start, start + k)
