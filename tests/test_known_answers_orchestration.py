@@ -322,8 +322,12 @@ def test_build_adapter_applies_the_model_section(tiny_sd3, tmp_path):
 def test_random_window_known_answer_and_range():
     from trainers.grpo import GRPOTrainer
 
+    from diffalign.config import SampleConfig, from_dict
+
     def windows(window, random_window, epochs=40):
-        stub = NS(run=NS(sample=NS(window=window, random_window=random_window), seed=3))
+        sample = from_dict(SampleConfig, {"num_steps": 4, "window": None if window is None else list(window),
+                                          "random_window": None if random_window is None else list(random_window)})
+        stub = NS(run=NS(sample=sample, seed=3))
         return [GRPOTrainer._window(stub, e) for e in range(epochs)]
 
     assert windows((1, 3), None, 2) == [(1, 3), (1, 3)]
