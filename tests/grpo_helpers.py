@@ -19,11 +19,12 @@ def load_script(name: str):
 
 
 def save_tiny(tmp: Path, kind: str = "sd3") -> str:
-    from diffalign.testing.tiny import tiny_sd3_pipeline, tiny_sd15_pipeline
+    from diffalign.testing.tiny import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd15_pipeline
 
     folder = tmp / f"tiny-{kind}"
     if not folder.exists():
-        pipe = tiny_sd3_pipeline(seed=0) if kind == "sd3" else tiny_sd15_pipeline(seed=0)
+        build = {"sd3": lambda: tiny_sd3_pipeline(seed=0), "flux": lambda: tiny_flux_pipeline(seed=0)}
+        pipe = build.get(kind, lambda: tiny_sd15_pipeline(seed=0))()
         pipe.save_pretrained(folder)
     return str(folder)
 

@@ -21,8 +21,9 @@ def nft_config(model, out, train=None, **overrides):
     t = {"num_epochs": 2, "learning_rate": 1e-2, "batch_size": 4, "gradient_accumulation_steps": 1,
          "eval_every": 0, "kl_weight": 1e-2}
     t.update(train or {})
-    return run_config(model, out, trainer="nft",
-                      sample={"step": "flow_euler", "noise_level": 0.0, "group_size": 2, "num_batches_per_epoch": 1},
+    sample = {"step": "flow_euler", "noise_level": 0.0, "group_size": 2, "num_batches_per_epoch": 1}
+    sample.update(overrides.pop("sample", {}))
+    return run_config(model, out, trainer="nft", sample=sample,
                       rewards=overrides.pop("rewards", REWARDS), train=t, **overrides)
 
 
@@ -148,3 +149,46 @@ def test_the_first_update_lowers_diffusionnfts_own_loss_on_its_samples(tmp_path,
     before, after = loss(False), loss(True)
     assert after < before - 5e-6 * abs(before), (before, after)  # measured: 17.04030 -> 17.04012
     assert any(v.abs().sum() > 0 for k, v in trainer.adapter.lora_state_dict().items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("kind, scale, trained", [("flux", 3.5, 3.5), ("sd3", 3.0, None)], ids=["flux_dev", "sd3_cfg"])
+def test_training_uses_the_velocity_field_that_drew_the_samples(tmp_path, kind, scale, trained):
+    """FLUX.1-dev's guidance embedding runs no CFG pass: the samples come from the field at the sampling value, so
+    v, v_old and v_ref are taken there too (it trained at 1.0). With CFG (SD3) training stays CFG-free: a single,
+    conditional batch."""
+    cfg = nft_config(save_tiny(tmp_path, kind), tmp_path / "run", train={"num_epochs": 1},
+                     sample={"guidance_scale": scale})
+    trainer = NFTTrainer(cfg)
+    trainer.setup()
+    seen, phase = [], ["sample"]
+    forward = trainer.adapter.denoiser.forward
+
+    def spy(*args, **kwargs):
+        g = kwargs.get("guidance")
+        seen.append((phase[0], None if g is None else sorted(set(g.tolist())), len(kwargs["hidden_states"])))
+        return forward(*args, **kwargs)
+
+    trainer.adapter.denoiser.forward = spy
+    train_epoch = trainer._train_epoch
+
+    def in_training(*args, **kwargs):
+        phase[0] = "train"
+        try:
+            return train_epoch(*args, **kwargs)
+        finally:
+            phase[0] = "after"
+
+    trainer._train_epoch = in_training
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    sampled = [s for s in seen if s[0] == "sample"]
+    trained_calls = [s for s in seen if s[0] == "train"]
+    assert sampled and trained_calls
+    if trained is not None:
+        assert {tuple(s[1]) for s in sampled} == {tuple(s[1]) for s in trained_calls} == {(trained,)}
+    else:
+        assert {s[1] for s in trained_calls} == {None}
+        assert {s[2] for s in sampled} == {8}                          # CFG: [uncond, cond] of 4 samples
+        assert {s[2] for s in trained_calls} == {4}                    # CFG-free training

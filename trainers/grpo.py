@@ -448,6 +448,7 @@ class GRPOTrainer:
         sample_gens = make_generators(seed_for(self.run.seed, TRAIN_SEED_STREAM), data["sample_ids"])
         accum = cfg.gradient_accumulation_steps
         stats_acc: Dict[str, List[float]] = {}
+        marble_acc: Dict[str, List[float]] = {}  # the QP's statistics, the same on every rank: logged as marble/*
         step_stats: Dict[str, List[float]] = {}  # grad norms, skipped steps (trainers.common.optimizer_update)
         micro, updates = 0, 0
         for inner in range(cfg.num_inner_epochs):
@@ -513,8 +514,11 @@ class GRPOTrainer:
                             res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size,
                                                                      self.scaler.scale)
                             finite = res is not None
-                            for k, v in (log_harmonized(res, self.rewards.names) if finite else {}).items():
-                                stats_acc.setdefault(k, []).append(v)
+                            logged = log_harmonized(res, self.rewards.names) if finite else {}
+                            if logged:
+                                logged["marble/worst_cos_negative"] = float(logged["marble/worst_cos"] < 0)
+                            for k, v in logged.items():
+                                marble_acc.setdefault(k, []).append(v)
                         updates += int(optimizer_update(self, step_stats, finite=finite))
         out = {f"train/{k}": v for k, v in epoch_means(self, stats_acc).items()}  # loss stats: all ranks'
         grad_norms = step_stats.get("train/grad_norm", [])
@@ -524,6 +528,10 @@ class GRPOTrainer:
         if cfg.drop_zero_std_groups:
             out["train/empty_updates"] = len(step_stats.get("train/empty_updates", []))
         out["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        out.update({k: float(np.mean(v)) for k, v in marble_acc.items()})
+        if self.marble is not None:
+            for i, name in enumerate(self.rewards.names):
+                out[f"marble/alpha_bar/{name}"] = float(self.marble[0].alpha_bar[i])
         return out
 
     def _window_kept(self, minibatches, keep: torch.Tensor, accum: int) -> torch.Tensor:

@@ -473,6 +473,9 @@ class NFTTrainer:
         step_cpu: Dict[str, List[float]] = {"plain": [], "refresh": [], "diagnose": []}  # robust on shared CPUs
         micro, updates = 0, 0
         refresh, diagnose = self._step_kind()
+        # DiffusionNFT trains without CFG. A guidance value that runs no CFG pass (FLUX.1-dev's guidance embedding)
+        # is part of the velocity field that drew the samples, so the loss uses the sampling value there.
+        train_gs = 1.0 if self.adapter.uses_cfg(self.run.sample.guidance_scale) else self.run.sample.guidance_scale
         t_step, c_step = time.perf_counter(), time.process_time()
         for _ in range(cfg.num_inner_epochs):
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
@@ -480,7 +483,7 @@ class NFTTrainer:
             minibatches = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             for mb_i, mb in enumerate(minibatches):
                 per_update = accumulation_window(mb_i, len(minibatches), cfg.gradient_accumulation_steps) * num_train_t
-                model_fn = self.adapter.model_fn(cond.index_select(mb), 1.0)
+                model_fn = self.adapter.model_fn(cond.index_select(mb), train_gs)
                 x0 = x0_all[mb].to(self.device)
                 kept = keep[mb].to(self.device).float()
                 adv = advantages[mb].to(self.device)
