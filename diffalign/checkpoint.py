@@ -444,8 +444,9 @@ def resolve_resume(run_dir: PathLike, resume_from: Optional[PathLike], key: str 
         return found
     if not path.exists():
         fresh = ", or null to start fresh" if key == "resume_from" else ""
-        raise CheckpointError(f"{key}={text!r}: no such folder ({_available(run_dir)}); give 'latest', one of those "
-                              f"names or a checkpoint folder such as "
+        names = Path(run_dir).is_dir() and list_checkpoints(run_dir)
+        raise CheckpointError(f"{key}={text!r}: no such folder ({_available(run_dir)}); give 'latest', "
+                              f"{'one of those names ' if names else ''}or a checkpoint folder such as "
                               f"{Path(run_dir) / CHECKPOINTS_DIR / checkpoint_name(100)}{fresh}")
     if (path / CHECKPOINTS_DIR).is_dir() and not (path / STATE_FILE).exists():
         raise CheckpointError(f"{key}={text!r} is a run folder, not a checkpoint; give one of its "

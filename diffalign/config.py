@@ -1278,7 +1278,8 @@ class GuidanceConfig:
         0.0, help="DOIT: at each guided step resample a prompt's particles by their simulated h = mean exp(lambda r) "
         "of the candidates over their ancestor's previous h (twisted SMC weights, no extra reward evaluation); "
         "0 = off, needs num_particles >= 2 and gamma > 0", min=0.0)
-    fk_lambda: float = param(2.0, help="FK lambda: target p0 exp(lambda r)")
+    fk_lambda: float = param(2.0, help="FK lambda: target p0 exp(lambda r) (to lower a reward, give it a negative "
+                             "weight)", min=0.0)
     fk_potential: Literal["diff", "max", "add", "rt"] = param("max", help="FK potential")
     fk_every: int = param(1, help="FK: resample every N steps inside window", min=1)
     fk_ess_threshold: float = param(
@@ -1399,6 +1400,12 @@ class RunConfig:
             check(step != "ddim" or eta <= 1, key,
                   f"got {eta} with step ddim; DDIM's eta is at most 1 (1 = the DDPM posterior's noise; above it the "
                   "step's noise exceeds the next noise level and its mean is NaN): use e.g. 1.0")
+        level = self.sample.noise_level if g.noise_level is None else g.noise_level
+        needs_noise = [m for m in dict.fromkeys((g.method, *g.compare)) if m == "svdd" or (m == "doob" and g.gamma)]
+        check(level > 0 or not needs_noise, "guidance.noise_level",
+              f"got {level}{' (from sample.noise_level)' if g.noise_level is None else ''} with {needs_noise}; "
+              "their candidates are draws of the kernel's noise, so they need a stochastic kernel: set "
+              "guidance.noise_level, e.g. 0.7 (flow) or 1.0 (DDIM eta)")
         steps = g.num_steps or self.sample.eval_num_steps
         check(g.window is None or g.window[1] <= steps, "guidance.window",
               f"got {list(g.window or ())}; end must be <= the guided sampler's {steps} steps (guidance.num_steps, "

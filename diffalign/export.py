@@ -236,7 +236,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diffalign export",
         description="Export a checkpoint of RUN_DIR: the LoRA in diffusers format (pipeline.load_lora_weights) "
-                    "and, with --merged, a full pipeline folder (DiffusionPipeline.from_pretrained).",
+                    "and, with --merged, a full pipeline folder (DiffusionPipeline.from_pretrained); a full fine-tune "
+                    "has no LoRA and always writes the full pipeline folder.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir (holds checkpoints/)")
     p.add_argument("--checkpoint", default="latest",

@@ -63,24 +63,44 @@ class RewardBuildError(UserError, TypeError):
     line. (Other errors while a reward is built are not the user's and keep their traceback.)"""
 
 
+class RewardFileError(UserError, FileNotFoundError):
+    """A reward's spec points at weights or files that are not there (a path in the config): one line."""
+
+
+def option_problem(fn: Callable[..., Any], kwargs: Dict[str, Any], positional: int = 0,
+                   reserved: Tuple[str, ...] = ()) -> Optional[str]:
+    """Why ``kwargs`` cannot be passed by keyword to ``fn`` after ``positional`` positional arguments
+    (``reserved`` keywords are the caller's), naming each option it does not take, the nearest valid one and all
+    valid ones; ``None`` when they can, or when ``fn`` takes ``**kwargs`` (any option; ``**_``, which swallows
+    them, is checked) or has no readable signature (a builtin)."""
+    import difflib
+    import inspect
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD and p.name != "_" for p in params):
+        return None
+    taken = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:positional]
+    options = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p not in taken and p.name not in reserved]
+    unknown = [k for k in kwargs if k not in options]
+    if not unknown:
+        return None
+    hints = [f"{k!r} -> {close[0]!r}" for k in unknown for close in [difflib.get_close_matches(k, options, 1)]
+             if close]
+    return (f"unknown option{'s' if len(unknown) > 1 else ''} {unknown}"
+            + (f" (did you mean {', '.join(hints)}?)" if hints else "") + f"; its options are {options}")
+
+
 def check_bound_kwargs(fn: Callable[..., Any], kwargs: Dict[str, Any], name: str) -> None:
     """:class:`RewardBuildError` naming the options ``fn`` does not take, when ``kwargs`` are bound to a call
     ``fn(images, prompts, metadata, **kwargs)`` (:class:`FunctionReward`'s); nothing when ``fn``'s signature cannot
     be read (a builtin)."""
-    import inspect
-
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(None, None, None, **kwargs)
-    except TypeError as exc:
-        options = [p.name for p in signature.parameters.values()
-                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                   and p.name not in ("images", "prompts", "metadata")]
-        raise RewardBuildError(f"reward {name!r} cannot take options {sorted(kwargs)} ({exc}); its options are "
-                               f"{options}") from None
+    problem = option_problem(fn, kwargs, positional=3)
+    if problem:
+        raise RewardBuildError(f"reward {name!r}: {problem}")
 
 
 @runtime_checkable

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
-from rewards.base import FunctionReward, RewardBuildError
+from rewards.base import FunctionReward, RewardBuildError, RewardFileError
 
 __all__ = [
     "REWARDS",
@@ -226,7 +227,13 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
             reward = target(**spec.kwargs, **placement)
         except RewardBuildError:  # an option the reward does not take: the user's, one line
             raise
+        except FileNotFoundError as exc:  # weights or files named in the spec (its kwargs): the user's, one line
+            raise RewardFileError(f"reward {spec.name!r}: {exc}") from None
         except TypeError as exc:
+            bad = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+            if bad and bad.group(1) in spec.kwargs:  # a factory passing its options on: one it does not take
+                raise RewardBuildError(f"reward {spec.name!r}: unknown option {bad.group(1)!r} in its kwargs ({exc}); "
+                                       "see the reward's options in the README's Rewards section") from None
             where = f" {placement}" if placement else ""
             raise TypeError(f"could not build reward {spec.name!r} with kwargs {spec.kwargs!r}{where}: {exc}") from exc
         if not callable(reward):
@@ -235,7 +242,11 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
             )
         if not all(hasattr(reward, a) for a in _PROTOCOL_ATTRS):
             # A factory returning a bare function: add batching and the protocol attributes.
-            reward = FunctionReward(reward, name=spec.label, **placement)
+            # the column: the label, else the function's own name, else the factory's (a class plugin's
+            # instance has no __name__: it was logged as "reward")
+            name = spec.label or getattr(reward, "name", None) or getattr(reward, "__name__", None) or \
+                getattr(target, "__name__", None)
+            reward = FunctionReward(reward, name=name, **placement)
     else:
         reward = FunctionReward(target, name=spec.label, **spec.kwargs, **placement)  # checks the options
     if spec.label:
@@ -253,6 +264,7 @@ def check_reward_config(run_cfg: Any) -> None:
     reward is built only when the run builds it. Called by ``diffalign train``, ``eval`` and ``sample``;
     ``diffalign config`` stays free of torch and does not check them."""
     from diffalign.config import ConfigError
+    from rewards.base import option_problem
     from rewards.transforms import build_transform
 
     if not run_cfg.rewards:
@@ -278,3 +290,7 @@ def check_reward_config(run_cfg: Any) -> None:
                 build_transform(spec.registry_kwargs()["transform"])
             except (ValueError, TypeError) as exc:
                 raise ConfigError(str(exc), key=f"{section}.{i}.transform") from None
+            target = get_factory(spec.name)
+            problem = option_problem(target, spec.kwargs, positional=0 if _is_factory(target) else 3)
+            if problem:  # found here, before any model loads (building the reward raised a TypeError later)
+                raise ConfigError(f"reward {spec.name!r}: {problem}", key=f"{section}.{i}.kwargs")

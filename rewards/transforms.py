@@ -227,6 +227,11 @@ def _one(spec: Any) -> Callable[..., torch.Tensor]:
     if name not in TRANSFORMS:
         raise ValueError(f"unknown reward transform {name!r}; valid transforms are {sorted(TRANSFORMS)}")
     fn = TRANSFORMS[name]
+    from rewards.base import option_problem
+
+    problem = option_problem(fn, kwargs, positional=1, reserved=("prompts", "metadata"))
+    if problem:  # every transform swallows extra keywords (**_): a misspelt option was silently ignored
+        raise ValueError(f"transform {name!r}: {problem}")
 
     def apply(
         scores: torch.Tensor,

@@ -724,6 +724,11 @@ def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
     # DOIT named in compare only: found after the model loaded and the earlier rows sampled
     ("guidance.method=fk guidance.compare=[doob] guidance.num_candidates=7",
      "guidance.num_candidates: got 7; antithetic DOIT needs an even number"),
+    # raised by the sampler after the model loaded, naming no key
+    ("guidance.method=svdd guidance.noise_level=0", "guidance.noise_level: got 0.0 with ['svdd']; their candidates"),
+    ("guidance.method=fk guidance.compare=[doob] sample.noise_level=0",
+     "guidance.noise_level: got 0.0 (from sample.noise_level) with ['doob']"),
+    ("guidance.fk_lambda=-2", "guidance.fk_lambda: got -2.0; must be >= 0"),
 ])
 def test_values_that_ran_silently_wrong_or_crashed_later_are_config_errors(override, message, capsys):
     """Found by fuzzing every key: NaN passed every bound check (each comparison with NaN is False), and these
@@ -753,3 +758,4 @@ def test_nft_refuses_an_sde_window_it_would_ignore(capsys):
     assert cli.main(["config", nft, "sample.window=[0,3]"]) == 2
     assert capsys.readouterr().err.startswith("error: sample.window: got window=(0, 3), random_window=None; "
                                               "DiffusionNFT samples with the deterministic ODE")
+

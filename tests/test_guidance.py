@@ -287,6 +287,10 @@ def test_gamma_zero_reproduces_the_unguided_sampler_bitwise(kind):
     assert torch.equal(out.samples, base.samples)
     assert out.counter.model_evals == base.counter.model_evals and out.counter.vjp_evals == 0
     assert calls == [64, 64]  # only the final scoring, no candidate was simulated
+    # gamma = 0 draws no candidates, so one is allowed (the config allows it; the sampler raised after the load)
+    one = guided_sample("doob", model, sched, x, reward, step=step, noise_level=level,
+                        options=dict(gamma=0.0, num_candidates=1, antithetic=False, select="all"))
+    assert torch.equal(one.samples, base.samples)
     # and the wrapper itself is the identity on a plain rollout
     from samplers import make_generators
 
@@ -693,3 +697,26 @@ def test_svdd_greedy_never_keeps_a_candidate_whose_reward_failed():
                                 generator=torch.Generator().manual_seed(0))
     candidates = seen[0]
     torch.testing.assert_close(out.samples[0], candidates[candidates[:, 0].argsort()[-2]])
+
+
+def test_svdd_rescores_only_the_prompts_whose_kept_reward_failed():
+    """The extra final scoring after a last-step selection is spent per prompt (its P particles), as the README
+    counts it, not on the whole batch: 2 prompts x 2 particles, the reward NaN for prompt 1's rows only."""
+    from samplers.guided import baselines
+
+    calls = []
+
+    def reward_fn(x0, index):
+        calls.append(index.clone())
+        v = x0[:, 0].clone()
+        v[index >= 2] = float("nan")  # rows 2, 3: prompt 1 (a reward that does not apply there)
+        return v
+
+    counter = baselines.EvalCounter()
+    sched = flow_schedule(torch.tensor([1.0, 0.5, 0.0]))
+    out = baselines.svdd_sample(lambda x, t: torch.zeros_like(x), sched, torch.zeros(4, 3), reward_fn,
+                                step="flow_sde", noise_level=0.5, num_candidates=3, alpha=0.0, group_size=2,
+                                generator=torch.Generator().manual_seed(0), counter=counter)
+    assert [sorted(c.tolist()) for c in calls[-1:]] == [[2, 3]]  # prompt 1's particles only
+    assert counter.reward_evals == 2 * 4 * 3 + 2                 # 2 selecting steps x 4 rows x 3 candidates + P
+    assert torch.isfinite(out.rewards[:1]).all() and torch.isnan(out.rewards[1:]).all()

@@ -209,3 +209,22 @@ def test_reward_failures_during_guidance_are_counted_per_method(tiny_folder, tmp
     # fail too, unguided sampling only in its scoring
     none, doob = (record["methods"][m]["reward_failures"].get("nan_second", 0) for m in ("none", "doob"))
     assert 1 <= none < doob
+
+
+def test_methods_are_compared_on_the_reward_columns_that_scored_in_all_of_them():
+    """A judge that failed (NaN under ``on_error: skip``) on one method's image of a prompt is left out of that
+    prompt's score in every method: scored alone, the failed method's other column was scaled up to the total
+    weight (0.9 -> 1.35 with weights 1 and 0.5) and headed the table."""
+    from samplers.guided.common import EvalCounter
+    from samplers.guided.pipeline import MethodResult, compared_scores
+
+    images = torch.zeros(2, 3, 4, 4)
+    ok = MethodResult("none", images, torch.tensor([[0.9, 0.2], [0.5, 0.4]]), EvalCounter(), 0.0)
+    failed = MethodResult("best_of_n", images, torch.tensor([[0.9, float("nan")], [0.5, 0.4]]), EvalCounter(), 0.0)
+    scores = compared_scores({"none": ok, "best_of_n": failed}, [1.0, 0.5])
+    # prompt 0: the first column only, rescaled to the total weight 1.5, in both methods; prompt 1: both columns
+    torch.testing.assert_close(scores["none"], torch.tensor([1.35, 0.7]))
+    torch.testing.assert_close(scores["best_of_n"], torch.tensor([1.35, 0.7]))
+    assert failed.score([1.0, 0.5])[0] == pytest.approx(1.35) and ok.score([1.0, 0.5])[0] == pytest.approx(1.0)
+    rows = format_table({"none": ok, "best_of_n": failed}, [1.0, 0.5], ["a", "b"]).splitlines()[2:]
+    assert [float(r.split("|")[6]) for r in rows] == [1.025, 1.025]

@@ -45,10 +45,27 @@ def safe(tmp_path):
             "prompts.eval_size=2"]
 
 
-def test_group_size_that_does_not_divide_the_epoch(capsys, safe):
+def test_group_size_that_does_not_divide_the_epoch(capsys, safe, no_model):
     err = _error(capsys, ["train", FLOW, "sample.group_size=5", *safe])
     assert err.startswith("error: sample.group_size: got 5, but processes x sample.batch_size x "
                           "sample.num_batches_per_epoch = 1 x 16 x 4 = 64 samples per epoch is not a multiple")
+
+
+@pytest.mark.parametrize("config", [FLOW, NFT])
+def test_a_busy_run_folder_and_a_misspelt_resume_stop_before_the_model_loads(capsys, safe, no_model, config):
+    """Both were found after the model loaded: on a shared GPU a second run on a busy folder loaded a full
+    model copy before it was refused. The lock is let go when setup fails."""
+    from diffalign.checkpoint import lock_run_dir
+
+    out = safe[0].split("=", 1)[1]
+    err = _error(capsys, ["train", config, *safe[:-2], "checkpoint.resume_from=lates"], status=1)
+    assert err.startswith("error: resume_from='lates': no such folder (") and "one of those names" not in err
+    held = lock_run_dir(out)  # the failed setup let go of the folder: it can be taken
+    try:
+        err = _error(capsys, ["train", config, *safe], status=1)
+    finally:
+        held.close()
+    assert "in use" in err or "lock" in err, err
 
 
 @pytest.mark.parametrize("config", [FLOW, NFT])
@@ -186,13 +203,14 @@ def test_plain_function_reward_options_are_checked_when_built(monkeypatch):
     from rewards.base import RewardBuildError, check_bound_kwargs
     from rewards.registry import REWARDS, build_reward, reward_factory
 
-    with pytest.raises(RewardBuildError, match=r"cannot take options \['sgn'\] .*; its options are \['sign'\]"):
+    with pytest.raises(RewardBuildError, match=r"unknown option \['sgn'\] \(did you mean 'sgn' -> 'sign'\?\); its "
+                       r"options are \['sign'\]$"):
         build_reward({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sgn": -1}})
     # what the call accepts is accepted: *args before a keyword-only option, **kwargs (a review found *args refused)
     for fn, ok in ((lambda *args, sign=1.0: None, {"sign": -1}), (lambda images, *rest, sign=1: None, {"sign": 2}),
                    (lambda images, prompts, metadata, **kw: None, {"anything": 1})):
         check_bound_kwargs(fn, ok, "plugin")
-    with pytest.raises(RewardBuildError, match=r"cannot take options \['sgn'\]"):
+    with pytest.raises(RewardBuildError, match=r"unknown option \['sgn'\]"):
         check_bound_kwargs(lambda *args, sign=1.0: None, {"sgn": 1}, "plugin")
     plugin = build_reward({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sign": -1}})
     assert plugin.kwargs == {"sign": -1}
@@ -383,3 +401,54 @@ def test_config_options_may_follow_the_overrides(tmp_path, capsys):
     # the training-only batch rule: diffalign config warns (train refuses, eval and sample accept)
     assert cli.main(["config", FLOW, "sample.batch_size=2", "sample.num_batches_per_epoch=4"]) == 0
     assert "warning: diffalign train would stop with: train.batch_size: 8 samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,key,message", [
+    # every transform swallows extra keywords: a misspelt option was ignored and the run trained untransformed
+    ({"name": "shapes", "transform": {"name": "affine", "scal": 2}}, "rewards.0.transform",
+     "transform 'affine': unknown option ['scal'] (did you mean 'scal' -> 'scale'?); its options are ['scale', "
+     "'shift']"),
+    ({"name": "shapes", "transform": ["rank", {"name": "clip", "mn": 0}]}, "rewards.0.transform",
+     "transform 'clip': unknown option ['mn'] (did you mean 'mn' -> 'min'?); its options are ['min', 'max']"),
+    # built-in and class rewards raised a TypeError with a traceback when the run built them, after the model loaded
+    ({"name": "plugins.reward_plugins:Redness", "kwargs": {"scal": 2}}, "rewards.0.kwargs",
+     "reward 'plugins.reward_plugins:Redness': unknown option ['scal'] (did you mean 'scal' -> 'scale'?); its "
+     "options are ['scale']"),
+    ({"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sgn": -1}}, "rewards.0.kwargs",
+     "reward 'plugins.reward_plugins:red_minus_blue': unknown option ['sgn'] (did you mean 'sgn' -> 'sign'?); its "
+     "options are ['sign']"),
+])
+def test_misspelt_reward_and_transform_options_stop_before_the_model_loads(spec, key, message):
+    from diffalign.config import ConfigError, RunConfig, from_dict
+    from rewards.registry import check_reward_config
+
+    with pytest.raises(ConfigError) as info:
+        check_reward_config(from_dict(RunConfig, {"rewards": [spec]}))
+    assert info.value.key == key and str(info.value).startswith(f"{key}: {message}"), str(info.value)
+
+
+def test_correct_options_pass_the_check_and_a_class_plugin_column_is_named_after_its_class():
+    from diffalign.config import RunConfig, from_dict
+    from rewards.registry import build_reward, check_reward_config
+
+    check_reward_config(from_dict(RunConfig, {"rewards": [
+        {"name": "shapes", "kwargs": {"min_area_frac": 0.01}, "transform": [{"name": "affine", "scale": 2}, "rank"]},
+        {"name": "jpeg_compressibility", "kwargs": {"quality": 50}},
+        {"name": "plugins.reward_plugins:Redness", "kwargs": {"scale": 2}},
+        {"name": "plugins.reward_plugins:red_minus_blue", "kwargs": {"sign": -1}}]}))
+    assert build_reward({"name": "plugins.reward_plugins:Redness"}).name == "Redness"  # was "reward"
+    assert build_reward({"name": "plugins.reward_plugins:Redness", "label": "red"}).name == "red"
+
+
+def test_options_a_built_in_factory_passes_on_and_missing_weights_are_one_line_errors(tmp_path):
+    """Built-in factories pass their options on (``**kwargs``), so a misspelt one is found when the reward is built
+    (before the model loads): it raised a TypeError, and missing weights a FileNotFoundError, both printed with
+    a traceback, which the CLI keeps for bugs."""
+    from diffalign.config import UserError
+    from rewards.registry import build_reward
+
+    with pytest.raises(UserError, match=r"^reward 'jpeg_compressibility': unknown option 'qualty' in its kwargs"):
+        build_reward({"name": "jpeg_compressibility", "kwargs": {"qualty": 50}})
+    missing = tmp_path / "PickScore_v1"
+    with pytest.raises(UserError, match=rf"^reward 'pickscore': .*{missing.name}' is not a folder"):
+        build_reward({"name": "pickscore", "kwargs": {"weights": str(missing), "backend": "transformers"}})

@@ -198,25 +198,59 @@ def _lock_run_dir(output_dir, dist, device):
     return handle
 
 
-def open_run(run, dist, restore, device="cpu") -> tuple:
-    """A trainer's checkpoint manager, metrics logger and config record (GRPO, NFT).
+def check_group_size(run, world_size: int) -> None:
+    """``sample.group_size`` must divide the samples of an epoch (every process's batches together)."""
+    s = run.sample
+    total = world_size * s.batch_size * s.num_batches_per_epoch
+    if total % s.group_size:
+        raise ConfigError(
+            f"got {s.group_size}, but processes x sample.batch_size x sample.num_batches_per_epoch = "
+            f"{world_size} x {s.batch_size} x {s.num_batches_per_epoch} = {total} samples per epoch is "
+            "not a multiple of it; choose a group_size that divides it, or change batch_size / "
+            "num_batches_per_epoch",
+            key="sample.group_size")
 
-    Takes the run folder's lock first (a second run on the same ``output_dir`` is refused), released by
-    :func:`close_run`. Resumes from ``run.checkpoint.resume_from`` through ``restore(state) -> epoch`` (the
-    trainer loads its own state, usually with :func:`restore_run_state`), opens the logger at the resumed epoch
-    and saves the resolved config on the main process. Returns ``(ckpt, logger, config_dict)``.
-    """
-    from diffalign.checkpoint import CheckpointManager
 
+def claim_run(run, dist, device="cpu"):
+    """The checks of a run that need no model, before a trainer loads one (minutes and a GPU's memory for a real
+    checkpoint): the group size against the world size, the run folder's lock (a second run on the same
+    ``output_dir`` is refused) and ``checkpoint.resume_from`` (a misspelt name). Returns the checkpoint manager
+    holding the lock, for :func:`open_run` (``claimed=``); :func:`release_claim` lets go of it if setup fails."""
+    from diffalign.checkpoint import CheckpointManager, resolve_resume
+
+    check_group_size(run, dist.world_size)
     ckpt = CheckpointManager(run.output_dir, keep_last=run.checkpoint.keep_last, rank=dist.rank,
                              world_size=dist.world_size, barrier=dist.barrier)
     ckpt.run_lock = _lock_run_dir(run.output_dir, dist, device)
     try:
-        return _open_locked_run(run, dist, restore, ckpt)
+        resolve_resume(run.output_dir, run.checkpoint.resume_from)
     except BaseException:
-        if ckpt.run_lock is not None:  # a resume that fails lets go of the folder
-            ckpt.run_lock.close()
-            ckpt.run_lock = None
+        release_claim(ckpt)
+        raise
+    return ckpt
+
+
+def release_claim(ckpt) -> None:
+    """Let go of the run folder's lock taken by :func:`claim_run` (a setup that failed)."""
+    if ckpt is not None and ckpt.run_lock is not None:
+        ckpt.run_lock.close()
+        ckpt.run_lock = None
+
+
+def open_run(run, dist, restore, device="cpu", claimed=None) -> tuple:
+    """A trainer's checkpoint manager, metrics logger and config record (GRPO, NFT).
+
+    Takes the run folder's lock first (a second run on the same ``output_dir`` is refused; ``claimed``: the
+    manager :func:`claim_run` returned, already holding it), released by :func:`close_run`. Resumes from
+    ``run.checkpoint.resume_from`` through ``restore(state) -> epoch`` (the trainer loads its own state, usually
+    with :func:`restore_run_state`), opens the logger at the resumed epoch and saves the resolved config on the
+    main process. Returns ``(ckpt, logger, config_dict)``.
+    """
+    ckpt = claimed if claimed is not None else claim_run(run, dist, device)
+    try:
+        return _open_locked_run(run, dist, restore, ckpt)
+    except BaseException:  # a resume that fails lets go of the folder
+        release_claim(ckpt)
         raise
 
 
@@ -783,14 +817,8 @@ def run_epochs(trainer, desc: str, one_epoch) -> Dict[str, float]:
     from diffalign.logging import progress
 
     run, cfg, s, dist = trainer.run, trainer.cfg, trainer.run.sample, trainer.dist
+    check_group_size(run, dist.world_size)  # checked by claim_run already; a custom trainer may not call it
     total = dist.world_size * s.batch_size * s.num_batches_per_epoch
-    if total % s.group_size:
-        raise ConfigError(
-            f"got {s.group_size}, but processes x sample.batch_size x sample.num_batches_per_epoch = "
-            f"{dist.world_size} x {s.batch_size} x {s.num_batches_per_epoch} = {total} samples per epoch is "
-            "not a multiple of it; choose a group_size that divides it, or change batch_size / "
-            "num_batches_per_epoch",
-            key="sample.group_size")
     n_prompts = total // s.group_size
     started = time.time()
     ran = 0

@@ -280,7 +280,8 @@ class GRPOTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_run_rewards,
-                                     build_optimizer, image_size, open_run, resolve_device)
+                                     build_optimizer, claim_run, image_size, open_run, release_claim,
+                                     resolve_device)
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -288,35 +289,42 @@ class GRPOTrainer:
         self.dtype = DTYPES[run.model.dtype]
         if not run.rewards:
             raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
-        torch.manual_seed(run.seed)
-        self.rewards, self.eval_only_rewards = build_run_rewards(run)  # before the model: a misspelt option fails fast
-        torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
-        self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
-        self.adapter = build_adapter(run.model, self.device, self.pipeline)
-        if self.adapter.kind != "flow" and run.sample.step.startswith("flow_"):
-            raise ConfigError(f"got {run.sample.step!r}, a flow-matching step, but {run.model.path!r} is a "
-                              f"{self.adapter.kind!r} diffusion model; use sample.step=ddim (noise_level = "
-                              "eta)",
-                              key="sample.step")
-        self.height, self.width = image_size(self.adapter, run.sample)
-        check_noisy_windows(self.adapter.make_schedule(run.sample.num_steps, self.height, self.width), run.sample)
-        self.params = self.adapter.trainable_parameters()
-        self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
-        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
-        self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
-        self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
-        self.moments = RunningMoments()
-        self.kl_form = resolve_kl_form(cfg.kl_form, run.sample.step)
-        self.marble = None
-        if cfg.aggregation == "marble":
-            from diffalign.balance import Harmonizer, RewardGradients
+        claimed = claim_run(run, self.dist, self.device)  # the checks that need no model, before it loads
+        try:
+            torch.manual_seed(run.seed)
+            # before the model: a misspelt reward option or a missing prompt file fails fast
+            self.rewards, self.eval_only_rewards = build_run_rewards(run)
+            torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
+            self.prompts = build_prompt_source(run.prompts, run.seed)
+            self.adapter = build_adapter(run.model, self.device, self.pipeline)
+            if self.adapter.kind != "flow" and run.sample.step.startswith("flow_"):
+                raise ConfigError(f"got {run.sample.step!r}, a flow-matching step, but {run.model.path!r} is a "
+                                  f"{self.adapter.kind!r} diffusion model; use sample.step=ddim (noise_level = "
+                                  "eta)",
+                                  key="sample.step")
+            self.height, self.width = image_size(self.adapter, run.sample)
+            check_noisy_windows(self.adapter.make_schedule(run.sample.num_steps, self.height, self.width), run.sample)
+            self.params = self.adapter.trainable_parameters()
+            self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
+            self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+            self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
+            self.tracker = PerPromptStatTracker(cfg.tracker_buffer_size, cfg.tracker_min_count)
+            self.moments = RunningMoments()
+            self.kl_form = resolve_kl_form(cfg.kl_form, run.sample.step)
+            self.marble = None
+            if cfg.aggregation == "marble":
+                from diffalign.balance import Harmonizer, RewardGradients
 
-            self.marble = (Harmonizer(len(self.rewards.names), grad_ema=cfg.marble_grad_ema),
-                           RewardGradients(self.params, len(self.rewards.names)))
-        # the optimizer slot also carries MARBLE's tracked reward gradients
-        self.state = TrainingState("grpo", self.optimizer, self.params, self.marble[0] if self.marble else None)
-        self.epoch, self.global_step = 0, 0
-        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device)
+                self.marble = (Harmonizer(len(self.rewards.names), grad_ema=cfg.marble_grad_ema),
+                               RewardGradients(self.params, len(self.rewards.names)))
+            # the optimizer slot also carries MARBLE's tracked reward gradients
+            self.state = TrainingState("grpo", self.optimizer, self.params, self.marble[0] if self.marble else None)
+            self.epoch, self.global_step = 0, 0
+            self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device,
+                                                                claimed=claimed)
+        except BaseException:
+            release_claim(claimed)
+            raise
 
     def _restore(self, state) -> int:
         from trainers.common import (reapply_optimizer_settings, restore_harmonizer, restore_loop_state,

@@ -265,7 +265,8 @@ class NFTTrainer:
         from diffalign.distributed import DistContext
         from diffalign.prompts import build_prompt_source
         from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_run_rewards,
-                                     build_optimizer, image_size, open_run, resolve_device)
+                                     build_optimizer, claim_run, image_size, open_run, release_claim,
+                                     resolve_device)
 
         run, cfg = self.run, self.cfg
         self.dist = DistContext.from_accelerator(self.accelerator)
@@ -273,36 +274,43 @@ class NFTTrainer:
         self.dtype = DTYPES[run.model.dtype]
         if not run.rewards:
             raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
-        torch.manual_seed(run.seed)
-        self.rewards, self.eval_only_rewards = build_run_rewards(run)  # before the model: a misspelt option fails fast
-        torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
-        self.prompts = build_prompt_source(run.prompts, run.seed)  # a missing prompt file fails before the model loads
-        self.adapter = build_adapter(run.model, self.device, self.pipeline)
-        if self.adapter.kind != "flow":
-            raise ConfigError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a "
-                              f"{self.adapter.kind!r} model; use a flow model (SD3, FLUX, builtin:shapes-flow) "
-                              "or trainer=grpo", key="model.path")
-        if cfg.kl_weight > 0 and not self.adapter.has_lora:
-            raise ConfigError(f"got {cfg.kl_weight}; a KL weight > 0 needs model.lora.enabled (the reference "
-                              "is the adapter-disabled base model); enable LoRA or set train.kl_weight=0",
-                              key="train.kl_weight")
-        self.height, self.width = image_size(self.adapter, run.sample)
-        self.params = self.adapter.trainable_parameters()
-        self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
-        self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
-        self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
-        self.old = OldPolicy(self.params)
-        self.num_rewards = len(self.rewards.names)
-        self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
-                                     method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)
-        self.state = TrainingState("nft", self.optimizer, self.params, self.harmonizer,
-                                   tensors={"old_policy": self.old.shadow})
-        # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
-        self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)
-        self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
-        self.moments = RunningMoments()
-        self.epoch, self.global_step = 0, 0
-        self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device)
+        claimed = claim_run(run, self.dist, self.device)  # the checks that need no model, before it loads
+        try:
+            torch.manual_seed(run.seed)
+            # before the model: a misspelt reward option or a missing prompt file fails fast
+            self.rewards, self.eval_only_rewards = build_run_rewards(run)
+            torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
+            self.prompts = build_prompt_source(run.prompts, run.seed)
+            self.adapter = build_adapter(run.model, self.device, self.pipeline)
+            if self.adapter.kind != "flow":
+                raise ConfigError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a "
+                                  f"{self.adapter.kind!r} model; use a flow model (SD3, FLUX, builtin:shapes-flow) "
+                                  "or trainer=grpo", key="model.path")
+            if cfg.kl_weight > 0 and not self.adapter.has_lora:
+                raise ConfigError(f"got {cfg.kl_weight}; a KL weight > 0 needs model.lora.enabled (the reference "
+                                  "is the adapter-disabled base model); enable LoRA or set train.kl_weight=0",
+                                  key="train.kl_weight")
+            self.height, self.width = image_size(self.adapter, run.sample)
+            self.params = self.adapter.trainable_parameters()
+            self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
+            self.ema = EMA(self.params, cfg.ema_decay, cfg.ema_every) if cfg.ema else None
+            self.scaler = LossScaler(self.dtype == torch.float16, growth_interval=cfg.loss_scale_growth_interval)
+            self.old = OldPolicy(self.params)
+            self.num_rewards = len(self.rewards.names)
+            self.harmonizer = Harmonizer(self.num_rewards, rho=cfg.marble_rho, normalize=cfg.marble_normalize,
+                                         method=cfg.marble_solver, grad_ema=cfg.marble_grad_ema)
+            self.state = TrainingState("nft", self.optimizer, self.params, self.harmonizer,
+                                       tensors={"old_policy": self.old.shadow})
+            # K per-reward rows plus one for the applied direction (gradient diagnostics of non-MARBLE steps)
+            self.reward_grads = RewardGradients(self.params, self.num_rewards + 1)
+            self.alpha_history: List[torch.Tensor] = []  # QP solutions of this process (tests, diagnostics)
+            self.moments = RunningMoments()
+            self.epoch, self.global_step = 0, 0
+            self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device,
+                                                                claimed=claimed)
+        except BaseException:
+            release_claim(claimed)
+            raise
 
     def _restore(self, state) -> int:
         from trainers.common import (reapply_optimizer_settings, restore_harmonizer, restore_loop_state,

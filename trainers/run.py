@@ -402,7 +402,7 @@ def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> N
     """``diffalign sample`` with reward guidance: this process samples the prompts ``mine`` (consecutive indices
     into ``prompts``) with every method, the main process gathers and writes the grids, json and table."""
     from diffalign.logging import save_image_grid
-    from samplers.guided.pipeline import compare_methods, format_table, method_options, resolve_kernel
+    from samplers.guided.pipeline import compare_methods, compared_scores, format_table, method_options, resolve_kernel
 
     guidance = cfg.guidance
     reward, judges = built
@@ -436,8 +436,9 @@ def _guided_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> N
     weights = [float(x) for x in reward.weights]
     record = {"step": step, "noise_level": level, "names": reward.names, "weights": weights,
               "num_processes": dist.world_size, "methods": {}}
+    scores = compared_scores(results, weights)  # a prompt's images in every method on the same reward columns
     for m, res in results.items():
-        score = res.score(weights)
+        score = scores[m]
         per = res.images.shape[0] // len(prompts)
         image_prompts = [prompts[i // per] for i in range(res.images.shape[0])]
         caps = [f"{p} ({float(score[i]):.2f})" for i, p in enumerate(image_prompts)]

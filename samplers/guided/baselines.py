@@ -359,11 +359,16 @@ def svdd_sample(
             r_last = v[choice, rows]
             raw_last = raw.view(M, B, *raw.shape[1:])[choice, rows]
             out = None if out_c is None else out_c.view(M, B, *out_c.shape[1:])[choice, rows]
-    if selected_at < T - 1 or bool(torch.isnan(r_last).any()):
+    groups = _prompt_groups(B, group_size, x.device)
+    if selected_at < T - 1:
         # the last step made no selection (outside the window, or a kernel without noise there: flow_cps, DDIM
         # into sigma 0), so the candidates' values describe an earlier state: score the finished samples
-        r_last = _score(reward_fn, x, counter, reward_weights, groups=_prompt_groups(B, group_size, x.device))
+        r_last = _score(reward_fn, x, counter, reward_weights, groups=groups)
     else:  # the prompt's particles compared on their common reward columns (not each particle's own)
-        r_last = combine_rewards(raw_last, reward_weights, _prompt_groups(B, group_size, x.device))
+        redo = torch.isin(groups, groups[torch.isnan(r_last)])
+        if bool(redo.any()):  # a kept reward failed: score that prompt's finished particles again (P evaluations)
+            raw_last = raw_last.clone()
+            raw_last[redo] = evaluate_reward(reward_fn, x[redo], rows[redo], counter)
+        r_last = combine_rewards(raw_last, reward_weights, groups)
     best, best_r, idx = select_best(x, r_last, group_size)
     return GuidedOutput(best, best_r, counter, x, r_last, {"index": idx})

@@ -234,7 +234,7 @@ def doob_model_fn(
     if gamma != 0 and noise_level <= 0:
         raise ValueError(f"DOIT needs noise_level > 0 (the kernel's std drives the estimator), "
                          f"got {noise_level}; set a stochastic noise level")
-    if num_candidates < 2:
+    if gamma != 0 and num_candidates < 2:  # gamma = 0 draws no candidates
         raise ValueError(f"num_candidates must be >= 2, got {num_candidates}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

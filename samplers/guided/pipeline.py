@@ -212,10 +212,30 @@ class MethodResult:
         return self.rewards.shape[0] if self.num_prompts is None else self.num_prompts
 
     def score(self, weights: Sequence[float]) -> torch.Tensor:
-        """``[n]`` weighted reward of each image (NaN columns excluded, :func:`combine_rewards`)."""
+        """``[n]`` weighted reward of each image (NaN columns excluded, :func:`combine_rewards`). To compare
+        methods use :func:`compared_scores`, which scores every method's images of a prompt on the same columns."""
         from samplers.guided.common import combine_rewards
 
         return combine_rewards(self.rewards, weights)
+
+
+def compared_scores(results: Dict[str, MethodResult], weights: Sequence[float]) -> Dict[str, torch.Tensor]:
+    """``{method: [n]}`` weighted reward of each image, every method's images of one prompt scored on the same
+    reward columns: a column that failed (NaN under ``on_error: skip``) on any of them is left out for all of
+    them, as within a method's own selection (:func:`combine_rewards` with groups). Scored alone, a method whose
+    remote judge went away would have its other columns scaled up to the total weight and head the table."""
+    from samplers.guided.common import combine_rewards
+
+    rows, groups, sizes = [], [], []
+    for res in results.values():
+        per = res.rewards.shape[0] // max(res.prompts, 1)  # images per prompt (select="all": one per particle)
+        rows.append(res.rewards)
+        groups.append(torch.arange(res.rewards.shape[0]) // max(per, 1))
+        sizes.append(res.rewards.shape[0])
+    if not rows:
+        return {}
+    scores = combine_rewards(torch.cat(rows), weights, groups=torch.cat(groups))
+    return dict(zip(results, scores.split(sizes)))
 
 
 def compare_methods(
@@ -282,10 +302,11 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
     failed = any(res.failures for res in results.values())
     head += ["reward failures"] if failed else []  # entries set to NaN under on_error: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    scores = compared_scores(results, weights)
     for method, res in results.items():
         n = res.prompts  # evaluations per prompt, whatever the number of images kept per prompt
         c = res.counter
-        score = res.score(weights)
+        score = scores[method]
         cells = [method, f"{c.model_evals / n:.0f}", f"{c.vjp_evals / n:.0f}", f"{c.reward_evals / n:.0f}",
                  f"{res.wall_s:.1f}", f"{float(torch.nanmean(score)):.4f}"]
         if len(names) > 1:

@@ -98,3 +98,14 @@ def works_then_fails(images, prompts, metadata, key="", calls=1):
     if _CALLS[key] > calls:
         raise ConnectionError("reward server went away")
     return images.float().mean(dim=(1, 2, 3))
+
+
+class Redness:
+    """A class plugin without a ``name`` attribute: its instances score images (the column is named after the
+    class)."""
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def __call__(self, images, prompts, metadata):
+        return self.scale * images[:, 0].mean(dim=(1, 2))
