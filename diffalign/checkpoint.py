@@ -192,6 +192,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_os_error(exc: BaseException) -> Optional[OSError]:
+    """The operating system's error behind a failed write (a full disk, a lost permission), or ``None``.
+    ``torch.save`` reports it as a ``RuntimeError`` of its zip writer raised while handling the ``OSError``, and
+    safetensors as a ``SafetensorError`` ("I/O error: ... (os error 28)")."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(seen))
+        if found:
+            return OSError(int(found.group(2)), found.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _save_torch(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -481,19 +496,26 @@ def load_checkpoint(path: PathLike, rank: int = 0, world_size: Optional[int] = N
                       stacklevel=2)
     rng = None
     if rng_file(rank) in files:
-        rng = _load_torch(path / rng_file(rank))
+        rng = _read(path, rng_file(rank), _load_torch)
     else:
         warnings.warn(f"checkpoint {path.name} has no RNG state for rank {rank} (saved ranks 0..{saved_ws - 1}); "
                       "this rank keeps its current RNG state", stacklevel=2)
 
     def optional(name: str, loader: Callable[[Path], Any]) -> Any:
-        return loader(path / name) if name in files else None
+        return _read(path, name, loader) if name in files else None
+
+    def weights(p: Path) -> Dict[str, torch.Tensor]:
+        state = load_file(str(p), device="cpu")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a checkpoint of non-finite weights is never written: the file changed on disk
+            raise ValueError(f"{len(bad)} tensors are not finite (first: {bad[0]})")
+        return state
 
     return CheckpointState(
         path=path,
         step=int(meta["step"]),
-        trainable_state=load_file(str(path / TRAINABLE_FILE), device="cpu"),
-        ema_state=optional(EMA_FILE, lambda p: load_file(str(p), device="cpu")),
+        trainable_state=_read(path, TRAINABLE_FILE, weights),
+        ema_state=optional(EMA_FILE, weights),
         optimizer_state=optional(OPTIMIZER_FILE, _load_torch),
         scheduler_state=optional(SCHEDULER_FILE, _load_torch),
         scaler_state=optional(SCALER_FILE, _load_torch),
@@ -501,12 +523,29 @@ def load_checkpoint(path: PathLike, rank: int = 0, world_size: Optional[int] = N
         counters=dict(meta.get("counters") or {}),
         sampler_state=dict(meta.get("sampler_state") or {}),
         extra=dict(meta.get("extra") or {}),
-        config=_read_config(path),
+        config=_read(path, CONFIG_FILE, lambda p: _read_config(p.parent)),
         world_size=saved_ws,
         time=float(meta.get("time", 0.0)),
         rank=int(rank),
         files=files,
     )
+
+
+def _read(path: Path, name: str, loader: Callable[[Path], Any]) -> Any:
+    """``loader(path / name)``; a file that cannot be read (truncated, overwritten, damaged on disk) is a
+    :class:`CheckpointError` naming it and an older checkpoint to use instead, not a parser's traceback."""
+    try:
+        return loader(path / name)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch.load and yaml each raise their own types
+        step = _step_of(path)
+        older = [p for p in list_checkpoints(path.parent.parent)
+                 if step is not None and (_step_of(p) or 0) < step]
+        instead = (f"resume from the checkpoint before it, checkpoint.resume_from={older[-1]}" if older
+                   else "this run has no older checkpoint: start afresh with checkpoint.resume_from=null")
+        raise CheckpointError(f"{path / name} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              f"the checkpoint is damaged: {instead}") from None
 
 
 def _read_config(path: Path) -> Dict[str, Any]:
@@ -805,7 +844,8 @@ class CheckpointManager:
             if self.rank == 0 and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
-        if isinstance(error, OSError) and not isinstance(error, CheckpointError):
+        if error is not None and not isinstance(error, CheckpointError) and write_os_error(error) is not None:
+            error = write_os_error(error)
             previous = latest_checkpoint(self.run_dir)
             raise CheckpointWriteError(
                 f"could not write checkpoint {name} in {self.checkpoints_dir}: {error.strerror or error}; nothing "

@@ -19,11 +19,13 @@ from diffalign.checkpoint import (
     CONFIG_FILE,
     STATE_FILE,
     CheckpointError,
+    CheckpointWriteError,
     PathLike,
     _json_text,
     _write_text_atomic,
     load_checkpoint,
     resolve_resume,
+    write_os_error,
 )
 
 
@@ -172,9 +174,14 @@ def export_checkpoint(checkpoint: PathLike, out_dir: PathLike, *, weights: Optio
                                                                           "call_kwargs"))
 
             staged["merged"] = _stage_folder(out_dir / "merged", write_merged)
-    except BaseException:
+    except BaseException as exc:
         for tmp in staged.values():
             shutil.rmtree(tmp, ignore_errors=True)
+        os_error = write_os_error(exc) if isinstance(exc, Exception) else None
+        if os_error is not None:  # a full disk reached through safetensors / torch: one line, not their traceback
+            raise CheckpointWriteError(f"could not write the export into {out_dir}: {os_error.strerror or os_error}; "
+                                       "nothing was replaced (an earlier export there is intact): free disk space "
+                                       "and run the same command") from None
         raise
     for name, tmp in staged.items():
         _swap_in(tmp, out_dir / name)

@@ -598,3 +598,66 @@ def test_the_cuda_rng_state_of_this_process_device_is_saved_and_restored_into_it
     old = {**{k: v for k, v in rng.items() if k != "cuda_device"}, "cuda": [mine, mine + 1]}
     _set_rng_state(old, None)
     assert restored == [(0, mine.tolist()), (1, (mine + 1).tolist())]
+
+
+@pytest.mark.parametrize("damage", ["trainable.safetensors", "optimizer.pt", "config.yaml", "rng-rank0.pt",
+                                    "ema-nan"])
+def test_a_damaged_file_is_one_error_naming_it_and_the_checkpoint_before(tmp_path, damage):
+    """A checkpoint file truncated or changed on disk after a complete save (found by an audit): safetensors,
+    torch.load and yaml raised their own errors with a traceback, and NaN weights loaded silently (an evaluation
+    scored the NaN images; a resume trained on them)."""
+    from safetensors.torch import load_file, save_file
+
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path)
+    _save(manager, 1, model, opt, sched)
+    path = _save(manager, 2, model, opt, sched)
+    if damage == "ema-nan":
+        state = load_file(str(path / "ema.safetensors"))
+        state["0.weight"][0, 0] = float("nan")
+        save_file(state, str(path / "ema.safetensors"))
+        name = "ema.safetensors"
+    else:
+        name = damage
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[: len(data) // 2] + (b"\x00{: [" if name.endswith(".yaml") else b""))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"{path / name} cannot be read (") and "the checkpoint is damaged" in message
+    assert message.endswith(f"checkpoint.resume_from={tmp_path / 'checkpoints' / 'step-00000001'}")
+    if damage == "ema-nan":
+        assert "tensors are not finite (first: 0.weight)" in message
+    load_checkpoint(tmp_path / "checkpoints" / "step-00000001")  # the one it names loads
+
+
+@pytest.mark.parametrize("writer", ["torch", "safetensors"])
+def test_a_full_disk_behind_a_library_error_is_the_one_line_write_error(tmp_path, monkeypatch, writer):
+    """On a real full disk torch.save's zip writer raises a RuntimeError while handling the OSError, and safetensors
+    a SafetensorError "I/O error: ... (os error 28)" (an audit on a small tmpfs): both ended in a traceback, not the
+    documented CheckpointWriteError."""
+    from diffalign.checkpoint import CheckpointWriteError, write_os_error
+
+    model, opt, sched, _ = _make()
+    manager = CheckpointManager(tmp_path)
+    _save(manager, 1, model, opt, sched)
+
+    def torch_full(obj, path):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 14656 vs 14548")
+
+    def safetensors_full(tensors, path, metadata):
+        raise type("SafetensorError", (Exception,), {})(
+            "Error while serializing: I/O error: No space left on device (os error 28)")
+
+    if writer == "torch":
+        monkeypatch.setattr(ckpt_mod, "_save_torch", torch_full)
+    else:
+        monkeypatch.setattr(ckpt_mod, "_save_safetensors", safetensors_full)
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint step-00000002 .*: No space left on "
+                                                   r"device; nothing was published and step-00000001 is intact"):
+        _save(manager, 2, model, opt, sched)
+    assert resolve_resume(tmp_path, "latest").name == "step-00000001"
+    assert write_os_error(ValueError("a bug")) is None  # other errors keep their type and traceback

@@ -192,3 +192,36 @@ def test_training_uses_the_velocity_field_that_drew_the_samples(tmp_path, kind, 
         assert {s[1] for s in trained_calls} == {None}
         assert {s[2] for s in sampled} == {8}                          # CFG: [uncond, cond] of 4 samples
         assert {s[2] for s in trained_calls} == {4}                    # CFG-free training
+
+
+def test_marble_coefficients_belong_to_their_rewards_across_a_resume(tmp_path):
+    """A resume that lists the same rewards in another order restored the coefficients by position, silently
+    giving each reward another's weight (an audit); they restart uniform with a warning, tracked gradients too."""
+    from diffalign.checkpoint import load_checkpoint
+
+    model = save_tiny(tmp_path)
+    rewards = REWARDS + [{"name": "colorfulness"}]
+    train = {"num_epochs": 2, "aggregation": "marble", "marble_mode": "full", "marble_grad_ema": 0.9}
+    first = _train(nft_config(model, tmp_path / "run", train, rewards=rewards))
+    assert (first.harmonizer.alpha_bar - 1 / 3).abs().max() > 1e-3
+    saved = resolve_resume(tmp_path / "run", "latest")
+    assert load_checkpoint(saved).sampler_state["harmonizer"]["rewards"] == first.rewards.names
+    reordered = [rewards[2], rewards[0], rewards[1]]
+    cfg = nft_config(model, tmp_path / "run", {**train, "num_epochs": 3}, rewards=reordered)
+    trainer = NFTTrainer(cfg)
+    with pytest.warns(UserWarning, match=r"MARBLE coefficients are for the rewards \['jpeg_compressibility', "
+                                         r"'shapes', 'colorfulness'\], this run has \['colorfulness', "):
+        trainer.setup()
+    try:
+        torch.testing.assert_close(trainer.harmonizer.alpha_bar, torch.full((3,), 1 / 3, dtype=torch.float64))
+        assert trainer.harmonizer.tracked is None
+    finally:
+        trainer.cleanup()
+    # the same order restores them
+    same = NFTTrainer(nft_config(model, tmp_path / "run", {**train, "num_epochs": 3}, rewards=rewards))
+    same.setup()
+    try:
+        torch.testing.assert_close(same.harmonizer.alpha_bar, first.harmonizer.alpha_bar)
+        assert same.harmonizer.tracked is not None
+    finally:
+        same.cleanup()

@@ -333,7 +333,34 @@ def save_run_state(ckpt, adapter, ema: Optional["EMA"], *, epoch: int, step: int
 
 
 class NonFiniteError(UserError, RuntimeError):
-    """A run met non-finite gradients (or weights) it was configured not to skip."""
+    """A run met non-finite gradients (or weights, or samples) it was configured not to skip."""
+
+
+def nonfinite_images(images: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the images holding a NaN or inf pixel."""
+    return ~torch.isfinite(images.reshape(images.shape[0], -1)).all(dim=1)
+
+
+def check_finite_samples(trainer, images: torch.Tensor) -> None:
+    """Stop the run, on every rank alike (one collective on several processes), when a training rollout decoded
+    non-finite images: the weights no longer make images. An update whose gradient was finite but far too large
+    does that; the gradient checks cannot see it, and the rewards would score the NaN images as if they were
+    images (the verifier gives a blank image a third), checkpoints would go on and prune the good ones."""
+    from diffalign.checkpoint import list_checkpoints
+
+    bad = float(nonfinite_images(images).sum())
+    if trainer.dist.world_size > 1:
+        bad = float(trainer.dist.gather(torch.tensor([bad], device=trainer.device)).sum())
+    if not bad:
+        return
+    names = [p.name for p in list_checkpoints(trainer.run.output_dir)]
+    raise NonFiniteError(
+        f"the model's samples are not finite at epoch {trainer.epoch + 1} ({int(bad)} images of this batch): an "
+        "earlier update with a finite but too large gradient broke the weights (train/grad_norm in metrics.jsonl "
+        "shows its size). Lower train.learning_rate or train.max_grad_norm and resume from a checkpoint written "
+        f"before the blow-up (each holds the weights after its epoch's update; this run has {names or 'none'}), "
+        "e.g. checkpoint.resume_from=" + (str(list_checkpoints(trainer.run.output_dir)[-2])
+                                          if len(names) > 1 else "null"))
 
 
 class LossScaler:
@@ -530,15 +557,27 @@ def epoch_means(trainer, values: Dict[str, List[float]], prefix: str = "") -> Di
     return out
 
 
-def restore_harmonizer(harmonizer, saved: Optional[Dict]) -> None:
+def harmonizer_state(harmonizer, names: Sequence[str]) -> Dict:
+    """MARBLE's coefficients for a checkpoint, with the reward columns they belong to (in order)."""
+    return {**harmonizer.state_dict(), "rewards": list(names)}
+
+
+def restore_harmonizer(harmonizer, saved: Optional[Dict], names: Optional[Sequence[str]] = None) -> None:
     """Load MARBLE's coefficients from a checkpoint's ``extra["harmonizer"]`` (``saved``; ``None``: none saved).
-    Coefficients saved for another number of rewards (the rewards changed at a resume) restart uniform, with a
-    warning, as when none were saved."""
+    Coefficients saved for other rewards (another number, or, where the checkpoint names them, other reward
+    columns or another order: a coefficient belongs to its reward, not to its position) restart uniform, with a
+    warning, as when none were saved; so do the tracked reward gradients (``marble_grad_ema``)."""
     if saved is None:
         return
     if len(saved["alpha_bar"]) != harmonizer.num_rewards:
         warnings.warn(f"the checkpoint's MARBLE coefficients are for {len(saved['alpha_bar'])} rewards, this run has "
                       f"{harmonizer.num_rewards} (the rewards changed): they restart uniform", stacklevel=2)
+        return
+    if names is not None and saved.get("rewards") is not None and list(saved["rewards"]) != list(names):
+        warnings.warn(f"the checkpoint's MARBLE coefficients are for the rewards {list(saved['rewards'])}, this run "
+                      f"has {list(names)} (changed or reordered): they restart uniform, and so do the tracked "
+                      "reward gradients", stacklevel=2)
+        harmonizer.tracked = None
         return
     harmonizer.load_state_dict(saved)
 
@@ -1001,7 +1040,19 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
             adapter, batch, batch_ids, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
             negative_prompt=sample_cfg.negative_prompt, height=height, width=width,
             step=DETERMINISTIC_STEP[adapter.kind], noise_level=0.0, dtype=dtype)
-        rows.append(_score_columns(reward_sets, imgs, batch))
+        bad = nonfinite_images(imgs)
+        if bool(bad.any()):  # not images: no reward scores them (NaN rows, which the means skip), a warning
+            warnings.warn(f"{int(bad.sum())} of {len(batch)} evaluation images are not finite (NaN/inf pixels): the "
+                          "model is broken (e.g. by a too large update); they are left out of the means",
+                          RuntimeWarning)
+            scored = _score_columns(reward_sets, imgs[~bad], [p for p, b in zip(batch, bad.tolist()) if not b]) \
+                if not bool(bad.all()) else None
+            row = torch.full((len(batch), sum(len(r.names) for r in reward_sets)), float("nan"))
+            if scored is not None:
+                row[~bad.cpu()] = scored.cpu().to(row.dtype)
+            rows.append(row)
+        else:
+            rows.append(_score_columns(reward_sets, imgs, batch))
         if keep_images:
             images.append(imgs.cpu())  # a whole prompt set of full-size images would fill an accelerator
     out = torch.cat(rows) if rows else torch.zeros(0, sum(len(r.names) for r in reward_sets))

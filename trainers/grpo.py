@@ -335,7 +335,7 @@ class GRPOTrainer:
         reapply_optimizer_settings(self.optimizer, self.lr_scheduler, self.cfg)
         if self.marble is not None:
             if "harmonizer" in extra:
-                restore_harmonizer(self.marble[0], extra["harmonizer"])
+                restore_harmonizer(self.marble[0], extra["harmonizer"], self.rewards.names)
             else:
                 warnings.warn("train.aggregation=marble but the checkpoint holds no MARBLE coefficients (written "
                               "without MARBLE or by an older version): they restart uniform", stacklevel=2)
@@ -347,11 +347,11 @@ class GRPOTrainer:
         return self.epoch
 
     def save_checkpoint(self) -> None:
-        from trainers.common import loop_state, save_run_state
+        from trainers.common import harmonizer_state, loop_state, save_run_state
 
         extra = {"tracker": self.tracker.state_dict(), "moments": self.moments.state_dict(), **loop_state(self)}
         if self.marble is not None:
-            extra["harmonizer"] = self.marble[0].state_dict()
+            extra["harmonizer"] = harmonizer_state(self.marble[0], self.rewards.names)
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
                        optimizer=self.state, lr_scheduler=self.lr_scheduler, sampler_state=extra,
                        config=self.config_dict)
@@ -370,7 +370,7 @@ class GRPOTrainer:
 
     def _sample(self, epoch: int, assignment) -> Dict:
         from diffalign.types import Trajectory
-        from trainers.common import sample_batch
+        from trainers.common import check_finite_samples, sample_batch
 
         s = self.run.sample
         trajs, conds, rewards, images = [], [], [], []
@@ -389,6 +389,7 @@ class GRPOTrainer:
                 guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, height=self.height,
                 width=self.width, step=s.step, noise_level=s.noise_level, window=window, dtype=self.dtype,
                 noise_ids=noise_all[sl] if noise_all is not None else None)
+            check_finite_samples(self, imgs)  # before any reward scores NaN images
             t0 = time.perf_counter()
             meta = [{"prompt": p, "sample_id": i} for p, i in zip(prompts_all[sl], ids_all[sl])]
             out = self.rewards(imgs, prompts_all[sl], meta)

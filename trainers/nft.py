@@ -321,16 +321,17 @@ class NFTTrainer:
         reapply_optimizer_settings(self.optimizer, self.lr_scheduler, self.cfg)
         if "moments" in extra:
             self.moments.load_state_dict(extra["moments"])
-        restore_harmonizer(self.harmonizer, extra.get("harmonizer"))
+        restore_harmonizer(self.harmonizer, extra.get("harmonizer"), self.rewards.names)
         restore_loop_state(self, extra)
         return self.epoch
 
     def save_checkpoint(self) -> None:
-        from trainers.common import loop_state, save_run_state
+        from trainers.common import harmonizer_state, loop_state, save_run_state
 
         save_run_state(self.ckpt, self.adapter, self.ema, epoch=self.epoch, step=self.global_step,
                        optimizer=self.state, lr_scheduler=self.lr_scheduler,
-                       sampler_state={"moments": self.moments.state_dict(), "harmonizer": self.harmonizer.state_dict(),
+                       sampler_state={"moments": self.moments.state_dict(),
+                                      "harmonizer": harmonizer_state(self.harmonizer, self.rewards.names),
                                       **loop_state(self)},
                        config=self.config_dict)
 
@@ -338,7 +339,7 @@ class NFTTrainer:
     def _sample(self, assignment) -> Dict:
         """Deterministic ODE samples of the old policy: clean latents, conditioning, images, rewards."""
         from diffalign.generators.base import Conditioning
-        from trainers.common import sample_batch
+        from trainers.common import check_finite_samples, sample_batch
 
         s = self.run.sample
         finals, conds, rewards, images = [], [], [], []
@@ -351,6 +352,7 @@ class NFTTrainer:
                     self.adapter, prompts, ids, seed=self.run.seed, num_steps=s.num_steps,
                     guidance_scale=s.guidance_scale, negative_prompt=s.negative_prompt, height=self.height,
                     width=self.width, step="flow_euler", noise_level=0.0, dtype=self.dtype)
+                check_finite_samples(self, imgs)  # before any reward scores NaN images
                 t0 = time.perf_counter()
                 out = self.rewards(imgs, prompts, [{"prompt": p, "sample_id": i} for p, i in zip(prompts, ids)])
                 t_reward += time.perf_counter() - t0
