@@ -536,14 +536,16 @@ def _read(path: Path, name: str, loader: Callable[[Path], Any]) -> Any:
     :class:`CheckpointError` naming it and an older checkpoint to use instead, not a parser's traceback."""
     try:
         return loader(path / name)
-    except CheckpointError:
+    except (CheckpointError, MemoryError):  # too little memory says nothing about the file
         raise
+    except (PermissionError, FileNotFoundError, NotADirectoryError) as exc:  # access, not the file's contents
+        raise CheckpointError(f"{path / name} cannot be read: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - safetensors, torch.load and yaml each raise their own types
         step = _step_of(path)
         older = [p for p in list_checkpoints(path.parent.parent)
                  if step is not None and (_step_of(p) or 0) < step]
-        instead = (f"resume from the checkpoint before it, checkpoint.resume_from={older[-1]}" if older
-                   else "this run has no older checkpoint: start afresh with checkpoint.resume_from=null")
+        instead = (f"use the checkpoint before it, {older[-1]} (checkpoint.resume_from=PATH; export: --checkpoint "
+                   "PATH)" if older else "this run has no older checkpoint: start afresh (checkpoint.resume_from=null)")
         raise CheckpointError(f"{path / name} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                               f"the checkpoint is damaged: {instead}") from None
 

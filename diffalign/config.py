@@ -1313,7 +1313,7 @@ class GuidanceConfig:
                 f"{_choices_text(_GUIDANCE_METHODS)}",
             )
         check(
-            not (doob and self.antithetic and self.num_candidates % 2),
+            not (doob and self.gamma > 0 and self.antithetic and self.num_candidates % 2),
             "num_candidates",
             f"got {self.num_candidates}; antithetic DOIT needs an even number, use {self.num_candidates + 1} "
             "or antithetic=false",

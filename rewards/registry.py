@@ -228,7 +228,8 @@ def build_reward(spec: Union[RewardSpec, str, Mapping[str, Any]]) -> Any:
         except RewardBuildError:  # an option the reward does not take: the user's, one line
             raise
         except FileNotFoundError as exc:  # weights or files named in the spec (its kwargs): the user's, one line
-            raise RewardFileError(f"reward {spec.name!r}: {exc}") from None
+            said = str(exc)
+            raise RewardFileError(said if said.startswith("reward ") else f"reward {spec.name!r}: {said}") from None
         except TypeError as exc:
             bad = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
             if bad and bad.group(1) in spec.kwargs:  # a factory passing its options on: one it does not take

@@ -625,7 +625,8 @@ def test_a_damaged_file_is_one_error_naming_it_and_the_checkpoint_before(tmp_pat
         load_checkpoint(path)
     message = str(info.value)
     assert message.startswith(f"{path / name} cannot be read (") and "the checkpoint is damaged" in message
-    assert message.endswith(f"checkpoint.resume_from={tmp_path / 'checkpoints' / 'step-00000001'}")
+    assert message.endswith(f"use the checkpoint before it, {tmp_path / 'checkpoints' / 'step-00000001'} "
+                            "(checkpoint.resume_from=PATH; export: --checkpoint PATH)")
     if damage == "ema-nan":
         assert "tensors are not finite (first: 0.weight)" in message
     load_checkpoint(tmp_path / "checkpoints" / "step-00000001")  # the one it names loads
@@ -661,3 +662,16 @@ def test_a_full_disk_behind_a_library_error_is_the_one_line_write_error(tmp_path
         _save(manager, 2, model, opt, sched)
     assert resolve_resume(tmp_path, "latest").name == "step-00000001"
     assert write_os_error(ValueError("a bug")) is None  # other errors keep their type and traceback
+
+
+def test_too_little_memory_to_load_a_checkpoint_is_not_called_damage(tmp_path, monkeypatch):
+    """A review found MemoryError reported as "the checkpoint is damaged: use the one before it" (as large)."""
+    model, opt, sched, _ = _make()
+    path = _save(CheckpointManager(tmp_path), 1, model, opt, sched)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr("safetensors.torch.load_file", no_memory)
+    with pytest.raises(MemoryError):
+        load_checkpoint(path)

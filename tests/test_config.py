@@ -742,6 +742,16 @@ def test_values_that_ran_silently_wrong_or_crashed_later_are_config_errors(overr
     assert err.startswith(f"error: {message}"), err
 
 
+def test_doob_without_guidance_takes_one_candidate(capsys):
+    """gamma = 0 draws no candidates: neither the count nor the antithetic parity applies (the review found the
+    parity check refusing the default antithetic setting)."""
+    from diffalign import cli
+
+    flow = str(Path(__file__).resolve().parents[1] / "configs" / "shapes" / "flow_grpo.yaml")
+    assert cli.main(["config", flow, "guidance.method=doob", "guidance.gamma=0", "guidance.num_candidates=1"]) == 0
+    capsys.readouterr()
+
+
 def test_doob_needs_two_candidates(capsys):
     from diffalign import cli
 

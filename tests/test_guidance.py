@@ -289,7 +289,7 @@ def test_gamma_zero_reproduces_the_unguided_sampler_bitwise(kind):
     assert calls == [64, 64]  # only the final scoring, no candidate was simulated
     # gamma = 0 draws no candidates, so one is allowed (the config allows it; the sampler raised after the load)
     one = guided_sample("doob", model, sched, x, reward, step=step, noise_level=level,
-                        options=dict(gamma=0.0, num_candidates=1, antithetic=False, select="all"))
+                        options=dict(gamma=0.0, num_candidates=1, select="all"))  # antithetic by default
     assert torch.equal(one.samples, base.samples)
     # and the wrapper itself is the identity on a plain rollout
     from samplers import make_generators

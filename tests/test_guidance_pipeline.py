@@ -228,3 +228,7 @@ def test_methods_are_compared_on_the_reward_columns_that_scored_in_all_of_them()
     assert failed.score([1.0, 0.5])[0] == pytest.approx(1.35) and ok.score([1.0, 0.5])[0] == pytest.approx(1.0)
     rows = format_table({"none": ok, "best_of_n": failed}, [1.0, 0.5], ["a", "b"]).splitlines()[2:]
     assert [float(r.split("|")[6]) for r in rows] == [1.025, 1.025]
+    # and each column's mean over the prompts it scored in every method (prompt 1 only for b: 0.4 in both; the
+    # failed method's b was averaged over the prompts where it had not failed, the other's over both: 0.4 vs 0.3)
+    assert [float(r.split("|")[8]) for r in rows] == [0.4, 0.4]
+    assert [float(r.split("|")[7]) for r in rows] == [0.7, 0.7]

@@ -289,3 +289,32 @@ def test_weights_that_make_nan_images_stop_the_run_before_a_reward_or_a_checkpoi
                                 sample_cfg=cfg.sample, seed=0, num_steps=2, guidance_scale=1.0, height=32,
                                 width=32, dtype=torch.float32)
     assert rows.shape == (2, 1) and bool(torch.isnan(rows).all())
+
+
+def test_an_evaluation_leaves_out_only_the_non_finite_images(tmp_path, monkeypatch):
+    """Some images of a batch NaN, the rest scored as usual (rows on the images' device, as the other batches')."""
+    from diffalign.generators.base import GeneratorAdapter
+    from trainers.common import score_prompts
+
+    decode = GeneratorAdapter.decode
+
+    def first_nan(self, latents, **kwargs):
+        images = decode(self, latents, **kwargs).clone()
+        images[0] = float("nan")
+        return images
+
+    cfg = run_config(save_tiny(tmp_path), tmp_path / "run", sample={"batch_size": 2})
+    t = grpo_mod.GRPOTrainer(cfg)
+    t.setup()
+    try:
+        prompts, kw = ["a red circle", "a blue square", "a circle"], dict(
+            sample_cfg=cfg.sample, seed=0, num_steps=2, guidance_scale=1.0, height=32, width=32, dtype=torch.float32)
+        clean, _ = score_prompts(t.adapter, t.rewards, prompts, [0, 1, 2], **kw)
+        monkeypatch.setattr(GeneratorAdapter, "decode", first_nan)
+        with pytest.warns(RuntimeWarning, match="1 of 2 evaluation images are not finite"):
+            rows, _ = score_prompts(t.adapter, t.rewards, prompts, [0, 1, 2], **kw)
+    finally:
+        t.cleanup()
+    # batches [0, 1] and [2]: the first image of each is NaN
+    assert torch.isnan(rows[0]).all() and torch.isnan(rows[2]).all()
+    torch.testing.assert_close(rows[1], clean[1])

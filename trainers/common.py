@@ -230,6 +230,34 @@ def claim_run(run, dist, device="cpu"):
     return ckpt
 
 
+@contextlib.contextmanager
+def claimed_setup(trainer, what: str):
+    """The start of a trainer's ``setup()`` (GRPO, NFT): processes, device and dtype, :func:`claim_run`, then the
+    rewards and prompts (a misspelt reward option or a missing prompt file fails before the model loads) and the
+    adapter. Yields the claimed checkpoint manager (for :func:`open_run`); the rest of the setup runs inside the
+    ``with``, and a failure anywhere in it lets go of the run folder."""
+    from diffalign.distributed import DistContext
+    from diffalign.prompts import build_prompt_source
+
+    run = trainer.run
+    trainer.dist = DistContext.from_accelerator(trainer.accelerator)
+    trainer.device = resolve_device(run.model.device, trainer.accelerator)
+    trainer.dtype = DTYPES[run.model.dtype]
+    if not run.rewards:
+        raise ValueError(f"rewards: {what} needs at least one reward; add e.g. rewards: [{{name: shapes}}]")
+    claimed = claim_run(run, trainer.dist, trainer.device)  # the checks that need no model, before it loads
+    try:
+        torch.manual_seed(run.seed)
+        trainer.rewards, trainer.eval_only_rewards = build_run_rewards(run)
+        torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
+        trainer.prompts = build_prompt_source(run.prompts, run.seed)
+        trainer.adapter = build_adapter(run.model, trainer.device, trainer.pipeline)
+        yield claimed
+    except BaseException:
+        release_claim(claimed)
+        raise
+
+
 def release_claim(ckpt) -> None:
     """Let go of the run folder's lock taken by :func:`claim_run` (a setup that failed)."""
     if ckpt is not None and ckpt.run_lock is not None:
@@ -1047,9 +1075,9 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
                           RuntimeWarning)
             scored = _score_columns(reward_sets, imgs[~bad], [p for p, b in zip(batch, bad.tolist()) if not b]) \
                 if not bool(bad.all()) else None
-            row = torch.full((len(batch), sum(len(r.names) for r in reward_sets)), float("nan"))
-            if scored is not None:
-                row[~bad.cpu()] = scored.cpu().to(row.dtype)
+            row = torch.full((len(batch), sum(len(r.names) for r in reward_sets)), float("nan"), device=imgs.device)
+            if scored is not None:  # on the images' device, as the other batches' rows (the rewards return there)
+                row[~bad] = scored.to(row)
             rows.append(row)
         else:
             rows.append(_score_columns(reward_sets, imgs, batch))

@@ -277,26 +277,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from diffalign.advantages import PerPromptStatTracker, RunningMoments
-        from diffalign.distributed import DistContext
-        from diffalign.prompts import build_prompt_source
-        from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_run_rewards,
-                                     build_optimizer, claim_run, image_size, open_run, release_claim,
-                                     resolve_device)
+        from trainers.common import EMA, LossScaler, TrainingState, build_optimizer, claimed_setup, image_size, open_run
 
         run, cfg = self.run, self.cfg
-        self.dist = DistContext.from_accelerator(self.accelerator)
-        self.device = resolve_device(run.model.device, self.accelerator)
-        self.dtype = DTYPES[run.model.dtype]
-        if not run.rewards:
-            raise ValueError("rewards: GRPO needs at least one reward; add e.g. rewards: [{name: shapes}]")
-        claimed = claim_run(run, self.dist, self.device)  # the checks that need no model, before it loads
-        try:
-            torch.manual_seed(run.seed)
-            # before the model: a misspelt reward option or a missing prompt file fails fast
-            self.rewards, self.eval_only_rewards = build_run_rewards(run)
-            torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
-            self.prompts = build_prompt_source(run.prompts, run.seed)
-            self.adapter = build_adapter(run.model, self.device, self.pipeline)
+        with claimed_setup(self, "GRPO") as claimed:
             if self.adapter.kind != "flow" and run.sample.step.startswith("flow_"):
                 raise ConfigError(f"got {run.sample.step!r}, a flow-matching step, but {run.model.path!r} is a "
                                   f"{self.adapter.kind!r} diffusion model; use sample.step=ddim (noise_level = "
@@ -322,9 +306,6 @@ class GRPOTrainer:
             self.epoch, self.global_step = 0, 0
             self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device,
                                                                 claimed=claimed)
-        except BaseException:
-            release_claim(claimed)
-            raise
 
     def _restore(self, state) -> int:
         from trainers.common import (reapply_optimizer_settings, restore_harmonizer, restore_loop_state,

@@ -262,26 +262,10 @@ class NFTTrainer:
     def setup(self) -> None:
         from diffalign.advantages import RunningMoments
         from diffalign.balance import Harmonizer, RewardGradients
-        from diffalign.distributed import DistContext
-        from diffalign.prompts import build_prompt_source
-        from trainers.common import (DTYPES, EMA, LossScaler, TrainingState, build_adapter, build_run_rewards,
-                                     build_optimizer, claim_run, image_size, open_run, release_claim,
-                                     resolve_device)
+        from trainers.common import EMA, LossScaler, TrainingState, build_optimizer, claimed_setup, image_size, open_run
 
         run, cfg = self.run, self.cfg
-        self.dist = DistContext.from_accelerator(self.accelerator)
-        self.device = resolve_device(run.model.device, self.accelerator)
-        self.dtype = DTYPES[run.model.dtype]
-        if not run.rewards:
-            raise ValueError("rewards: DiffusionNFT needs at least one reward; add e.g. rewards: [{name: shapes}]")
-        claimed = claim_run(run, self.dist, self.device)  # the checks that need no model, before it loads
-        try:
-            torch.manual_seed(run.seed)
-            # before the model: a misspelt reward option or a missing prompt file fails fast
-            self.rewards, self.eval_only_rewards = build_run_rewards(run)
-            torch.manual_seed(run.seed)  # the model's LoRA initialisation does not depend on the rewards built
-            self.prompts = build_prompt_source(run.prompts, run.seed)
-            self.adapter = build_adapter(run.model, self.device, self.pipeline)
+        with claimed_setup(self, "DiffusionNFT") as claimed:
             if self.adapter.kind != "flow":
                 raise ConfigError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a "
                                   f"{self.adapter.kind!r} model; use a flow model (SD3, FLUX, builtin:shapes-flow) "
@@ -308,9 +292,6 @@ class NFTTrainer:
             self.epoch, self.global_step = 0, 0
             self.ckpt, self.logger, self.config_dict = open_run(run, self.dist, self._restore, self.device,
                                                                 claimed=claimed)
-        except BaseException:
-            release_claim(claimed)
-            raise
 
     def _restore(self, state) -> int:
         from trainers.common import (reapply_optimizer_settings, restore_harmonizer, restore_loop_state,

@@ -243,7 +243,7 @@ def doob_model_fn(
     if pool is not None and lookahead != "rollout":
         raise ValueError(f"a pool of simulated samples needs lookahead='rollout' (real final samples), got "
                          f"{lookahead!r}")
-    if antithetic and num_candidates % 2:
+    if gamma != 0 and antithetic and num_candidates % 2:
         raise ValueError(f"antithetic sampling needs an even num_candidates, got {num_candidates}")
     start, end = check_window(window, schedule.num_steps)
     counter = counter if counter is not None else EvalCounter()

@@ -292,6 +292,26 @@ def compare_methods(
     return results
 
 
+def _common_means(results: Dict[str, MethodResult], values: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """``{method: mean}`` of per-image ``values`` over the prompts where they are finite in every method (NaN
+    where none is): a method whose reward failed on a hard prompt is not averaged over easier prompts only."""
+    per_prompt = {}
+    for m, res in results.items():
+        v = values[m].float().cpu()
+        per_prompt[m] = torch.isfinite(v).view(max(res.prompts, 1), -1).all(dim=1) if v.numel() else None
+    masks = [k for k in per_prompt.values() if k is not None]
+    common = torch.stack(masks).all(dim=0) if masks and len({k.shape for k in masks}) == 1 else None
+    out = {}
+    for m, res in results.items():
+        v = values[m].float().cpu()
+        if common is None or not v.numel():
+            out[m] = float(torch.nanmean(v)) if v.numel() else float("nan")
+            continue
+        rows = common.repeat_interleave(v.shape[0] // common.shape[0])
+        out[m] = float(v[rows].mean()) if bool(rows.any()) else float("nan")
+    return out
+
+
 def format_table(results: Dict[str, MethodResult], weights: Sequence[float], names: Sequence[str],
                  judged: Optional[Dict[str, torch.Tensor]] = None, judge_names: Sequence[str] = ()) -> str:
     """A markdown table: per method, evaluations per prompt, wall time and mean scores; ``judged[method]``
@@ -302,17 +322,17 @@ def format_table(results: Dict[str, MethodResult], weights: Sequence[float], nam
     failed = any(res.failures for res in results.values())
     head += ["reward failures"] if failed else []  # entries set to NaN under on_error: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    scores = compared_scores(results, weights)
+    score = _common_means(results, compared_scores(results, weights))
+    columns = [_common_means(results, {m: r.rewards[:, j] for m, r in results.items()}) for j in range(len(names))]
+    judges = [_common_means(results, {m: judged[m][:, j] for m in results}) for j in range(len(judge_names))]
     for method, res in results.items():
         n = res.prompts  # evaluations per prompt, whatever the number of images kept per prompt
         c = res.counter
-        score = scores[method]
         cells = [method, f"{c.model_evals / n:.0f}", f"{c.vjp_evals / n:.0f}", f"{c.reward_evals / n:.0f}",
-                 f"{res.wall_s:.1f}", f"{float(torch.nanmean(score)):.4f}"]
+                 f"{res.wall_s:.1f}", f"{score[method]:.4f}"]
         if len(names) > 1:
-            cells += [f"{float(torch.nanmean(res.rewards[:, j])):.4f}" for j in range(len(names))]
-        if judge_names:
-            cells += [f"{float(torch.nanmean(judged[method][:, j])):.4f}" for j in range(len(judge_names))]
+            cells += [f"{col[method]:.4f}" for col in columns]
+        cells += [f"{col[method]:.4f}" for col in judges]
         if failed:
             cells.append(", ".join(f"{name} {k}" for name, k in res.failures.items()) or "0")
         lines.append("| " + " | ".join(cells) + " |")
