@@ -922,7 +922,11 @@ def _import_object(path: str, key: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"cannot import {path!r}: {exc}; check the 'module:Class' path", key=key) from None
+        hint = "check the 'module:Class' path"
+        if isinstance(exc, ModuleNotFoundError) and exc.name and module_name.startswith(exc.name):
+            hint = (f"check the 'module:Class' path, and put the folder that holds {exc.name.replace('.', '/')} on "
+                    "PYTHONPATH or install the package (the `diffalign` command does not look in the current folder)")
+        raise ConfigError(f"cannot import {path!r}: {exc}; {hint}", key=key) from None
     return obj
 
 
@@ -1218,6 +1222,11 @@ class PromptsConfig:
             check(self.categories is None, "categories",
                   f"got {self.categories} with source=file; categories choose among the built-in shapes prompts: "
                   "set prompts.source=shapes, or categories=null")
+            for key in ("split", "eval_split"):
+                check(getattr(self, key) == "held_in", key,
+                      f"got {getattr(self, key)!r} with source=file; the splits are the built-in shapes prompts' and "
+                      "a prompt file is read as it is: for held-out evaluation prompts give prompts.eval_path, or "
+                      "set prompts.source=shapes")
         else:  # a prompt file named with the default source=shapes was silently not read
             for key in ("path", "eval_path"):
                 check(getattr(self, key) is None, key,

@@ -250,7 +250,12 @@ class MultiReward:
         images: torch.Tensor,
         prompts: Sequence[str],
         metadata: Optional[Sequence[Dict[str, Any]]] = None,
+        transform: bool = True,
     ) -> MultiRewardOutput:
+        """Score ``images``; ``rewards`` are the transformed columns (``raw`` before the transforms). With
+        ``transform=False`` ``rewards`` are the raw scores too: a caller scoring a larger set in pieces (the
+        trainers' sampling batches on every process) applies :meth:`apply_transforms` to the whole set, since a
+        ``rank`` transform compares the samples of a group and a piece holds only some of them."""
         prompts = list(prompts)
         metadata = check_inputs("multi", images, prompts, metadata)
         b = images.shape[0]
@@ -278,7 +283,8 @@ class MultiReward:
                                   RuntimeWarning)
                 raw_cols.append(scores)
                 t = self.transforms[i]
-                cols.append(scores if t is None else t(scores, prompts=prompts, metadata=metadata).float())
+                cols.append(scores if t is None or not transform else
+                            t(scores, prompts=prompts, metadata=metadata).float())
         raw = torch.stack(raw_cols, dim=1) if b else torch.zeros(0, len(self.names), device=images.device)
         rewards = torch.stack(cols, dim=1) if b else raw.clone()
         return MultiRewardOutput(
@@ -291,6 +297,19 @@ class MultiReward:
             failures=failures,
             errors=errors,
         )
+
+    def apply_transforms(self, raw: torch.Tensor, prompts: Sequence[str],
+                         metadata: Optional[Sequence[Dict[str, Any]]] = None) -> torch.Tensor:
+        """``[N, R]`` columns of ``raw`` (scores of :meth:`__call__` with ``transform=False``) through their specs'
+        transforms, over the whole set at once (``prompts`` / ``metadata`` one per row)."""
+        prompts = list(prompts)
+        metadata = [{} for _ in prompts] if metadata is None else list(metadata)
+        if raw.shape[0] != len(prompts) or len(metadata) != len(prompts):
+            raise ValueError(f"apply_transforms: {raw.shape[0]} rows, {len(prompts)} prompts, {len(metadata)} "
+                             "metadata dicts; give one of each per row")
+        cols = [raw[:, i] if t is None else t(raw[:, i], prompts=prompts, metadata=metadata).float().to(raw.device)
+                for i, t in enumerate(self.transforms)]
+        return torch.stack(cols, dim=1) if raw.shape[0] else raw.clone()
 
     def __repr__(self) -> str:
         return (

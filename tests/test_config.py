@@ -721,6 +721,10 @@ def test_reward_sections_accept_flow_grpo_weight_mapping(tmp_path):
     ("prompts.path=/data/prompts.txt", "prompts.path: got '/data/prompts.txt' with source=shapes"),
     ("prompts.source=file prompts.path=p.txt prompts.categories=[counting]",
      "prompts.categories: got ['counting'] with source=file"),
+    ("prompts.source=file prompts.path=p.txt prompts.eval_split=held_out",
+     "prompts.eval_split: got 'held_out' with source=file; the splits are the built-in shapes prompts'"),
+    ("trainer=not_a_pkg.mod:Cfg", "trainer: cannot import 'not_a_pkg.mod:Cfg': No module named 'not_a_pkg'; check "
+     "the 'module:Class' path, and put the folder that holds not_a_pkg on PYTHONPATH"),
     # DOIT named in compare only: found after the model loaded and the earlier rows sampled
     ("guidance.method=fk guidance.compare=[doob] guidance.num_candidates=7",
      "guidance.num_candidates: got 7; antithetic DOIT needs an even number"),

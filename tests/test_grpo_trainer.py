@@ -409,3 +409,30 @@ def test_a_wandb_run_gets_the_resolved_config_and_the_output_folders_name(tmp_pa
     _train(cfg)
     assert seen["wandb"] is True and seen["run_name"] == "my-run"
     assert seen["wandb_config"]["trainer"] == "grpo" and seen["wandb_config"]["train"]["num_epochs"] == 1
+
+
+def test_a_rank_transform_ranks_the_whole_group_whatever_the_sampling_batch(tmp_path):
+    """``rank`` compares a prompt's samples; applied per reward call it ranked whichever samples shared a sampling
+    batch (and a process), so 2 batches of 4 and 1 batch of 8 of the same samples got other advantages (an audit:
+    advantage/abs_mean 0.9998 vs 0.8942). The trainers transform the gathered epoch; evaluations their whole set."""
+    from rewards import MultiReward
+
+    model = save_tiny(tmp_path)
+    spec = [{"name": "colorfulness", "transform": {"name": "rank", "by": "prompt"}}]
+    rows = []
+    for b, n in ((4, 2), (8, 1)):
+        cfg = run_config(model, tmp_path / f"run{b}", rewards=spec,
+                         sample={"batch_size": b, "num_batches_per_epoch": n, "group_size": 4},
+                         train={"num_epochs": 1, "eval_every": 1})
+        train_run(cfg)
+        rows.append([r for r in read_metrics(tmp_path / f"run{b}" / "metrics.jsonl") if "epoch" in r][-1])
+    for key in ("advantage/abs_mean", "reward/colorfulness", "eval/reward/colorfulness"):
+        assert rows[0][key] == pytest.approx(rows[1][key], abs=1e-6), key
+    assert rows[0]["reward/colorfulness"] == pytest.approx(0.5)  # ranks of groups of 4: mean 0.5 exactly
+    # the whole set at once equals the transform of one call over it
+    multi = MultiReward(spec)
+    images = torch.rand(6, 3, 8, 8)
+    prompts = ["a", "b", "a", "b", "a", "b"]
+    whole = multi(images, prompts).rewards
+    raw = multi(images, prompts, transform=False).rewards
+    torch.testing.assert_close(multi.apply_transforms(raw, prompts), whole)

@@ -198,6 +198,15 @@ def _lock_run_dir(output_dir, dist, device):
     return handle
 
 
+def epoch_rewards(trainer, local_rewards: torch.Tensor, assignment) -> torch.Tensor:
+    """``[N, R]`` rewards of the whole epoch: every rank's raw scores gathered, then the reward specs' transforms
+    over all of them at once (a ``rank`` transform ranks a prompt's whole group, on any number of processes and
+    any sampling batch size; ranked per sampling batch it compared whichever samples shared a batch)."""
+    raw = trainer.dist.gather(local_rewards.to(trainer.device)).cpu()
+    meta = [{"prompt": p, "sample_id": int(i)} for p, i in zip(assignment.global_prompts, assignment.global_ids)]
+    return trainer.rewards.apply_transforms(raw, assignment.global_prompts, meta)
+
+
 def check_group_size(run, world_size: int) -> None:
     """``sample.group_size`` must divide the samples of an epoch (every process's batches together)."""
     s = run.sample
@@ -1044,8 +1053,25 @@ def eval_reward_names(trainer) -> List[str]:
 
 
 def _score_columns(reward_sets, images, prompts) -> torch.Tensor:
+    """Raw scores: the transforms apply to the whole evaluation set at once (:func:`transform_rows`)."""
     meta = [{"prompt": p} for p in prompts]
-    return torch.cat([r(images, prompts, meta).rewards for r in reward_sets], dim=1)
+    return torch.cat([r(images, prompts, meta, transform=False).rewards for r in reward_sets], dim=1)
+
+
+def transform_rows(reward_sets, rows: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """The evaluation's ``[N, R]`` raw rows (:func:`score_prompts`, gathered over processes: row ``k`` is prompt
+    ``k``; rows past ``len(prompts)`` are a gather's padding and stay) through each reward set's transforms, over
+    all prompts at once, so a ``rank`` transform does not depend on the batch size or the number of processes."""
+    reward_sets = list(reward_sets) if isinstance(reward_sets, (list, tuple)) else [reward_sets]
+    if not any(t is not None for r in reward_sets for t in getattr(r, "transforms", [])):
+        return rows
+    n, out, col = len(prompts), rows.clone(), 0
+    meta = [{"prompt": p} for p in prompts]
+    for r in reward_sets:
+        k = len(r.names)
+        out[:n, col:col + k] = r.apply_transforms(rows[:n, col:col + k], prompts, meta).to(out)
+        col += k
+    return out
 
 
 @torch.no_grad()
@@ -1056,7 +1082,8 @@ def score_prompts(adapter, rewards, prompts: Sequence[str], ids: Sequence[int], 
     ``(rewards [N, R], images [N, 3, H, W] on the CPU, or None)``. ``ids`` are the prompts' global indices, which
     seed each prompt's initial noise, so a prompt gets the same image however the prompts are split into batches or
     ranks. The one sampling path of the trainers' evaluation and of ``diffalign eval`` / ``sample``.
-    ``rewards`` is a MultiReward or a list of them, whose columns are concatenated in order."""
+    ``rewards`` is a MultiReward or a list of them, whose columns are concatenated in order; the rows are raw scores
+    (their transforms apply to the whole prompt set: :func:`transform_rows`)."""
     from samplers.steps import DETERMINISTIC_STEP
 
     reward_sets = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
@@ -1113,7 +1140,8 @@ def gather_eval_rows(local: torch.Tensor, per: int, dist, device) -> torch.Tenso
 def sample_eval_prompts(trainer, indices: Sequence[int], keep_images: bool = False) -> tuple:
     """The evaluation prompts ``indices`` sampled and scored as the trainer's evaluation does it (deterministic
     sampler, ``eval_num_steps`` / ``eval_guidance_scale``, the evaluation noise, the EMA weights when the run keeps
-    them): :func:`score_prompts`' ``(rows [n, R], images or None)`` on this process.
+    them): :func:`score_prompts`' ``(rows [n, R], images or None)`` on this process (raw scores: the reward
+    transforms apply to the whole set, :func:`transform_rows`).
 
     Uses the trainer's ``run``, ``cfg`` (``eval_guidance_scale``, ``eval_num_steps``), ``dtype``, ``adapter``,
     ``ema``, ``prompts``, ``rewards``, ``eval_only_rewards`` (``run.eval_rewards``, columns after the training
@@ -1138,6 +1166,7 @@ def evaluate_run(trainer) -> Dict[str, float]:
     mine, per = eval_shard(len(trainer.prompts.eval_prompts()), trainer.run.sample.batch_size, dist.rank,
                            dist.world_size)
     local, _ = sample_eval_prompts(trainer, mine)
-    allr = gather_eval_rows(local, per, dist, trainer.device)
+    allr = transform_rows(eval_reward_sets(trainer), gather_eval_rows(local, per, dist, trainer.device),
+                          trainer.prompts.eval_prompts())
     names = eval_reward_names(trainer)
     return {f"eval/reward/{name}": float(torch.nanmean(allr[:, j])) for j, name in enumerate(names)}

@@ -373,7 +373,7 @@ class GRPOTrainer:
             check_finite_samples(self, imgs)  # before any reward scores NaN images
             t0 = time.perf_counter()
             meta = [{"prompt": p, "sample_id": i} for p, i in zip(prompts_all[sl], ids_all[sl])]
-            out = self.rewards(imgs, prompts_all[sl], meta)
+            out = self.rewards(imgs, prompts_all[sl], meta, transform=False)  # transformed per epoch
             t_reward += time.perf_counter() - t0
             trajs.append(traj)
             conds.append(cond)
@@ -388,9 +388,10 @@ class GRPOTrainer:
     def _advantages(self, local_rewards: torch.Tensor, assignment) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
         """Gather ``[n, R]`` rewards, combine columns, compute advantages on the global batch, slice back."""
         from diffalign.advantages import group_advantages
+        from trainers.common import epoch_rewards
         from rewards import weighted_sum
 
-        all_rewards = self.dist.gather(local_rewards.to(self.device)).cpu()
+        all_rewards = epoch_rewards(self, local_rewards, assignment)
         combined = weighted_sum(all_rewards, self.rewards.weights, groups=assignment.global_groups)
         cfg = self.cfg
         stats = {}

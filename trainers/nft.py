@@ -335,7 +335,8 @@ class NFTTrainer:
                     width=self.width, step="flow_euler", noise_level=0.0, dtype=self.dtype)
                 check_finite_samples(self, imgs)  # before any reward scores NaN images
                 t0 = time.perf_counter()
-                out = self.rewards(imgs, prompts, [{"prompt": p, "sample_id": i} for p, i in zip(prompts, ids)])
+                out = self.rewards(imgs, prompts, [{"prompt": p, "sample_id": i} for p, i in zip(prompts, ids)],
+                                   transform=False)  # transformed over the whole epoch (epoch_rewards)
                 t_reward += time.perf_counter() - t0
                 finals.append(traj.final)
                 conds.append(cond)
@@ -350,9 +351,10 @@ class NFTTrainer:
         """Gather ``[n, R]`` rewards; returns this rank's applied advantages (``[n]``, or ``[n, R]`` for MARBLE),
         per-reward advantages ``[n, R]`` (diagnostics), keep mask, and stats."""
         from diffalign.advantages import multi_reward_advantages, per_reward_advantages
+        from trainers.common import epoch_rewards
 
         cfg = self.cfg
-        all_rewards = self.dist.gather(local_rewards.to(self.device)).cpu()
+        all_rewards = epoch_rewards(self, local_rewards, assignment)
         groups = assignment.global_groups
         if cfg.std_mode == "global":
             from rewards import weighted_sum

@@ -253,7 +253,7 @@ def eval_main(cfg) -> int:
 
     checkpoint = cfg.checkpoint.resume_from
     prompts = build_prompt_source(cfg.prompts, cfg.seed).eval_prompts()  # a missing file fails before the model
-    from trainers.common import build_run_rewards, eval_shard, gather_eval_rows, resolve_device
+    from trainers.common import build_run_rewards, eval_shard, gather_eval_rows, resolve_device, transform_rows
 
     # the accelerator first: it makes this rank's GPU the current device, where reward models without a device
     # of their own load ("cuda"); built before it, every rank's reward models went to cuda:0
@@ -265,7 +265,7 @@ def eval_main(cfg) -> int:
     mine, per = eval_shard(len(prompts), cfg.sample.batch_size, dist.rank, dist.world_size)
     # a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, ids=mine)
-    rows = gather_eval_rows(rows, per, dist, device)
+    rows = transform_rows([r for r in built if r is not None], gather_eval_rows(rows, per, dist, device), prompts)
     if dist.is_main:
         _write_eval(cfg, checkpoint, adapter.loaded_checkpoint, prompts, names, rows, dist.world_size)
     _finish(accelerator)
@@ -377,7 +377,9 @@ def _plain_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> No
 
     names, rows, images = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, keep_images=True, ids=mine)
     images = _as_uint8(images if images is not None else torch.zeros(0, 3, h, w))  # None: no prompts here
-    rows = dist.gather_rows(rows, device)
+    from trainers.common import transform_rows
+
+    rows = transform_rows([r for r in built if r is not None], dist.gather_rows(rows, device), prompts)
     images = dist.gather_rows(images, device, chunk_rows=cfg.sample.batch_size, main_only=True)
     if not dist.is_main:
         return
