@@ -765,6 +765,15 @@ def test_doob_needs_two_candidates(capsys):
     assert capsys.readouterr().err.startswith("error: guidance.num_candidates: got 1; DOIT weighs its candidates")
 
 
+def test_nft_full_fine_tune_with_a_kl_weight_is_refused_before_the_model_loads(capsys):
+    from diffalign import cli
+
+    nft = str(Path(__file__).resolve().parents[1] / "configs" / "shapes" / "nft.yaml")
+    assert cli.main(["config", nft, "model.lora.enabled=false"]) == 2
+    assert capsys.readouterr().err.startswith("error: train.kl_weight: got 0.0001 with model.lora.enabled=false")
+    assert cli.main(["config", nft, "model.lora.enabled=false", "train.kl_weight=0"]) == 0
+
+
 def test_nft_refuses_an_sde_window_it_would_ignore(capsys):
     from diffalign import cli
 

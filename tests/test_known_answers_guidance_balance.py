@@ -219,7 +219,12 @@ def test_method_options_and_kernel_resolution():
     assert method_options("fk", cfg) == dict(lam=4.0, potential="max", every=3, window=(2, 5),
                                              ess_threshold=0.25, select="all")
     assert method_options("svdd", cfg) == dict(num_candidates=6, alpha=0.1, window=(2, 5), lookahead="rollout")
-    assert resolve_kernel("vp", "flow_sde", None, "flow_euler", 0.7) == ("ddim", 0.7)
+    assert resolve_kernel("vp", None, None, "flow_sde", 0.7) == ("ddim", 0.7)  # the sample section's default
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^guidance.step: got 'flow_sde', a flow-matching step, but the model is "
+                                          r"a 'vp' diffusion model"):  # named explicitly: it ran DDIM silently
+        resolve_kernel("vp", "flow_sde", None, "flow_euler", 0.7)
     assert resolve_kernel("flow", None, 0.3, "flow_euler", 0.7) == ("flow_sde", 0.3)
     assert resolve_kernel("flow", "flow_cps", None, "flow_sde", 0.5) == ("flow_cps", 0.5)
 

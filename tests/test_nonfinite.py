@@ -318,3 +318,24 @@ def test_an_evaluation_leaves_out_only_the_non_finite_images(tmp_path, monkeypat
     # batches [0, 1] and [2]: the first image of each is NaN
     assert torch.isnan(rows[0]).all() and torch.isnan(rows[2]).all()
     torch.testing.assert_close(rows[1], clean[1])
+
+
+def test_a_checking_rank_reads_the_ema_shadow_without_swapping_it_in(tmp_path, monkeypatch):
+    """Ranks other than the checkpoint writer only check the weights; swapping the EMA in cloned every trained
+    parameter on its device first (a full fine-tune: one more float32 denoiser on each GPU at every checkpoint)."""
+    from trainers.common import EMA, checkpoint_weights
+
+    t = grpo_mod.GRPOTrainer(run_config(save_tiny(tmp_path), tmp_path / "run", train={"ema": True}))
+    t.setup()
+    try:
+        t.ema.shadow[1][0] = float("nan")
+        monkeypatch.setattr(EMA, "swapped_in", lambda self: (_ for _ in ()).throw(AssertionError("swapped in")))
+        seen = {}
+        trained, ema_state = checkpoint_weights(t.adapter, t.ema, copy=False,
+                                                check=lambda label, names: seen.setdefault(label, names))
+        assert trained == {} and ema_state == {}
+        assert seen["trained"] == [] and len(seen["EMA"]) == 1
+        live = list(t.adapter.lora_state_dict())
+        assert seen["EMA"][0] in live
+    finally:
+        t.cleanup()

@@ -111,10 +111,24 @@ def checkpoint_weights(adapter, ema: Optional["EMA"], *, copy: bool = True,
         return trainable_state(adapter) if copy else {}
 
     ema_state = None
-    if ema is not None:
+    if ema is not None and not copy:  # a checking rank reads the shadow where it lives: no swap, no device backup
+        if check is not None:
+            check("EMA", _nonfinite_ema_names(adapter, ema))
+        ema_state = {}
+    elif ema is not None:
         with ema.swapped_in():
             ema_state = snapshot("EMA")
     return snapshot("trained"), ema_state
+
+
+def _nonfinite_ema_names(adapter, ema: "EMA") -> List[str]:
+    """Names (as in :func:`trainable_state`) of the EMA shadow tensors holding a NaN or an infinity, read from the
+    shadow itself (swapping it in clones every trained parameter on its device first)."""
+    bad = {p.data_ptr() for p, sh in zip(ema.params, ema.shadow) if not bool(torch.isfinite(sh).all())}
+    if not bad:
+        return []
+    names = [name for name, t in _live_trainable(adapter).items() if t.data_ptr() in bad]
+    return names or [f"{len(bad)} EMA tensors"]
 
 
 def restore_weights(adapter, params: Sequence[torch.nn.Parameter], ema: Optional["EMA"], state) -> None:

@@ -92,6 +92,9 @@ class NFTConfig(TrainLoopConfig):
               "got true; with deterministic ODE sampling a group sharing its initial noise would hold identical "
               "images: set sample.shared_group_noise=false")
         check(self.beta > 0, "train.beta", "got 0; the implicit policies need beta > 0 (DiffusionNFT uses 0.1-1)")
+        check(self.kl_weight == 0 or run.model.lora.enabled, "train.kl_weight",
+              f"got {self.kl_weight} with model.lora.enabled=false; the KL's reference is the adapter-disabled base "
+              "model, which a full fine-tune does not keep: set train.kl_weight=0 or enable LoRA")
         check(self.adv_clip_max > 0, "train.adv_clip_max", "got 0; r = A / 2C + 1/2 needs C > 0 (default 5)")
         check(self.marble_grad_ema == 0 or (self.aggregation == "marble" and self.marble_mode == "full"),
               "train.marble_grad_ema",

@@ -184,8 +184,13 @@ def resolve_kernel(adapter_kind: str, step: Optional[str], noise_level: Optional
                    sample_step: str, sample_noise_level: float) -> tuple:
     """``(step, noise_level)`` of the guided sampler: the guidance section's, else the sample section's;
     a diffusion (``vp``) model always uses ``ddim``; the deterministic ``flow_euler`` becomes ``flow_sde``."""
+    if step is not None and step.startswith("flow_") and adapter_kind != "flow":
+        from diffalign.config import ConfigError
+
+        raise ConfigError(f"got {step!r}, a flow-matching step, but the model is a {adapter_kind!r} diffusion "
+                          "model; use guidance.step=ddim (noise_level = eta) or leave it null", key="guidance.step")
     step = step or sample_step
-    if adapter_kind != "flow":
+    if adapter_kind != "flow":  # the sample section's default (flow_sde) on a diffusion model: its DDIM kernel
         step = "ddim"
     elif step == "flow_euler":
         step = "flow_sde"
