@@ -275,7 +275,8 @@ def eval_main(cfg) -> int:
 def _finish(accelerator) -> None:
     """End a command on every rank together (after the main process's files are written), and take the process
     group down when this process exits: a gloo process that exits with its group alive can abort at exit
-    ("terminate called without an active exception"). Not at the end of the command: re-creating a group in
+    ("terminate called without an active exception"), and so could one whose peers tore theirs down first (the
+    exit hook waits for every rank before it does). Not at the end of the command: re-creating a group in
     the same launched process fails (the rendezvous store still holds the old group's addresses), so a caller
     that runs several commands in one process reuses the first one's group."""
     import atexit
@@ -288,6 +289,7 @@ def _finish(accelerator) -> None:
 
 def _end_process_group() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank tears down together: one that left first closed its peers' pairs
         torch.distributed.destroy_process_group()
 
 
