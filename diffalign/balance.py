@@ -530,12 +530,14 @@ def log_harmonized(res: Harmonized, names: List[str], prefix: str = "marble") ->
 
 
 def cosine_summary(cosines: torch.Tensor, gram: torch.Tensor, prefix: str = "marble") -> Dict[str, float]:
-    """``worst_cos`` (``min_k cos(d, g_k)``), ``mean_cos``, ``min_pairwise_cos``."""
+    """``worst_cos`` (``min_k cos(d, g_k)``), ``worst_cos_negative`` (1.0 when it is below 0: its epoch mean is
+    the fraction of such steps), ``mean_cos``, ``min_pairwise_cos``."""
     pc = pairwise_cosines(gram)
     k = pc.shape[0]
     off = [float(pc[i, j]) for i, j in itertools.combinations(range(k), 2)]
-    return {f"{prefix}/worst_cos": float(cosines.min()), f"{prefix}/mean_cos": float(cosines.mean()),
-            f"{prefix}/min_pairwise_cos": min(off) if off else 1.0}
+    worst = float(cosines.min())
+    return {f"{prefix}/worst_cos": worst, f"{prefix}/worst_cos_negative": float(worst < 0),
+            f"{prefix}/mean_cos": float(cosines.mean()), f"{prefix}/min_pairwise_cos": min(off) if off else 1.0}
 
 
 def between_batch_cosines(grads: torch.Tensor) -> torch.Tensor:

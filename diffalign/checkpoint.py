@@ -846,8 +846,9 @@ class CheckpointManager:
             if self.rank == 0 and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         self._barrier()
-        if error is not None and not isinstance(error, CheckpointError) and write_os_error(error) is not None:
-            error = write_os_error(error)
+        os_error = None if error is None or isinstance(error, CheckpointError) else write_os_error(error)
+        if os_error is not None:
+            error = os_error
             previous = latest_checkpoint(self.run_dir)
             raise CheckpointWriteError(
                 f"could not write checkpoint {name} in {self.checkpoints_dir}: {error.strerror or error}; nothing "

@@ -259,7 +259,7 @@ class MultiReward:
         prompts = list(prompts)
         metadata = check_inputs("multi", images, prompts, metadata)
         b = images.shape[0]
-        raw_cols, cols = [], []
+        raw_cols = []
         timings: Dict[str, float] = {}
         details: Dict[str, Optional[List[Dict[str, Any]]]] = {}
         failures: Dict[str, int] = {}
@@ -282,11 +282,8 @@ class MultiReward:
                                   f"reward_failures/{name} metric; warned once): {messages[0] if messages else ''}",
                                   RuntimeWarning)
                 raw_cols.append(scores)
-                t = self.transforms[i]
-                cols.append(scores if t is None or not transform else
-                            t(scores, prompts=prompts, metadata=metadata).float())
-        raw = torch.stack(raw_cols, dim=1) if b else torch.zeros(0, len(self.names), device=images.device)
-        rewards = torch.stack(cols, dim=1) if b else raw.clone()
+            raw = torch.stack(raw_cols, dim=1) if b else torch.zeros(0, len(self.names), device=images.device)
+            rewards = self.apply_transforms(raw, prompts, metadata) if transform else raw.clone()
         return MultiRewardOutput(
             rewards=rewards,
             raw=raw,

@@ -404,14 +404,14 @@ def check_finite_samples(trainer, images: torch.Tensor) -> None:
         bad = float(trainer.dist.gather(torch.tensor([bad], device=trainer.device)).sum())
     if not bad:
         return
-    names = [p.name for p in list_checkpoints(trainer.run.output_dir)]
+    saved = list_checkpoints(trainer.run.output_dir)
+    names = [p.name for p in saved]
     raise NonFiniteError(
         f"the model's samples are not finite at epoch {trainer.epoch + 1} ({int(bad)} images of this batch): an "
         "earlier update with a finite but too large gradient broke the weights (train/grad_norm in metrics.jsonl "
         "shows its size). Lower train.learning_rate or train.max_grad_norm and resume from a checkpoint written "
         f"before the blow-up (each holds the weights after its epoch's update; this run has {names or 'none'}), "
-        "e.g. checkpoint.resume_from=" + (str(list_checkpoints(trainer.run.output_dir)[-2])
-                                          if len(names) > 1 else "null"))
+        f"e.g. checkpoint.resume_from={saved[-2] if len(saved) > 1 else 'null'}")
 
 
 class LossScaler:
@@ -1076,7 +1076,8 @@ def transform_rows(reward_sets, rows: torch.Tensor, prompts: Sequence[str]) -> t
     """The evaluation's ``[N, R]`` raw rows (:func:`score_prompts`, gathered over processes: row ``k`` is prompt
     ``k``; rows past ``len(prompts)`` are a gather's padding and stay) through each reward set's transforms, over
     all prompts at once, so a ``rank`` transform does not depend on the batch size or the number of processes."""
-    reward_sets = list(reward_sets) if isinstance(reward_sets, (list, tuple)) else [reward_sets]
+    reward_sets = [r for r in (reward_sets if isinstance(reward_sets, (list, tuple)) else [reward_sets])
+                   if r is not None]  # build_run_rewards gives None without eval_rewards
     if not any(t is not None for r in reward_sets for t in getattr(r, "transforms", [])):
         return rows
     n, out, col = len(prompts), rows.clone(), 0

@@ -505,10 +505,7 @@ class GRPOTrainer:
                             res = self.marble[1].harmonize_into_grad(self.marble[0], self.dist.world_size,
                                                                      self.scaler.scale)
                             finite = res is not None
-                            logged = log_harmonized(res, self.rewards.names) if finite else {}
-                            if logged:
-                                logged["marble/worst_cos_negative"] = float(logged["marble/worst_cos"] < 0)
-                            for k, v in logged.items():
+                            for k, v in (log_harmonized(res, self.rewards.names) if finite else {}).items():
                                 marble_acc.setdefault(k, []).append(v)
                         updates += int(optimizer_update(self, step_stats, finite=finite))
         out = {f"train/{k}": v for k, v in epoch_means(self, stats_acc).items()}  # loss stats: all ranks'

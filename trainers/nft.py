@@ -273,10 +273,6 @@ class NFTTrainer:
                 raise ConfigError(f"DiffusionNFT trains flow-matching models; {run.model.path!r} is a "
                                   f"{self.adapter.kind!r} model; use a flow model (SD3, FLUX, builtin:shapes-flow) "
                                   "or trainer=grpo", key="model.path")
-            if cfg.kl_weight > 0 and not self.adapter.has_lora:
-                raise ConfigError(f"got {cfg.kl_weight}; a KL weight > 0 needs model.lora.enabled (the reference "
-                                  "is the adapter-disabled base model); enable LoRA or set train.kl_weight=0",
-                                  key="train.kl_weight")
             self.height, self.width = image_size(self.adapter, run.sample)
             self.params = self.adapter.trainable_parameters()
             self.optimizer, self.lr_scheduler = build_optimizer(self.params, cfg)
@@ -442,7 +438,6 @@ class NFTTrainer:
                 stats.update(cosine_summary(cos, gram_matrix(grads[:k])))
                 self.reward_grads.add_to_grad(direction)
                 self.reward_grads.reset()
-            stats["marble/worst_cos_negative"] = float(stats["marble/worst_cos"] < 0)
             for key, v in stats.items():
                 metrics.setdefault(key, []).append(v)
         return optimizer_update(self, metrics)

@@ -265,7 +265,7 @@ def eval_main(cfg) -> int:
     mine, per = eval_shard(len(prompts), cfg.sample.batch_size, dist.rank, dist.world_size)
     # a checkpoint scores here what its run logged for it
     names, rows, _ = _eval_rows(cfg, adapter, [prompts[k] for k in mine], built, ids=mine)
-    rows = transform_rows([r for r in built if r is not None], gather_eval_rows(rows, per, dist, device), prompts)
+    rows = transform_rows(built, gather_eval_rows(rows, per, dist, device), prompts)
     if dist.is_main:
         _write_eval(cfg, checkpoint, adapter.loaded_checkpoint, prompts, names, rows, dist.world_size)
     _finish(accelerator)
@@ -381,7 +381,7 @@ def _plain_samples(cfg, adapter, prompts, mine, built, dist, device, h, w) -> No
     images = _as_uint8(images if images is not None else torch.zeros(0, 3, h, w))  # None: no prompts here
     from trainers.common import transform_rows
 
-    rows = transform_rows([r for r in built if r is not None], dist.gather_rows(rows, device), prompts)
+    rows = transform_rows(built, dist.gather_rows(rows, device), prompts)
     images = dist.gather_rows(images, device, chunk_rows=cfg.sample.batch_size, main_only=True)
     if not dist.is_main:
         return
